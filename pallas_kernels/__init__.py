@@ -1,0 +1,1 @@
+"""Standalone Pallas kernels for crosspool_jax; imports only jax."""
