@@ -1,0 +1,239 @@
+"""Import of HF checkpoints (config.json + *.safetensors) into our param dict.
+
+The safetensors files are read directly (header + memory map) with numpy and `ml_dtypes`
+for bf16/fp8, so neither torch nor transformers is needed, bf16 checkpoints load, and a
+truncated file is caught from its header before any tensor is used. transformers 5 keeps
+experts fused in memory but saves them per expert (`...experts.{j}.w1` for Mixtral,
+`...experts.{j}.gate_proj` for Qwen/OLMoE); that is the layout read here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import struct
+from collections.abc import Callable, Iterator
+
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from crosspool_jax.models.config import ModelConfig, load_hf_config
+
+_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+    "BOOL": np.bool_, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2,
+}
+# Buffers some exporters write that are not parameters.
+_IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+class CheckpointError(ValueError):
+  """A checkpoint file or tensor is missing, malformed or does not fit the model."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _TensorInfo:
+  path: str
+  dtype: str
+  shape: tuple[int, ...]
+  begin: int  # absolute byte offset in the file
+  end: int
+
+
+def read_safetensors_header(path: str) -> dict[str, _TensorInfo]:
+  """Parses one .safetensors header and checks every tensor lies inside the file."""
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    head = f.read(8)
+    if len(head) < 8:
+      raise CheckpointError(f"{path}: truncated file ({size} bytes, no header)")
+    (n,) = struct.unpack("<Q", head)
+    if 8 + n > size:
+      raise CheckpointError(f"{path}: truncated file (header of {n} bytes, file {size} bytes)")
+    try:
+      header = json.loads(f.read(n))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from e
+  infos = {}
+  for name, meta in header.items():
+    if name == "__metadata__":
+      continue
+    dtype, shape = meta["dtype"], tuple(meta["shape"])
+    if dtype not in _DTYPES:
+      raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {dtype}")
+    begin, end = (8 + n + o for o in meta["data_offsets"])
+    expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(_DTYPES[dtype]).itemsize
+    if end - begin != expected:
+      raise CheckpointError(f"{path}: tensor {name!r} spans {end - begin} bytes, its shape "
+                            f"{shape} and dtype {dtype} need {expected}")
+    if end > size:
+      raise CheckpointError(f"{path}: truncated file: tensor {name!r} ends at byte {end}, "
+                            f"the file has {size}")
+    infos[name] = _TensorInfo(path, dtype, shape, begin, end)
+  return infos
+
+
+class SafetensorsReader:
+  """All tensors of a checkpoint directory (one file, or shards listed in an index)."""
+
+  def __init__(self, checkpoint_dir: str):
+    self.dir = checkpoint_dir
+    index = os.path.join(checkpoint_dir, "model.safetensors.index.json")
+    if os.path.exists(index):
+      with open(index) as f:
+        weight_map = json.load(f)["weight_map"]
+      files = sorted(set(weight_map.values()))
+    else:
+      files = sorted(f for f in os.listdir(checkpoint_dir) if f.endswith(".safetensors"))
+      weight_map = None
+    if not files:
+      raise CheckpointError(f"no *.safetensors files in {checkpoint_dir}")
+    self.tensors: dict[str, _TensorInfo] = {}
+    for name in files:
+      path = os.path.join(checkpoint_dir, name)
+      if not os.path.exists(path):
+        raise CheckpointError(f"shard {name} listed in model.safetensors.index.json is missing "
+                              f"from {checkpoint_dir}")
+      for key, info in read_safetensors_header(path).items():
+        if key in self.tensors:
+          raise CheckpointError(f"tensor {key!r} appears in two files: "
+                                f"{self.tensors[key].path} and {path}")
+        self.tensors[key] = info
+    if weight_map is not None:
+      for key, name in weight_map.items():
+        if key not in self.tensors:
+          raise CheckpointError(f"tensor {key!r} is in the index ({name}) but not in the file")
+
+  def keys(self) -> set[str]:
+    return set(self.tensors)
+
+  def get(self, key: str) -> np.ndarray:
+    if key not in self.tensors:
+      raise CheckpointError(f"missing tensor {key!r} in {self.dir}")
+    info = self.tensors[key]
+    dtype = _DTYPES[info.dtype]
+    count = int(np.prod(info.shape, dtype=np.int64))
+    if count == 0:
+      return np.zeros(info.shape, dtype)
+    return np.memmap(info.path, dtype=dtype, mode="r", offset=info.begin,
+                     shape=(count,)).reshape(info.shape)
+
+
+# --- name mapping ------------------------------------------------------------------------
+
+# (our param path, HF key(s), transform from the HF array(s) to ours, expected shape)
+_Entry = tuple[tuple, tuple[str, ...], Callable[..., np.ndarray], tuple[int, ...]]
+
+
+def _t(a):
+  return np.ascontiguousarray(a.T)
+
+
+def _entries(cfg: ModelConfig) -> Iterator[_Entry]:
+  d, n, k, h, v = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
+  yield ("embed_VD",), ("model.embed_tokens.weight",), lambda a: a, (v, d)
+  yield ("final_norm_D",), ("model.norm.weight",), lambda a: a, (d,)
+  if not cfg.tie_embeddings:
+    yield ("lm_head_DV",), ("lm_head.weight",), _t, (v, d)
+  moe_prefix = "block_sparse_moe" if cfg.family == "mixtral" else "mlp"
+  names = ("w1", "w3", "w2") if cfg.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+  for i in range(cfg.num_layers):
+    pre = f"model.layers.{i}."
+    at = pre + "self_attn."
+    yield (i, "attn_norm_D"), (pre + "input_layernorm.weight",), lambda a: a, (d,)
+    yield (i, "ffn_norm_D"), (pre + "post_attention_layernorm.weight",), lambda a: a, (d,)
+    yield (i, "attn", "w_q_DNH"), (at + "q_proj.weight",), lambda a: a.T.reshape(d, n, h), (
+        n * h, d)
+    yield (i, "attn", "w_k_DKH"), (at + "k_proj.weight",), lambda a: a.T.reshape(d, k, h), (
+        k * h, d)
+    yield (i, "attn", "w_v_DKH"), (at + "v_proj.weight",), lambda a: a.T.reshape(d, k, h), (
+        k * h, d)
+    yield (i, "attn", "w_o_NHD"), (at + "o_proj.weight",), lambda a: a.T.reshape(n, h, d), (
+        d, n * h)
+    if cfg.qkv_bias:
+      yield (i, "attn", "b_q_NH"), (at + "q_proj.bias",), lambda a: a.reshape(n, h), (n * h,)
+      yield (i, "attn", "b_k_KH"), (at + "k_proj.bias",), lambda a: a.reshape(k, h), (k * h,)
+      yield (i, "attn", "b_v_KH"), (at + "v_proj.bias",), lambda a: a.reshape(k, h), (k * h,)
+    if cfg.qk_norm != "none":
+      qn, kn = (h, h) if cfg.qk_norm == "per_head" else (n * h, k * h)
+      yield (i, "attn", "q_norm"), (at + "q_norm.weight",), lambda a: a, (qn,)
+      yield (i, "attn", "k_norm"), (at + "k_norm.weight",), lambda a: a, (kn,)
+    if not cfg.moe_layers[i]:
+      fd = cfg.d_ff_dense
+      mlp = pre + "mlp."
+      yield (i, "ffn", "w_gate_DF"), (mlp + "gate_proj.weight",), _t, (fd, d)
+      yield (i, "ffn", "w_up_DF"), (mlp + "up_proj.weight",), _t, (fd, d)
+      yield (i, "ffn", "w_down_FD"), (mlp + "down_proj.weight",), _t, (d, fd)
+      continue
+    moe = f"{pre}{moe_prefix}."
+    f, e = cfg.d_ff_expert, cfg.num_experts
+    yield (i, "ffn", "w_router_DE"), (moe + "gate.weight",), _t, (e, d)
+
+    def stack(*arrays):
+      return np.stack([a.T for a in arrays])
+
+    for ours, theirs, shape in (("w_gate_EDF", names[0], (f, d)), ("w_up_EDF", names[1], (f, d)),
+                                ("w_down_EFD", names[2], (d, f))):
+      keys = tuple(f"{moe}experts.{j}.{theirs}.weight" for j in range(e))
+      yield (i, "ffn", ours), keys, stack, shape
+    if cfg.d_ff_shared:
+      fs, sh = cfg.d_ff_shared, moe + "shared_expert."
+      yield (i, "ffn", "shared_w_gate_DF"), (sh + "gate_proj.weight",), _t, (fs, d)
+      yield (i, "ffn", "shared_w_up_DF"), (sh + "up_proj.weight",), _t, (fs, d)
+      yield (i, "ffn", "shared_w_down_FD"), (sh + "down_proj.weight",), _t, (d, fs)
+      yield (i, "ffn", "shared_gate_D1"), (moe + "shared_expert_gate.weight",), _t, (1, d)
+
+
+def _set(tree: dict, path: tuple, value) -> None:
+  node = tree
+  if isinstance(path[0], int):
+    node = node.setdefault("layers", {})
+  for key in path[:-1]:
+    node = node.setdefault(key, {})
+  node[path[-1]] = value
+
+
+def load_hf_checkpoint(checkpoint_dir: str, *, dtype=jnp.float32,
+                       check_finite: bool = True) -> tuple[ModelConfig, dict]:
+  """Loads an HF MoE checkpoint directory into (config, param dict).
+
+  Args:
+    checkpoint_dir: directory with `config.json` and `model.safetensors` or shards with
+      `model.safetensors.index.json`.
+    dtype: dtype of the returned params (e.g. jnp.float32, jnp.bfloat16).
+    check_finite: reject tensors holding NaN or Inf.
+
+  Raises:
+    UnsupportedConfigError: the config asks for something not implemented.
+    CheckpointError: missing or unexpected tensor, wrong shape, NaN/Inf, truncated or corrupt
+      file; the message names the tensor (and file).
+  """
+  checkpoint_dir = os.fspath(checkpoint_dir)
+  cfg = load_hf_config(checkpoint_dir)
+  reader = SafetensorsReader(checkpoint_dir)
+  params: dict = {}
+  used: set[str] = set()
+  for path, keys, transform, shape in _entries(cfg):
+    arrays = []
+    for key in keys:
+      a = reader.get(key)
+      if a.shape != shape:
+        raise CheckpointError(f"tensor {key!r} has shape {a.shape}, expected {shape} "
+                              f"for this config")
+      is_float = not (np.issubdtype(a.dtype, np.integer) or a.dtype == np.bool_)
+      if check_finite and is_float and not np.isfinite(a.astype(np.float32)).all():
+        raise CheckpointError(f"tensor {key!r} contains NaN or Inf")
+      arrays.append(a)
+      used.add(key)
+    _set(params, path, jnp.asarray(transform(*arrays), dtype=dtype))
+  unexpected = sorted(k for k in reader.keys() - used
+                      if not k.endswith(_IGNORED_SUFFIXES)
+                      and not (cfg.tie_embeddings and k == "lm_head.weight"))
+  if unexpected:
+    more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
+    raise CheckpointError(f"unexpected tensor(s) in {checkpoint_dir} that this "
+                          f"{cfg.family} config does not use: {unexpected[:5]}{more}")
+  return cfg, params

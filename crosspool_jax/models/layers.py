@@ -1,0 +1,156 @@
+"""Pure functions of (params, arrays) that make up the MoE transformer.
+
+Params are plain dicts of arrays (`nnx.to_pure_dict` of the NNX modules in `model.py`), so
+an executor can run the attention block and the MoE block on different devices and feed
+them page tables or slot tables explicitly.
+
+Glossary of shape suffixes: B batch, T tokens (flattened batch x time where it says so),
+S cache positions, D d_model, N query heads, K kv heads (or top-k in routing arrays: `_TK`),
+H head dim, E experts, F FFN hidden dim, V vocab, L layers.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from crosspool_jax.models.config import ModelConfig
+from pallas_kernels.expert_dispatch import expert_dispatch
+
+Params = dict
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+  """RMSNorm computed in f32 and cast back, as HF does."""
+  x32 = x.astype(jnp.float32)
+  x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return w * x32.astype(x.dtype)
+
+
+def rope(x_TXH: jax.Array, positions_T: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding (rotate-half layout) of x [..., T, heads, H] at integer positions [..., T]."""
+  h = x_TXH.shape[-1]
+  inv_freq_H2 = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  angles_TH2 = positions_T.astype(jnp.float32)[..., None] * inv_freq_H2
+  angles_TH = jnp.concatenate([angles_TH2, angles_TH2], axis=-1)[..., None, :]
+  cos, sin = jnp.cos(angles_TH), jnp.sin(angles_TH)
+  x32 = x_TXH.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x32 * cos + rotated * sin).astype(x_TXH.dtype)
+
+
+def attention_qkv(p: Params, x_TD: jax.Array, positions_T: jax.Array, cfg: ModelConfig):
+  """Projects the (normed) residual to rotated q [T, N, H], k [T, K, H] and v [T, K, H].
+
+  Leading batch axes are allowed: x [..., T, D], positions [..., T].
+  """
+  q_TNH = jnp.einsum("...d,dnh->...nh", x_TD, p["w_q_DNH"])
+  k_TKH = jnp.einsum("...d,dkh->...kh", x_TD, p["w_k_DKH"])
+  v_TKH = jnp.einsum("...d,dkh->...kh", x_TD, p["w_v_DKH"])
+  if cfg.qkv_bias:
+    q_TNH, k_TKH, v_TKH = q_TNH + p["b_q_NH"], k_TKH + p["b_k_KH"], v_TKH + p["b_v_KH"]
+  if cfg.qk_norm == "per_head":
+    q_TNH = rms_norm(q_TNH, p["q_norm"], cfg.rms_eps)
+    k_TKH = rms_norm(k_TKH, p["k_norm"], cfg.rms_eps)
+  elif cfg.qk_norm == "full":
+    q_TNH = rms_norm(q_TNH.reshape(*q_TNH.shape[:-2], -1), p["q_norm"], cfg.rms_eps
+                     ).reshape(q_TNH.shape)
+    k_TKH = rms_norm(k_TKH.reshape(*k_TKH.shape[:-2], -1), p["k_norm"], cfg.rms_eps
+                     ).reshape(k_TKH.shape)
+  if cfg.clip_qkv is not None:
+    c = cfg.clip_qkv
+    q_TNH, k_TKH, v_TKH = (jnp.clip(a, -c, c) for a in (q_TNH, k_TKH, v_TKH))
+  q_TNH = rope(q_TNH, positions_T, cfg.rope_theta)
+  k_TKH = rope(k_TKH, positions_T, cfg.rope_theta)
+  return q_TNH, k_TKH, v_TKH
+
+
+def attention_out(p: Params, o_TNH: jax.Array) -> jax.Array:
+  """Output projection [..., T, N, H] -> [..., T, D]."""
+  return jnp.einsum("...nh,nhd->...d", o_TNH, p["w_o_NHD"])
+
+
+def swiglu(x_TD: jax.Array, w_gate_DF: jax.Array, w_up_DF: jax.Array,
+           w_down_FD: jax.Array) -> jax.Array:
+  """(silu(x @ w_gate) * (x @ w_up)) @ w_down."""
+  h_TF = jax.nn.silu(x_TD @ w_gate_DF) * (x_TD @ w_up_DF)
+  return h_TF @ w_down_FD
+
+
+def route(w_router_DE: jax.Array, x_TD: jax.Array, cfg: ModelConfig):
+  """Router: softmax over all experts (f32), top-k, optional renormalisation of the k weights.
+
+  Returns (topk_ids_TK int32, topk_weights_TK f32).
+  """
+  logits_TE = (x_TD @ w_router_DE).astype(jnp.float32)
+  probs_TE = jax.nn.softmax(logits_TE, axis=-1)
+  weights_TK, ids_TK = jax.lax.top_k(probs_TE, cfg.top_k)
+  if cfg.norm_topk_prob:
+    weights_TK = weights_TK / jnp.sum(weights_TK, axis=-1, keepdims=True)
+  return ids_TK.astype(jnp.int32), weights_TK
+
+
+def moe_block(p: Params, x_TD: jax.Array, cfg: ModelConfig, *,
+              slot_table_E: jax.Array | None = None, expert_weights=None,
+              impl: str | None = None) -> jax.Array:
+  """The MoE FFN of one layer on a flat token batch x [T, D].
+
+  Args:
+    p: the layer's MoE params (router, and the experts unless `expert_weights` is given;
+      shared expert if the family has one).
+    x_TD: normed residual.
+    cfg: model config.
+    slot_table_E: expert id -> slot in the expert buffers; identity if None.
+    expert_weights: (w_gate_SDF, w_up_SDF, w_down_SFD) pooled buffers to read the experts
+      from through `slot_table_E`; the layer's own `w_*_E..` params if None.
+    impl: expert dispatch implementation ("pallas" | "interpret" | "reference" | None).
+  """
+  ids_TK, weights_TK = route(p["w_router_DE"], x_TD, cfg)
+  if expert_weights is None:
+    expert_weights = (p["w_gate_EDF"], p["w_up_EDF"], p["w_down_EFD"])
+  if slot_table_E is None:
+    slot_table_E = jnp.arange(cfg.num_experts, dtype=jnp.int32)
+  y_TD = expert_dispatch(x_TD, ids_TK, weights_TK, slot_table_E, *expert_weights, impl=impl)
+  if cfg.d_ff_shared:
+    gate_T1 = jax.nn.sigmoid((x_TD @ p["shared_gate_D1"]).astype(jnp.float32))
+    shared_TD = swiglu(x_TD, p["shared_w_gate_DF"], p["shared_w_up_DF"], p["shared_w_down_FD"])
+    y_TD = y_TD + (gate_T1 * shared_TD).astype(y_TD.dtype)
+  return y_TD
+
+
+def ffn_block(p: Params, x_TD: jax.Array, cfg: ModelConfig, layer: int, **moe_kwargs):
+  """The FFN of layer `layer`: MoE block or dense SwiGLU MLP, as the family interleaves them."""
+  if cfg.moe_layers[layer]:
+    return moe_block(p, x_TD, cfg, **moe_kwargs)
+  return swiglu(x_TD, p["w_gate_DF"], p["w_up_DF"], p["w_down_FD"])
+
+
+def attend_contiguous(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
+                      q_positions_BT: jax.Array) -> jax.Array:
+  """Causal GQA attention of queries at `q_positions` over a contiguous cache.
+
+  Query at position p sees cache positions j <= p (every such position was written by this
+  sequence). Softmax in f32. Queries with negative positions (padding) get finite garbage.
+  """
+  b, t, n, h = q_BTNH.shape
+  kv = k_BSKH.shape[2]
+  q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
+  scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
+                            preferred_element_type=jnp.float32) * (h ** -0.5)
+  s = k_BSKH.shape[1]
+  visible_BTS = jnp.arange(s)[None, None, :] <= q_positions_BT[:, :, None]
+  scores_BKGTS = jnp.where(visible_BTS[:, None, None], scores_BKGTS, -1e30)
+  probs = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
+  o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
+  return o_BTKGH.reshape(b, t, n, h)
+
+
+def lm_head(params: Params, x_TD: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Final norm and projection to f32 logits [..., V]."""
+  x_TD = rms_norm(x_TD, params["final_norm_D"], cfg.rms_eps)
+  if cfg.tie_embeddings:
+    logits = jnp.einsum("...d,vd->...v", x_TD, params["embed_VD"])
+  else:
+    logits = x_TD @ params["lm_head_DV"]
+  return logits.astype(jnp.float32)

@@ -1,0 +1,164 @@
+"""Flax NNX definition of the MoE transformer and its contiguous-cache forward pass.
+
+The NNX modules define the parameters (names, shapes, initialisers). Hot paths never call
+the modules: `nnx.split` once, `nnx.to_pure_dict` the state, and pass that dict to the pure
+functions below under a plain `jax.jit` (see `layers.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from crosspool_jax.models import layers
+from crosspool_jax.models.config import ModelConfig
+
+
+def _param(rngs: nnx.Rngs, shape, dtype, scale: float = 0.02) -> nnx.Param:
+  return nnx.Param(scale * jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype))
+
+
+def _ones(shape, dtype) -> nnx.Param:
+  return nnx.Param(jnp.ones(shape, dtype))
+
+
+class Attention(nnx.Module):
+  """GQA attention projections (+ optional q/k bias, q/k RMSNorm)."""
+
+  def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.w_q_DNH = _param(rngs, (d, n, h), dtype)
+    self.w_k_DKH = _param(rngs, (d, k, h), dtype)
+    self.w_v_DKH = _param(rngs, (d, k, h), dtype)
+    self.w_o_NHD = _param(rngs, (n, h, d), dtype)
+    if cfg.qkv_bias:
+      self.b_q_NH = _param(rngs, (n, h), dtype)
+      self.b_k_KH = _param(rngs, (k, h), dtype)
+      self.b_v_KH = _param(rngs, (k, h), dtype)
+    if cfg.qk_norm == "per_head":
+      self.q_norm, self.k_norm = _ones((h,), dtype), _ones((h,), dtype)
+    elif cfg.qk_norm == "full":
+      self.q_norm, self.k_norm = _ones((n * h,), dtype), _ones((k * h,), dtype)
+
+
+class MoE(nnx.Module):
+  """Router, routed SwiGLU experts [E, ...], optional sigmoid-gated shared expert."""
+
+  def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    d, e, f = cfg.d_model, cfg.num_experts, cfg.d_ff_expert
+    self.w_router_DE = _param(rngs, (d, e), dtype)
+    self.w_gate_EDF = _param(rngs, (e, d, f), dtype)
+    self.w_up_EDF = _param(rngs, (e, d, f), dtype)
+    self.w_down_EFD = _param(rngs, (e, f, d), dtype)
+    if cfg.d_ff_shared:
+      fs = cfg.d_ff_shared
+      self.shared_w_gate_DF = _param(rngs, (d, fs), dtype)
+      self.shared_w_up_DF = _param(rngs, (d, fs), dtype)
+      self.shared_w_down_FD = _param(rngs, (fs, d), dtype)
+      self.shared_gate_D1 = _param(rngs, (d, 1), dtype)
+
+
+class DenseMLP(nnx.Module):
+  """SwiGLU MLP of the dense layers some families interleave."""
+
+  def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    d, f = cfg.d_model, cfg.d_ff_dense
+    self.w_gate_DF = _param(rngs, (d, f), dtype)
+    self.w_up_DF = _param(rngs, (d, f), dtype)
+    self.w_down_FD = _param(rngs, (f, d), dtype)
+
+
+class DecoderLayer(nnx.Module):
+
+  def __init__(self, cfg: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
+    self.attn_norm_D = _ones((cfg.d_model,), dtype)
+    self.attn = Attention(cfg, dtype=dtype, rngs=rngs)
+    self.ffn_norm_D = _ones((cfg.d_model,), dtype)
+    ffn_cls = MoE if cfg.moe_layers[layer] else DenseMLP
+    self.ffn = ffn_cls(cfg, dtype=dtype, rngs=rngs)
+
+
+class MoETransformer(nnx.Module):
+  """Decoder-only MoE transformer: embed, L x [norm, attention, norm, FFN], norm, LM head."""
+
+  def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
+    self.config = cfg
+    self.embed_VD = _param(rngs, (cfg.vocab_size, cfg.d_model), dtype)
+    self.layers = nnx.List(
+        [DecoderLayer(cfg, i, dtype=dtype, rngs=rngs) for i in range(cfg.num_layers)])
+    self.final_norm_D = _ones((cfg.d_model,), dtype)
+    if not cfg.tie_embeddings:
+      self.lm_head_DV = _param(rngs, (cfg.d_model, cfg.vocab_size), dtype)
+
+
+def init_params(cfg: ModelConfig, *, seed: int = 0, dtype=jnp.float32) -> dict:
+  """Random parameters (a pure dict) for `cfg`, seeded."""
+  model = MoETransformer(cfg, dtype=dtype, rngs=nnx.Rngs(params=seed))
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def abstract_params(cfg: ModelConfig, *, dtype=jnp.float32) -> dict:
+  """ShapeDtypeStructs of the params of `cfg` (no allocation): the target of restores."""
+  model = nnx.eval_shape(lambda: MoETransformer(cfg, dtype=dtype, rngs=nnx.Rngs(params=0)))
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  """Contiguous per-sequence cache: the reference layout (the pools use pages instead)."""
+
+  k_LBSKH: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+  v_LBSKH: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+
+  @classmethod
+  def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def _write_cache(cache_LBSKH, layer: int, new_BTKH, positions_BT):
+  """Writes one layer's new K or V at their positions; negative positions are dropped."""
+  s = cache_LBSKH.shape[2]
+  pos_BT = jnp.where(positions_BT < 0, s, positions_BT)
+  b_BT = jnp.broadcast_to(jnp.arange(cache_LBSKH.shape[1])[:, None], pos_BT.shape)
+  new_BTKH = new_BTKH.astype(cache_LBSKH.dtype)
+  return cache_LBSKH.at[layer, b_BT, pos_BT].set(new_BTKH, mode="drop")
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "moe_impl"), donate_argnames=("cache",))
+def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache, *,
+            cfg: ModelConfig, moe_impl: str | None = None) -> tuple[jax.Array, KVCache]:
+  """Runs tokens through the model on a contiguous KV cache (the reference forward pass).
+
+  Args:
+    params: pure param dict (`init_params`, `load_hf_checkpoint`, `restore_params`).
+    tokens_BT: int32 token ids.
+    positions_BT: int32 position of each token in its sequence; -1 marks padding (its K/V is
+      not written, its logits are garbage).
+    cache: contiguous cache, donated and returned updated.
+    cfg: model config (static).
+    moe_impl: expert dispatch implementation.
+
+  Returns:
+    (logits_BTV f32, updated cache).
+  """
+  x_BTD = params["embed_VD"][tokens_BT]
+  b, t, d = x_BTD.shape
+  k_LBSKH, v_LBSKH = cache.k_LBSKH, cache.v_LBSKH
+  for i in range(cfg.num_layers):
+    p = params["layers"][i]
+    h_BTD = layers.rms_norm(x_BTD, p["attn_norm_D"], cfg.rms_eps)
+    q_BTNH, k_BTKH, v_BTKH = layers.attention_qkv(p["attn"], h_BTD, positions_BT, cfg)
+    k_LBSKH = _write_cache(k_LBSKH, i, k_BTKH, positions_BT)
+    v_LBSKH = _write_cache(v_LBSKH, i, v_BTKH, positions_BT)
+    o_BTNH = layers.attend_contiguous(q_BTNH, k_LBSKH[i], v_LBSKH[i], positions_BT)
+    x_BTD = x_BTD + layers.attention_out(p["attn"], o_BTNH)
+    h_TD = layers.rms_norm(x_BTD, p["ffn_norm_D"], cfg.rms_eps).reshape(b * t, d)
+    x_BTD = x_BTD + layers.ffn_block(p["ffn"], h_TD, cfg, i, impl=moe_impl).reshape(b, t, d)
+  logits_BTV = layers.lm_head(params, x_BTD, cfg)
+  return logits_BTV, KVCache(k_LBSKH, v_LBSKH)
