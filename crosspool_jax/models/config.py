@@ -233,3 +233,71 @@ def load_hf_config(checkpoint_dir: str | os.PathLike) -> ModelConfig:
     except json.JSONDecodeError as e:
       raise ValueError(f"{path} is not valid JSON: {e}") from e
   return from_hf_config(hf)
+
+
+def to_hf_config(cfg: ModelConfig) -> dict[str, Any]:
+  """The HF `config.json` fields of `cfg` (inverse of `from_hf_config`).
+
+  Raises:
+    UnsupportedConfigError: `cfg` combines switches its family cannot express.
+  """
+  fixed = {"mixtral": ("none", True), "olmoe": ("full", None), "qwen2_moe": ("none", None),
+           "qwen3_moe": ("per_head", None)}
+  if cfg.family not in fixed:
+    raise UnsupportedConfigError(f"family {cfg.family!r} is not one of {FAMILIES}")
+  qk_norm, norm_topk = fixed[cfg.family]
+  if cfg.qk_norm != qk_norm or (norm_topk is not None and cfg.norm_topk_prob != norm_topk):
+    raise UnsupportedConfigError(f"{cfg.family} cannot express qk_norm={cfg.qk_norm!r}, "
+                                 f"norm_topk_prob={cfg.norm_topk_prob}")
+  if cfg.family in ("mixtral", "olmoe") and not all(cfg.moe_layers):
+    raise UnsupportedConfigError(f"{cfg.family} has no dense layers")
+  hf: dict[str, Any] = dict(
+      model_type=cfg.family, vocab_size=cfg.vocab_size, hidden_size=cfg.d_model,
+      num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+      num_key_value_heads=cfg.num_kv_heads, head_dim=cfg.head_dim,
+      num_experts_per_tok=cfg.top_k, rms_norm_eps=cfg.rms_eps,
+      tie_word_embeddings=cfg.tie_embeddings, max_position_embeddings=cfg.max_position,
+      rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+      hidden_act="silu", bos_token_id=cfg.bos_token_id,
+      eos_token_id=(list(cfg.eos_token_id) if isinstance(cfg.eos_token_id, tuple)
+                    else cfg.eos_token_id))
+  if cfg.family == "mixtral":
+    return hf | dict(num_local_experts=cfg.num_experts, intermediate_size=cfg.d_ff_expert,
+                     sliding_window=cfg.sliding_window)
+  if cfg.family == "olmoe":
+    return hf | dict(num_experts=cfg.num_experts, intermediate_size=cfg.d_ff_expert,
+                     norm_topk_prob=cfg.norm_topk_prob, clip_qkv=cfg.clip_qkv)
+  hf |= dict(num_experts=cfg.num_experts, moe_intermediate_size=cfg.d_ff_expert,
+             intermediate_size=cfg.d_ff_dense or cfg.d_ff_expert,
+             norm_topk_prob=cfg.norm_topk_prob, decoder_sparse_step=1,
+             mlp_only_layers=[i for i, moe in enumerate(cfg.moe_layers) if not moe],
+             use_sliding_window=cfg.sliding_window is not None,
+             sliding_window=cfg.sliding_window)
+  if cfg.family == "qwen2_moe":
+    hf |= dict(shared_expert_intermediate_size=cfg.d_ff_shared, qkv_bias=cfg.qkv_bias)
+  return hf
+
+
+def tiny_config(family: str, **overrides: Any) -> ModelConfig:
+  """A tiny config of `family` (2-3 layers, 8 experts, top-2, GQA) for tests and demos.
+
+  Qwen2-MoE gets a shared expert and a dense middle layer, so every switch is exercised.
+  """
+  if family not in FAMILIES:
+    raise UnsupportedConfigError(f"family {family!r} is not one of {FAMILIES}")
+  base = dict(family=family, vocab_size=512, d_model=64, num_layers=2, num_heads=4,
+              num_kv_heads=2, head_dim=16, d_ff_expert=32, num_experts=8, top_k=2,
+              norm_topk_prob=family in ("mixtral", "qwen3_moe"), d_ff_dense=0,
+              moe_layers=(True, True), max_position=1024, bos_token_id=1, eos_token_id=2,
+              rope_theta=10000.0, rms_eps=1e-6)
+  if family == "qwen2_moe":
+    base |= dict(num_layers=3, moe_layers=(True, False, True), d_ff_dense=96, d_ff_shared=48,
+                 qkv_bias=True)
+  elif family == "qwen3_moe":
+    base |= dict(qk_norm="per_head", head_dim=32, num_heads=4, num_kv_heads=1)
+  elif family == "olmoe":
+    base |= dict(qk_norm="full", num_kv_heads=4)
+  base |= overrides
+  if "num_layers" in overrides and "moe_layers" not in overrides:
+    base["moe_layers"] = (True,) * base["num_layers"]
+  return ModelConfig(**base)

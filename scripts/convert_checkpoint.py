@@ -1,0 +1,42 @@
+r"""Converts an HF checkpoint directory into an orbax one of ours (loads faster, dtype chosen).
+
+  python scripts/convert_checkpoint.py --checkpoint=/path/to/hf_ckpt --out=/path/to/orbax \
+      --dtype=bfloat16
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+from absl import app, flags
+
+from crosspool_jax.models.checkpoint import load_checkpoint, save_params
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF checkpoint directory.", required=True)
+_OUT = flags.DEFINE_string("out", None, "Output orbax directory.", required=True)
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Param dtype.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  start = time.perf_counter()
+  cfg, params = load_checkpoint(_CHECKPOINT.value, dtype=jnp.dtype(_DTYPE.value))
+  out = save_params(_OUT.value, cfg, params, overwrite=_OVERWRITE.value)
+  for extra in ("tokenizer.json",):
+    src = f"{_CHECKPOINT.value}/{extra}"
+    try:
+      shutil.copy(src, f"{out}/{extra}")
+    except FileNotFoundError:
+      pass
+  print(json.dumps({"out": out, "family": cfg.family, "dtype": _DTYPE.value,
+                    "seconds": round(time.perf_counter() - start, 3)}))
+
+
+if __name__ == "__main__":
+  app.run(main)

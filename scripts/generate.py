@@ -1,0 +1,97 @@
+r"""Generates tokens from one prompt with the reference (contiguous-cache) decoder.
+
+Prints one JSON object: {"tokens": [generated ids], "text": "..." (when a tokenizer exists)}.
+
+  # No checkpoint: a seeded tiny random model of --family (no torch needed).
+  python scripts/generate.py --family=mixtral --prompt_ids=1,2,3 --max_new_tokens=16
+  # An HF checkpoint directory (config.json + *.safetensors [+ tokenizer.json]) or an orbax
+  # directory written by scripts/convert_checkpoint.py:
+  python scripts/generate.py --checkpoint=/path/to/ckpt --prompt="Hello" --temperature=0.8 \
+      --top_p=0.9 --seed=1
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import jax.numpy as jnp
+from absl import app, flags
+
+from crosspool_jax.models.checkpoint import load_checkpoint
+from crosspool_jax.models.config import FAMILIES, tiny_config
+from crosspool_jax.models.decode import generate
+from crosspool_jax.models.model import init_params
+from crosspool_jax.models.sampling import SamplingParams
+
+_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF or orbax checkpoint directory; if "
+                                  "unset, a seeded tiny random model of --family.")
+_FAMILY = flags.DEFINE_enum("family", "mixtral", FAMILIES, "Family of the random tiny model "
+                            "(only without --checkpoint).")
+_PROMPT_IDS = flags.DEFINE_string("prompt_ids", None, "Comma-separated prompt token ids.")
+_PROMPT = flags.DEFINE_string("prompt", None, "Prompt text (needs tokenizer.json in the "
+                              "checkpoint directory).")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
+_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
+_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (and init seed of the random model).")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Param dtype.")
+_STOP_AT_EOS = flags.DEFINE_bool("stop_at_eos", True, "Stop at the config's eos token.")
+
+
+def _load_tokenizer(checkpoint: str | None):
+  path = os.path.join(checkpoint, "tokenizer.json") if checkpoint else None
+  if path is None or not os.path.exists(path):
+    return None
+  from tokenizers import Tokenizer
+
+  return Tokenizer.from_file(path)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  dtype = jnp.dtype(_DTYPE.value)
+  start = time.perf_counter()
+  if _CHECKPOINT.value:
+    cfg, params = load_checkpoint(_CHECKPOINT.value, dtype=dtype)
+  else:
+    cfg = tiny_config(_FAMILY.value)
+    params = init_params(cfg, seed=_SEED.value, dtype=dtype)
+  load_s = time.perf_counter() - start
+  tokenizer = _load_tokenizer(_CHECKPOINT.value)
+  if (_PROMPT.value is None) == (_PROMPT_IDS.value is None):
+    raise app.UsageError("give exactly one of --prompt_ids and --prompt")
+  if _PROMPT.value is not None:
+    if tokenizer is None:
+      raise app.UsageError("--prompt needs tokenizer.json in the --checkpoint directory; "
+                           "use --prompt_ids")
+    prompt = tokenizer.encode(_PROMPT.value).ids
+  else:
+    try:
+      prompt = [int(t) for t in _PROMPT_IDS.value.split(",") if t.strip()]
+    except ValueError as e:
+      raise app.UsageError(f"--prompt_ids must be comma-separated integers: {e}") from e
+  sampling = SamplingParams(temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
+                            top_p=_TOP_P.value, seed=_SEED.value)
+  eos = cfg.eos_token_id
+  stop_ids = (eos if isinstance(eos, tuple) else (eos,)) if (eos is not None
+                                                               and _STOP_AT_EOS.value) else ()
+  start = time.perf_counter()
+  (tokens,) = generate(params, cfg, [prompt], max_new_tokens=_MAX_NEW.value, sampling=sampling,
+                       stop_ids=stop_ids)
+  gen_s = time.perf_counter() - start
+  result = {"tokens": tokens}
+  if tokenizer is not None:
+    result["text"] = tokenizer.decode(tokens)
+  print(f"{cfg.family}: loaded in {load_s:.2f}s, generated {len(tokens)} tokens in {gen_s:.2f}s "
+        "(including compilation)", file=sys.stderr)
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,94 @@
+r"""Writes a tiny random HF-format MoE checkpoint (config, safetensors, tokenizer) with transformers.
+
+The fixture of the tests and demos; needs the `hf` extra (torch CPU + transformers), no network.
+
+  python scripts/make_tiny_checkpoint.py --family=qwen2_moe --out=/tmp/tiny_qwen2_moe
+  python scripts/make_tiny_checkpoint.py --family=mixtral --out=/tmp/m --num_shards=3 \
+      --override=num_layers=4 --override=d_model=128
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from absl import app, flags
+
+from crosspool_jax.models.config import FAMILIES, tiny_config, to_hf_config
+
+_FAMILY = flags.DEFINE_enum("family", "mixtral", FAMILIES, "Model family (HF model_type).")
+_OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
+_SEED = flags.DEFINE_integer("seed", 0, "torch seed of the random weights.")
+_INIT_STD = flags.DEFINE_float("init_std", 0.05, "Std of the random weights (HF initializer_range).")
+_NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Split the weights into about this many "
+                                   "safetensors shards (>1 also writes the index file).")
+_OVERRIDE = flags.DEFINE_multi_string("override", [], "ModelConfig field=value (int, float or "
+                                      "JSON), e.g. num_layers=4.")
+
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
+
+
+def write_tokenizer(out_dir: str, vocab_size: int) -> None:
+  """A byte-level tokenizer: 3 special tokens then the 256 bytes (no merges)."""
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+  if vocab_size < len(SPECIAL_TOKENS) + 256:
+    raise ValueError(f"vocab_size {vocab_size} cannot hold the byte-level tokenizer "
+                     f"({len(SPECIAL_TOKENS) + 256} tokens)")
+  byte_chars = pre_tokenizers.ByteLevel.alphabet()
+  vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+  for ch in sorted(byte_chars):
+    vocab[ch] = len(vocab)
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.add_special_tokens(list(SPECIAL_TOKENS))
+  tok.save(os.path.join(out_dir, "tokenizer.json"))
+
+
+def make_tiny_checkpoint(family: str, out_dir: str, *, seed: int = 0, init_std: float = 0.05,
+                         num_shards: int = 1, **overrides: Any) -> str:
+  """Writes the tiny `family` checkpoint to `out_dir` and returns `out_dir`."""
+  import torch
+  import transformers
+
+  cfg = tiny_config(family, **overrides)
+  hf_cfg = transformers.AutoConfig.for_model(**to_hf_config(cfg), initializer_range=init_std,
+                                             pad_token_id=0)
+  torch.manual_seed(seed)
+  model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+  os.makedirs(out_dir, exist_ok=True)
+  total = sum(p.numel() * p.element_size() for p in model.parameters())
+  shard = f"{max(1, total // num_shards // 1000 + 1)}KB" if num_shards > 1 else "10GB"
+  model.save_pretrained(out_dir, max_shard_size=shard)
+  if cfg.vocab_size >= len(SPECIAL_TOKENS) + 256:
+    write_tokenizer(out_dir, cfg.vocab_size)
+  return out_dir
+
+
+def _parse(value: str) -> Any:
+  try:
+    return json.loads(value)
+  except json.JSONDecodeError:
+    return value
+
+
+def main(argv: Sequence[str]) -> None:
+  del argv
+  overrides = {}
+  for item in _OVERRIDE.value:
+    key, sep, value = item.partition("=")
+    if not sep:
+      raise app.UsageError(f"--override expects field=value, got {item!r}")
+    overrides[key] = _parse(value)
+    if isinstance(overrides[key], list):
+      overrides[key] = tuple(overrides[key])
+  out = make_tiny_checkpoint(_FAMILY.value, _OUT.value, seed=_SEED.value,
+                             init_std=_INIT_STD.value, num_shards=_NUM_SHARDS.value, **overrides)
+  print(json.dumps({"checkpoint": out, "files": sorted(os.listdir(out))}))
+
+
+if __name__ == "__main__":
+  app.run(main)
