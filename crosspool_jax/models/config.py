@@ -209,12 +209,13 @@ def from_hf_config(hf: dict[str, Any]) -> ModelConfig:
   elif hf.get("sliding_window") is not None:
     sliding = int(hf["sliding_window"])
   shared = int(hf.get("shared_expert_intermediate_size") or 0) if family == "qwen2_moe" else 0
+  moe_layers = _qwen_moe_layers(hf, num_layers)
   return ModelConfig(
       **common, d_ff_expert=int(_require(hf, "moe_intermediate_size")),
       num_experts=_num_experts(hf),
       norm_topk_prob=bool(hf.get("norm_topk_prob", False)),
-      d_ff_dense=int(hf.get("intermediate_size") or 0),
-      moe_layers=_qwen_moe_layers(hf, num_layers),
+      d_ff_dense=0 if all(moe_layers) else int(_require(hf, "intermediate_size")),
+      moe_layers=moe_layers,
       d_ff_shared=shared,
       qk_norm="per_head" if family == "qwen3_moe" else "none",
       qkv_bias=bool(hf.get("qkv_bias", True)) if family == "qwen2_moe" else False,

@@ -12,6 +12,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from crosspool_jax.models import layers
@@ -19,7 +20,16 @@ from crosspool_jax.models.config import ModelConfig
 
 
 def _param(rngs: nnx.Rngs, shape, dtype, scale: float = 0.02) -> nnx.Param:
-  return nnx.Param(scale * jax.random.normal(rngs.params(), shape, jnp.float32).astype(dtype))
+  """N(0, scale^2) weights seeded from the NNX `params` stream.
+
+  The draw itself uses numpy: a `jax.random.normal` per parameter shape costs one XLA
+  compilation each (~0.5 s on a small CPU), i.e. seconds per tiny model.
+  """
+  key = rngs.params()
+  if isinstance(key, jax.core.Tracer):  # abstract init (nnx.eval_shape): values unused
+    return nnx.Param(jnp.zeros(shape, dtype))
+  rng = np.random.default_rng(np.asarray(jax.random.key_data(key)).ravel())
+  return nnx.Param(jnp.asarray(scale * rng.standard_normal(shape, np.float32), dtype))
 
 
 def _ones(shape, dtype) -> nnx.Param:
