@@ -1,0 +1,191 @@
+"""Expert dispatch over a slot-indexed weight pool: the plain-jnp oracle and CPU path.
+
+Glossary: T tokens, K top-k choices per token, D model dim, F expert hidden dim, E experts of
+the model (one layer), S slots of the weights pool (experts of many models), G groups of the
+grouped matmul (G == E: one group per expert of the layer, in ascending slot order), M rows of
+the grouped matmul (M == T * K (token, choice) pairs, possibly padded).
+
+Steps: map expert id -> slot -> sort the (token, choice) pairs by slot -> grouped matmul
+gate/up + SwiGLU, then down, reading the pool *through the slot table* -> un-permute and
+combine with the router weights (f32 accumulation, output in x's dtype).
+
+About `jax.lax.ragged_dot` on CPU (jax 0.10.2), measured: its CPU lowering is dense. It expands
+the lhs to [num_groups, M, K] (rows outside a group zeroed), transposes and copies the *whole*
+rhs to [num_groups * K, N] and does one dense matmul. Applied to the pool with group sizes over
+slots this (a) multiplies by every slot of the pool, so a NaN/Inf in any slot the layer does not
+reference (a free slot, another model's expert, a slot being swapped in) poisons every output
+row (0 * NaN == NaN), (b) costs S / E times the flops of the layer and a copy of the whole pool
+per call. `grouped_matmul_ragged_dot` below keeps that formulation for comparison (the tests
+pin the NaN behaviour); the production CPU path is `grouped_matmul`, which loops over the G
+groups and, inside a group, over row tiles, indexing the pool by slot: it reads only the slots
+in the slot table, never multiplies by an unreferenced slot, and never gathers the weights of
+all experts into a new array (one [K, N] slot slice at a time, the working set of any kernel).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+
+class Routing(NamedTuple):
+  """The (token, choice) pairs sorted by slot, and the groups of the grouped matmul.
+
+  Attributes:
+    order_M: int32 [M], M = T * K. Sorted position -> flat pair index t * K + k. Pairs of
+      padding tokens sort last and belong to no group.
+    group_slots_G: int32 [G], G = E. Slot of each group, ascending (the slot table sorted).
+    group_sizes_G: int32 [G]. Number of valid pairs routed to each group; may be zero.
+  """
+
+  order_M: jax.Array
+  group_slots_G: jax.Array
+  group_sizes_G: jax.Array
+
+
+def route(topk_ids_TK: jax.Array, slot_table_E: jax.Array,
+          valid_T: jax.Array | None = None) -> Routing:
+  """Maps expert ids to slots and sorts the (token, choice) pairs by slot.
+
+  Args:
+    topk_ids_TK: int [T, K], expert id of each token's k-th choice, in [0, E).
+    slot_table_E: int32 [E], pool slot of each expert of this layer (distinct entries).
+    valid_T: optional bool [T]; False marks a padding token (not dispatched, output zero,
+      its ids are ignored). None: all tokens are valid.
+
+  Returns:
+    A `Routing`.
+  """
+  T, K = topk_ids_TK.shape
+  E = slot_table_E.shape[0]
+  slot_table_E = jnp.asarray(slot_table_E, jnp.int32)
+  # Groups in ascending slot order; rank_E[e] is the group of expert e. Sorting pairs by group
+  # is sorting them by slot, since the slot table is injective.
+  experts_by_slot_G = jnp.argsort(slot_table_E, stable=True).astype(jnp.int32)
+  rank_E = jnp.zeros((E,), jnp.int32).at[experts_by_slot_G].set(jnp.arange(E, dtype=jnp.int32))
+  ids_M = jnp.clip(topk_ids_TK.reshape(T * K).astype(jnp.int32), 0, E - 1)
+  key_M = rank_E[ids_M]
+  if valid_T is not None:
+    valid_M = jnp.repeat(valid_T.astype(bool), K)
+    key_M = jnp.where(valid_M, key_M, E)  # padding pairs: past the last group
+  order_M = jnp.argsort(key_M, stable=True).astype(jnp.int32)
+  group_sizes_G = jnp.zeros((E + 1,), jnp.int32).at[key_M].add(1)[:E]
+  return Routing(order_M, slot_table_E[experts_by_slot_G], group_sizes_G)
+
+
+def grouped_matmul(lhs_MK: jax.Array, w_SKN: jax.Array, group_slots_G: jax.Array,
+                   group_sizes_G: jax.Array, *, out_dtype=jnp.float32,
+                   block_m: int = 128) -> jax.Array:
+  """NaN-safe grouped matmul on the pool: rows of group g times the slot group_slots_G[g].
+
+  Loops over groups and, inside a group, over row tiles of `block_m` rows, so the cost is about
+  (M + G * block_m) * K * N multiply-adds and only referenced slots are read.
+
+  Args:
+    lhs_MK: [M, K] rows sorted by group; group g owns rows
+      [sum(group_sizes_G[:g]), sum(group_sizes_G[:g + 1])).
+    w_SKN: [S, K, N] the weights pool.
+    group_slots_G: int32 [G], slot of each group.
+    group_sizes_G: int32 [G], rows of each group; rows past their sum are left zero.
+    out_dtype: dtype of the result (the products accumulate in f32).
+    block_m: rows per tile.
+
+  Returns:
+    [M, N] in `out_dtype`; rows past sum(group_sizes_G) are zero.
+  """
+  group_slots_G = jnp.asarray(group_slots_G, jnp.int32)
+  group_sizes_G = jnp.asarray(group_sizes_G, jnp.int32)
+  M = lhs_MK.shape[0]
+  N = w_SKN.shape[2]
+  tm = min(block_m, M)
+  ends_G = jnp.cumsum(group_sizes_G)
+  starts_G = ends_G - group_sizes_G
+  row_iota = jnp.arange(tm, dtype=jnp.int32)[:, None]
+
+  def group_body(g, out_MN):
+    start, size = starts_G[g], group_sizes_G[g]
+    w_KN = jax.lax.dynamic_index_in_dim(w_SKN, group_slots_G[g], axis=0, keepdims=False)
+
+    def tile_body(i, out_MN):
+      row0 = start + i * tm
+      row0c = jnp.minimum(row0, M - tm)  # keep the window in bounds; mask the overlap
+      rows_tK = jax.lax.dynamic_slice_in_dim(lhs_MK, row0c, tm, axis=0)
+      y_tN = jnp.dot(rows_tK, w_KN, preferred_element_type=jnp.float32)
+      r = row_iota + row0c
+      mask = (r >= row0) & (r < start + size)
+      cur_tN = jax.lax.dynamic_slice_in_dim(out_MN, row0c, tm, axis=0)
+      return jax.lax.dynamic_update_slice_in_dim(
+          out_MN, jnp.where(mask, y_tN, cur_tN), row0c, axis=0)
+
+    return jax.lax.fori_loop(0, (size + tm - 1) // tm, tile_body, out_MN)
+
+  out_MN = jax.lax.fori_loop(0, group_sizes_G.shape[0], group_body,
+                             jnp.zeros((M, N), jnp.float32))
+  return out_MN.astype(out_dtype)
+
+
+def grouped_matmul_ragged_dot(lhs_MK: jax.Array, w_SKN: jax.Array, group_slots_G: jax.Array,
+                              group_sizes_G: jax.Array, *, out_dtype=jnp.float32) -> jax.Array:
+  """`jax.lax.ragged_dot` directly on the pool, group sizes over all S slots.
+
+  NOT NaN-safe on CPU (see the module docstring): every slot of the pool enters the product.
+  Same arguments and result as `grouped_matmul`.
+  """
+  S = w_SKN.shape[0]
+  group_sizes_S = jnp.zeros((S,), jnp.int32).at[group_slots_G].set(group_sizes_G)
+  M = lhs_MK.shape[0]
+  # ragged_dot wants sum(group sizes) == M; padding rows go to no slot and come out zero.
+  return jax.lax.ragged_dot(lhs_MK, w_SKN, group_sizes_S,
+                            preferred_element_type=jnp.float32)[:M].astype(out_dtype)
+
+
+def swiglu(gate_MF: jax.Array, up_MF: jax.Array) -> jax.Array:
+  """silu(gate) * up in f32. gate_MF, up_MF: [M, F]."""
+  gate_MF = gate_MF.astype(jnp.float32)
+  return jax.nn.silu(gate_MF) * up_MF.astype(jnp.float32)
+
+
+def combine(y_MD: jax.Array, routing: Routing, topk_weights_TK: jax.Array,
+            valid_T: jax.Array | None, out_dtype) -> jax.Array:
+  """Un-permutes the expert outputs and sums them over k with the router weights.
+
+  Args:
+    y_MD: [M', D] expert outputs in sorted order (M' >= T * K; rows of no group are ignored,
+      whatever they hold).
+    routing: the `Routing` that sorted the pairs.
+    topk_weights_TK: [T, K] router weights.
+    valid_T: optional bool [T]; padding tokens come out zero.
+    out_dtype: dtype of the result.
+
+  Returns:
+    [T, D] in `out_dtype`, accumulated in f32.
+  """
+  T, K = topk_weights_TK.shape
+  M = T * K
+  inv_M = jnp.zeros((M,), jnp.int32).at[routing.order_M].set(jnp.arange(M, dtype=jnp.int32))
+  y_TKD = y_MD[inv_M].reshape(T, K, -1).astype(jnp.float32)
+  contrib_TKD = topk_weights_TK.astype(jnp.float32)[:, :, None] * y_TKD
+  if valid_T is not None:
+    contrib_TKD = jnp.where(jnp.asarray(valid_T)[:, None, None], contrib_TKD, 0.0)
+  return jnp.sum(contrib_TKD, axis=1).astype(out_dtype)
+
+
+def expert_dispatch_reference(x_TD, topk_ids_TK, topk_weights_TK, slot_table_E, w_gate_SDF,
+                              w_up_SDF, w_down_SFD, *, valid_T=None, use_ragged_dot=False):
+  """SwiGLU experts over the pool in plain jnp; see `expert_dispatch` for the arguments.
+
+  use_ragged_dot: use `grouped_matmul_ragged_dot` (not NaN-safe on CPU) instead of the
+    NaN-safe `grouped_matmul`.
+  """
+  K = topk_ids_TK.shape[1]
+  gmm = grouped_matmul_ragged_dot if use_ragged_dot else grouped_matmul
+  routing = route(topk_ids_TK, slot_table_E, valid_T)
+  x_MD = x_TD[routing.order_M // K]
+  args = (routing.group_slots_G, routing.group_sizes_G)
+  gate_MF = gmm(x_MD, w_gate_SDF, *args)
+  up_MF = gmm(x_MD, w_up_SDF, *args)
+  h_MF = swiglu(gate_MF, up_MF).astype(x_TD.dtype)
+  y_MD = gmm(h_MF, w_down_SFD, *args)
+  return combine(y_MD, routing, topk_weights_TK, valid_T, x_TD.dtype)
