@@ -1,4 +1,4 @@
-r"""Writes a tiny random HF-format MoE checkpoint (config, safetensors, tokenizer) with transformers.
+r"""Writes a tiny random HF-format MoE checkpoint (config, safetensors, tokenizer) via transformers.
 
 The fixture of the tests and demos; needs the `hf` extra (torch CPU + transformers), no network.
 
@@ -21,7 +21,8 @@ from crosspool_jax.models.config import FAMILIES, tiny_config, to_hf_config
 _FAMILY = flags.DEFINE_enum("family", "mixtral", FAMILIES, "Model family (HF model_type).")
 _OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
 _SEED = flags.DEFINE_integer("seed", 0, "torch seed of the random weights.")
-_INIT_STD = flags.DEFINE_float("init_std", 0.05, "Std of the random weights (HF initializer_range).")
+_INIT_STD = flags.DEFINE_float("init_std", 0.05, "Std of the random weights "
+                               "(HF initializer_range).")
 _NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Split the weights into about this many "
                                    "safetensors shards (>1 also writes the index file).")
 _OVERRIDE = flags.DEFINE_multi_string("override", [], "ModelConfig field=value (int, float or "

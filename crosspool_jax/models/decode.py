@@ -39,8 +39,8 @@ def _decode_loop(params, cache, first_B, lengths_B, sampling, *, cfg: ModelConfi
 
 
 def generate(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
-             max_new_tokens: int, sampling: SamplingParams | Sequence[SamplingParams] = (
-                 SamplingParams()),
+             max_new_tokens: int,
+             sampling: SamplingParams | Sequence[SamplingParams] | None = None,
              stop_ids: Sequence[int] = (), cache_dtype=None,
              moe_impl: str | None = None) -> list[list[int]]:
   """Generates up to `max_new_tokens` tokens for each prompt.
@@ -50,7 +50,7 @@ def generate(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *
     cfg: model config.
     prompts: token ids of each prompt (non-empty, ids in [0, vocab_size)).
     max_new_tokens: tokens to generate per prompt (>= 1).
-    sampling: one SamplingParams for all prompts, or one per prompt.
+    sampling: one SamplingParams for all prompts, or one per prompt (default: greedy).
     stop_ids: a generated token in this set ends its sequence (the token is kept).
     cache_dtype: KV cache dtype (default: the embedding's dtype).
     moe_impl: expert dispatch implementation.
@@ -71,6 +71,8 @@ def generate(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *
     if len(prompt) + max_new_tokens > cfg.max_context:
       raise ValueError(f"prompts[{i}] ({len(prompt)} tokens) + max_new_tokens "
                        f"({max_new_tokens}) exceeds the model's max context {cfg.max_context}")
+  if sampling is None:
+    sampling = SamplingParams()
   if isinstance(sampling, SamplingParams):
     sampling = [sampling] * len(prompts)
   if len(sampling) != len(prompts):

@@ -1,4 +1,4 @@
-"""Every family against HF transformers on a tiny random f32 checkpoint: logits and greedy tokens."""
+"""Every family vs HF transformers on a tiny random f32 checkpoint: logits and greedy tokens."""
 
 import numpy as np
 import pytest
