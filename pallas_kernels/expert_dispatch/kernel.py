@@ -226,7 +226,7 @@ def _gpu_kernel(offsets_ref, group_ref, tile_ref, slots_ref, x_ref, *refs, swigl
   def body(kk, accs):
     x = x_ref[pl.ds(row0, tm), pl.ds(kk * tk, tk)]
     return tuple(
-        acc + pl.dot(x, w_ref[slot, pl.ds(kk * tk, tk), pl.ds(n * tn, tn)])
+        acc + pltriton.dot(x, w_ref[slot, pl.ds(kk * tk, tk), pl.ds(n * tn, tn)])
         for w_ref, acc in zip(w_refs, accs, strict=True))
 
   accs = jax.lax.fori_loop(0, num_k, body,
