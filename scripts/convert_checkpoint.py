@@ -12,7 +12,7 @@ import time
 from collections.abc import Sequence
 
 import jax.numpy as jnp
-from absl import app, flags
+from absl import app, flags, logging
 
 from crosspool_jax.models.checkpoint import load_checkpoint, save_params
 
@@ -25,6 +25,8 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists."
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # keep library INFO chatter off the console
+    logging.set_verbosity(logging.WARNING)
   start = time.perf_counter()
   cfg, params = load_checkpoint(_CHECKPOINT.value, dtype=jnp.dtype(_DTYPE.value))
   out = save_params(_OUT.value, cfg, params, overwrite=_OVERWRITE.value)

@@ -19,7 +19,7 @@ import time
 from collections.abc import Sequence
 
 import jax.numpy as jnp
-from absl import app, flags
+from absl import app, flags, logging
 
 from crosspool_jax.models.checkpoint import load_checkpoint
 from crosspool_jax.models.config import FAMILIES, tiny_config
@@ -55,6 +55,8 @@ def _load_tokenizer(checkpoint: str | None):
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # keep library INFO chatter off the console
+    logging.set_verbosity(logging.WARNING)
   dtype = jnp.dtype(_DTYPE.value)
   start = time.perf_counter()
   if _CHECKPOINT.value:
