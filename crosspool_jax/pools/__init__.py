@@ -1,0 +1,1 @@
+"""Host-side managers of the device memory pools (KV-cache pool, weights pool)."""
