@@ -1,0 +1,382 @@
+"""Ragged paged attention, Pallas: a TPU (Mosaic) kernel and a GPU (Triton) kernel.
+
+Both walk *work items*: a work item is up to `q_block` consecutive query tokens of one sequence
+(a decode sequence is one item of one token; a prefill chunk of q tokens is ceil(q / q_block)
+items). The number of items is bounded statically by W = min(T, ceil(T / q_block) + S). The
+wrapper packs the queries per item as q_WKRH, rows R = q_block * G ordered (token, group), so a
+kv head's query rows form one [R, H] matrix; outputs come back in the same layout and are
+gathered to [T, N, H]. The packing and un-packing are plain gathers of q / out (small next to the
+KV traffic). Each item runs flash-decoding style online softmax (f32) over the pages its last
+token needs, skipping pages whose table entry is 0 (the null page) and masking keys after the
+token's position (causal) and past kv_len (so garbage in a page tail is never used).
+
+TPU: grid (items, page blocks); `pages_per_block` pages per grid step, each page its own
+BlockSpec whose index map reads the page table through scalar prefetch
+(`pltpu.PrefetchScalarGridSpec`); page steps past the item's last page repeat the last block index
+(no new DMA) and skip compute. The pool is viewed [num_pages, 2 * page_tokens * K, H] (free
+reshape); kv head h of a page is the strided row set h, h + K, ... (K part) and
+page_tokens * K + h, ... (V part). All K heads of a page are processed in one step.
+
+GPU: Triton (`pallas.triton.CompilerParams`), grid (items, kv heads), a `fori_loop` over the
+item's pages in the kernel, reading the page table from a ref; null pages skipped by `lax.cond`.
+Needs R, page_tokens and H powers of two >= 16 (Triton dot).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import tpu as pltpu
+from jax.experimental.pallas import triton as pltriton
+
+from pallas_kernels.ragged_paged_attention.reference import NEG_INF
+
+
+class BlockSizes(NamedTuple):
+  """Tiling of the kernels.
+
+  q_block: query tokens per work item (R = q_block * G rows per kv head).
+  pages_per_block: pages per grid step (TPU kernel; the GPU kernel walks one page at a time).
+  """
+
+  q_block: int
+  pages_per_block: int
+
+
+# (backend, head_dim, page_tokens) -> BlockSizes. Starting points sized for VMEM / shared
+# memory, not tuned on chips yet. Backends: "tpu", "gpu", "interpret".
+BLOCK_SIZE_TABLE: dict[tuple[str, int, int], BlockSizes] = {
+    ("tpu", 128, 16): BlockSizes(32, 8),
+    ("tpu", 128, 32): BlockSizes(32, 4),
+    ("tpu", 64, 16): BlockSizes(32, 8),
+    ("gpu", 128, 16): BlockSizes(16, 1),
+    ("gpu", 64, 16): BlockSizes(32, 1),
+}
+
+
+def default_block_sizes(backend: str, head_dim: int, page_tokens: int, group: int) -> BlockSizes:
+  """Table entry for (backend, head_dim, page_tokens), else a heuristic.
+
+  Args:
+    backend: "tpu", "gpu" or "interpret".
+    head_dim: H. page_tokens: tokens per page. group: G query heads per kv head.
+  """
+  entry = BLOCK_SIZE_TABLE.get((backend, head_dim, page_tokens))
+  if entry is None:
+    if backend == "tpu":
+      entry = BlockSizes(32, max(1, 128 // page_tokens))
+    elif backend == "gpu":
+      entry = BlockSizes(16, 1)
+    else:  # interpret: few, small steps
+      entry = BlockSizes(8, 2)
+  q_block = entry.q_block
+  if backend == "gpu":  # Triton dot: R = q_block * G >= 16
+    q_block = max(q_block, -(-16 // group))
+  return BlockSizes(q_block, entry.pages_per_block)
+
+
+class WorkItems(NamedTuple):
+  """Per work item (W of them) and per token (T) metadata; all int32 except tok_valid_T."""
+
+  seq_W: jax.Array  # sequence of the item
+  rows_W: jax.Array  # real query tokens in the item (0 for padding items)
+  pos0_W: jax.Array  # absolute position of the item's first token
+  npages_W: jax.Array  # pages the item visits: ceil((last position + 1) / page_tokens)
+  tok0_W: jax.Array  # index in T of the item's first token
+  tok_item_T: jax.Array  # item of each token
+  tok_row_T: jax.Array  # row (token index) of each token inside its item
+  tok_valid_T: jax.Array  # bool, False for padding tokens
+
+
+def num_work_items(num_tokens: int, max_seqs: int, q_block: int) -> int:
+  """Static bound W on the work items of a batch."""
+  return max(1, min(num_tokens, -(-num_tokens // q_block) + max_seqs))
+
+
+def work_items(cu_q_lens_S1, kv_lens_S, num_seqs, *, num_tokens: int, q_block: int,
+               page_tokens: int, pages_per_seq: int) -> WorkItems:
+  """Cuts each sequence's query tokens into items of q_block tokens (vectorised jnp)."""
+  S = kv_lens_S.shape[0]
+  W = num_work_items(num_tokens, S, q_block)
+  n = jnp.clip(num_seqs.reshape(()).astype(jnp.int32), 0, S)
+  cu_S1 = cu_q_lens_S1.astype(jnp.int32)
+  live_S = jnp.arange(S) < n
+  q_len_S = jnp.where(live_S, cu_S1[1:] - cu_S1[:-1], 0)
+  kv_len_S = kv_lens_S.astype(jnp.int32)
+  blocks_S = (q_len_S + q_block - 1) // q_block
+  end_S = jnp.cumsum(blocks_S)
+  start_S = end_S - blocks_S
+  w_W = jnp.arange(W, dtype=jnp.int32)
+  seq_W = jnp.clip(jnp.searchsorted(end_S, w_W, side="right"), 0, S - 1).astype(jnp.int32)
+  real_W = w_W < end_S[-1]
+  j_W = w_W - start_S[seq_W]
+  rows_W = jnp.where(real_W, jnp.clip(q_len_S[seq_W] - j_W * q_block, 0, q_block), 0)
+  pos0_W = kv_len_S[seq_W] - q_len_S[seq_W] + j_W * q_block
+  last_W = pos0_W + rows_W - 1
+  npages_W = jnp.where(rows_W > 0,
+                       jnp.clip((last_W + page_tokens) // page_tokens, 0, pages_per_seq), 0)
+  tok0_W = cu_S1[seq_W] + j_W * q_block
+  # Tokens -> (item, row).
+  big = jnp.iinfo(jnp.int32).max
+  cu_live_S1 = jnp.where(jnp.arange(S + 1) <= n, cu_S1, big)
+  t_T = jnp.arange(num_tokens, dtype=jnp.int32)
+  seq_T = jnp.searchsorted(cu_live_S1[1:], t_T, side="right").astype(jnp.int32)
+  tok_valid_T = (t_T < cu_live_S1[n]) & (t_T >= cu_S1[0]) & (seq_T < n)
+  seq_T = jnp.clip(seq_T, 0, S - 1)
+  off_T = t_T - cu_S1[seq_T]
+  tok_item_T = jnp.clip(start_S[seq_T] + off_T // q_block, 0, W - 1)
+  tok_row_T = jnp.clip(off_T % q_block, 0, q_block - 1)
+  as32 = lambda a: a.astype(jnp.int32)  # noqa: E731
+  return WorkItems(as32(seq_W), as32(rows_W), as32(pos0_W), as32(npages_W), as32(tok0_W),
+                   as32(tok_item_T), as32(tok_row_T), tok_valid_T)
+
+
+def pack_queries(q_TNH, items: WorkItems, kv_heads: int, q_block: int):
+  """q_TNH [T, N, H] -> q_WKRH [W, K, q_block * G, H]; rows of no token are 0."""
+  T, N, H = q_TNH.shape
+  G = N // kv_heads
+  b_B = jnp.arange(q_block, dtype=jnp.int32)
+  tok_WB = items.tok0_W[:, None] + b_B
+  live_WB = b_B < items.rows_W[:, None]
+  q_WBNH = jnp.where(live_WB[..., None, None], q_TNH[jnp.clip(tok_WB, 0, T - 1)], 0)
+  W = q_WBNH.shape[0]
+  q_WBKGH = q_WBNH.reshape(W, q_block, kv_heads, G, H)
+  return q_WBKGH.transpose(0, 2, 1, 3, 4).reshape(W, kv_heads, q_block * G, H)
+
+
+def unpack_outputs(out_WKRH, lse_WKR, items: WorkItems, q_block: int):
+  """Item layout -> (out_TNH, lse_TN); padding tokens get 0 / -inf."""
+  W, K, R, H = out_WKRH.shape
+  G = R // q_block
+  out_WKBGH = out_WKRH.reshape(W, K, q_block, G, H)
+  lse_WKBG = lse_WKR.reshape(W, K, q_block, G)
+  out_TKGH = out_WKBGH[items.tok_item_T, :, items.tok_row_T]
+  lse_TKG = lse_WKBG[items.tok_item_T, :, items.tok_row_T]
+  T = out_TKGH.shape[0]
+  v_T = items.tok_valid_T
+  out_TNH = jnp.where(v_T[:, None, None], out_TKGH.reshape(T, K * G, H), 0)
+  lse_TN = jnp.where(v_T[:, None], lse_TKG.reshape(T, K * G), NEG_INF)
+  return out_TNH.astype(out_WKRH.dtype), lse_TN.astype(jnp.float32)
+
+
+def _online_update(q_RH, k_TH, v_TH, m_R1, l_R1, acc_RH, *, kpos_T1, qpos_R1, live_R1, kv_len,
+                   sm_scale):
+  """One page of flash attention for one kv head; returns the new (m, l, acc) (f32)."""
+  s_RT = jax.lax.dot_general(q_RH, k_TH, (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32) * sm_scale
+  kpos_1T = kpos_T1.reshape(1, -1)
+  seen_RT = (kpos_1T <= qpos_R1) & live_R1
+  s_RT = jnp.where(seen_RT, s_RT, NEG_INF)
+  m_new_R1 = jnp.maximum(m_R1, jnp.max(s_RT, axis=1, keepdims=True))
+  m_safe_R1 = jnp.where(m_new_R1 == NEG_INF, 0.0, m_new_R1)
+  p_RT = jnp.exp(s_RT - m_safe_R1)
+  alpha_R1 = jnp.exp(m_R1 - m_safe_R1)
+  l_new_R1 = alpha_R1 * l_R1 + jnp.sum(p_RT, axis=1, keepdims=True)
+  v_TH = jnp.where(kpos_T1 < kv_len, v_TH, jnp.zeros_like(v_TH))  # page tail may be garbage
+  pv_RH = jax.lax.dot_general(p_RT.astype(v_TH.dtype), v_TH, (((1,), (0,)), ((), ())),
+                              preferred_element_type=jnp.float32)
+  return m_new_R1, l_new_R1, alpha_R1 * acc_RH + pv_RH
+
+
+def _finalize(m_R1, l_R1, acc_RH):
+  has_R1 = l_R1 > 0
+  l_safe_R1 = jnp.where(has_R1, l_R1, 1.0)
+  out_RH = jnp.where(has_R1, acc_RH / l_safe_R1, 0.0)
+  lse_R1 = jnp.where(has_R1, m_R1 + jnp.log(l_safe_R1), NEG_INF)
+  return out_RH, lse_R1
+
+
+def _row_positions(R: int, group: int, pos0, rows):
+  """(qpos_R1, live_R1): absolute position and liveness of each (token, group) row."""
+  # lax.div (truncating) not `//`: floor division lowers through `sign`, which Mosaic cannot
+  # lower off-chip; rows are non-negative so both agree.
+  r_R1 = jax.lax.div(jax.lax.broadcasted_iota(jnp.int32, (R, 1), 0), jnp.int32(group))
+  return pos0 + r_R1, r_R1 < rows
+
+
+# ---------------------------------------------------------------------------------------------
+# TPU (Mosaic)
+
+
+def _tpu_kernel(tbl_ref, seq_ref, rows_ref, pos0_ref, npages_ref, kvl_ref, q_ref, *refs,
+                ppb: int, pps: int, page_tokens: int, kv_heads: int, group: int, sm_scale: float):
+  page_refs = refs[:ppb]
+  o_ref, lse_ref, m_sc, l_sc, acc_sc = refs[ppb:]
+  w, pb = pl.program_id(0), pl.program_id(1)
+  s = seq_ref[w]
+  npages = npages_ref[w]
+  kv_len = kvl_ref[s]
+  R = q_ref.shape[1]
+  Tp, K = page_tokens, kv_heads
+
+  @pl.when(pb == 0)
+  def _():
+    m_sc[...] = jnp.full(m_sc.shape, NEG_INF, jnp.float32)
+    l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+    acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+  qpos_R1, live_R1 = _row_positions(R, group, pos0_ref[w], rows_ref[w])
+  for j in range(ppb):
+    p = pb * ppb + j
+    pid = tbl_ref[s * pps + jnp.minimum(p, pps - 1)]
+
+    @pl.when((p < npages) & (pid != 0))
+    def _(j=j, p=p):
+      kpos_T1 = p * Tp + jax.lax.broadcasted_iota(jnp.int32, (Tp, 1), 0)
+      for h in range(K):
+        k_TH = page_refs[j][pl.ds(h, Tp, stride=K), :]
+        v_TH = page_refs[j][pl.ds(Tp * K + h, Tp, stride=K), :]
+        m, l, acc = _online_update(q_ref[h], k_TH, v_TH, m_sc[h], l_sc[h], acc_sc[h],
+                                   kpos_T1=kpos_T1, qpos_R1=qpos_R1, live_R1=live_R1,
+                                   kv_len=kv_len, sm_scale=sm_scale)
+        m_sc[h], l_sc[h], acc_sc[h] = m, l, acc
+
+  @pl.when(pb == pl.num_programs(1) - 1)
+  def _():
+    for h in range(K):
+      out_RH, lse_R1 = _finalize(m_sc[h], l_sc[h], acc_sc[h])
+      o_ref[h] = out_RH.astype(o_ref.dtype)
+      lse_ref[h] = lse_R1
+
+
+def attention_tpu(q_WKRH, pool_PE, page_table_SP, items: WorkItems, kv_lens_S, *,
+                  page_tokens: int, group: int, sm_scale: float, pages_per_block: int,
+                  interpret: bool = False):
+  """Work-item attention, TPU kernel (also the interpret-mode path).
+
+  Args:
+    q_WKRH: [W, K, R, H] packed queries (R = q_block * group rows per kv head).
+    pool_PE: [num_pages, page_elems] the pool (viewed inside as [num_pages, 2*Tp*K, H]).
+    page_table_SP: int32 [S, P] page ids; 0 = skipped.
+    items: work-item metadata from `work_items`.
+    kv_lens_S: int32 [S] context lengths.
+    page_tokens: Tp. group: G. sm_scale: softmax scale.
+    pages_per_block: pages per grid step.
+    interpret: run with the Pallas interpreter.
+
+  Returns:
+    (out_WKRH in q's dtype, lse_WKR float32).
+  """
+  W, K, R, H = q_WKRH.shape
+  _, pps = page_table_SP.shape
+  num_pages = pool_PE.shape[0]
+  ppb = max(1, min(pages_per_block, pps))
+  npb = -(-pps // ppb)
+  pages_PRH = pool_PE.reshape(num_pages, 2 * page_tokens * K, H)
+
+  def q_map(w, pb, *prefetch):
+    return w, 0, 0, 0
+
+  def page_map(w, pb, tbl, seq, rows, pos0, npages, kvl, *, j):
+    # Past the item's last page: repeat the last page's block (no new DMA, compute skipped).
+    p = jnp.minimum(pb * ppb + j, jnp.maximum(npages[w] - 1, 0))
+    return tbl[seq[w] * pps + p], 0, 0
+
+  page_specs = [pl.BlockSpec((pl.Squeezed(), 2 * page_tokens * K, H),
+                             functools.partial(page_map, j=j)) for j in range(ppb)]
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=6,
+      grid=(W, npb),
+      in_specs=[pl.BlockSpec((pl.Squeezed(), K, R, H), q_map), *page_specs],
+      out_specs=[pl.BlockSpec((pl.Squeezed(), K, R, H), q_map),
+                 pl.BlockSpec((pl.Squeezed(), K, R, 1), q_map)],
+      scratch_shapes=[pltpu.VMEM((K, R, 1), jnp.float32), pltpu.VMEM((K, R, 1), jnp.float32),
+                      pltpu.VMEM((K, R, H), jnp.float32)],
+  )
+  kernel = functools.partial(_tpu_kernel, ppb=ppb, pps=pps, page_tokens=page_tokens,
+                             kv_heads=K, group=group, sm_scale=sm_scale)
+  call = pl.pallas_call(
+      kernel,
+      out_shape=[jax.ShapeDtypeStruct((W, K, R, H), q_WKRH.dtype),
+                 jax.ShapeDtypeStruct((W, K, R, 1), jnp.float32)],
+      grid_spec=grid_spec,
+      compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "arbitrary")),
+      interpret=interpret,
+      name=f"ragged_paged_attention_tpu_R{R}_ppb{ppb}_Tp{page_tokens}_K{K}_H{H}",
+  )
+  i32 = lambda a: a.astype(jnp.int32)  # noqa: E731
+  out_WKRH, lse_WKR1 = call(i32(page_table_SP).reshape(-1), items.seq_W, items.rows_W,
+                            items.pos0_W, items.npages_W, i32(kv_lens_S), q_WKRH,
+                            *([pages_PRH] * ppb))
+  return out_WKRH, lse_WKR1[..., 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU (Triton)
+
+
+def _gpu_kernel(tbl_ref, seq_ref, rows_ref, pos0_ref, npages_ref, kvl_ref, q_ref, pages_ref,
+                o_ref, lse_ref, *, pps: int, page_tokens: int, group: int, sm_scale: float):
+  w, h = pl.program_id(0), pl.program_id(1)
+  s = seq_ref[w]
+  kv_len = kvl_ref[s]
+  R, H = q_ref.shape
+  Tp = page_tokens
+  qpos_R1, live_R1 = _row_positions(R, group, pos0_ref[w], rows_ref[w])
+  q_RH = q_ref[...]
+
+  def body(p, carry):
+    pid = tbl_ref[s * pps + p]
+
+    def attend(carry):
+      m, l, acc = carry
+      k_TH = pages_ref[pid, 0, :, h, :]
+      v_TH = pages_ref[pid, 1, :, h, :]
+      kpos_T1 = p * Tp + jax.lax.broadcasted_iota(jnp.int32, (Tp, 1), 0)
+      return _online_update(q_RH, k_TH, v_TH, m, l, acc, kpos_T1=kpos_T1, qpos_R1=qpos_R1,
+                            live_R1=live_R1, kv_len=kv_len, sm_scale=sm_scale)
+
+    return jax.lax.cond(pid != 0, attend, lambda c: c, carry)
+
+  init = (jnp.full((R, 1), NEG_INF, jnp.float32), jnp.zeros((R, 1), jnp.float32),
+          jnp.zeros((R, H), jnp.float32))
+  m, l, acc = jax.lax.fori_loop(0, npages_ref[w], body, init)
+  out_RH, lse_R1 = _finalize(m, l, acc)
+  o_ref[...] = out_RH.astype(o_ref.dtype)
+  lse_ref[...] = lse_R1.reshape(R)
+
+
+def _is_pow2(x: int) -> bool:
+  return x > 0 and x & (x - 1) == 0
+
+
+def attention_gpu(q_WKRH, pool_PE, page_table_SP, items: WorkItems, kv_lens_S, *,
+                  page_tokens: int, group: int, sm_scale: float, interpret: bool = False,
+                  num_warps: int = 4, num_stages: int = 2):
+  """Work-item attention, GPU (Triton) kernel. Arguments as `attention_tpu`.
+
+  Raises ValueError unless R, page_tokens and H are powers of two >= 16 (Triton dot).
+  """
+  W, K, R, H = q_WKRH.shape
+  S, pps = page_table_SP.shape
+  num_pages = pool_PE.shape[0]
+  for name, val in (("rows per item R = q_block * G", R), ("page_tokens", page_tokens),
+                    ("head_dim", H)):
+    if not (_is_pow2(val) and val >= 16):
+      raise ValueError(f"the GPU (Triton) kernel needs {name} to be a power of two >= 16, got "
+                       f"{val}; pick block_sizes accordingly or use impl='reference'")
+  pages_P2TKH = pool_PE.reshape(num_pages, 2, page_tokens, K, H)
+  whole = lambda shape: pl.BlockSpec(shape, lambda w, h: (0,) * len(shape))  # noqa: E731
+  kernel = functools.partial(_gpu_kernel, pps=pps, page_tokens=page_tokens, group=group,
+                             sm_scale=sm_scale)
+  call = pl.pallas_call(
+      kernel,
+      out_shape=[jax.ShapeDtypeStruct((W, K, R, H), q_WKRH.dtype),
+                 jax.ShapeDtypeStruct((W, K, R), jnp.float32)],
+      grid=(W, K),
+      in_specs=[whole((S * pps,)), *(whole((W,)) for _ in range(4)), whole((S,)),
+                pl.BlockSpec((None, None, R, H), lambda w, h: (w, h, 0, 0)),
+                pl.BlockSpec(memory_space=pl.ANY)],
+      out_specs=[pl.BlockSpec((None, None, R, H), lambda w, h: (w, h, 0, 0)),
+                 pl.BlockSpec((None, None, R), lambda w, h: (w, h, 0))],
+      compiler_params=pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+      interpret=interpret,
+      name=f"ragged_paged_attention_gpu_R{R}_Tp{page_tokens}_K{K}_H{H}",
+  )
+  i32 = lambda a: a.astype(jnp.int32)  # noqa: E731
+  return call(i32(page_table_SP).reshape(-1), items.seq_W, items.rows_W, items.pos0_W,
+              items.npages_W, i32(kv_lens_S), q_WKRH, pages_P2TKH)
