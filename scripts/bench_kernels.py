@@ -1,0 +1,353 @@
+r"""Times the kernel implementations (reference / pallas / interpret) over a sweep of shapes.
+
+Writes JSON (a header with the jax version, device, git revision and flags, and one record per
+(kernel, shape, impl)) to --out, prints a compact table to stdout and progress to stderr. An
+(impl, shape) that fails (say a kernel that cannot compile for the shape) is recorded with an
+"error" and the sweep goes on.
+
+  # CPU sanity: the jnp reference vs the Pallas interpreter on the tiny sweep (under a minute):
+  python scripts/bench_kernels.py --sweep=small --dtype=float32 --iters=3 --warmup=1 \
+      --out=workdir/bench/cpu_small.json
+  # GPU / TPU: the reference vs the compiled Pallas kernel on the full sweep:
+  python scripts/bench_kernels.py --sweep=full --dtype=bfloat16 --iters=20 --warmup=3 \
+      --out=workdir/bench/full_bf16.json
+
+Adding a kernel: write a builder `(shape, impl, dtype) -> Case(fn, args, flops, bytes)` and a
+sweep (name -> list of shape dicts), and add one `KernelBench` entry to `KERNELS`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from pallas_kernels._impl import IMPLS
+from pallas_kernels.expert_dispatch import expert_dispatch
+
+_ACCELERATORS = ("gpu", "tpu")
+
+_KERNELS = flags.DEFINE_list("kernels", ["expert_dispatch"], "Kernels to time (keys of KERNELS).")
+_IMPLS = flags.DEFINE_list("impls", None, "Implementations to time, from "
+                           f"{','.join(IMPLS)}. Default: reference,pallas on GPU/TPU, "
+                           "reference,interpret elsewhere.")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"],
+                           "Activation and weight dtype.")
+_SWEEP = flags.DEFINE_enum("sweep", None, ["small", "full"], "Shape sweep: small (CPU sanity) "
+                           "or full (accelerators). Default: full on GPU/TPU, small elsewhere.")
+_ITERS = flags.DEFINE_integer("iters", 20, "Timed calls per (shape, impl).", lower_bound=1)
+_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed calls after compiling.", lower_bound=0)
+_OUT = flags.DEFINE_string("out", None, "JSON output path (directories are created); unset: "
+                           "table only.")
+_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of the device; overrides "
+                                  "the PEAKS table.")
+_PEAK_GBPS = flags.DEFINE_float("peak_gbps", None, "Peak memory GB/s of the device; overrides "
+                                "the PEAKS table.")
+
+# device_kind -> (dense bf16 TFLOP/s, HBM GB/s), vendor datasheet figures (dense, i.e. without
+# the 2:4 sparsity factor NVIDIA quotes first). Fractions of peak are against these whatever
+# --dtype is. Sources:
+#   NVIDIA H100 Tensor Core GPU datasheet: SXM 989 TFLOP/s bf16 dense, 3.35 TB/s HBM3;
+#     PCIe 756 TFLOP/s, 2.0 TB/s.
+#   NVIDIA H200 Tensor Core GPU datasheet: SXM 989 TFLOP/s, 4.8 TB/s HBM3e (the H200 NVL is
+#     835 TFLOP/s, same device_kind: pass --peak_tflops there).
+#   NVIDIA A100 Tensor Core GPU datasheet: 312 TFLOP/s bf16 dense; HBM2 1,555 GB/s (40GB),
+#     HBM2e 2,039 GB/s (80GB SXM) / 1,935 GB/s (80GB PCIe).
+#   Google Cloud TPU system-architecture pages: v5e 197 TFLOP/s, 819 GB/s; v5p 459 TFLOP/s,
+#     2,765 GB/s; v6e (Trillium) 918 TFLOP/s, 1,640 GB/s.
+PEAKS: dict[str, tuple[float, float]] = {
+    "NVIDIA H100 80GB HBM3": (989.0, 3350.0),
+    "NVIDIA H100 PCIe": (756.0, 2000.0),
+    "NVIDIA H200": (989.0, 4800.0),
+    "NVIDIA A100-SXM4-80GB": (312.0, 2039.0),
+    "NVIDIA A100-SXM4-40GB": (312.0, 1555.0),
+    "NVIDIA A100-PCIE-40GB": (312.0, 1555.0),
+    "NVIDIA A100 80GB PCIe": (312.0, 1935.0),
+    "TPU v5 lite": (197.0, 819.0),  # v5e
+    "TPU v5e": (197.0, 819.0),
+    "TPU v5": (459.0, 2765.0),  # v5p
+    "TPU v5p": (459.0, 2765.0),
+    "TPU v6 lite": (918.0, 1640.0),  # v6e
+    "TPU v6e": (918.0, 1640.0),
+}
+
+
+class Case(NamedTuple):
+  """One (kernel, shape, impl) ready to time.
+
+  Attributes:
+    fn: the function to time; the runner jits it (bind static options with functools.partial).
+    args: its array arguments.
+    flops: useful floating-point operations of one call.
+    bytes: bytes one call must move at least (weights read + activations in and out).
+    info: extra facts of the inputs worth recording (e.g. experts touched by the routing).
+  """
+
+  fn: Callable[..., Any]
+  args: tuple
+  flops: int
+  bytes: int
+  info: Mapping[str, Any] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelBench:
+  """A kernel of the benchmark: its case builder and its shape sweeps.
+
+  Attributes:
+    build: (shape dict, impl, dtype) -> Case.
+    sweeps: sweep name ("small", "full") -> shape dicts.
+  """
+
+  build: Callable[[Mapping[str, int], str, Any], Case]
+  sweeps: Mapping[str, Sequence[Mapping[str, int]]]
+
+
+# ---------------------------------------------------------------------------------------------
+# expert_dispatch: T tokens, K choices, D model dim, F expert hidden dim, E experts of the layer
+# living in S > E pool slots through a scattered slot table (the other slots hold NaN).
+
+
+# One pool at a time, dropped before the next is made (the sweeps keep (D, F, E, S) outermost).
+_POOL_CACHE: dict[tuple, tuple] = {}
+
+
+def _expert_pools(D: int, F: int, E: int, S: int, dtype_name: str, seed: int):
+  """(slot_table_E, w_gate_SDF, w_up_SDF, w_down_SFD); slots outside the table are NaN."""
+  key = (D, F, E, S, dtype_name, seed)
+  if key not in _POOL_CACHE:
+    _POOL_CACHE.clear()
+    _POOL_CACHE[key] = _make_expert_pools(*key)
+  return _POOL_CACHE[key]
+
+
+def _make_expert_pools(D: int, F: int, E: int, S: int, dtype_name: str, seed: int):
+  dtype = jnp.dtype(dtype_name)
+  slot_table_E = np.random.default_rng(seed).choice(S, size=E, replace=False).astype(np.int32)
+  used_S = np.zeros((S,), bool)
+  used_S[slot_table_E] = True
+
+  @functools.partial(jax.jit, static_argnums=(1, 2))
+  def pool(key, shape, scale):
+    w = jax.random.normal(key, shape, dtype) * jnp.asarray(scale, dtype)
+    return jnp.where(used_S[:, None, None], w, jnp.asarray(jnp.nan, dtype))
+
+  k_gate, k_up, k_down = jax.random.split(jax.random.key(seed), 3)
+  return (jnp.asarray(slot_table_E), pool(k_gate, (S, D, F), D ** -0.5),
+          pool(k_up, (S, D, F), D ** -0.5), pool(k_down, (S, F, D), F ** -0.5))
+
+
+def expert_dispatch_case(shape: Mapping[str, int], impl: str, dtype) -> Case:
+  """Random tokens routed to K distinct experts each (uniformly), pool as `_expert_pools`.
+
+  Inputs are seeded by the shape, so every run and impl sees the same routing.
+  """
+  seed = 0
+  T, D, F, E, S, K = (shape[n] for n in ("T", "D", "F", "E", "S", "K"))
+  if not K <= E < S:
+    raise ValueError(f"need K <= E < S, got {shape}")
+  dtype = jnp.dtype(dtype)
+  slot_table_E, w_gate_SDF, w_up_SDF, w_down_SFD = _expert_pools(D, F, E, S, dtype.name, seed)
+  rng = np.random.default_rng([seed, T, E, K])
+  topk_ids_TK = np.argsort(rng.random((T, E)), axis=1)[:, :K].astype(np.int32)
+  logits_TK = rng.standard_normal((T, K))
+  topk_weights_TK = np.exp(logits_TK) / np.exp(logits_TK).sum(axis=1, keepdims=True)
+  x_TD = jnp.asarray(rng.standard_normal((T, D)), dtype)
+  touched = len(np.unique(topk_ids_TK))
+  # gate, up and down: three [*, D] x [D, F]-sized matmuls per (token, choice).
+  flops = 2 * T * K * D * F * 3
+  # Weights of the distinct experts read once, x in and y out; router ids / weights left out.
+  nbytes = (touched * 3 * D * F + 2 * T * D) * dtype.itemsize
+  args = (x_TD, jnp.asarray(topk_ids_TK), jnp.asarray(topk_weights_TK, dtype), slot_table_E,
+          w_gate_SDF, w_up_SDF, w_down_SFD)
+  return Case(functools.partial(expert_dispatch, impl=impl), args, flops, nbytes,
+              {"experts_touched": touched})
+
+
+def _ed(T, D, F, E, K):
+  return {"T": T, "D": D, "F": F, "E": E, "S": 2 * E, "K": K}
+
+
+EXPERT_DISPATCH_SWEEPS = {
+    # The Pallas interpreter takes ~0.4 s (T=16, K=2) to ~3 s (T=128, K=8) a call on 2 CPU
+    # cores, so (T=128, K=8) is left out.
+    "small": [_ed(T, 1024, 512, 8, K) for T, K in ((16, 2), (16, 8), (128, 2))],
+    # (4096, 14336) is Mixtral-8x7B-sized: E=8 only (E=64 there is a 45 GB bf16 pool).
+    "full": [_ed(T, D, F, E, K)
+             for D, F, Es in ((1024, 512, (8, 64)), (4096, 1408, (8, 64)), (4096, 14336, (8,)))
+             for E in Es for T in (16, 128, 512, 2048) for K in (2, 8)],
+}
+
+KERNELS: dict[str, KernelBench] = {
+    "expert_dispatch": KernelBench(expert_dispatch_case, EXPERT_DISPATCH_SWEEPS),
+    # "ragged_paged_attention": KernelBench(ragged_paged_attention_case, RPA_SWEEPS),
+    # "kv_write": KernelBench(kv_write_case, KV_WRITE_SWEEPS),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing and reporting
+
+
+def device_peaks(device_kind: str, peak_tflops: float | None = None,
+                 peak_gbps: float | None = None) -> tuple[float | None, float | None]:
+  """(TFLOP/s, GB/s) of the device: the overrides, else PEAKS, else None (e.g. CPU)."""
+  tflops, gbps = PEAKS.get(device_kind, (None, None))
+  return (peak_tflops if peak_tflops is not None else tflops,
+          peak_gbps if peak_gbps is not None else gbps)
+
+
+def time_case(case: Case, iters: int, warmup: int) -> dict[str, Any]:
+  """Compiles once, warms up, then times `iters` calls each followed by block_until_ready."""
+  start = time.perf_counter()
+  compiled = jax.jit(case.fn).lower(*case.args).compile()
+  compile_s = time.perf_counter() - start
+  out = jax.block_until_ready(compiled(*case.args))
+  finite = all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(out)
+               if jnp.issubdtype(leaf.dtype, jnp.inexact))
+  del out
+  for _ in range(warmup):
+    jax.block_until_ready(compiled(*case.args))
+  times_s = []
+  for _ in range(iters):
+    start = time.perf_counter()
+    jax.block_until_ready(compiled(*case.args))
+    times_s.append(time.perf_counter() - start)
+  return {"median_s": float(np.median(times_s)), "p90_s": float(np.percentile(times_s, 90)),
+          "compile_s": compile_s, "finite": finite}
+
+
+def _shape_str(shape: Mapping[str, int]) -> str:
+  return " ".join(f"{k}={v}" for k, v in shape.items())
+
+
+def run_benchmarks(kernels: Sequence[str], impls: Sequence[str], dtype, sweep: str, *,
+                   iters: int, warmup: int, peak_tflops: float | None,
+                   peak_gbps: float | None,
+                   registry: Mapping[str, KernelBench] = KERNELS,
+                   log=sys.stderr) -> list[dict[str, Any]]:
+  """Times every (kernel, shape, impl); returns one record each (see the module docstring)."""
+  dtype = jnp.dtype(dtype)
+  todo = [(k, s, i) for k in kernels for s in registry[k].sweeps[sweep] for i in impls]
+  records = []
+  for n, (kernel, shape, impl) in enumerate(todo, 1):
+    record: dict[str, Any] = {
+        "kernel": kernel, "impl": impl, "dtype": dtype.name, "shape": dict(shape),
+        "flops": None, "bytes": None, "info": None, "median_ms": None, "p90_ms": None,
+        "tflops": None, "gbps": None, "frac_peak_flops": None, "frac_peak_bw": None,
+        "compile_s": None, "finite": None, "iters": iters}
+    try:
+      case = registry[kernel].build(shape, impl, dtype)
+      record.update(flops=int(case.flops), bytes=int(case.bytes),
+                    info=dict(case.info) if case.info else None)
+      timing = time_case(case, iters, warmup)
+      del case
+      median_s = timing["median_s"]
+      tflops, gbps = record["flops"] / median_s / 1e12, record["bytes"] / median_s / 1e9
+      record.update(
+          median_ms=median_s * 1e3, p90_ms=timing["p90_s"] * 1e3, tflops=tflops, gbps=gbps,
+          frac_peak_flops=tflops / peak_tflops if peak_tflops else None,
+          frac_peak_bw=gbps / peak_gbps if peak_gbps else None,
+          compile_s=timing["compile_s"], finite=timing["finite"])
+      msg = f"{record['median_ms']:.3f} ms"
+    except Exception as e:  # one failing (impl, shape) must not stop the sweep
+      record["error"] = f"{type(e).__name__}: {e}"[:2000]
+      msg = "ERROR " + record["error"].splitlines()[0][:200]
+    records.append(record)
+    print(f"[{n}/{len(todo)}] {kernel} {impl} {dtype.name} {_shape_str(shape)}: {msg}",
+          file=log, flush=True)
+  return records
+
+
+def format_table(records: Sequence[Mapping[str, Any]]) -> str:
+  """A compact fixed-width table of the records (for stdout; the JSON is the result)."""
+
+  def num(v, fmt):
+    return "-" if v is None else format(v, fmt)
+
+  rows = [("kernel", "impl", "dtype", "shape", "med ms", "p90 ms", "TFLOP/s", "GB/s",
+           "%pk F", "%pk BW", "note")]
+  for r in records:
+    note = r["error"].splitlines()[0][:60] if "error" in r else (
+        "" if r["finite"] else "non-finite output")
+    pct = [None if r[k] is None else 100 * r[k] for k in ("frac_peak_flops", "frac_peak_bw")]
+    rows.append((r["kernel"], r["impl"], r["dtype"], _shape_str(r["shape"]),
+                 num(r["median_ms"], ".3f"), num(r["p90_ms"], ".3f"), num(r["tflops"], ".3g"),
+                 num(r["gbps"], ".3g"), num(pct[0], ".1f"), num(pct[1], ".1f"), note))
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                   for row in rows)
+
+
+def _git(*args: str) -> str | None:
+  """stdout of a git command run in this script's repository, or None (no git / checkout)."""
+  try:
+    proc = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:  # keep library INFO chatter off the console
+    logging.set_verbosity(logging.WARNING)
+  backend = jax.default_backend()
+  on_accelerator = backend in _ACCELERATORS
+  kernels = _KERNELS.value
+  impls = _IMPLS.value or (["reference", "pallas"] if on_accelerator
+                           else ["reference", "interpret"])
+  sweep = _SWEEP.value or ("full" if on_accelerator else "small")
+  for k in kernels:
+    if k not in KERNELS:
+      raise app.UsageError(f"--kernels: unknown kernel {k!r}; known: {', '.join(KERNELS)}")
+  for i in impls:
+    if i not in IMPLS:
+      raise app.UsageError(f"--impls: unknown impl {i!r}; known: {', '.join(IMPLS)}")
+  device_kind = jax.devices()[0].device_kind
+  peak_tflops, peak_gbps = device_peaks(device_kind, _PEAK_TFLOPS.value, _PEAK_GBPS.value)
+  header = {
+      "jax_version": jax.__version__,
+      "backend": backend,
+      "device_kind": device_kind,
+      "device_count": jax.device_count(),
+      "git_revision": _git("rev-parse", "HEAD") or None,
+      "git_dirty": None if (status := _git("status", "--porcelain", "--untracked-files=no"))
+                   is None else bool(status),
+      "flags": {name: flags.FLAGS[name].value for name in (
+          "kernels", "impls", "dtype", "sweep", "iters", "warmup", "out", "peak_tflops",
+          "peak_gbps")},
+      "resolved": {"impls": impls, "sweep": sweep},
+      "peak_tflops": peak_tflops,
+      "peak_gbps": peak_gbps,
+      "peak_basis": "dense bf16 TFLOP/s and HBM GB/s (vendor datasheets) whatever the dtype",
+      "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+  }
+  print(f"{backend} ({device_kind} x{jax.device_count()}): {', '.join(kernels)} "
+        f"{sweep} sweep, impls {','.join(impls)}, {_DTYPE.value}", file=sys.stderr)
+  records = run_benchmarks(kernels, impls, _DTYPE.value, sweep, iters=_ITERS.value,
+                           warmup=_WARMUP.value, peak_tflops=peak_tflops, peak_gbps=peak_gbps)
+  if _OUT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    with open(_OUT.value, "w") as f:
+      json.dump({"header": header, "records": records}, f, indent=1)
+    print(f"wrote {len(records)} records to {_OUT.value}", file=sys.stderr)
+  print(format_table(records))
+
+
+if __name__ == "__main__":
+  app.run(main)

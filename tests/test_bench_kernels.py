@@ -1,0 +1,81 @@
+"""scripts/bench_kernels.py end to end on CPU, in subprocesses (scripts share absl flag names)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+from tests.conftest import ROOT
+
+RECORD_KEYS = {"kernel", "impl", "dtype", "shape", "flops", "bytes", "info", "median_ms",
+               "p90_ms", "tflops", "gbps", "frac_peak_flops", "frac_peak_bw", "compile_s",
+               "finite", "iters"}
+HEADER_KEYS = {"jax_version", "backend", "device_kind", "device_count", "git_revision", "flags",
+               "peak_tflops", "peak_gbps", "date"}
+
+
+def _python(*args, timeout=120):
+  proc = subprocess.run([sys.executable, *args], capture_output=True, text=True,
+                        timeout=timeout, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+def test_small_sweep_writes_sane_json(tmp_path):
+  out = tmp_path / "bench.json"
+  proc = _python(os.path.join(ROOT, "scripts", "bench_kernels.py"), "--sweep=small",
+                 "--iters=2", "--warmup=1", "--impls=reference,interpret", "--dtype=float32",
+                 "--peak_tflops=100", "--peak_gbps=1000", f"--out={out}")
+  result = json.loads(out.read_text())
+  header, records = result["header"], result["records"]
+  assert HEADER_KEYS <= set(header)
+  assert header["backend"] == "cpu" and header["device_count"] >= 1
+  assert header["flags"]["iters"] == 2 and header["peak_tflops"] == 100.0
+  assert len(records) == 6 and {r["impl"] for r in records} == {"reference", "interpret"}
+  for r in records:
+    assert RECORD_KEYS <= set(r) and "error" not in r, r
+    assert r["kernel"] == "expert_dispatch" and r["dtype"] == "float32" and r["finite"]
+    for key in ("median_ms", "p90_ms", "tflops", "gbps", "frac_peak_flops", "frac_peak_bw",
+                "flops", "bytes"):
+      assert math.isfinite(r[key]) and r[key] > 0, (key, r)
+    assert r["p90_ms"] >= r["median_ms"]
+    assert math.isclose(r["tflops"], r["flops"] / (r["median_ms"] * 1e-3) / 1e12)
+    assert math.isclose(r["frac_peak_flops"], r["tflops"] / 100)
+    assert math.isclose(r["frac_peak_bw"], r["gbps"] / 1000)
+
+  (r,) = [r for r in records if r["impl"] == "interpret" and r["shape"]["T"] == 16
+          and r["shape"]["K"] == 2]
+  assert r["shape"] == {"T": 16, "D": 1024, "F": 512, "E": 8, "S": 16, "K": 2}
+  assert r["flops"] == 2 * 16 * 2 * 1024 * 512 * 3 == 100_663_296  # gate, up, down
+  touched = r["info"]["experts_touched"]
+  assert 1 <= touched <= 8
+  assert r["bytes"] == (touched * 3 * 1024 * 512 + 2 * 16 * 1024) * 4  # experts + x in, y out
+  assert proc.stdout.splitlines()[0].split()[:4] == [
+      "kernel", "impl", "dtype", "shape"]
+  assert "[6/6] expert_dispatch interpret" in proc.stderr
+
+
+def test_failing_case_is_recorded_and_the_sweep_goes_on():
+  code = textwrap.dedent("""
+      import json, jax.numpy as jnp
+      from scripts import bench_kernels as b
+
+      def build(shape, impl, dtype):
+        if shape["n"] == 0:
+          raise ValueError("no such shape")
+        y = jnp.ones((shape["n"], 3), dtype)
+        return b.Case(lambda x, y: x @ y, (jnp.ones((4, 4), dtype), y), 96, 64)
+
+      fake = {"fake": b.KernelBench(build, {"small": [{"n": 0}, {"n": 5}, {"n": 4}]})}
+      records = b.run_benchmarks(["fake"], ["reference"], "float32", "small", iters=2,
+                                 warmup=0, peak_tflops=None, peak_gbps=None, registry=fake)
+      print(json.dumps(records))
+  """)
+  records = json.loads(_python("-c", code).stdout.strip().splitlines()[-1])
+  assert [r["shape"]["n"] for r in records] == [0, 5, 4]
+  assert records[0]["error"] == "ValueError: no such shape" and records[0]["median_ms"] is None
+  assert records[1]["error"].startswith("TypeError: dot_general")  # fails to trace
+  assert "error" not in records[2] and records[2]["median_ms"] > 0
+  assert records[2]["frac_peak_flops"] is None and records[2]["tflops"] > 0
