@@ -192,8 +192,6 @@ EXPERT_DISPATCH_SWEEPS = {
 
 KERNELS: dict[str, KernelBench] = {
     "expert_dispatch": KernelBench(expert_dispatch_case, EXPERT_DISPATCH_SWEEPS),
-    # "ragged_paged_attention": KernelBench(ragged_paged_attention_case, RPA_SWEEPS),
-    # "kv_write": KernelBench(kv_write_case, KV_WRITE_SWEEPS),
 }
 
 

@@ -93,7 +93,7 @@ def route(w_router_DE: jax.Array, x_TD: jax.Array, cfg: ModelConfig):
 
 def moe_block(p: Params, x_TD: jax.Array, cfg: ModelConfig, *,
               slot_table_E: jax.Array | None = None, expert_weights=None,
-              impl: str | None = None) -> jax.Array:
+              valid_T: jax.Array | None = None, impl: str | None = None) -> jax.Array:
   """The MoE FFN of one layer on a flat token batch x [T, D].
 
   Args:
@@ -104,6 +104,7 @@ def moe_block(p: Params, x_TD: jax.Array, cfg: ModelConfig, *,
     slot_table_E: expert id -> slot in the expert buffers; identity if None.
     expert_weights: (w_gate_SDF, w_up_SDF, w_down_SFD) pooled buffers to read the experts
       from through `slot_table_E`; the layer's own `w_*_E..` params if None.
+    valid_T: optional bool [T]; padding tokens (False) are not dispatched to experts.
     impl: expert dispatch implementation ("pallas" | "interpret" | "reference" | None).
   """
   ids_TK, weights_TK = route(p["w_router_DE"], x_TD, cfg)
@@ -111,7 +112,8 @@ def moe_block(p: Params, x_TD: jax.Array, cfg: ModelConfig, *,
     expert_weights = (p["w_gate_EDF"], p["w_up_EDF"], p["w_down_EFD"])
   if slot_table_E is None:
     slot_table_E = jnp.arange(cfg.num_experts, dtype=jnp.int32)
-  y_TD = expert_dispatch(x_TD, ids_TK, weights_TK, slot_table_E, *expert_weights, impl=impl)
+  y_TD = expert_dispatch(x_TD, ids_TK, weights_TK, slot_table_E, *expert_weights,
+                         valid_T=valid_T, impl=impl)
   if cfg.d_ff_shared:
     gate_T1 = jax.nn.sigmoid((x_TD @ p["shared_gate_D1"]).astype(jnp.float32))
     shared_TD = swiglu(x_TD, p["shared_w_gate_DF"], p["shared_w_up_DF"], p["shared_w_down_FD"])
