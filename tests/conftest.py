@@ -5,7 +5,12 @@ from __future__ import annotations
 import os
 import sys
 
+import jax
 import pytest
+
+# Several CPU devices for multi-device tests (KV spread, pools on device groups). Must run
+# before any JAX computation; single-device code keeps using device 0.
+jax.config.update("jax_num_cpu_devices", 4)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:

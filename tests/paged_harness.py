@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from crosspool_jax.models.config import ModelConfig
-from crosspool_jax.models.paged import PagedBatch, forward_paged
+from crosspool_jax.models.paged import PagedBatch, forward_paged, forward_paged_spread
 from crosspool_jax.pools.kv_pool import KVModelSpec, KVPool, PoolExhaustedError
 
 
@@ -41,11 +41,16 @@ class Req:
 
 
 def run_paged(models: dict[str, tuple[ModelConfig, dict]], requests: list[Req], pool: KVPool,
-              pool_PE: jax.Array, *, max_batch: int, max_tokens: int, impl: str,
+              pools: list[jax.Array], *, max_batch: int, max_tokens: int, impl: str,
               max_steps: int = 200):
-  """Serves `requests` to completion; returns ({rid: generated tokens}, pool_PE, stats)."""
+  """Serves `requests` to completion; returns ({rid: generated tokens}, pools, stats).
+
+  `pools` holds one buffer per KV device of `pool`; with several, every step goes through
+  `forward_paged_spread` (params must live on pools[0]'s device).
+  """
   reqs = {r.rid: r for r in requests}
   stats = {"steps": 0, "preempted": 0}
+  spread = set()  # requests whose pages ever lay on more than one device
   for step in range(max_steps):
     live = [r for r in requests if r.arrival <= step and not r.done]
     if not live:
@@ -77,11 +82,21 @@ def run_paged(models: dict[str, tuple[ModelConfig, dict]], requests: list[Req], 
           if victim in batch_reqs:
             batch_reqs.remove(victim)
         batch_reqs.append(r)
+        tables = pool.tables(model_id, [r.rid])
+        if np.unique(tables[tables > 0] // pool.pages_per_device).size > 1:
+          spread.add(r.rid)
       if not batch_reqs:
         continue
-      batch = _pack(pool, model_id, cfg, batch_reqs, max_batch, max_tokens)
-      logits_SV, pool_PE = forward_paged(params, pool_PE, batch, cfg=cfg, attn_impl=impl,
-                                         moe_impl=impl)
+      batches = [jax.device_put(_pack(pool, model_id, cfg, batch_reqs, max_batch, max_tokens,
+                                      device=d), buf.devices().pop())
+                 for d, buf in enumerate(pools)]
+      if len(pools) == 1:
+        logits_SV, pool_PE = forward_paged(params, pools[0], batches[0], cfg=cfg,
+                                           attn_impl=impl, moe_impl=impl)
+        pools = [pool_PE]
+      else:
+        logits_SV, pools = forward_paged_spread(params, pools, batches, cfg=cfg, attn_impl=impl,
+                                                moe_impl=impl)
       next_S = np.asarray(jnp.argmax(logits_SV, axis=-1))
       for i, r in enumerate(batch_reqs):
         r.cached = len(r.prompt) + len(r.out)
@@ -89,11 +104,12 @@ def run_paged(models: dict[str, tuple[ModelConfig, dict]], requests: list[Req], 
         if r.done:
           pool.release(r.rid)
           r.admitted = False
-  return {r.rid: r.out for r in requests}, pool_PE, stats
+  stats["spread"] = len(spread)
+  return {r.rid: r.out for r in requests}, pools, stats
 
 
 def _pack(pool: KVPool, model_id: str, cfg: ModelConfig, batch_reqs: list[Req], max_batch: int,
-          max_tokens: int) -> PagedBatch:
+          max_tokens: int, device: int) -> PagedBatch:
   page_tokens = pool.page_tokens(model_id)
   chunks = [r.pending() for r in batch_reqs]
   lens = np.array([len(c) for c in chunks])
@@ -112,8 +128,8 @@ def _pack(pool: KVPool, model_id: str, cfg: ModelConfig, batch_reqs: list[Req], 
     kv_lens[i] = r.cached + len(c)
   tables = pool.tables(model_id, [r.rid for r in batch_reqs])
   padded = np.zeros((tables.shape[0], max_batch, tables.shape[2]), np.int32)
-  padded[:, :len(batch_reqs)] = pool.local_tables(tables, 0)
-  slots = pool.slot_mapping(tables, batch_index, positions, page_tokens, device=0)
+  padded[:, :len(batch_reqs)] = pool.local_tables(tables, device)
+  slots = pool.slot_mapping(tables, batch_index, positions, page_tokens, device=device)
   return PagedBatch(tokens_T=jnp.asarray(tokens), positions_T=jnp.asarray(positions),
                     cu_q_lens_S1=jnp.asarray(cu), kv_lens_S=jnp.asarray(kv_lens),
                     num_seqs_1=jnp.asarray([len(batch_reqs)], jnp.int32),

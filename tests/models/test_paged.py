@@ -3,6 +3,7 @@
 The pool starts NaN-filled, so any read of a page (or slot) a sequence does not own shows up.
 """
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -50,13 +51,14 @@ def _reference(reqs):
   return out
 
 
-def _serve(names, pages, impl, reqs):
-  pool = KVPool(page_elems=PAGE_ELEMS, pages_per_device=pages)
+def _serve(names, pages, impl, reqs, devices=1):
+  pool = KVPool(page_elems=PAGE_ELEMS, pages_per_device=pages, num_devices=devices)
   for m in names:
     pool.register_model(kv_spec(m, MODELS[m][0], max_context=MAX_CONTEXT, max_batch=2))
-  pool_PE = jnp.full((pages, PAGE_ELEMS), jnp.nan, jnp.float32)
-  out, pool_PE, stats = run_paged({m: MODELS[m] for m in names}, reqs, pool, pool_PE,
-                                  max_batch=2, max_tokens=40, impl=impl)
+  pools = [jax.device_put(jnp.full((pages, PAGE_ELEMS), jnp.nan, jnp.float32), d)
+           for d in jax.devices()[:devices]]
+  out, pools, stats = run_paged({m: MODELS[m] for m in names}, reqs, pool, pools,
+                                max_batch=2, max_tokens=40, impl=impl)
   assert pool.used_pages == 0 and not pool.requests  # every page returned
   pool.check_invariants()
   return out, stats
@@ -82,4 +84,15 @@ def test_forced_preemption_recomputes_to_the_same_tokens():
   reqs = _requests(names, max_new=10)
   out, stats = _serve(names, pages=21, impl="reference", reqs=reqs)
   assert stats["preempted"] > 0
+  assert out == _reference(reqs)
+
+
+def test_long_sequence_spreads_over_two_kv_devices():
+  # 9 pages per device (8 usable): a 36-token mixtral request holds 5 pages x 2 layers = 10.
+  assert len(jax.devices()) >= 2, "tests/conftest.py asks for several CPU devices"
+  rng = np.random.default_rng(1)
+  reqs = [Req("long", "mix", rng.integers(0, 512, size=28).tolist(), max_new=8),
+          Req("short", "mix", rng.integers(0, 512, size=5).tolist(), max_new=8, arrival=1)]
+  out, stats = _serve(["mix"], pages=9, impl="reference", reqs=reqs, devices=2)
+  assert stats["spread"] >= 1
   assert out == _reference(reqs)
