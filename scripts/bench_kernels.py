@@ -36,10 +36,13 @@ from absl import app, flags, logging
 
 from pallas_kernels._impl import IMPLS
 from pallas_kernels.expert_dispatch import expert_dispatch
+from pallas_kernels.kv_write import write_kv
+from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
 _ACCELERATORS = ("gpu", "tpu")
 
-_KERNELS = flags.DEFINE_list("kernels", ["expert_dispatch"], "Kernels to time (keys of KERNELS).")
+_KERNELS = flags.DEFINE_list("kernels", ["expert_dispatch", "ragged_paged_attention", "kv_write"],
+                             "Kernels to time (keys of KERNELS).")
 _IMPLS = flags.DEFINE_list("impls", None, "Implementations to time, from "
                            f"{','.join(IMPLS)}. Default: reference,pallas on GPU/TPU, "
                            "reference,interpret elsewhere.")
@@ -93,6 +96,8 @@ class Case(NamedTuple):
     flops: useful floating-point operations of one call.
     bytes: bytes one call must move at least (weights read + activations in and out).
     info: extra facts of the inputs worth recording (e.g. experts touched by the routing).
+    carry_first: the first argument is a donated buffer updated in place (the KV pool): each
+      call donates it and the next call gets the returned buffer, as in serving.
   """
 
   fn: Callable[..., Any]
@@ -100,6 +105,7 @@ class Case(NamedTuple):
   flops: int
   bytes: int
   info: Mapping[str, Any] | None = None
+  carry_first: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,8 +196,90 @@ EXPERT_DISPATCH_SWEEPS = {
              for E in Es for T in (16, 128, 512, 2048) for K in (2, 8)],
 }
 
+
+# ---------------------------------------------------------------------------------------------
+# ragged_paged_attention: S sequences, `prefill` of them with a chunk of q query tokens at the
+# end of their ctx-token context, the others decoding one token; N query heads, K kv heads,
+# head dim H, Tp tokens per page; pages scattered through a pool whose other pages hold NaN.
+
+
+def _kv_pool_case(S: int, ctx: int, K: int, H: int, Tp: int, dtype, seed: int):
+  """(pool_PE, page_table_SP, pages per sequence) with scattered pages, the rest NaN."""
+  rng = np.random.default_rng(seed)
+  per_seq = -(-ctx // Tp)
+  num_pages = 1 + S * per_seq + 8
+  table_SP = (1 + rng.permutation(num_pages - 1)[:S * per_seq]).reshape(S, per_seq)
+  pool_PE = np.full((num_pages, 2 * Tp * K * H), np.nan, np.float32)
+  pool_PE[table_SP.ravel()] = rng.standard_normal((S * per_seq, 2 * Tp * K * H))
+  return jnp.asarray(pool_PE, dtype), jnp.asarray(table_SP, jnp.int32)
+
+
+def ragged_paged_attention_case(shape: Mapping[str, int], impl: str, dtype) -> Case:
+  """A mixed prefill / decode batch (see the section comment); inputs seeded by the shape."""
+  S, prefill, q, ctx, N, K, H, Tp = (shape[n] for n in
+                                     ("S", "prefill", "q", "ctx", "N", "K", "H", "Tp"))
+  if not (prefill <= S and q <= ctx and N % K == 0):
+    raise ValueError(f"need prefill <= S, q <= ctx, N % K == 0, got {shape}")
+  dtype = jnp.dtype(dtype)
+  pool_PE, table_SP = _kv_pool_case(S, ctx, K, H, Tp, dtype, seed=S * 7 + ctx)
+  q_lens = np.array([q] * prefill + [1] * (S - prefill))
+  cu = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+  q_TNH = jnp.asarray(np.random.default_rng(1).standard_normal((int(cu[-1]), N, H)), dtype)
+  # Query i of a chunk of length n sees ctx - n + i + 1 keys: QK^T and PV, 2 flops a MAC.
+  keys_seen = sum(int(n * (ctx - n) + n * (n + 1) // 2) for n in q_lens)
+  flops = 4 * keys_seen * N * H
+  nbytes = (S * ctx * 2 * K * H + 2 * int(cu[-1]) * N * H) * dtype.itemsize
+  args = (q_TNH, pool_PE, table_SP, jnp.asarray(cu), jnp.full((S,), ctx, jnp.int32),
+          jnp.asarray([S], jnp.int32))
+  return Case(functools.partial(ragged_paged_attention, kv_heads=K, impl=impl), args, flops,
+              nbytes, {"query_tokens": int(cu[-1])})
+
+
+def _rpa(S, prefill, q, ctx, N, K, H=128, Tp=16):
+  return {"S": S, "prefill": prefill, "q": q, "ctx": ctx, "N": N, "K": K, "H": H, "Tp": Tp}
+
+
+RPA_SWEEPS = {
+    "small": [_rpa(4, 0, 1, 128, 8, 2, H=64), _rpa(2, 1, 32, 64, 8, 2, H=64)],
+    "full": [_rpa(S, 0, 1, ctx, N, K) for S in (8, 32, 128) for ctx in (1024, 4096)
+             for N, K in ((32, 8), (16, 2))]
+            + [_rpa(8, 2, 512, 2048, N, K) for N, K in ((32, 8), (16, 2))],
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# kv_write: T new tokens' K and V (K kv heads, head dim H) written into scattered slots of a
+# P-page pool of Tp-token pages, the pool donated and carried from call to call.
+
+
+def kv_write_case(shape: Mapping[str, int], impl: str, dtype) -> Case:
+  T, K, H, Tp, P = (shape[n] for n in ("T", "K", "H", "Tp", "P"))
+  if T > (P - 1) * Tp:
+    raise ValueError(f"need T <= (P - 1) * Tp slots outside the null page, got {shape}")
+  dtype = jnp.dtype(dtype)
+  rng = np.random.default_rng(T + P)
+  slots = (Tp + rng.permutation((P - 1) * Tp)[:T]).astype(np.int32)
+  k_TKH = jnp.asarray(rng.standard_normal((T, K, H)), dtype)
+  v_TKH = jnp.asarray(rng.standard_normal((T, K, H)), dtype)
+  pool_PE = jnp.zeros((P, 2 * Tp * K * H), dtype)
+  nbytes = 2 * (2 * T * K * H) * dtype.itemsize  # K and V read, then written
+  return Case(functools.partial(write_kv, impl=impl), (pool_PE, k_TKH, v_TKH, jnp.asarray(slots)),
+              0, nbytes, carry_first=True)
+
+
+def _kvw(T, K, H=128, Tp=16, P=4096):
+  return {"T": T, "K": K, "H": H, "Tp": Tp, "P": P}
+
+
+KV_WRITE_SWEEPS = {
+    "small": [_kvw(16, 2, H=64, P=256), _kvw(128, 2, H=64, P=256)],
+    "full": [_kvw(T, K) for T in (8, 128, 2048) for K in (2, 8)],
+}
+
 KERNELS: dict[str, KernelBench] = {
     "expert_dispatch": KernelBench(expert_dispatch_case, EXPERT_DISPATCH_SWEEPS),
+    "ragged_paged_attention": KernelBench(ragged_paged_attention_case, RPA_SWEEPS),
+    "kv_write": KernelBench(kv_write_case, KV_WRITE_SWEEPS),
 }
 
 
@@ -210,18 +298,25 @@ def device_peaks(device_kind: str, peak_tflops: float | None = None,
 def time_case(case: Case, iters: int, warmup: int) -> dict[str, Any]:
   """Compiles once, warms up, then times `iters` calls each followed by block_until_ready."""
   start = time.perf_counter()
-  compiled = jax.jit(case.fn).lower(*case.args).compile()
+  donate = (0,) if case.carry_first else ()
+  compiled = jax.jit(case.fn, donate_argnums=donate).lower(*case.args).compile()
   compile_s = time.perf_counter() - start
-  out = jax.block_until_ready(compiled(*case.args))
-  finite = all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(out)
+  args = list(case.args)
+
+  def call():
+    out = jax.block_until_ready(compiled(*args))
+    if case.carry_first:
+      args[0] = out
+    return out
+
+  finite = all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(call())
                if jnp.issubdtype(leaf.dtype, jnp.inexact))
-  del out
   for _ in range(warmup):
-    jax.block_until_ready(compiled(*case.args))
+    call()
   times_s = []
   for _ in range(iters):
     start = time.perf_counter()
-    jax.block_until_ready(compiled(*case.args))
+    call()
     times_s.append(time.perf_counter() - start)
   return {"median_s": float(np.median(times_s)), "p90_s": float(np.percentile(times_s, 90)),
           "compile_s": compile_s, "finite": finite}
