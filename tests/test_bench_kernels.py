@@ -33,20 +33,34 @@ def test_small_sweep_writes_sane_json(tmp_path):
   assert HEADER_KEYS <= set(header)
   assert header["backend"] == "cpu" and header["device_count"] >= 1
   assert header["flags"]["iters"] == 2 and header["peak_tflops"] == 100.0
-  assert len(records) == 6 and {r["impl"] for r in records} == {"reference", "interpret"}
+  assert len(records) == 14 and {r["impl"] for r in records} == {"reference", "interpret"}
+  assert {r["kernel"] for r in records} == {"expert_dispatch", "ragged_paged_attention",
+                                            "kv_write"}
   for r in records:
     assert RECORD_KEYS <= set(r) and "error" not in r, r
-    assert r["kernel"] == "expert_dispatch" and r["dtype"] == "float32" and r["finite"]
-    for key in ("median_ms", "p90_ms", "tflops", "gbps", "frac_peak_flops", "frac_peak_bw",
-                "flops", "bytes"):
+    assert r["dtype"] == "float32" and r["finite"]
+    positive = ("median_ms", "p90_ms", "gbps", "frac_peak_bw", "bytes")
+    if r["kernel"] != "kv_write":  # a pure data movement: no FLOPs
+      positive += ("tflops", "frac_peak_flops", "flops")
+    for key in positive:
       assert math.isfinite(r[key]) and r[key] > 0, (key, r)
     assert r["p90_ms"] >= r["median_ms"]
     assert math.isclose(r["tflops"], r["flops"] / (r["median_ms"] * 1e-3) / 1e12)
     assert math.isclose(r["frac_peak_flops"], r["tflops"] / 100)
     assert math.isclose(r["frac_peak_bw"], r["gbps"] / 1000)
 
-  (r,) = [r for r in records if r["impl"] == "interpret" and r["shape"]["T"] == 16
-          and r["shape"]["K"] == 2]
+  attn = {(r["shape"]["prefill"], r["impl"]): r for r in records
+          if r["kernel"] == "ragged_paged_attention"}
+  # Decode: 4 sequences x 128 keys; QK^T + PV = 4 flops per (key, head, dim).
+  assert attn[0, "interpret"]["flops"] == 4 * (4 * 128) * 8 * 64
+  # A 32-token chunk ending a 64-token context sees 32*32 + 32*33/2 keys; plus one decode of 64.
+  assert attn[1, "interpret"]["flops"] == 4 * (32 * 32 + 528 + 64) * 8 * 64
+  (kvw,) = [r for r in records if r["kernel"] == "kv_write" and r["impl"] == "reference"
+            and r["shape"]["T"] == 16]
+  assert kvw["bytes"] == 2 * (2 * 16 * 2 * 64) * 4  # K and V of 16 tokens, read and written
+
+  (r,) = [r for r in records if r["kernel"] == "expert_dispatch" and r["impl"] == "interpret"
+          and r["shape"]["T"] == 16 and r["shape"]["K"] == 2]
   assert r["shape"] == {"T": 16, "D": 1024, "F": 512, "E": 8, "S": 16, "K": 2}
   assert r["flops"] == 2 * 16 * 2 * 1024 * 512 * 3 == 100_663_296  # gate, up, down
   touched = r["info"]["experts_touched"]
@@ -54,7 +68,7 @@ def test_small_sweep_writes_sane_json(tmp_path):
   assert r["bytes"] == (touched * 3 * 1024 * 512 + 2 * 16 * 1024) * 4  # experts + x in, y out
   assert proc.stdout.splitlines()[0].split()[:4] == [
       "kernel", "impl", "dtype", "shape"]
-  assert "[6/6] expert_dispatch interpret" in proc.stderr
+  assert "[14/14] kv_write interpret" in proc.stderr
 
 
 def test_failing_case_is_recorded_and_the_sweep_goes_on():
