@@ -1,0 +1,537 @@
+"""The weights pool (host side): expert slots per shape class, residency, swap planning.
+
+Host-side only (numpy, no JAX device call), so the same pool runs under trace replay and the
+cost-model simulator. The device buffers it plans for, and the swap-ins themselves, are in
+`weights_buffers.py`; the layer-wise generation path that drives it is `weights_generate.py`.
+
+Vocabulary:
+  * shape class (d_model, d_ff, dtype): experts of that shape share slots. One buffer triple
+    (w_gate_SDF, w_up_SDF, w_down_SFD) of `slots_per_device` slots per class per weights
+    device. Models of one architecture (fine-tunes of one base: the common cold fleet) share a
+    class and so share slots.
+  * partition: one class on one device; eviction and Belady's bound are per partition.
+  * home device: each MoE layer of a model is assigned one weights device at registration
+    (round robin); its experts are only ever resident there, so one kernel call reads one
+    buffer. (Expert parallelism is across layers, not inside one.)
+  * residency table: (model, layer, expert) -> (device, slot). Per (model, layer) the pool keeps
+    the host copy of the slot table the expert-dispatch kernel reads (`slot_table`).
+  * pinned: a resident expert that is never evicted (`pin`, or the pin-all policy). Shared
+    experts and the dense MLP layers are not in the pool at all: they stay in the model's own
+    params (pinned in that sense), as do attention, embeddings and routers.
+
+Swap-in: `access` (a layer is about to run with the experts its router chose) and `prefetch`
+(experts predicted for a later layer) update the tables at once and return a `SwapPlan`: the
+(key, device, slot) loads the device side must perform before the layer runs. Victims come from
+the policy (`expert_policies.py`); the experts of the running layer are never victims.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+
+from crosspool_jax.pools.expert_policies import ExpertKey, ExpertPolicy, make_policy
+
+
+class PoolExhaustedError(RuntimeError):
+  """A layer needs more experts resident at once than its partition has evictable slots."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ShapeClass:
+  """Experts interchangeable in one slot: SwiGLU expert of width d_ff over d_model, in dtype.
+
+  Attributes:
+    d_model: D.
+    d_ff: F of one routed expert.
+    dtype: numpy dtype name of the weights ("float32", "bfloat16", ...).
+  """
+
+  d_model: int
+  d_ff: int
+  dtype: str
+
+  @property
+  def itemsize(self) -> int:
+    if self.dtype == "bfloat16":
+      return 2
+    return np.dtype(self.dtype).itemsize
+
+  @property
+  def expert_bytes(self) -> int:
+    """Bytes of one expert (gate, up and down)."""
+    return 3 * self.d_model * self.d_ff * self.itemsize
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertModelSpec:
+  """What the weights pool needs to know about a model.
+
+  Attributes:
+    model_id: unique name.
+    shape_class: shape of its routed experts.
+    num_experts: E routed experts per MoE layer.
+    top_k: experts per token.
+    moe_layers: indices of its MoE layers (the others are dense, not pooled).
+  """
+
+  model_id: str
+  shape_class: ShapeClass
+  num_experts: int
+  top_k: int
+  moe_layers: tuple[int, ...]
+
+  def __post_init__(self):
+    if self.num_experts < 1 or not 1 <= self.top_k <= self.num_experts:
+      raise ValueError(f"ExpertModelSpec {self.model_id!r}: need 1 <= top_k <= num_experts, got "
+                       f"top_k={self.top_k}, num_experts={self.num_experts}")
+    if len(set(self.moe_layers)) != len(self.moe_layers):
+      raise ValueError(f"ExpertModelSpec {self.model_id!r}: moe_layers has duplicates")
+
+  @classmethod
+  def from_config(cls, model_id: str, cfg, dtype: str = "float32") -> ExpertModelSpec:
+    """The spec of a `ModelConfig` whose expert weights have numpy dtype name `dtype`."""
+    return cls(model_id, ShapeClass(cfg.d_model, cfg.d_ff_expert, str(dtype)), cfg.num_experts,
+               cfg.top_k, tuple(i for i, moe in enumerate(cfg.moe_layers) if moe))
+
+  @property
+  def num_pooled_experts(self) -> int:
+    return self.num_experts * len(self.moe_layers)
+
+
+@dataclasses.dataclass
+class SwapPlan:
+  """Loads the device side must perform (in order) before the layer that needs them runs.
+
+  Attributes:
+    loads: (key, device, slot) of each expert to copy from the host store into its slot.
+    evicted: keys whose slots were taken (their weights are simply overwritten).
+    prefetch: True if issued ahead of the layer (by prediction), False if on demand.
+  """
+
+  loads: list[tuple[ExpertKey, int, int]] = dataclasses.field(default_factory=list)
+  evicted: list[ExpertKey] = dataclasses.field(default_factory=list)
+  prefetch: bool = False
+
+
+@dataclasses.dataclass
+class PoolStats:
+  """Counters of one pool. Times are seconds, filled by the device side (`weights_buffers`).
+
+  Attributes:
+    accesses: (layer access, expert) pairs requested.
+    hits: of those, resident when asked (prefetched experts count as hits).
+    misses: loaded on demand.
+    prefetch_loads: experts loaded by prefetch.
+    prefetch_hits: hits on experts that a prefetch loaded and no layer had read yet.
+    evictions: experts dropped to make room.
+    bytes_swapped: host -> device bytes of all loads (demand + prefetch).
+    swap_calls: device update calls issued.
+    swap_s_hidden: swap time that elapsed before the consuming layer needed the weights.
+    swap_s_exposed: swap time the consuming layer had to wait for (all of a demand swap).
+    swap_s_unused: time of prefetch swaps whose layer never ran.
+  """
+
+  accesses: int = 0
+  hits: int = 0
+  misses: int = 0
+  prefetch_loads: int = 0
+  prefetch_hits: int = 0
+  evictions: int = 0
+  bytes_swapped: int = 0
+  swap_calls: int = 0
+  swap_s_hidden: float = 0.0
+  swap_s_exposed: float = 0.0
+  swap_s_unused: float = 0.0
+
+  @property
+  def hit_rate(self) -> float:
+    return self.hits / self.accesses if self.accesses else 0.0
+
+  @property
+  def loads(self) -> int:
+    return self.misses + self.prefetch_loads
+
+  @property
+  def hidden_fraction(self) -> float:
+    """Hidden share of the swap time of swaps whose layer ran."""
+    total = self.swap_s_hidden + self.swap_s_exposed
+    return self.swap_s_hidden / total if total else 0.0
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self) | {"hit_rate": self.hit_rate, "loads": self.loads,
+                                       "hidden_fraction": self.hidden_fraction}
+
+
+class _Partition:
+  """Slots of one shape class on one device."""
+
+  def __init__(self, slots: int):
+    self.owner: list[ExpertKey | None] = [None] * slots
+    self.pinned = np.zeros(slots, bool)
+    self.free = list(range(slots - 1, -1, -1))  # stack; pops slot 0 first
+
+  def evictable(self, protect: set[ExpertKey]) -> list[int]:
+    return [s for s, k in enumerate(self.owner)
+            if k is not None and not self.pinned[s] and k not in protect]
+
+
+@dataclasses.dataclass
+class _Class:
+  shape: ShapeClass
+  slots_per_device: int
+  partitions: list[_Partition]
+  next_device: int = 0  # round robin of home devices
+
+
+class WeightsPool:
+  """Residency and swap planning for the expert slots of many models.
+
+  Args:
+    device_bytes: bytes of expert slots each weights device may hold (all classes together).
+    num_devices: weights devices.
+    policy: an `ExpertPolicy` or its registry name ("pin_all", "lru", "lfu",
+      "activation_aware").
+  """
+
+  def __init__(self, *, device_bytes: int, num_devices: int = 1,
+               policy: ExpertPolicy | str = "lru"):
+    if device_bytes <= 0:
+      raise ValueError(f"device_bytes must be > 0, got {device_bytes}")
+    if num_devices < 1:
+      raise ValueError(f"num_devices must be >= 1, got {num_devices}")
+    self.device_bytes = device_bytes
+    self.num_devices = num_devices
+    self.policy = make_policy(policy) if isinstance(policy, str) else policy
+    self.classes: list[_Class] = []
+    self.models: dict[str, ExpertModelSpec] = {}
+    self._class_of: dict[str, int] = {}
+    self._home: dict[tuple[str, int], int] = {}  # (model, layer) -> device
+    self._tables: dict[tuple[str, int], np.ndarray] = {}  # local slot per expert, -1 if absent
+    self._residency: dict[ExpertKey, tuple[int, int]] = {}
+    self._prefetched: set[ExpertKey] = set()
+    self.clock = 0
+    self.stats = PoolStats()
+
+  # --- classes and models -----------------------------------------------------------------
+
+  def free_bytes(self) -> int:
+    """Bytes per device not yet given to a class."""
+    return self.device_bytes - sum(c.slots_per_device * c.shape.expert_bytes
+                                   for c in self.classes)
+
+  def add_class(self, shape: ShapeClass, slots_per_device: int) -> int:
+    """Creates the slots of a shape class on every device; returns its index.
+
+    Raises:
+      ValueError: the class exists, slots_per_device < 1, or no room left on the devices.
+    """
+    if any(c.shape == shape for c in self.classes):
+      raise ValueError(f"shape class {shape} already exists")
+    if not isinstance(slots_per_device, int | np.integer) or slots_per_device < 1:
+      raise ValueError(f"slots_per_device must be an integer >= 1, got {slots_per_device!r}")
+    need = slots_per_device * shape.expert_bytes
+    if need > self.free_bytes():
+      raise ValueError(
+          f"no room for a new shape class {shape}: {slots_per_device} slots x "
+          f"{shape.expert_bytes} B = {need} B per device, only {self.free_bytes()} B of "
+          f"device_bytes={self.device_bytes} left (classes: {[c.shape for c in self.classes]})")
+    self.classes.append(_Class(shape, int(slots_per_device),
+                               [_Partition(int(slots_per_device))
+                                for _ in range(self.num_devices)]))
+    return len(self.classes) - 1
+
+  def class_index(self, shape: ShapeClass) -> int | None:
+    return next((i for i, c in enumerate(self.classes) if c.shape == shape), None)
+
+  def register_model(self, spec: ExpertModelSpec, *, slots_per_device: int | None = None) -> int:
+    """Adds a model's experts to the pool (none resident yet unless the policy pins all).
+
+    Joins the class of its expert shape, or creates it with `slots_per_device` slots per
+    device. On any error the pool is unchanged.
+
+    Returns:
+      The class index.
+    Raises:
+      ValueError: model already registered; its shape matches no class and slots_per_device
+        is not given or does not fit; slots per device smaller than its top_k (the slot budget
+        of one layer) or its num_experts (the kernel's slot table is [E] into S >= E slots);
+        pin_all policy and its experts do not fit.
+    """
+    if spec.model_id in self.models:
+      raise ValueError(f"model {spec.model_id!r} is already registered")
+    c = self.class_index(spec.shape_class)
+    slots = self.classes[c].slots_per_device if c is not None else slots_per_device
+    if c is None:
+      if slots_per_device is None:
+        raise ValueError(
+            f"model {spec.model_id!r}: expert shape {spec.shape_class} matches no shape class "
+            f"(have {[k.shape for k in self.classes]}); pass slots_per_device to create one")
+      if spec.shape_class.expert_bytes * slots_per_device > self.free_bytes():
+        raise ValueError(
+            f"model {spec.model_id!r}: expert shape {spec.shape_class} matches no shape class "
+            f"and there is no room for a new one: {slots_per_device} slots x "
+            f"{spec.shape_class.expert_bytes} B > {self.free_bytes()} B free per device")
+    elif slots_per_device is not None and slots_per_device != slots:
+      raise ValueError(f"model {spec.model_id!r}: shape class {spec.shape_class} already has "
+                       f"{slots} slots per device, got slots_per_device={slots_per_device}")
+    if slots < spec.top_k:
+      raise ValueError(f"model {spec.model_id!r}: slot budget {slots} slots per device is "
+                       f"smaller than one layer's top_k={spec.top_k}")
+    if slots < spec.num_experts:
+      raise ValueError(f"model {spec.model_id!r}: {slots} slots per device < num_experts="
+                       f"{spec.num_experts}; the kernel's slot table needs S >= E")
+    homes = self._plan_homes(spec, c)
+    if self.policy.pins_all:
+      self._check_pin_all_fits(spec, c, slots, homes)
+    if c is None:
+      c = self.add_class(spec.shape_class, slots_per_device)
+    cls = self.classes[c]
+    self.models[spec.model_id] = spec
+    self._class_of[spec.model_id] = c
+    cls.next_device = (cls.next_device + len(spec.moe_layers)) % self.num_devices
+    for layer, device in homes.items():
+      self._home[spec.model_id, layer] = device
+      self._tables[spec.model_id, layer] = np.full(spec.num_experts, -1, np.int32)
+    if self.policy.pins_all:
+      for layer in spec.moe_layers:
+        self.pin(spec.model_id, layer, range(spec.num_experts))
+    return c
+
+  def _plan_homes(self, spec: ExpertModelSpec, c: int | None) -> dict[int, int]:
+    start = self.classes[c].next_device if c is not None else 0
+    return {layer: (start + j) % self.num_devices for j, layer in enumerate(spec.moe_layers)}
+
+  def _check_pin_all_fits(self, spec, c, slots, homes):
+    used = np.zeros(self.num_devices, np.int64)
+    if c is not None:
+      for (m, _layer), d in self._home.items():
+        if self._class_of[m] == c:
+          used[d] += self.models[m].num_experts
+    for d in homes.values():
+      used[d] += spec.num_experts
+    if (used > slots).any():
+      raise ValueError(
+          f"pin_all policy: model {spec.model_id!r} does not fit: its class "
+          f"{spec.shape_class} would need {int(used.max())} slots on a device, has {slots}")
+
+  def home_device(self, model_id: str, layer: int) -> int:
+    self._check_layer(model_id, layer)
+    return self._home[model_id, layer]
+
+  def model_class(self, model_id: str) -> int:
+    self._spec(model_id)
+    return self._class_of[model_id]
+
+  def _spec(self, model_id: str) -> ExpertModelSpec:
+    if model_id not in self.models:
+      raise KeyError(f"unknown model {model_id!r}; registered: {sorted(self.models)}")
+    return self.models[model_id]
+
+  def _check_layer(self, model_id: str, layer: int) -> ExpertModelSpec:
+    spec = self._spec(model_id)
+    if layer not in spec.moe_layers:
+      raise ValueError(f"model {model_id!r}: layer {layer} is not a MoE layer "
+                       f"(MoE layers: {list(spec.moe_layers)})")
+    return spec
+
+  def _check_experts(self, model_id: str, layer: int, experts: Iterable[int]) -> list[int]:
+    spec = self._check_layer(model_id, layer)
+    out = sorted({int(e) for e in experts})
+    bad = [e for e in out if not 0 <= e < spec.num_experts]
+    if bad:
+      raise ValueError(f"model {model_id!r} layer {layer}: expert ids {bad} not in "
+                       f"[0, {spec.num_experts})")
+    return out
+
+  # --- queries ------------------------------------------------------------------------------
+
+  def residency(self, key: ExpertKey) -> tuple[int, int] | None:
+    """(device, slot) of a resident expert, else None."""
+    return self._residency.get(tuple(key))
+
+  def is_pinned(self, key: ExpertKey) -> bool:
+    where = self._residency.get(tuple(key))
+    if where is None:
+      return False
+    return bool(self.classes[self._class_of[key[0]]].partitions[where[0]].pinned[where[1]])
+
+  def resident_keys(self) -> list[ExpertKey]:
+    return list(self._residency)
+
+  def slot_table(self, model_id: str, layer: int) -> np.ndarray:
+    """The int32 [E] slot table the kernel reads for this layer (slots of its home device).
+
+    Resident experts map to their slots. The others map to distinct filler slots (never
+    routed to: the executor makes every chosen expert resident first), so the table is
+    injective, as the kernel requires.
+    """
+    self._check_layer(model_id, layer)
+    table = self._tables[model_id, layer].copy()
+    missing = table < 0
+    if missing.any():
+      taken = np.zeros(self.classes[self._class_of[model_id]].slots_per_device, bool)
+      taken[table[~missing]] = True
+      table[missing] = np.flatnonzero(~taken)[: int(missing.sum())]
+    return table
+
+  def resident_mask(self, model_id: str, layer: int) -> np.ndarray:
+    """bool [E]: which experts of the layer are resident."""
+    self._check_layer(model_id, layer)
+    return self._tables[model_id, layer] >= 0
+
+  # --- swapping -----------------------------------------------------------------------------
+
+  def access(self, model_id: str, layer: int, experts: Iterable[int]) -> SwapPlan:
+    """A layer is about to run with `experts`: makes them resident (misses load on demand).
+
+    Counts hits and misses, tells the policy, ticks the clock. The returned plan's loads must
+    be performed on the device before the layer runs.
+
+    Raises:
+      PoolExhaustedError: more experts than the home partition can hold at once (pool
+        unchanged).
+    """
+    experts = self._check_experts(model_id, layer, experts)
+    keys = [(model_id, layer, e) for e in experts]
+    missing = [k for k in keys if k not in self._residency]
+    part = self._partition(model_id, layer)
+    room = len(part.free) + len(part.evictable(set(keys)))
+    if len(missing) > room:
+      raise PoolExhaustedError(
+          f"model {model_id!r} layer {layer} needs {len(missing)} more experts resident at once "
+          f"on device {self._home[model_id, layer]}, only {room} slots are free or evictable")
+    self.clock += 1
+    plan = SwapPlan()
+    for key in keys:
+      self.stats.accesses += 1
+      if key in self._residency:
+        self.stats.hits += 1
+        if key in self._prefetched:
+          self.stats.prefetch_hits += 1
+      else:
+        self.stats.misses += 1
+        self._load(key, set(keys), plan)
+      self._prefetched.discard(key)
+      self.policy.on_access(key, self.clock)
+    return plan
+
+  def prefetch(self, model_id: str, layer: int, experts: Iterable[int], *,
+               protect: Iterable[ExpertKey] = ()) -> SwapPlan:
+    """Best effort: loads predicted `experts` of a later layer without counting an access.
+
+    Never evicts `protect` (the experts of the layer now running) nor the prediction itself;
+    stops when nothing else is evictable.
+    """
+    experts = self._check_experts(model_id, layer, experts)
+    keys = [(model_id, layer, e) for e in experts]
+    protect = set(map(tuple, protect)) | set(keys)
+    part = self._partition(model_id, layer)
+    plan = SwapPlan(prefetch=True)
+    for key in keys:
+      if key in self._residency:
+        continue
+      if not part.free and not part.evictable(protect):
+        break
+      self._load(key, protect, plan)
+      self._prefetched.add(key)
+      self.stats.prefetch_loads += 1
+    return plan
+
+  def pin(self, model_id: str, layer: int, experts: Iterable[int]) -> SwapPlan:
+    """Makes experts resident and never evicted; returns the loads to perform.
+
+    Raises:
+      PoolExhaustedError: not enough unpinned slots on the layer's home device (unchanged).
+    """
+    experts = self._check_experts(model_id, layer, experts)
+    keys = [(model_id, layer, e) for e in experts]
+    part = self._partition(model_id, layer)
+    missing = [k for k in keys if k not in self._residency]
+    room = len(part.free) + len(part.evictable(set(keys)))
+    if len(missing) > room:
+      raise PoolExhaustedError(f"cannot pin {len(missing)} more experts of model {model_id!r} "
+                               f"layer {layer}: {room} slots free or evictable")
+    plan = SwapPlan()
+    for key in keys:
+      if key not in self._residency:
+        self._load(key, set(keys), plan)
+      _, s = self._residency[key]
+      part.pinned[s] = True
+    return plan
+
+  def unpin(self, model_id: str, layer: int, experts: Iterable[int]) -> None:
+    for e in self._check_experts(model_id, layer, experts):
+      where = self._residency.get((model_id, layer, e))
+      if where is not None:
+        self._partition(model_id, layer).pinned[where[1]] = False
+
+  def _partition(self, model_id: str, layer: int) -> _Partition:
+    return self.classes[self._class_of[model_id]].partitions[self._home[model_id, layer]]
+
+  def _load(self, key: ExpertKey, protect: set[ExpertKey], plan: SwapPlan) -> None:
+    model_id, layer, expert = key
+    device = self._home[model_id, layer]
+    part = self._partition(model_id, layer)
+    if part.free:
+      slot = part.free.pop()
+    else:
+      owners = part.evictable(protect)
+      victim = self.policy.choose_victim([part.owner[s] for s in owners], self.clock)
+      slot = self._residency[victim][1]
+      self._evict(victim)
+      plan.evicted.append(victim)
+      part.free.remove(slot)
+    part.owner[slot] = key
+    self._residency[key] = (device, slot)
+    self._tables[model_id, layer][expert] = slot
+    self.policy.on_insert(key, self.clock)
+    self.stats.bytes_swapped += self.models[model_id].shape_class.expert_bytes
+    plan.loads.append((key, device, slot))
+
+  def _evict(self, key: ExpertKey) -> None:
+    model_id, layer, expert = key
+    _, slot = self._residency.pop(key)
+    part = self._partition(model_id, layer)
+    assert not part.pinned[slot], "evicting a pinned expert"
+    part.owner[slot] = None
+    part.free.append(slot)
+    self._tables[model_id, layer][expert] = -1
+    self._prefetched.discard(key)
+    self.policy.on_evict(key)
+    self.stats.evictions += 1
+
+  # --- invariants (tests, debugging) ------------------------------------------------------
+
+  def check_invariants(self) -> None:
+    """Raises AssertionError if residency, slot tables and slot owners disagree."""
+    owned = 0
+    for c, cls in enumerate(self.classes):
+      for d, part in enumerate(cls.partitions):
+        assert len(part.owner) == cls.slots_per_device
+        assert len(set(part.free)) == len(part.free), "slot twice in the free list"
+        for s in range(cls.slots_per_device):
+          key = part.owner[s]
+          if key is None:
+            assert s in part.free, f"slot {s} neither owned nor free"
+            assert not part.pinned[s], "free slot pinned"
+            continue
+          owned += 1
+          assert s not in part.free, f"owned slot {s} in the free list"
+          assert self._residency.get(key) == (d, s), f"residency of {key} != ({d}, {s})"
+          assert self._class_of[key[0]] == c and self._home[key[0], key[1]] == d
+          assert self._tables[key[0], key[1]][key[2]] == s, "slot table disagrees"
+    assert owned == len(self._residency), "residency has entries no slot owns"
+    for (model_id, layer), table in self._tables.items():
+      for e in np.flatnonzero(table >= 0):
+        assert self._residency.get((model_id, layer, int(e))) is not None, "stale table entry"
+      live = table[table >= 0]
+      assert np.unique(live).size == live.size, "two experts of a layer on one slot"
+    assert self._prefetched <= set(self._residency), "prefetched key not resident"
+
+
+def fleet_experts(specs: Sequence[ExpertModelSpec]) -> int:
+  """Total pooled experts of a fleet (the denominator of 'x % resident')."""
+  return sum(s.num_pooled_experts for s in specs)
