@@ -33,7 +33,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.ragged_paged_attention.reference import NEG_INF
+from pallas_kernels.ragged_paged_attention.reference import NEG_INF, token_metadata
 
 
 class BlockSizes(NamedTuple):
@@ -121,13 +121,8 @@ def work_items(cu_q_lens_S1, kv_lens_S, num_seqs, *, num_tokens: int, q_block: i
                        jnp.clip((last_W + page_tokens) // page_tokens, 0, pages_per_seq), 0)
   tok0_W = cu_S1[seq_W] + j_W * q_block
   # Tokens -> (item, row).
-  big = jnp.iinfo(jnp.int32).max
-  cu_live_S1 = jnp.where(jnp.arange(S + 1) <= n, cu_S1, big)
-  t_T = jnp.arange(num_tokens, dtype=jnp.int32)
-  seq_T = jnp.searchsorted(cu_live_S1[1:], t_T, side="right").astype(jnp.int32)
-  tok_valid_T = (t_T < cu_live_S1[n]) & (t_T >= cu_S1[0]) & (seq_T < n)
-  seq_T = jnp.clip(seq_T, 0, S - 1)
-  off_T = t_T - cu_S1[seq_T]
+  seq_T, _, tok_valid_T = token_metadata(cu_q_lens_S1, kv_lens_S, num_seqs, num_tokens)
+  off_T = jnp.arange(num_tokens, dtype=jnp.int32) - cu_S1[seq_T]
   tok_item_T = jnp.clip(start_S[seq_T] + off_T // q_block, 0, W - 1)
   tok_row_T = jnp.clip(off_T % q_block, 0, q_block - 1)
   as32 = lambda a: a.astype(jnp.int32)  # noqa: E731
