@@ -287,6 +287,8 @@ class DeviceWeightsPool:
       start = rec.issue
       stats.swap_s_hidden += max(0.0, min(rec.done, rec.need) - start)
       stats.swap_s_exposed += max(0.0, rec.done - max(rec.need, start))
+      if rec.prefetch:
+        stats.swap_s_prefetch += rec.done - start
     self._records = keep
     return stats
 

@@ -126,12 +126,14 @@ class PoolStats:
     misses: loaded on demand.
     prefetch_loads: experts loaded by prefetch.
     prefetch_hits: hits on experts that a prefetch loaded and no layer had read yet.
+    pin_loads: experts loaded by `pin` (pin_all: at registration).
     evictions: experts dropped to make room.
     bytes_swapped: host -> device bytes of all loads (demand + prefetch).
     swap_calls: device update calls issued.
     swap_s_hidden: swap time that elapsed before the consuming layer needed the weights.
     swap_s_exposed: swap time the consuming layer had to wait for (all of a demand swap).
     swap_s_unused: time of prefetch swaps whose layer never ran.
+    swap_s_prefetch: time of prefetch swaps whose layer ran (hidden + exposed parts).
   """
 
   accesses: int = 0
@@ -139,12 +141,14 @@ class PoolStats:
   misses: int = 0
   prefetch_loads: int = 0
   prefetch_hits: int = 0
+  pin_loads: int = 0
   evictions: int = 0
   bytes_swapped: int = 0
   swap_calls: int = 0
   swap_s_hidden: float = 0.0
   swap_s_exposed: float = 0.0
   swap_s_unused: float = 0.0
+  swap_s_prefetch: float = 0.0
 
   @property
   def hit_rate(self) -> float:
@@ -152,7 +156,7 @@ class PoolStats:
 
   @property
   def loads(self) -> int:
-    return self.misses + self.prefetch_loads
+    return self.misses + self.prefetch_loads + self.pin_loads
 
   @property
   def hidden_fraction(self) -> float:
@@ -458,6 +462,7 @@ class WeightsPool:
     for key in keys:
       if key not in self._residency:
         self._load(key, set(keys), plan)
+        self.stats.pin_loads += 1
       _, s = self._residency[key]
       part.pinned[s] = True
     return plan

@@ -1,0 +1,334 @@
+r"""Benchmarks of the memory pools: weights pool (expert residency) and, to come, the KV pool.
+
+Weights pool section: a fleet of seeded tiny MoE models of one expert shape class serves a
+stream of requests (each picks a model, Zipf-skewed, and greedily generates from a random
+prompt). The routing trace of that run is recorded (all experts resident) and replayed through
+the host-side pool under each policy at several pool sizes (fractions of the fleet's experts
+resident), next to Belady's MIN on the same trace: hit rate, experts loaded, bytes swapped.
+Then, per size, the same requests run live with the experts in the pool (swapping every step)
+under the live policies: the tokens must equal the recording run's, and the swap time split
+into hidden (elapsed before the layer needed the experts) and exposed is reported. On a CPU
+host that split shows the order of events, not a speedup. A recorded trace (JSONL) can be
+replayed instead of running models (--trace_in).
+
+Hit rates: a hit is an expert resident when its layer runs (prefetched ones count). MIN bounds
+the hits of demand-fetching policies and the loads (fetches) of every policy; a prefetching
+policy can beat MIN's hit rate only by loading more experts, so compare "loads" too.
+
+  # record + replay + live on a 4-model tiny fleet (about a minute on 2 CPU cores):
+  python scripts/bench_pools.py --families=mixtral,qwen3_moe --models_per_family=2 \
+      --requests=16 --out=workdir/bench/pools.json --trace_out=workdir/bench/trace.jsonl
+  # replay a recorded trace only:
+  python scripts/bench_pools.py --trace_in=workdir/bench/trace.jsonl --out=workdir/bench/replay.json
+
+Writes JSON ({"header", "weights_pool", "kv_pool"}) to --out and a table to stdout.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from absl import app, flags, logging
+
+from crosspool_jax.models.config import FAMILIES, tiny_config
+from crosspool_jax.models.model import init_params
+from crosspool_jax.pools.expert_policies import POLICIES
+from crosspool_jax.pools.expert_trace import (
+    TraceEvent,
+    belady_stats,
+    read_jsonl,
+    replay,
+    write_jsonl,
+)
+from crosspool_jax.pools.weights_buffers import DeviceWeightsPool
+from crosspool_jax.pools.weights_generate import generate_pooled
+from crosspool_jax.pools.weights_pool import (
+    ExpertModelSpec,
+    ShapeClass,
+    WeightsPool,
+    fleet_experts,
+)
+
+_SECTIONS = flags.DEFINE_list("sections", ["weights", "kv"], "Sections to run: weights, kv.")
+_FAMILIES = flags.DEFINE_list("families", ["mixtral", "qwen3_moe"],
+                              "Tiny-config families of the fleet (one shape class: D=64, F=32).")
+_MODELS_PER_FAMILY = flags.DEFINE_integer("models_per_family", 2,
+                                          "Seeds per family (fine-tunes of one base).")
+_REQUESTS = flags.DEFINE_integer("requests", 16, "Requests in the workload.")
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 8, "Prompt tokens per request.")
+_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 8, "Generated tokens per request.")
+_BATCH = flags.DEFINE_integer("batch", 1, "Prompts per request (one batch).")
+_ZIPF = flags.DEFINE_float("zipf", 1.0, "Skew of model popularity (weight of rank r: r^-zipf).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the workload and the models.")
+_FRACTIONS = flags.DEFINE_list("fractions", ["0.25", "0.5", "0.75"],
+                               "Pool sizes as fractions of the fleet's experts resident.")
+_POLICIES = flags.DEFINE_list("policies", ["lru", "lfu", "activation_aware"],
+                              "Policies to replay (pin_all is added where everything fits).")
+_LIVE_POLICIES = flags.DEFINE_list("live_policies", ["activation_aware", "lru"],
+                                   "Policies run live (empty: replay only).")
+_TRACE_IN = flags.DEFINE_string("trace_in", None, "Replay this JSONL trace (no model runs).")
+_TRACE_OUT = flags.DEFINE_string("trace_out", None, "Write the recorded trace here (JSONL).")
+_TRACE_EXPERTS = flags.DEFINE_integer("trace_num_experts", None,
+                                      "--trace_in: experts per layer (default: max id + 1).")
+_TRACE_SHAPE = flags.DEFINE_list("trace_shape", ["64", "32", "float32"],
+                                 "--trace_in: d_model, d_ff, dtype of the experts (for bytes).")
+_OUT = flags.DEFINE_string("out", None, "Write the JSON result here.")
+
+
+# =============================================================================================
+# Weights pool section
+
+
+def make_fleet(families: Sequence[str], per_family: int, seed: int):
+  """{model_id: (cfg, params)} of seeded tiny models."""
+  fleet = {}
+  for f in families:
+    cfg = tiny_config(f)
+    for i in range(per_family):
+      fleet[f"{f}-{i}"] = (cfg, init_params(cfg, seed=seed * 1000 + len(fleet)))
+  return fleet
+
+
+def make_workload(model_ids: Sequence[str], vocab: int, *, requests: int, prompt_len: int,
+                  batch: int, zipf: float, seed: int) -> list[tuple[str, list[list[int]]]]:
+  """(model_id, prompts) per request; model popularity Zipf-skewed, prompts random ids."""
+  rng = np.random.default_rng(seed)
+  weights = np.arange(1, len(model_ids) + 1, dtype=np.float64) ** -zipf
+  picks = rng.choice(len(model_ids), size=requests, p=weights / weights.sum())
+  return [(model_ids[m], rng.integers(3, vocab, size=(batch, prompt_len)).tolist())
+          for m in picks]
+
+
+def _slots(specs: Sequence[ExpertModelSpec], fraction: float) -> int:
+  return max(max(s.num_experts for s in specs), round(fraction * fleet_experts(specs)))
+
+
+def _host_pool(specs, slots, policy) -> WeightsPool:
+  shape = specs[0].shape_class
+  pool = WeightsPool(device_bytes=slots * shape.expert_bytes, policy=policy)
+  for i, spec in enumerate(specs):
+    pool.register_model(spec, slots_per_device=slots if i == 0 else None)
+  return pool
+
+
+def run_workload(wpool: DeviceWeightsPool, workload, new_tokens: int,
+                 trace: list[TraceEvent] | None = None) -> list[list[list[int]]]:
+  outs, step = [], 0
+  for model_id, prompts in workload:
+    outs.append(generate_pooled(wpool, model_id, prompts, max_new_tokens=new_tokens,
+                                trace=trace, step_offset=step))
+    step += new_tokens
+  return outs
+
+
+def replay_records(events: Sequence[TraceEvent], specs: Sequence[ExpertModelSpec],
+                   fractions: Sequence[float], policies: Sequence[str]) -> list[dict[str, Any]]:
+  """Hit rate etc. of each policy and Belady at each pool size, by trace replay."""
+  records = []
+  total = fleet_experts(specs)
+  for fraction in fractions:
+    slots = _slots(specs, fraction)
+    bound = belady_stats(events, _host_pool(specs, slots, "lru"))
+    todo = list(policies) + (["pin_all"] if slots >= total and "pin_all" not in policies
+                             else [])
+    for policy in todo:
+      rec: dict[str, Any] = {"fraction": fraction, "slots": slots, "policy": policy,
+                             "belady_hit_rate": bound["hit_rate"],
+                             "belady_loads": bound["misses"]}
+      try:
+        stats = replay(events, _host_pool(specs, slots, policy))
+        rec |= {k: v for k, v in stats.to_dict().items() if not k.startswith("swap_")}
+      except ValueError as e:  # pin_all that does not fit
+        rec["error"] = str(e)
+      records.append(rec)
+  return records
+
+
+def live_records(fleet, workload, reference, fractions, policies, new_tokens):
+  """Runs the workload with experts in the pool at each size; tokens and swap timing."""
+  specs = [ExpertModelSpec.from_config(m, cfg) for m, (cfg, _) in fleet.items()]
+  records = []
+  for fraction in fractions:
+    slots = _slots(specs, fraction)
+    for policy in policies:
+      wpool = DeviceWeightsPool(WeightsPool(
+          device_bytes=slots * specs[0].shape_class.expert_bytes, policy=policy))
+      for i, (m, (cfg, params)) in enumerate(fleet.items()):
+        wpool.register(m, cfg, params, slots_per_device=slots if i == 0 else None)
+      outs = run_workload(wpool, workload, new_tokens)
+      stats = wpool.sync_stats()
+      records.append({"fraction": fraction, "slots": slots, "policy": policy,
+                      "tokens_match": outs == reference} | stats.to_dict())
+      print(f"live {policy} @ {fraction:.2f}: hit rate {stats.hit_rate:.3f}, hidden "
+            f"{stats.hidden_fraction:.3f}, tokens match {outs == reference}", file=sys.stderr,
+            flush=True)
+  return records
+
+
+def specs_from_trace(events: Sequence[TraceEvent], num_experts: int | None,
+                     shape: ShapeClass) -> list[ExpertModelSpec]:
+  """Model specs implied by a trace (layers seen; experts per layer: flag or max id + 1).
+
+  Models that the trace never requests are unknown to it, so pool sizes are fractions of the
+  experts of the models in the trace.
+  """
+  layers: dict[str, set[int]] = {}
+  top: dict[str, int] = {}
+  for ev in events:
+    layers.setdefault(ev.model, set()).add(ev.layer)
+    if ev.next_layer is not None:
+      layers[ev.model].add(ev.next_layer)
+    top[ev.model] = max([top.get(ev.model, 0), *ev.experts, *(ev.predicted or ())])
+  e_max = max(top.values()) + 1
+  if num_experts is not None and num_experts < e_max:
+    raise ValueError(f"--trace_num_experts={num_experts} but the trace has expert id "
+                     f"{e_max - 1}")
+  e = num_experts or e_max
+  return [ExpertModelSpec(m, shape, e, 1, tuple(sorted(ls))) for m, ls in layers.items()]
+
+
+def run_weights_section(fractions: Sequence[float]) -> dict[str, Any]:
+  """The weights-pool benchmark (see the module docstring)."""
+  if _TRACE_IN.value:
+    events = read_jsonl(_TRACE_IN.value)
+    if not events:
+      raise app.UsageError(f"--trace_in {_TRACE_IN.value} holds no events")
+    d, f, dtype = _TRACE_SHAPE.value
+    specs = specs_from_trace(events, _TRACE_EXPERTS.value, ShapeClass(int(d), int(f), dtype))
+    return {"source": "trace", "trace_events": len(events),
+            "fleet": {s.model_id: s.num_pooled_experts for s in specs},
+            "replay": replay_records(events, specs, fractions, _POLICIES.value), "live": []}
+  fleet = make_fleet(_FAMILIES.value, _MODELS_PER_FAMILY.value, _SEED.value)
+  specs = [ExpertModelSpec.from_config(m, cfg) for m, (cfg, _) in fleet.items()]
+  if len({s.shape_class for s in specs}) != 1:
+    raise app.UsageError(f"--families must share one expert shape class, got "
+                         f"{sorted({str(s.shape_class) for s in specs})}")
+  vocab = min(cfg.vocab_size for cfg, _ in fleet.values())
+  workload = make_workload(list(fleet), vocab, requests=_REQUESTS.value,
+                           prompt_len=_PROMPT_LEN.value, batch=_BATCH.value, zipf=_ZIPF.value,
+                           seed=_SEED.value)
+  # Recording run: everything resident, so routing is recorded as the models compute it.
+  total = fleet_experts(specs)
+  recorder = DeviceWeightsPool(WeightsPool(
+      device_bytes=total * specs[0].shape_class.expert_bytes, policy="pin_all"))
+  for i, (m, (cfg, params)) in enumerate(fleet.items()):
+    recorder.register(m, cfg, params, slots_per_device=total if i == 0 else None)
+  events: list[TraceEvent] = []
+  reference = run_workload(recorder, workload, _NEW_TOKENS.value, trace=events)
+  print(f"recorded {len(events)} layer accesses of {len(fleet)} models", file=sys.stderr)
+  if _TRACE_OUT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_TRACE_OUT.value)), exist_ok=True)
+    write_jsonl(events, _TRACE_OUT.value)
+  return {"source": "recorded", "trace_events": len(events),
+          "fleet": {s.model_id: s.num_pooled_experts for s in specs},
+          "workload": [{"model": m, "prompts": len(p)} for m, p in workload],
+          "replay": replay_records(events, specs, fractions, _POLICIES.value),
+          "live": live_records(fleet, workload, reference, fractions, _LIVE_POLICIES.value,
+                               _NEW_TOKENS.value)}
+
+
+def format_table(result: dict[str, Any]) -> str:
+  """Replay hit rates vs Belady (and live hidden fractions) as a fixed-width table."""
+  live = {(r["fraction"], r["policy"]): r for r in result.get("live", [])}
+  rows = [("resident", "slots", "policy", "hit rate", "MIN hit rate", "loads", "MIN loads",
+           "MiB swapped", "live hidden", "tokens ok")]
+  for r in result["replay"]:
+    lv = live.get((r["fraction"], r["policy"]), {})
+    if "error" in r:
+      rows.append((f"{r['fraction']:.0%}", str(r["slots"]), r["policy"], "-", "-", "-", "-",
+                   "-", "-", "does not fit"))
+      continue
+    rows.append((f"{r['fraction']:.0%}", str(r["slots"]), r["policy"], f"{r['hit_rate']:.3f}",
+                 f"{r['belady_hit_rate']:.3f}", str(r["loads"]), str(r["belady_loads"]),
+                 f"{r['bytes_swapped'] / 2**20:.2f}",
+                 f"{lv['hidden_fraction']:.2f}" if lv else "-",
+                 str(lv["tokens_match"]) if lv else "-"))
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                   for row in rows)
+
+
+# =============================================================================================
+# KV pool section
+#
+# To add a KV-pool benchmark: write a function () -> dict (read its settings from flags of
+# its own, defined above with a `kv_` prefix) and register it in KV_POOL_BENCHES; its result
+# is written to result["kv_pool"][name]. None exists yet: the section is an empty dict.
+
+KV_POOL_BENCHES: dict[str, Callable[[], dict[str, Any]]] = {}
+
+
+def run_kv_section() -> dict[str, Any]:
+  """Runs every registered KV-pool benchmark."""
+  return {name: fn() for name, fn in KV_POOL_BENCHES.items()}
+
+
+# =============================================================================================
+
+
+def _git(*args: str) -> str | None:
+  try:
+    proc = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
+                          cwd=os.path.dirname(os.path.abspath(__file__)))
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return proc.stdout.strip() if proc.returncode == 0 else None
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)
+  for s in _SECTIONS.value:
+    if s not in ("weights", "kv"):
+      raise app.UsageError(f"--sections: unknown section {s!r}; known: weights, kv")
+  for f in _FAMILIES.value:
+    if f not in FAMILIES:
+      raise app.UsageError(f"--families: unknown family {f!r}; known: {', '.join(FAMILIES)}")
+  for p in [*_POLICIES.value, *_LIVE_POLICIES.value]:
+    if p not in POLICIES:
+      raise app.UsageError(f"unknown policy {p!r}; known: {', '.join(POLICIES)}")
+  try:
+    fractions = [float(x) for x in _FRACTIONS.value]
+  except ValueError as e:
+    raise app.UsageError(f"--fractions must be numbers: {e}") from e
+  if not fractions or not all(0 < x <= 1 for x in fractions):
+    raise app.UsageError(f"--fractions must be in (0, 1], got {_FRACTIONS.value}")
+  for name in ("requests", "prompt_len", "new_tokens", "batch", "models_per_family"):
+    if flags.FLAGS[name].value < 1:
+      raise app.UsageError(f"--{name} must be >= 1, got {flags.FLAGS[name].value}")
+  header = {
+      "jax_version": jax.__version__, "backend": jax.default_backend(),
+      "device_kind": jax.devices()[0].device_kind,
+      "git_revision": _git("rev-parse", "HEAD"),
+      "flags": {name: flags.FLAGS[name].value for name in (
+          "sections", "families", "models_per_family", "requests", "prompt_len", "new_tokens",
+          "batch", "zipf", "seed", "fractions", "policies", "live_policies", "trace_in",
+          "trace_out", "trace_num_experts", "trace_shape", "out")},
+      "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+  }
+  result: dict[str, Any] = {"header": header}
+  if "weights" in _SECTIONS.value:
+    result["weights_pool"] = run_weights_section(fractions)
+  if "kv" in _SECTIONS.value:
+    result["kv_pool"] = run_kv_section()
+  if _OUT.value:
+    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
+    with open(_OUT.value, "w") as f:
+      json.dump(result, f, indent=1)
+    print(f"wrote {_OUT.value}", file=sys.stderr)
+  if "weights_pool" in result:
+    print(format_table(result["weights_pool"]))
+
+
+if __name__ == "__main__":
+  app.run(main)
