@@ -158,11 +158,22 @@ def live_records(fleet, workload, reference, fractions, policies, new_tokens):
   records = []
   for fraction in fractions:
     slots = _slots(specs, fraction)
-    for policy in policies:
+
+    def fresh(policy, slots=slots):
       wpool = DeviceWeightsPool(WeightsPool(
           device_bytes=slots * specs[0].shape_class.expert_bytes, policy=policy))
       for i, (m, (cfg, params)) in enumerate(fleet.items()):
         wpool.register(m, cfg, params, slots_per_device=slots if i == 0 else None)
+      return wpool
+
+    # Untimed warm-up: the MoE step compiles once per pool size (S is part of its shapes);
+    # a compilation in flight would delay the swap watcher's timestamps.
+    warm = fresh(policies[0]) if policies else None
+    for m in fleet:
+      if warm is not None:
+        generate_pooled(warm, m, workload[0][1], max_new_tokens=min(2, new_tokens))
+    for policy in policies:
+      wpool = fresh(policy)
       outs = run_workload(wpool, workload, new_tokens)
       stats = wpool.sync_stats()
       records.append({"fraction": fraction, "slots": slots, "policy": policy,
