@@ -1,0 +1,320 @@
+"""The multi-model serving engine: register cold MoE models, submit requests, step, stream.
+
+One engine serves every model under one memory organisation chosen by `EngineConfig.kv_policy`
+("static": each model reserves max_context x max_batch pages of its own; "shared": every model
+of a device group allocates from one pool), with the same scheduler, kernels and budget.
+
+  engine = Engine(EngineConfig(kv_policy="shared"))
+  engine.register_model("mix", checkpoint="/path/to/hf_or_orbax", max_batch=8)
+  engine.start()                                  # allocates KV buffers, compiles buckets
+  rid = engine.submit(model_id="mix", prompt_ids=[1, 2, 3], max_new_tokens=32)
+  for event in engine.run():                     # or engine.step() in your own loop
+    print(event.request_id, event.token)
+  print(engine.metrics())
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import jax
+import jax.numpy as jnp
+
+from crosspool_jax.engine.executor import ColocatedExecutor, LoadedModel
+from crosspool_jax.engine.metrics import request_metrics, summarize
+from crosspool_jax.engine.request import Request, Status
+from crosspool_jax.engine.scheduler import Scheduler
+from crosspool_jax.models.checkpoint import load_checkpoint
+from crosspool_jax.models.config import ModelConfig
+from crosspool_jax.models.sampling import SamplingParams
+from crosspool_jax.pools.kv_buffers import allocate_kv_buffers
+from crosspool_jax.pools.kv_pool import POLICIES, KVModelSpec, KVPool
+
+_BACKEND_COMPILES = [0]  # process-wide count of XLA backend compilations
+
+
+def _count_compiles(event: str, duration_s: float, **kwargs) -> None:
+  del duration_s, kwargs
+  if event == "/jax/core/compile/backend_compile_duration":
+    _BACKEND_COMPILES[0] += 1
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compiles)
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+  """Engine settings (the `serve.py` config's `engine` block).
+
+  Attributes:
+    kv_policy: "static" or "shared" (the CrossPool policy comes with the disaggregated
+      executor).
+    page_elems: elements per KV page (every model's 2 * kv_heads * head_dim must divide it).
+    pages_per_device: pages of each KV group's buffer, the null page included.
+    kv_dtype: dtype of the KV pages.
+    token_budget: tokens fed per iteration over all models (chunked prefill splits prompts).
+    token_buckets: padded token counts per model step, compiled at start-up.
+    max_batch: sequences per model step.
+    attn_impl, moe_impl: kernel implementations (None: Pallas on GPU/TPU, jnp on CPU).
+    devices: device index of each KV group (models are placed in groups at registration).
+  """
+
+  kv_policy: str = "shared"
+  page_elems: int = 2048
+  pages_per_device: int = 512
+  kv_dtype: str = "float32"
+  token_budget: int = 256
+  token_buckets: tuple[int, ...] = (16, 64, 256)
+  max_batch: int = 8
+  attn_impl: str | None = None
+  moe_impl: str | None = None
+  devices: tuple[int, ...] = (0,)
+
+  def __post_init__(self):
+    if self.kv_policy not in POLICIES:
+      raise ValueError(f"kv_policy must be one of {POLICIES}, got {self.kv_policy!r}")
+    if self.token_budget < 1 or self.max_batch < 1:
+      raise ValueError(f"token_budget and max_batch must be >= 1, got {self.token_budget}, "
+                       f"{self.max_batch}")
+    if not self.devices:
+      raise ValueError("devices must name at least one KV group device")
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenEvent:
+  """A generated token (streamed), or the end of a request (`finished` set, token may be None)."""
+
+  request_id: str
+  model_id: str
+  token: int | None
+  finished: bool = False
+  finish_reason: str | None = None
+
+
+class Engine:
+  """Continuous batching over many models sharing the KV memory (see the module docstring)."""
+
+  def __init__(self, config: EngineConfig | None = None, *,
+               log: Callable[[str], None] | None = None):
+    self.config = config or EngineConfig()
+    self.log = log or (lambda msg: None)
+    self._models: dict[str, LoadedModel] = {}
+    self._specs: dict[str, KVModelSpec] = {}
+    self._requests: dict[str, Request] = {}
+    self._ids = itertools.count()
+    self._started = False
+    self.pools: dict[int, KVPool] = {}
+    self.executor: ColocatedExecutor | None = None
+    self.scheduler: Scheduler | None = None
+    self.pool_samples: list[dict] = []
+    self.steps = 0
+    self.compile_count_at_start = 0
+    self._compiles_at_start = 0
+
+  # --- setup ------------------------------------------------------------------------------
+
+  def register_model(self, model_id: str, *, checkpoint: str | None = None,
+                     cfg: ModelConfig | None = None, params: dict | None = None,
+                     max_batch: int | None = None, max_context: int | None = None,
+                     group: int = 0, dtype=None) -> None:
+    """Adds a model before `start()`: from a checkpoint dir (HF or orbax) or cfg + params.
+
+    Args:
+      model_id: unique name requests refer to.
+      checkpoint: HF or orbax checkpoint directory (or give `cfg` and `params`).
+      max_batch: concurrent requests of this model (default: the engine's max_batch).
+      max_context: longest prompt + output served (default: the model's max context).
+      group: KV group (index into `EngineConfig.devices`) the model runs on.
+      dtype: param dtype when loading a checkpoint.
+    """
+    if self._started:
+      raise RuntimeError("register_model must come before start()")
+    if model_id in self._models:
+      raise ValueError(f"model {model_id!r} is already registered")
+    if (checkpoint is None) == (params is None):
+      raise ValueError("give either checkpoint or cfg + params")
+    if checkpoint is not None:
+      cfg, params = load_checkpoint(checkpoint, dtype=dtype)
+    if cfg is None:
+      raise ValueError("params need their cfg")
+    if not 0 <= group < len(self.config.devices):
+      raise ValueError(f"group {group} is not one of the {len(self.config.devices)} KV groups")
+    max_context = min(max_context or cfg.max_context, cfg.max_context)
+    device = jax.devices()[self.config.devices[group]]
+    self._models[model_id] = LoadedModel(model_id, cfg, jax.device_put(params, device), group)
+    self._specs[model_id] = KVModelSpec(model_id, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
+                                        max_context, max_batch or self.config.max_batch)
+
+  def start(self) -> None:
+    """Creates the KV pools and buffers, and compiles every bucket of every model."""
+    if self._started:
+      raise RuntimeError("engine already started")
+    if not self._models:
+      raise RuntimeError("register at least one model before start()")
+    c = self.config
+    model_pools = {}
+    for g in sorted({m.group for m in self._models.values()}):
+      pool = KVPool(page_elems=c.page_elems, pages_per_device=c.pages_per_device,
+                    policy=c.kv_policy)
+      for model_id, m in self._models.items():
+        if m.group == g:
+          pool.register_model(self._specs[model_id])
+          model_pools[model_id] = pool
+      self.pools[g] = pool
+    buffers = {g: allocate_kv_buffers(p, [jax.devices()[c.devices[g]]],
+                                      dtype=jnp.dtype(c.kv_dtype))[0]
+               for g, p in self.pools.items()}
+    self.executor = ColocatedExecutor(self._models, model_pools, buffers,
+                                      token_buckets=c.token_buckets, max_batch=c.max_batch,
+                                      attn_impl=c.attn_impl, moe_impl=c.moe_impl)
+    self.scheduler = Scheduler(model_pools, token_budget=c.token_budget, max_batch=c.max_batch,
+                               max_tokens=c.token_buckets[-1])
+    start = time.perf_counter()
+    self.compile_count_at_start = self.executor.compile_all(log=self.log)
+    self.log(f"compiled {self.compile_count_at_start} executables in "
+             f"{time.perf_counter() - start:.1f}s")
+    self._compiles_at_start = _BACKEND_COMPILES[0]
+    self._started = True
+
+  # --- requests ---------------------------------------------------------------------------
+
+  def submit(self, *, model_id: str, prompt_ids: Sequence[int], max_new_tokens: int,
+             sampling: SamplingParams | None = None, stop_ids: Sequence[int] = (),
+             request_id: str | None = None) -> str:
+    """Queues a request; returns its id. Invalid input raises ValueError and changes nothing.
+
+    Args:
+      model_id: a registered model.
+      prompt_ids: non-empty prompt token ids, each in [0, vocab_size).
+      max_new_tokens: >= 1; prompt + max_new_tokens must fit the model's max context.
+      sampling: SamplingParams (default greedy).
+      stop_ids: generated tokens that end the request.
+      request_id: optional unique id (default: generated).
+    """
+    if not self._started:
+      raise RuntimeError("call start() before submit()")
+    if model_id not in self._models:
+      raise ValueError(f"unknown model_id {model_id!r}; registered: {sorted(self._models)}")
+    cfg, spec = self._models[model_id].cfg, self._specs[model_id]
+    prompt = [int(t) for t in prompt_ids]
+    if not prompt:
+      raise ValueError("prompt_ids is empty")
+    bad = [t for t in prompt if not 0 <= t < cfg.vocab_size]
+    if bad:
+      raise ValueError(f"prompt_ids has ids outside [0, {cfg.vocab_size}): {bad[:5]}")
+    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    if len(prompt) + max_new_tokens > spec.max_context:
+      raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) "
+                       f"exceeds model {model_id!r} max context {spec.max_context}")
+    sampling = sampling or SamplingParams()
+    if not isinstance(sampling, SamplingParams):
+      raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
+    request_id = request_id or f"req-{next(self._ids)}"
+    if request_id in self._requests:
+      raise ValueError(f"request_id {request_id!r} already exists")
+    req = Request(request_id, model_id, prompt, sampling, max_new_tokens,
+                  frozenset(int(s) for s in stop_ids), arrival_s=time.perf_counter())
+    self._requests[request_id] = req
+    self.scheduler.add(req)
+    return request_id
+
+  def cancel(self, request_id: str) -> None:
+    """Cancels a waiting or running request; its pages return to the pool at once."""
+    req = self._get(request_id)
+    if req.done:
+      return
+    self.scheduler.remove(req)
+    req.status, req.finish_reason, req.finish_s = Status.CANCELLED, "cancelled", time.perf_counter()
+
+  def _get(self, request_id: str) -> Request:
+    if request_id not in self._requests:
+      raise KeyError(f"unknown request_id {request_id!r}")
+    return self._requests[request_id]
+
+  def output(self, request_id: str) -> list[int]:
+    """Tokens generated so far."""
+    return list(self._get(request_id).output_ids)
+
+  def status(self, request_id: str) -> Status:
+    return self._get(request_id).status
+
+  # --- serving loop -----------------------------------------------------------------------
+
+  def step(self) -> list[TokenEvent]:
+    """One iteration: schedule, run each model's batch, sample, stream the new tokens."""
+    events = []
+    for batch in self.scheduler.schedule():
+      now = time.perf_counter()
+      for r in batch.requests:
+        if r.admitted_s is None:
+          r.admitted_s = now
+      tokens = self.executor.run(batch)
+      now = time.perf_counter()
+      for r, n, tok in zip(batch.requests, batch.num_new, tokens, strict=True):
+        r.num_cached += n
+        if r.num_pending > 0:  # mid-prefill (or mid-recompute): no token yet
+          continue
+        tok = int(tok)
+        r.output_ids.append(tok)
+        r.token_s.append(now)
+        if r.first_token_s is None:
+          r.first_token_s = now
+        reason = ("stop" if tok in r.stop_ids else
+                  "length" if len(r.output_ids) >= r.max_new_tokens else None)
+        events.append(TokenEvent(r.request_id, r.model_id, tok, reason is not None, reason))
+        if reason:
+          self.scheduler.remove(r)
+          r.status, r.finish_reason, r.finish_s = Status.FINISHED, reason, now
+    self.steps += 1
+    self._sample_pools()
+    return events
+
+  def _sample_pools(self) -> None:
+    t = time.perf_counter()
+    for g, pool in self.pools.items():
+      self.pool_samples.append({"t": t, "group": g, "used_pages": pool.used_pages,
+                                "limit_pages": pool.limit,
+                                "utilization": pool.used_pages / max(1, pool.limit)})
+
+  def run(self, max_steps: int | None = None) -> Iterator[TokenEvent]:
+    """Steps until no request is left (or max_steps), yielding every token event."""
+    for n in itertools.count():
+      if not self.scheduler.has_work() or (max_steps is not None and n >= max_steps):
+        return
+      yield from self.step()
+
+  def generate_all(self, max_steps: int | None = None) -> dict[str, list[int]]:
+    """Runs to completion; returns every request's output."""
+    for _ in self.run(max_steps):
+      pass
+    return {rid: list(r.output_ids) for rid, r in self._requests.items()}
+
+  # --- metrics ----------------------------------------------------------------------------
+
+  def metrics(self) -> dict:
+    """Per-request and per-model latency percentiles, pool utilisation and compile counts."""
+    pools = {}
+    for g, pool in self.pools.items():
+      samples = [s["utilization"] for s in self.pool_samples if s["group"] == g]
+      pools[str(g)] = {"capacity_pages": pool.capacity, "page_elems": pool.page_elems,
+                       "policy": pool.policy, "preemptions": pool.preemptions,
+                       "peak_utilization": max(samples, default=0.0),
+                       "mean_utilization": sum(samples) / len(samples) if samples else 0.0,
+                       "used_pages_now": pool.used_pages}
+    return {
+        "summary": summarize(self._requests.values()),
+        "requests": [request_metrics(r) for r in self._requests.values()],
+        "pools": pools,
+        "pool_timeline": self.pool_samples,
+        "steps": self.steps,
+        "compile_count": self.executor.compile_count if self.executor else 0,
+        "compile_count_at_start": self.compile_count_at_start,
+        # XLA compilations in this process since start() (any code, not only the engine's).
+        "backend_compiles_since_start": (_BACKEND_COMPILES[0] - self._compiles_at_start
+                                         if self._started else 0),
+        "config": dataclasses.asdict(self.config),
+    }

@@ -1,0 +1,153 @@
+"""The colocated executor: each model's whole step (attention + MoE + sampling) on its group.
+
+Shapes are bucketed: per model, one executable per token bucket (sequences padded to
+`max_batch`, page tables to the model's max pages), compiled at start-up and kept in a dict,
+so a batch that fits no bucket fails loudly instead of recompiling. All host inputs of a step
+are packed into preallocated-size numpy arrays and transferred once.
+"""
+
+from __future__ import annotations
+
+import bisect
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from crosspool_jax.engine.scheduler import ModelBatch
+from crosspool_jax.models.config import ModelConfig
+from crosspool_jax.models.paged import PagedBatch, forward_paged
+from crosspool_jax.models.sampling import SamplingParams, sample, stack_params
+from crosspool_jax.pools.kv_pool import KVPool
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  """A registered model: config, params (on its group's device) and KV group."""
+
+  model_id: str
+  cfg: ModelConfig
+  params: dict
+  group: int
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "attn_impl", "moe_impl"),
+                   donate_argnames=("pool_PE",))
+def _step(params, pool_PE, batch: PagedBatch, sampling, next_positions_S, *, cfg, attn_impl,
+          moe_impl):
+  """forward_paged + on-device sampling of each sequence's next token."""
+  logits_SV, pool_PE = forward_paged(params, pool_PE, batch, cfg=cfg, attn_impl=attn_impl,
+                                     moe_impl=moe_impl)
+  return sample(logits_SV, next_positions_S, **sampling), pool_PE
+
+
+class ColocatedExecutor:
+  """Runs model batches on their group's device against the group's KV buffer.
+
+  Args:
+    models: registered models by id.
+    pools: the KV pool of each model (shared by the models of one group).
+    buffers: the KV buffer of each group, on that group's device (updated in place).
+    token_buckets: padded token counts per model step, ascending.
+    max_batch: sequences per model step.
+    attn_impl, moe_impl: kernel implementations.
+  """
+
+  def __init__(self, models: dict[str, LoadedModel], pools: dict[str, KVPool],
+               buffers: dict[int, jax.Array], *, token_buckets: tuple[int, ...], max_batch: int,
+               attn_impl: str | None = None, moe_impl: str | None = None):
+    if list(token_buckets) != sorted(set(token_buckets)) or token_buckets[0] < 1:
+      raise ValueError(f"token_buckets must be ascending positive ints, got {token_buckets}")
+    self.models = models
+    self.pools = pools
+    self.buffers = buffers
+    self.token_buckets = tuple(token_buckets)
+    self.max_batch = max_batch
+    self.attn_impl = attn_impl
+    self.moe_impl = moe_impl
+    self._executables: dict[tuple[str, int], jax.stages.Compiled] = {}
+
+  @property
+  def compile_count(self) -> int:
+    return len(self._executables)
+
+  def compile_all(self, log=None) -> int:
+    """Compiles every (model, token bucket); returns the number of executables."""
+    for model_id, model in self.models.items():
+      for bucket in self.token_buckets:
+        args = self._abstract_args(model, bucket)
+        self._executables[model_id, bucket] = _step.lower(
+            model.params, self.buffers[model.group], *args, cfg=model.cfg,
+            attn_impl=self.attn_impl, moe_impl=self.moe_impl).compile()
+        if log:
+          log(f"compiled {model_id} tokens={bucket}")
+    return self.compile_count
+
+  def _abstract_args(self, model: LoadedModel, bucket: int):
+    pool = self.pools[model.model_id]
+    width = pool.tables(model.model_id, []).shape[2]
+    i32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
+    s, layers = self.max_batch, model.cfg.num_layers
+    batch = PagedBatch(tokens_T=i32((bucket,)), positions_T=i32((bucket,)),
+                       cu_q_lens_S1=i32((s + 1,)), kv_lens_S=i32((s,)), num_seqs_1=i32((1,)),
+                       page_tables_LSP=i32((layers, s, width)),
+                       slot_mapping_LT=i32((layers, bucket)))
+    sampling = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
+                for k, v in stack_params_padded([], s).items()}
+    return batch, sampling, i32((s,))
+
+  def run(self, batch: ModelBatch) -> np.ndarray:
+    """Feeds the batch; returns the token sampled after each request's fed tokens."""
+    model = self.models[batch.model_id]
+    total = batch.num_tokens
+    b = bisect.bisect_left(self.token_buckets, total)
+    if b == len(self.token_buckets) or len(batch.requests) > self.max_batch:
+      raise RuntimeError(f"no compiled bucket for {total} tokens / {len(batch.requests)} "
+                         f"sequences (buckets {self.token_buckets}, max_batch {self.max_batch})")
+    bucket = self.token_buckets[b]
+    exe = self._executables.get((batch.model_id, bucket))
+    if exe is None:
+      raise RuntimeError(f"bucket ({batch.model_id}, {bucket}) was not compiled at start-up")
+    host = self._pack(model, batch, bucket)
+    device = self.buffers[model.group].devices().pop()
+    paged, sampling, next_pos = jax.device_put(host, device)
+    tokens_S, self.buffers[model.group] = exe(model.params, self.buffers[model.group], paged,
+                                              sampling, next_pos)
+    return np.asarray(tokens_S)[:len(batch.requests)]
+
+  def _pack(self, model: LoadedModel, batch: ModelBatch, bucket: int):
+    pool = self.pools[model.model_id]
+    s = self.max_batch
+    page_tokens = pool.page_tokens(model.model_id)
+    lens = np.asarray(batch.num_new, np.int32)
+    n = lens.size
+    cu = np.zeros(s + 1, np.int32)
+    cu[1:n + 1] = np.cumsum(lens)
+    cu[n + 1:] = cu[n]
+    seq_of_token = np.repeat(np.arange(n), lens)
+    starts = np.asarray([r.num_cached for r in batch.requests], np.int32)
+    positions = np.full(bucket, -1, np.int32)
+    positions[:cu[n]] = starts[seq_of_token] + (np.arange(cu[n]) - cu[seq_of_token])
+    tokens = np.zeros(bucket, np.int32)
+    tokens[:cu[n]] = np.concatenate([r.pending_ids(k) for r, k in
+                                     zip(batch.requests, batch.num_new, strict=True)])
+    kv_lens = np.zeros(s, np.int32)
+    kv_lens[:n] = starts + lens
+    tables = pool.tables(model.model_id, [r.request_id for r in batch.requests])
+    local = np.zeros((tables.shape[0], s, tables.shape[2]), np.int32)
+    local[:, :n] = pool.local_tables(tables, 0)
+    batch_index = np.zeros(bucket, np.int64)
+    batch_index[:cu[n]] = seq_of_token
+    slots = pool.slot_mapping(tables, batch_index, positions, page_tokens, device=0)
+    paged = PagedBatch(tokens_T=tokens, positions_T=positions, cu_q_lens_S1=cu, kv_lens_S=kv_lens,
+                       num_seqs_1=np.asarray([n], np.int32), page_tables_LSP=local,
+                       slot_mapping_LT=slots)
+    sampling = stack_params_padded([r.sampling for r in batch.requests], s)
+    return paged, sampling, kv_lens
+
+
+def stack_params_padded(params: list[SamplingParams], size: int) -> dict[str, np.ndarray]:
+  """`stack_params` padded with greedy rows to `size` (the sequence bucket)."""
+  return stack_params(list(params) + [SamplingParams()] * (size - len(params)))

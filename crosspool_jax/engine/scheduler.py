@@ -1,0 +1,139 @@
+"""Iteration-level scheduler over every model (host side, no device calls).
+
+Each iteration it builds, per model, a batch of (request, tokens to feed) under one token
+budget shared by all models:
+
+  * fairness: models are visited in round-robin order, starting one further each iteration,
+    and each visited model may take at most its fair share of the budget left (budget left /
+    models left to visit) — no model starves, and an idle model's share goes to the others;
+  * within a model: running requests first (decodes, then unfinished prefill chunks), then
+    waiting requests in arrival order (preempted ones keep their original arrival);
+  * chunked prefill: a prompt longer than the share is fed over several iterations;
+  * admission: a request's chunk is scheduled only if the KV pool can give its pages; a running
+    request that cannot grow preempts others by the pool's victim rule (most recently
+    admitted), and if that is impossible it is preempted itself; preempted requests lose their
+    pages and are recomputed later from prompt + generated tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+
+from crosspool_jax.engine.request import Request, Status
+from crosspool_jax.pools.kv_pool import KVPool, PoolExhaustedError
+
+
+@dataclasses.dataclass
+class ModelBatch:
+  """One model's share of an iteration: each request with the number of tokens to feed."""
+
+  model_id: str
+  requests: list[Request]
+  num_new: list[int]
+
+  @property
+  def num_tokens(self) -> int:
+    return sum(self.num_new)
+
+
+class Scheduler:
+  """Builds each iteration's per-model batches and keeps the KV pool in step with them.
+
+  Args:
+    pools: the KV pool serving each model (several models may share one).
+    token_budget: tokens fed per iteration over all models.
+    max_batch: sequences per model per iteration (the executor's sequence bucket).
+    max_tokens: tokens per model per iteration (the executor's largest token bucket).
+    on_preempt: called with each preempted request.
+  """
+
+  def __init__(self, pools: dict[str, KVPool], *, token_budget: int, max_batch: int,
+               max_tokens: int, on_preempt: Callable[[Request], None] | None = None):
+    if token_budget < 1 or max_batch < 1 or max_tokens < 1:
+      raise ValueError("token_budget, max_batch and max_tokens must be >= 1")
+    self.pools = pools
+    self.token_budget = token_budget
+    self.max_batch = max_batch
+    self.max_tokens = max_tokens
+    self.on_preempt = on_preempt
+    self.queues: dict[str, list[Request]] = {m: [] for m in pools}
+    self._rotation = 0
+
+  def add(self, request: Request) -> None:
+    self.queues[request.model_id].append(request)
+
+  def remove(self, request: Request) -> None:
+    """Drops a request (finished or cancelled), returning its pages."""
+    if request.status == Status.RUNNING:
+      self.pools[request.model_id].release(request.request_id)
+    self.queues[request.model_id].remove(request)
+
+  def has_work(self) -> bool:
+    return any(self.queues.values())
+
+  def schedule(self) -> list[ModelBatch]:
+    """The next iteration's batches (at most one per model)."""
+    models = [m for m in self.queues if self.queues[m]]
+    if not models:
+      return []
+    start = self._rotation % len(models)
+    self._rotation += 1
+    order = models[start:] + models[:start]
+    budget = self.token_budget
+    batches: list[ModelBatch] = []
+    for i, model_id in enumerate(order):
+      share = (budget - sum(b.num_tokens for b in batches)) // (len(order) - i)
+      batch = ModelBatch(model_id, [], [])
+      batches.append(batch)
+      self._schedule_model(batch, min(share, self.max_tokens), batches)
+    return [b for b in batches if b.requests]
+
+  def _schedule_model(self, batch: ModelBatch, budget: int, batches: list[ModelBatch]) -> None:
+    pool = self.pools[batch.model_id]
+    queue = self.queues[batch.model_id]
+    queue.sort(key=lambda r: (r.status != Status.RUNNING, r.num_pending > 1, r.arrival_s))
+    for req in list(queue):
+      if budget <= 0 or len(batch.requests) == self.max_batch:
+        break
+      n = min(req.num_pending, budget)
+      if req.status == Status.WAITING:
+        if not self._admit(pool, req, n):
+          break  # arrival order: no later request jumps a blocked one
+      elif not self._grow(pool, req, n, batches):
+        continue
+      batch.requests.append(req)
+      batch.num_new.append(n)
+      budget -= n
+
+  def _admit(self, pool: KVPool, req: Request, n: int) -> bool:
+    pool.add_request(req.model_id, req.request_id)
+    if pool.can_grow(req.request_id, req.num_cached + n):
+      pool.grow(req.request_id, req.num_cached + n)
+      req.status = Status.RUNNING
+      return True
+    pool.release(req.request_id)
+    return False
+
+  def _grow(self, pool: KVPool, req: Request, n: int, batches: list[ModelBatch]) -> bool:
+    try:
+      victims = pool.grow_with_preemption(req.request_id, req.num_cached + n)
+    except PoolExhaustedError:
+      self._preempted(req)
+      pool.release(req.request_id)
+      return False
+    for victim_id in victims:
+      victim = next(r for q in self.queues.values() for r in q if r.request_id == victim_id)
+      self._preempted(victim)
+      for batch in batches:  # it may already be scheduled in this iteration
+        if victim in batch.requests:
+          i = batch.requests.index(victim)
+          del batch.requests[i], batch.num_new[i]
+    return True
+
+  def _preempted(self, req: Request) -> None:
+    req.status = Status.WAITING
+    req.num_cached = 0
+    req.preemptions += 1
+    if self.on_preempt is not None:
+      self.on_preempt(req)
