@@ -38,25 +38,17 @@ def _decode_loop(params, cache, first_B, lengths_B, sampling, *, cfg: ModelConfi
   return jax.lax.fori_loop(0, num_steps, step, (cache, out_BN))[::-1]
 
 
-def generate(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
-             max_new_tokens: int,
-             sampling: SamplingParams | Sequence[SamplingParams] | None = None,
-             stop_ids: Sequence[int] = (), cache_dtype=None,
-             moe_impl: str | None = None) -> list[list[int]]:
-  """Generates up to `max_new_tokens` tokens for each prompt.
-
-  Args:
-    params: model params.
-    cfg: model config.
-    prompts: token ids of each prompt (non-empty, ids in [0, vocab_size)).
-    max_new_tokens: tokens to generate per prompt (>= 1).
-    sampling: one SamplingParams for all prompts, or one per prompt (default: greedy).
-    stop_ids: a generated token in this set ends its sequence (the token is kept).
-    cache_dtype: KV cache dtype (default: the embedding's dtype).
-    moe_impl: expert dispatch implementation.
+def prepare_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
+                    max_new_tokens: int,
+                    sampling: SamplingParams | Sequence[SamplingParams] | None = None):
+  """Validates a generation call and right-pads its prompts.
 
   Returns:
-    The generated ids of each prompt (prompt not included).
+    (sampling list, one per prompt; tokens_BT int32; positions_BT int32 with -1 on padding;
+    lengths_B int32).
+
+  Raises:
+    ValueError: naming the offending prompt or argument.
   """
   if not prompts:
     raise ValueError("prompts is empty")
@@ -77,18 +69,49 @@ def generate(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *
     sampling = [sampling] * len(prompts)
   if len(sampling) != len(prompts):
     raise ValueError(f"got {len(sampling)} SamplingParams for {len(prompts)} prompts")
-
   b = len(prompts)
   lengths_B = np.array([len(p) for p in prompts], np.int32)
-  t = int(lengths_B.max())
-  tokens_BT = np.zeros((b, t), np.int32)
-  positions_BT = np.full((b, t), -1, np.int32)
+  tokens_BT = np.zeros((b, int(lengths_B.max())), np.int32)
+  positions_BT = np.full(tokens_BT.shape, -1, np.int32)
   for i, prompt in enumerate(prompts):
     tokens_BT[i, : len(prompt)] = prompt
     positions_BT[i, : len(prompt)] = np.arange(len(prompt))
+  return list(sampling), tokens_BT, positions_BT, lengths_B
+
+
+def truncate_at_stop(rows: Sequence[Sequence[int]], stop_ids: Sequence[int]) -> list[list[int]]:
+  """Cuts each row after its first stop token (kept)."""
+  stops = {int(s) for s in stop_ids}
+  return [list(row[: next((j + 1 for j, tok in enumerate(row) if tok in stops), len(row))])
+          for row in rows]
+
+
+def generate(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
+             max_new_tokens: int,
+             sampling: SamplingParams | Sequence[SamplingParams] | None = None,
+             stop_ids: Sequence[int] = (), cache_dtype=None,
+             moe_impl: str | None = None) -> list[list[int]]:
+  """Generates up to `max_new_tokens` tokens for each prompt.
+
+  Args:
+    params: model params.
+    cfg: model config.
+    prompts: token ids of each prompt (non-empty, ids in [0, vocab_size)).
+    max_new_tokens: tokens to generate per prompt (>= 1).
+    sampling: one SamplingParams for all prompts, or one per prompt (default: greedy).
+    stop_ids: a generated token in this set ends its sequence (the token is kept).
+    cache_dtype: KV cache dtype (default: the embedding's dtype).
+    moe_impl: expert dispatch implementation.
+
+  Returns:
+    The generated ids of each prompt (prompt not included).
+  """
+  sampling, tokens_BT, positions_BT, lengths_B = prepare_prompts(
+      cfg, prompts, max_new_tokens=max_new_tokens, sampling=sampling)
+  b, t = tokens_BT.shape
   dtype = cache_dtype or params["embed_VD"].dtype
   cache = KVCache.zeros(cfg, b, t + max_new_tokens, dtype)
-  sampling_arrays = {k: jnp.asarray(v) for k, v in stack_params(list(sampling)).items()}
+  sampling_arrays = {k: jnp.asarray(v) for k, v in stack_params(sampling).items()}
 
   logits_BTV, cache = forward(params, jnp.asarray(tokens_BT), jnp.asarray(positions_BT), cache,
                               cfg=cfg, moe_impl=moe_impl)
@@ -96,10 +119,4 @@ def generate(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *
   first_B = sample(last_BV, jnp.asarray(lengths_B), **sampling_arrays)
   out_BN, _ = _decode_loop(params, cache, first_B, jnp.asarray(lengths_B), sampling_arrays,
                            cfg=cfg, num_steps=max_new_tokens - 1, moe_impl=moe_impl)
-  out_BN = np.asarray(out_BN)
-  stops = set(int(s) for s in stop_ids)
-  results = []
-  for row in out_BN.tolist():
-    cut = next((j + 1 for j, tok in enumerate(row) if tok in stops), len(row))
-    results.append(row[:cut])
-  return results
+  return truncate_at_stop(np.asarray(out_BN).tolist(), stop_ids)

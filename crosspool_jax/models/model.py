@@ -131,7 +131,7 @@ class KVCache:
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
-def _write_cache(cache_LBSKH, layer: int, new_BTKH, positions_BT):
+def write_cache(cache_LBSKH, layer: int, new_BTKH, positions_BT):
   """Writes one layer's new K or V at their positions; negative positions are dropped."""
   s = cache_LBSKH.shape[2]
   pos_BT = jnp.where(positions_BT < 0, s, positions_BT)
@@ -164,8 +164,8 @@ def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array, cache: 
     p = params["layers"][i]
     h_BTD = layers.rms_norm(x_BTD, p["attn_norm_D"], cfg.rms_eps)
     q_BTNH, k_BTKH, v_BTKH = layers.attention_qkv(p["attn"], h_BTD, positions_BT, cfg)
-    k_LBSKH = _write_cache(k_LBSKH, i, k_BTKH, positions_BT)
-    v_LBSKH = _write_cache(v_LBSKH, i, v_BTKH, positions_BT)
+    k_LBSKH = write_cache(k_LBSKH, i, k_BTKH, positions_BT)
+    v_LBSKH = write_cache(v_LBSKH, i, v_BTKH, positions_BT)
     o_BTNH = layers.attend_contiguous(q_BTNH, k_LBSKH[i], v_LBSKH[i], positions_BT)
     x_BTD = x_BTD + layers.attention_out(p["attn"], o_BTNH)
     h_TD = layers.rms_norm(x_BTD, p["ffn_norm_D"], cfg.rms_eps).reshape(b * t, d)

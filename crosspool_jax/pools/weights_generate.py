@@ -25,7 +25,8 @@ import numpy as np
 
 from crosspool_jax.models import layers
 from crosspool_jax.models.config import ModelConfig
-from crosspool_jax.models.model import KVCache, _write_cache
+from crosspool_jax.models.decode import prepare_prompts, truncate_at_stop
+from crosspool_jax.models.model import KVCache, write_cache
 from crosspool_jax.models.sampling import SamplingParams, sample, stack_params
 from crosspool_jax.pools.expert_trace import TraceEvent
 from crosspool_jax.pools.weights_buffers import DeviceWeightsPool
@@ -50,8 +51,8 @@ def _attention_part(p, next_p, x_BTD, positions_BT, cache: KVCache, *, cfg: Mode
   b, t, d = x_BTD.shape
   h_BTD = layers.rms_norm(x_BTD, p["attn_norm_D"], cfg.rms_eps)
   q_BTNH, k_BTKH, v_BTKH = layers.attention_qkv(p["attn"], h_BTD, positions_BT, cfg)
-  k_LBSKH = _write_cache(cache.k_LBSKH, layer, k_BTKH, positions_BT)
-  v_LBSKH = _write_cache(cache.v_LBSKH, layer, v_BTKH, positions_BT)
+  k_LBSKH = write_cache(cache.k_LBSKH, layer, k_BTKH, positions_BT)
+  v_LBSKH = write_cache(cache.v_LBSKH, layer, v_BTKH, positions_BT)
   o_BTNH = layers.attend_contiguous(q_BTNH, k_LBSKH[layer], v_LBSKH[layer], positions_BT)
   x_BTD = x_BTD + layers.attention_out(p["attn"], o_BTNH)
   cache = KVCache(k_LBSKH, v_LBSKH)
@@ -183,31 +184,11 @@ def generate_pooled(wpool: DeviceWeightsPool, model_id: str, prompts: Sequence[S
   if model_id not in wpool.models:
     raise KeyError(f"unknown model {model_id!r}; registered: {sorted(wpool.models)}")
   cfg, params = wpool.models[model_id]
-  if not prompts:
-    raise ValueError("prompts is empty")
-  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-  for i, prompt in enumerate(prompts):
-    if len(prompt) == 0 or not all(0 <= int(t) < cfg.vocab_size for t in prompt):
-      raise ValueError(f"prompts[{i}] must be non-empty ids in [0, {cfg.vocab_size})")
-    if len(prompt) + max_new_tokens > cfg.max_context:
-      raise ValueError(f"prompts[{i}] + max_new_tokens exceeds max context {cfg.max_context}")
-  if sampling is None:
-    sampling = SamplingParams()
-  if isinstance(sampling, SamplingParams):
-    sampling = [sampling] * len(prompts)
-  if len(sampling) != len(prompts):
-    raise ValueError(f"got {len(sampling)} SamplingParams for {len(prompts)} prompts")
-  b = len(prompts)
-  lengths_B = np.array([len(p) for p in prompts], np.int32)
-  t = int(lengths_B.max())
-  tokens_BT = np.zeros((b, t), np.int32)
-  positions_BT = np.full((b, t), -1, np.int32)
-  for i, prompt in enumerate(prompts):
-    tokens_BT[i, : len(prompt)] = prompt
-    positions_BT[i, : len(prompt)] = np.arange(len(prompt))
+  sampling, tokens_BT, positions_BT, lengths_B = prepare_prompts(
+      cfg, prompts, max_new_tokens=max_new_tokens, sampling=sampling)
+  b, t = tokens_BT.shape
   cache = KVCache.zeros(cfg, b, t + max_new_tokens, params["embed_VD"].dtype)
-  sampling_arrays = {k: jnp.asarray(v) for k, v in stack_params(list(sampling)).items()}
+  sampling_arrays = {k: jnp.asarray(v) for k, v in stack_params(sampling).items()}
   out = np.zeros((b, max_new_tokens), np.int32)
   last_B = lengths_B - 1
   for n in range(max_new_tokens):
@@ -218,6 +199,4 @@ def generate_pooled(wpool: DeviceWeightsPool, model_id: str, prompts: Sequence[S
     out[:, n] = np.asarray(sample(logits_BV, jnp.asarray(next_positions_B), **sampling_arrays))
     tokens_BT, positions_BT = out[:, n, None].copy(), next_positions_B[:, None].copy()
     last_B = np.zeros(b, np.int32)
-  stops = {int(s) for s in stop_ids}
-  return [row[: next((j + 1 for j, tok in enumerate(row) if tok in stops), len(row))]
-          for row in out.tolist()]
+  return truncate_at_stop(out.tolist(), stop_ids)
