@@ -23,7 +23,6 @@ import datetime
 import functools
 import json
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -34,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
+from crosspool_jax.provenance import git_dirty, git_revision
 from pallas_kernels._impl import IMPLS
 from pallas_kernels.expert_dispatch import expert_dispatch
 from pallas_kernels.kv_write import write_kv
@@ -384,16 +384,6 @@ def format_table(records: Sequence[Mapping[str, Any]]) -> str:
                    for row in rows)
 
 
-def _git(*args: str) -> str | None:
-  """stdout of a git command run in this script's repository, or None (no git / checkout)."""
-  try:
-    proc = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                          cwd=os.path.dirname(os.path.abspath(__file__)))
-  except (OSError, subprocess.SubprocessError):
-    return None
-  return proc.stdout.strip() if proc.returncode == 0 else None
-
-
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -418,9 +408,8 @@ def main(argv: Sequence[str]) -> None:
       "backend": backend,
       "device_kind": device_kind,
       "device_count": jax.device_count(),
-      "git_revision": _git("rev-parse", "HEAD") or None,
-      "git_dirty": None if (status := _git("status", "--porcelain", "--untracked-files=no"))
-                   is None else bool(status),
+      "git_revision": git_revision(),
+      "git_dirty": git_dirty(),
       "flags": {name: flags.FLAGS[name].value for name in (
           "kernels", "impls", "dtype", "sweep", "iters", "warmup", "out", "peak_tflops",
           "peak_gbps")},

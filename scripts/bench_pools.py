@@ -29,7 +29,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -42,20 +41,21 @@ from crosspool_jax.models.config import FAMILIES, tiny_config
 from crosspool_jax.models.model import init_params
 from crosspool_jax.pools.expert_policies import POLICIES
 from crosspool_jax.pools.expert_trace import (
-    TraceEvent,
-    belady_stats,
-    read_jsonl,
-    replay,
-    write_jsonl,
+  TraceEvent,
+  belady_stats,
+  read_jsonl,
+  replay,
+  write_jsonl,
 )
 from crosspool_jax.pools.weights_buffers import DeviceWeightsPool
 from crosspool_jax.pools.weights_generate import generate_pooled
 from crosspool_jax.pools.weights_pool import (
-    ExpertModelSpec,
-    ShapeClass,
-    WeightsPool,
-    fleet_experts,
+  ExpertModelSpec,
+  ShapeClass,
+  WeightsPool,
+  fleet_experts,
 )
+from crosspool_jax.provenance import git_revision
 
 _SECTIONS = flags.DEFINE_list("sections", ["weights", "kv"], "Sections to run: weights, kv.")
 _FAMILIES = flags.DEFINE_list("families", ["mixtral", "qwen3_moe"],
@@ -285,15 +285,6 @@ def run_kv_section() -> dict[str, Any]:
 # =============================================================================================
 
 
-def _git(*args: str) -> str | None:
-  try:
-    proc = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10,
-                          cwd=os.path.dirname(os.path.abspath(__file__)))
-  except (OSError, subprocess.SubprocessError):
-    return None
-  return proc.stdout.strip() if proc.returncode == 0 else None
-
-
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -320,7 +311,7 @@ def main(argv: Sequence[str]) -> None:
   header = {
       "jax_version": jax.__version__, "backend": jax.default_backend(),
       "device_kind": jax.devices()[0].device_kind,
-      "git_revision": _git("rev-parse", "HEAD"),
+      "git_revision": git_revision(),
       "flags": {name: flags.FLAGS[name].value for name in (
           "sections", "families", "models_per_family", "requests", "prompt_len", "new_tokens",
           "batch", "zipf", "seed", "fractions", "policies", "live_policies", "trace_in",
