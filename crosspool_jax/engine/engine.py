@@ -2,7 +2,9 @@
 
 One engine serves every model under one memory organisation chosen by `EngineConfig.kv_policy`
 ("static": each model reserves max_context x max_batch pages of its own; "shared": every model
-of a device group allocates from one pool), with the same scheduler, kernels and budget.
+of a device group allocates from one pool, kvcached-like; "crosspool": attention and one KV pool
+over the KV devices, every model's routed experts in the weights pool on the weights devices —
+`disaggregated.py`), with the same scheduler, kernels and budget.
 
   engine = Engine(EngineConfig(kv_policy="shared"))
   engine.register_model("mix", checkpoint="/path/to/hf_or_orbax", max_batch=8)
@@ -17,12 +19,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 
+from crosspool_jax.engine.disaggregated import DeviceSplit, DisaggregatedExecutor
 from crosspool_jax.engine.executor import ColocatedExecutor, LoadedModel
 from crosspool_jax.engine.metrics import request_metrics, summarize
 from crosspool_jax.engine.request import Request, Status
@@ -32,6 +36,10 @@ from crosspool_jax.models.config import ModelConfig
 from crosspool_jax.models.sampling import SamplingParams
 from crosspool_jax.pools.kv_buffers import allocate_kv_buffers
 from crosspool_jax.pools.kv_pool import POLICIES, KVModelSpec, KVPool
+from crosspool_jax.pools.weights_buffers import DeviceWeightsPool
+from crosspool_jax.pools.weights_pool import ExpertModelSpec, WeightsPool
+
+ENGINE_POLICIES = (*POLICIES, "crosspool")
 
 _BACKEND_COMPILES = [0]  # process-wide count of XLA backend compilations
 
@@ -50,8 +58,7 @@ class EngineConfig:
   """Engine settings (the `serve.py` config's `engine` block).
 
   Attributes:
-    kv_policy: "static" or "shared" (the CrossPool policy comes with the disaggregated
-      executor).
+    kv_policy: "static", "shared" or "crosspool".
     page_elems: elements per KV page (every model's 2 * kv_heads * head_dim must divide it).
     pages_per_device: pages of each KV group's buffer, the null page included.
     kv_dtype: dtype of the KV pages.
@@ -59,7 +66,13 @@ class EngineConfig:
     token_buckets: padded token counts per model step, compiled at start-up.
     max_batch: sequences per model step.
     attn_impl, moe_impl: kernel implementations (None: Pallas on GPU/TPU, jnp on CPU).
-    devices: device index of each KV group (models are placed in groups at registration).
+    devices: device index of each KV group (models are placed in groups at registration);
+      under "crosspool", the KV-pool devices (one pool spanning all of them).
+    weight_devices: "crosspool" only: the weights-pool devices.
+    micro_batches: "crosspool" only: micro-batches of the layer-wise pipeline (1 = none).
+    expert_slots_per_device: "crosspool" only: expert slots of each shape class per weights
+      device (fewer than the fleet's experts: the hot ones stay, the rest are swapped in).
+    expert_policy: "crosspool" only: "pin_all", "lru", "lfu" or "activation_aware".
   """
 
   kv_policy: str = "shared"
@@ -72,10 +85,14 @@ class EngineConfig:
   attn_impl: str | None = None
   moe_impl: str | None = None
   devices: tuple[int, ...] = (0,)
+  weight_devices: tuple[int, ...] = ()
+  micro_batches: int = 2
+  expert_slots_per_device: int = 64
+  expert_policy: str = "lru"
 
   def __post_init__(self):
-    if self.kv_policy not in POLICIES:
-      raise ValueError(f"kv_policy must be one of {POLICIES}, got {self.kv_policy!r}")
+    if self.kv_policy not in ENGINE_POLICIES:
+      raise ValueError(f"kv_policy must be one of {ENGINE_POLICIES}, got {self.kv_policy!r}")
     if self.token_budget < 1 or self.max_batch < 1:
       raise ValueError(f"token_budget and max_batch must be >= 1, got {self.token_budget}, "
                        f"{self.max_batch}")
@@ -111,6 +128,7 @@ class Engine:
     self.scheduler: Scheduler | None = None
     self.pool_samples: list[dict] = []
     self.steps = 0
+    self.weights_pool: DeviceWeightsPool | None = None
     self.compile_count_at_start = 0
     self._compiles_at_start = 0
 
@@ -155,6 +173,21 @@ class Engine:
     if not self._models:
       raise RuntimeError("register at least one model before start()")
     c = self.config
+    if c.kv_policy == "crosspool":
+      model_pools = self._start_crosspool()
+    else:
+      model_pools = self._start_colocated()
+    self.scheduler = Scheduler(model_pools, token_budget=c.token_budget, max_batch=c.max_batch,
+                               max_tokens=c.token_buckets[-1])
+    start = time.perf_counter()
+    self.compile_count_at_start = self.executor.compile_all(log=self.log)
+    self.log(f"compiled {self.compile_count_at_start} executables in "
+             f"{time.perf_counter() - start:.1f}s")
+    self._compiles_at_start = _BACKEND_COMPILES[0]
+    self._started = True
+
+  def _start_colocated(self) -> dict[str, KVPool]:
+    c = self.config
     model_pools = {}
     for g in sorted({m.group for m in self._models.values()}):
       pool = KVPool(page_elems=c.page_elems, pages_per_device=c.pages_per_device,
@@ -170,14 +203,37 @@ class Engine:
     self.executor = ColocatedExecutor(self._models, model_pools, buffers,
                                       token_buckets=c.token_buckets, max_batch=c.max_batch,
                                       attn_impl=c.attn_impl, moe_impl=c.moe_impl)
-    self.scheduler = Scheduler(model_pools, token_budget=c.token_budget, max_batch=c.max_batch,
-                               max_tokens=c.token_buckets[-1])
-    start = time.perf_counter()
-    self.compile_count_at_start = self.executor.compile_all(log=self.log)
-    self.log(f"compiled {self.compile_count_at_start} executables in "
-             f"{time.perf_counter() - start:.1f}s")
-    self._compiles_at_start = _BACKEND_COMPILES[0]
-    self._started = True
+    return model_pools
+
+  def _start_crosspool(self) -> dict[str, KVPool]:
+    """One KV pool over the KV devices; every model's routed experts in the weights pool."""
+    c = self.config
+    kv_devices, weight_devices = DeviceSplit(c.devices, c.weight_devices).resolve()
+    if any(m.group != 0 for m in self._models.values()):
+      raise ValueError("crosspool: models have no KV groups (one KV pool spans the KV devices)")
+    pool = KVPool(page_elems=c.page_elems, pages_per_device=c.pages_per_device,
+                  num_devices=len(kv_devices), policy="shared")
+    for model_id in self._models:
+      pool.register_model(self._specs[model_id])
+    self.pools[0] = pool
+    buffers = allocate_kv_buffers(pool, kv_devices, dtype=jnp.dtype(c.kv_dtype))
+    classes = {}
+    for model_id, m in self._models.items():
+      dtype = jax.tree.leaves(m.params)[0].dtype.name
+      shape = ExpertModelSpec.from_config(model_id, m.cfg, dtype).shape_class
+      classes[shape] = shape.expert_bytes * c.expert_slots_per_device
+    self.weights_pool = DeviceWeightsPool(
+        WeightsPool(device_bytes=sum(classes.values()), num_devices=len(weight_devices),
+                    policy=c.expert_policy), devices=weight_devices)
+    for model_id, m in self._models.items():
+      stripped = self.weights_pool.register(model_id, m.cfg, m.params,
+                                            slots_per_device=c.expert_slots_per_device)
+      m.params = jax.device_put(stripped, kv_devices[0])
+    self.executor = DisaggregatedExecutor(
+        self._models, pool, buffers, self.weights_pool, token_buckets=c.token_buckets,
+        max_batch=c.max_batch, micro_batches=c.micro_batches, attn_impl=c.attn_impl,
+        moe_impl=c.moe_impl)
+    return {model_id: pool for model_id in self._models}
 
   # --- requests ---------------------------------------------------------------------------
 
@@ -210,6 +266,11 @@ class Engine:
     if len(prompt) + max_new_tokens > spec.max_context:
       raise ValueError(f"prompt ({len(prompt)} tokens) + max_new_tokens ({max_new_tokens}) "
                        f"exceeds model {model_id!r} max context {spec.max_context}")
+    pool = self.scheduler.pools[model_id]
+    need = math.ceil((len(prompt) + max_new_tokens) / pool.page_tokens(model_id)) * cfg.num_layers
+    if need > pool.capacity:
+      raise ValueError(f"prompt + max_new_tokens needs {need} KV pages of model {model_id!r}, "
+                       f"the whole pool has {pool.capacity}")
     sampling = sampling or SamplingParams()
     if not isinstance(sampling, SamplingParams):
       raise ValueError(f"sampling must be a SamplingParams, got {type(sampling).__name__}")
@@ -247,13 +308,15 @@ class Engine:
   def step(self) -> list[TokenEvent]:
     """One iteration: schedule, run each model's batch, sample, stream the new tokens."""
     events = []
-    for batch in self.scheduler.schedule():
-      now = time.perf_counter()
+    batches = self.scheduler.schedule()
+    now = time.perf_counter()
+    for batch in batches:
       for r in batch.requests:
         if r.admitted_s is None:
           r.admitted_s = now
-      tokens = self.executor.run(batch)
-      now = time.perf_counter()
+    results = self.executor.run_many(batches) if batches else []
+    now = time.perf_counter()
+    for batch, tokens in zip(batches, results, strict=True):
       for r, n, tok in zip(batch.requests, batch.num_new, tokens, strict=True):
         r.num_cached += n
         if r.num_pending > 0:  # mid-prefill (or mid-recompute): no token yet
@@ -305,7 +368,13 @@ class Engine:
                        "peak_utilization": max(samples, default=0.0),
                        "mean_utilization": sum(samples) / len(samples) if samples else 0.0,
                        "used_pages_now": pool.used_pages}
-    return {
+    extra = {}
+    if self.weights_pool is not None:
+      extra["weights_pool"] = self.weights_pool.sync_stats().to_dict()
+    timeline = getattr(self.executor, "timeline", None)
+    if timeline is not None and timeline.enabled:
+      extra["pipeline_overlap"] = timeline.overlap()
+    return extra | {
         "summary": summarize(self._requests.values()),
         "requests": [request_metrics(r) for r in self._requests.values()],
         "pools": pools,

@@ -114,11 +114,16 @@ def moe_block(p: Params, x_TD: jax.Array, cfg: ModelConfig, *,
     slot_table_E = jnp.arange(cfg.num_experts, dtype=jnp.int32)
   y_TD = expert_dispatch(x_TD, ids_TK, weights_TK, slot_table_E, *expert_weights,
                          valid_T=valid_T, impl=impl)
-  if cfg.d_ff_shared:
-    gate_T1 = jax.nn.sigmoid((x_TD @ p["shared_gate_D1"]).astype(jnp.float32))
-    shared_TD = swiglu(x_TD, p["shared_w_gate_DF"], p["shared_w_up_DF"], p["shared_w_down_FD"])
-    y_TD = y_TD + (gate_T1 * shared_TD).astype(y_TD.dtype)
-  return y_TD
+  return add_shared_expert(p, x_TD, y_TD, cfg)
+
+
+def add_shared_expert(p: Params, x_TD: jax.Array, y_TD: jax.Array, cfg: ModelConfig):
+  """y + sigmoid(x @ gate) * SwiGLU_shared(x) if the family has a shared expert, else y."""
+  if not cfg.d_ff_shared:
+    return y_TD
+  gate_T1 = jax.nn.sigmoid((x_TD @ p["shared_gate_D1"]).astype(jnp.float32))
+  shared_TD = swiglu(x_TD, p["shared_w_gate_DF"], p["shared_w_up_DF"], p["shared_w_down_FD"])
+  return y_TD + (gate_T1 * shared_TD).astype(y_TD.dtype)
 
 
 def ffn_block(p: Params, x_TD: jax.Array, cfg: ModelConfig, layer: int, **moe_kwargs):

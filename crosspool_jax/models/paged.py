@@ -108,7 +108,8 @@ def forward_paged(params: dict, pool_PE: jax.Array, batch: PagedBatch, *, cfg: M
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _qkv(p, x_TD, positions_T, *, cfg):
+def attention_inputs(p, x_TD, positions_T, *, cfg):
+  """Attention norm and rotated q, k, v of one layer (p: the layer's params)."""
   h_TD = layers.rms_norm(x_TD, p["attn_norm_D"], cfg.rms_eps)
   return layers.attention_qkv(p["attn"], h_TD, positions_T, cfg)
 
@@ -149,7 +150,7 @@ def forward_paged_spread(params: dict, pools: list[jax.Array], batches: list[Pag
   pools = list(pools)
   for i in range(cfg.num_layers):
     p = params["layers"][i]
-    q_TNH, k_TKH, v_TKH = _qkv(p, x_TD, home.positions_T, cfg=cfg)
+    q_TNH, k_TKH, v_TKH = attention_inputs(p, x_TD, home.positions_T, cfg=cfg)
     outs, lses = [], []
     for d, b in enumerate(batches):
       dev = pools[d].devices().pop()

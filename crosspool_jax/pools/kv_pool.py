@@ -376,6 +376,8 @@ class KVPool:
     Tokens whose page is on another device, and padding tokens (position < 0), map into the
     null page (slots 0..page_tokens-1), which is never read.
     """
+    if tables.shape[1] == 0:  # an empty batch: every token is padding
+      return np.zeros((tables.shape[0], positions.size), np.int32)
     pos = np.maximum(positions, 0)
     g = tables[:, batch_index, pos // page_tokens]  # [L, T]
     local = self.local_tables(g, device)
