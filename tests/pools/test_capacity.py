@@ -1,0 +1,153 @@
+"""KV capacity under static / shared / crosspool: hand-computed tiny cases, ordering, bad input.
+
+Tiny mixtral (float32): 189760 params = 759040 B, of which routed experts 98304 params (16
+experts of 24576 B) and the rest 91456 params = 365824 B. With 512 B pages (128 elements) and
+2 KV heads x head_dim 16, a page holds 2 tokens of one layer; L = 2 layers.
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+from crosspool_jax.models.config import FAMILIES, tiny_config
+from crosspool_jax.pools.capacity import (
+  measure_capacity,
+  param_bytes,
+  param_counts,
+  place_models,
+  reference_config,
+)
+
+MIX = tiny_config("mixtral")
+W_TOTAL, W_NON_EXPERT, EXPERT = 759040, 365824, 24576
+PAGE = 512
+
+
+def _run(n_models, *, num_devices, device_bytes, max_batch=2, **kw):
+  return measure_capacity([MIX] * n_models, num_devices=num_devices, device_bytes=device_bytes,
+                          page_bytes=PAGE, dtype="float32", max_batch=max_batch, **kw)
+
+
+def _all_agree(res):
+  for org in res["organisations"].values():
+    for rec in org["models"].values():
+      assert rec["closed_form_agrees"], rec
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_param_counts_match_the_model(family):
+  from crosspool_jax.models.model import abstract_params
+
+  cfg = tiny_config(family)
+  leaves = __import__("jax").tree_util.tree_leaves(abstract_params(cfg))
+  assert param_counts(cfg)["total"] == sum(math.prod(x.shape) for x in leaves)
+
+
+def test_param_bytes_of_public_configs():
+  assert round(param_counts(reference_config("mixtral-8x7b"))["total"] / 1e9, 1) == 46.7
+  assert round(param_counts(reference_config("qwen1.5-moe-a2.7b"))["total"] / 1e9, 1) == 14.3
+  b = param_bytes(MIX, "float32")
+  assert (b["total"], b["non_expert"], b["routed_experts"]) == (W_TOTAL, W_NON_EXPERT, 16 * EXPERT)
+
+
+def test_two_models_two_devices_by_hand():
+  # Each device: one model's weights + 101 pages (100 usable, the null page aside).
+  res = _run(2, num_devices=2, device_bytes=W_TOTAL + 101 * PAGE)
+  _all_agree(res)
+  static, shared, cross = (res["organisations"][o] for o in ("static", "shared", "crosspool"))
+  assert static["kv_pages"] == shared["kv_pages"] == 200
+  # static: 100 pages / (2 layers x 2 requests) = 25 pages = 50 tokens per request.
+  s = static["models"]["m0-mixtral"]
+  assert (s["longest_context"], s["longest_context_cap"], s["longest_context_raw"]) == (50, 50, 100)
+  assert s["kv_tokens_reachable"] == 100 and static["fleet_fill_tokens"] == 200
+  # shared: the device's 100 pages for one request = 50 pages per layer = 100 tokens.
+  h = shared["models"]["m0-mixtral"]
+  assert (h["longest_context"], h["longest_context_raw"], h["kv_tokens_reachable"]) == (100,) * 3
+  # crosspool: 32 experts fit one device (W=1); device 1 holds both models' other params:
+  # (810752 - 2 x 365824) // 512 = 154 pages per device, 153 usable -> 76 per layer, 152 tokens.
+  assert cross["weights_pool"]["devices"] == [0] and cross["weights_pool"]["resident_fraction"] == 1
+  assert cross["kv_pages"] == 153
+  c = cross["models"]["m0-mixtral"]
+  assert (c["longest_context"], c["longest_context_raw"], c["kv_tokens_reachable"]) == (152,) * 3
+  assert cross["fleet_fill_tokens"] == 152
+  for m in ("m0-mixtral", "m1-mixtral"):  # the ordering this fleet has by construction
+    assert (cross["models"][m]["longest_context"] >= shared["models"][m]["longest_context"]
+            >= static["models"][m]["longest_context"])
+
+
+def test_models_outnumber_devices_pack_and_split():
+  # 3 models on 2 devices: device 0 holds two (200 pages, 199 usable), device 1 one.
+  res = _run(3, num_devices=2, device_bytes=2 * W_TOTAL + 200 * PAGE,
+             organisations=("static", "shared"))
+  _all_agree(res)
+  static, shared = res["organisations"]["static"], res["organisations"]["shared"]
+  assert [p["models"] for p in static["placement"]] == [["m0-mixtral", "m2-mixtral"],
+                                                        ["m1-mixtral"]]
+  assert static["placement"][0]["kv_pages"] == 199
+  s = static["models"]["m2-mixtral"]  # share 99 pages: 24 per request (x2 layers x2) -> 48 tok
+  assert (s["longest_context"], s["longest_context_raw"], s["kv_tokens_reachable"]) == (48, 98, 96)
+  h = shared["models"]["m2-mixtral"]  # the device's whole pool: 199 // 2 = 99 pages = 198 tokens
+  assert (h["longest_context"], h["kv_tokens_reachable"]) == (198, 198)
+  assert shared["fleet_fill"]["m0-mixtral"] + shared["fleet_fill"]["m2-mixtral"] <= 198
+
+
+def test_context_cap_and_tensor_parallel_kv_replication():
+  # One model must spread over 4 devices (tp=4): 1 KV head per rank while it has 2, so the KV
+  # is replicated twice: 100 group pages / 2 layers x 4 tokens = 200 tokens, not 400.
+  res = _run(1, num_devices=4, device_bytes=W_TOTAL // 4 + 101 * PAGE,
+             organisations=("shared",))
+  _all_agree(res)
+  rec = res["organisations"]["shared"]["models"]["m0-mixtral"]
+  assert rec["tp"] == 4 and rec["page_tokens"] == 4 and rec["longest_context_raw"] == 200
+  capped = measure_capacity({"short": tiny_config("mixtral", max_position=64)}, num_devices=1,
+                            device_bytes=W_TOTAL + 101 * PAGE, page_bytes=PAGE, dtype="float32",
+                            max_batch=2, organisations=("shared",))
+  _all_agree(capped)
+  rec = capped["organisations"]["shared"]["models"]["short"]
+  assert (rec["longest_context"], rec["longest_context_raw"]) == (64, 100)
+
+
+def test_crosspool_partial_residency_is_measured():
+  # W=1 of 2 devices holding 29 expert slots of the 32: 29 pinned, 3 left to swap.
+  res = _run(2, num_devices=2, device_bytes=2 * W_NON_EXPERT + 3 * PAGE,
+             organisations=("crosspool",), crosspool_weight_devices=1)
+  wp = res["organisations"]["crosspool"]["weights_pool"]
+  assert wp["slots_per_device"] == {"64x32:float32": 29}
+  assert wp["resident_experts"] == 29 and wp["resident_fraction"] == pytest.approx(29 / 32)
+  assert res["organisations"]["crosspool"]["kv_pages"] == 2
+
+
+def test_budget_too_small_is_reported_not_raised():
+  res = _run(2, num_devices=2, device_bytes=100_000)
+  for org in ("static", "shared", "crosspool"):
+    out = res["organisations"][org]
+    assert set(out["not_fit"]) == {"m0-mixtral", "m1-mixtral"}, org
+    assert out["models"] == {} and out["fleet_fill_tokens"] == 0
+  assert "do not fit" in res["organisations"]["static"]["not_fit"]["m0-mixtral"]
+  assert "experts" in res["organisations"]["crosspool"]["not_fit"]["m0-mixtral"]
+  # a page that no model's heads divide: a reason, not a crash
+  odd = measure_capacity([MIX], num_devices=2, device_bytes=10 * W_TOTAL, page_bytes=100,
+                         dtype="float32", max_batch=1)
+  assert all("multiple" in o["not_fit"]["m0-mixtral"] for o in odd["organisations"].values())
+  with pytest.raises(ValueError, match="crosspool_weight_devices"):
+    _run(1, num_devices=2, device_bytes=10 * W_TOTAL, crosspool_weight_devices=2)
+  with pytest.raises(ValueError, match="page_bytes"):
+    measure_capacity([MIX], num_devices=1, device_bytes=W_TOTAL, page_bytes=0, dtype="float32",
+                     max_batch=1)
+
+
+def test_place_models_deals_spare_devices_in_fleet_order():
+  units, not_fit = place_models({"a": 10, "b": 10}, num_devices=5, device_bytes=100,
+                                page_bytes=1)
+  assert not not_fit and [u.devices for u in units] == [[0, 1, 2], [3, 4]]
+  assert np.array_equal([u.weights_bytes_per_device for u in units], [4, 5])
+
+
+def test_script_table():
+  from scripts.capacity import format_table
+
+  res = _run(2, num_devices=2, device_bytes=W_TOTAL + 101 * PAGE)
+  table = format_table(res)
+  assert "crosspool" in table and "m1-mixtral" in table and "NO" not in table
+  assert "does not fit" in format_table(_run(1, num_devices=2, device_bytes=100_000))
