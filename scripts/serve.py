@@ -170,10 +170,17 @@ def check_config(config) -> None:
     value = config[name]
     if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
       raise ValueError(f"config.{name} must be a finite number > 0, got {value!r}")
-  SamplingParams(temperature=config.sampling.temperature, top_k=config.sampling.top_k,
-                 top_p=config.sampling.top_p)
+  try:
+    SamplingParams(temperature=config.sampling.temperature, top_k=config.sampling.top_k,
+                   top_p=config.sampling.top_p)
+  except ValueError as e:
+    raise ValueError(f"config.sampling: {e}") from e
   if not config.fleet:
     raise ValueError("config.fleet is empty: add at least one model")
+  unknown = [m.strip() for m in config.workload.popularity.split(",")
+             if m.strip() and m.strip() not in config.fleet]
+  if unknown and not config.workload.trace:
+    raise ValueError(f"config.workload.popularity names models not in config.fleet: {unknown}")
   for model_id, m in config.fleet.items():
     if not m.checkpoint and m.family not in FAMILIES:
       raise ValueError(f"config.fleet.{model_id}.family must be one of {FAMILIES} (or set its "
@@ -187,6 +194,8 @@ def _never_fits(engine, cfgs, config, record) -> str | None:
     return None  # the engine names unknown models itself
   pool = engine.pools[fleet.group]
   tokens = record.prompt_len + record.max_new_tokens
+  if tokens > min(fleet.max_context, cfgs[record.model_id].max_context):
+    return None  # beyond the model's context: the engine says so itself
   need = cfgs[record.model_id].num_layers * math.ceil(tokens / pool.page_tokens(record.model_id))
   if need > pool.limit:
     return (f"context of {tokens} tokens needs {need} KV pages, more than the pool's "

@@ -1,9 +1,9 @@
 """scripts/serve.py end to end (subprocesses, the config's small `runlocal` variant).
 
-Run A serves the seeded trace on its wall-clock schedule under the shared KV policy. Run B
-replays A's trace.jsonl, with two bad records appended, all at once under the static policy:
-the bad records are rejected with reasons, and every other request's tokens equal A's (seeded
-sampling does not depend on timing, batching or policy).
+Run A serves the seeded trace on its wall-clock schedule. Run B replays A's trace.jsonl, with
+two bad records appended, all at once into a KV pool too small for the longest contexts: the
+bad and the never-fitting records are rejected with reasons, others are preempted, and every
+served request's tokens equal A's (seeded sampling does not depend on timing or batching).
 """
 
 import json
@@ -86,22 +86,30 @@ def test_replay_with_bad_records_gives_the_same_tokens(run_a, tmp_path):
                         seed=2)]
   write_jsonl(tmp_path / "trace.jsonl", trace)
   workdir_b = tmp_path / "b"
+  # A pool of 12 pages: contexts over 48 tokens never fit (2 layers x 8 tokens a page), and
+  # 24 requests at once force preemptions.
   _serve(workdir_b, f"--config.workload.trace={tmp_path / 'trace.jsonl'}",
-         "--config.arrival_mode=all_at_once", "--config.engine.kv_policy=static")
+         "--config.arrival_mode=all_at_once", "--config.engine.pages_per_device=13")
   b = _metrics(workdir_b)
   _check_run(b, num_requests=26)
-  assert b["config"]["kv_policy"] == "static"
+  assert b["pools"]["0"]["preemptions"] > 0
   reasons = {r["request_id"]: r["reason"] for r in b["serve"]["rejected"]}
   assert "unknown model_id 'ghost'" in reasons["r00024"]
   assert "exceeds model 'mixtral_0' max context 64" in reasons["r00025"]
-  assert b["serve"]["outputs"] == a["serve"]["outputs"]  # same seed, same tokens
-  assert set(reasons) - {"r00024", "r00025"} == {r["request_id"] for r in a["serve"]["rejected"]}
+  too_big = {rid for rid, why in reasons.items() if "KV pages, more than the pool's 12" in why}
+  rejected_a = {r["request_id"] for r in a["serve"]["rejected"]}
+  assert too_big and too_big.isdisjoint(rejected_a)
+  assert set(reasons) == rejected_a | too_big | {"r00024", "r00025"}
+  # Same seed, same tokens, whatever the timing, batching and preemptions.
+  assert b["serve"]["outputs"] == {rid: out for rid, out in a["serve"]["outputs"].items()
+                                   if rid not in too_big}
 
 
 @pytest.mark.parametrize("override, error", [
     ("--config.arrival_mode=sometimes", "config.arrival_mode must be one of"),
     ("--config.workload.cv=0", "config.workload: cv must be a finite number > 0"),
     ("--config.fleet.mixtral_0.family=llama", "config.fleet.mixtral_0.family must be one of"),
+    ("--config.workload.popularity=mixtral_0,ghost", "names models not in config.fleet"),
 ])
 def test_bad_config_fails_before_compiling(tmp_path, override, error):
   proc = _serve(tmp_path, override, ok=False)
