@@ -129,11 +129,11 @@ def test_soak_returns_every_page_and_never_recompiles(shared):
   rids = [shared.submit(model_id=m, prompt_ids=p, max_new_tokens=n) for m, p, n in work]
   compiles_before = shared.metrics()["backend_compiles_since_start"]  # other tests compile too
   out = shared.generate_all()
+  metrics = shared.metrics()
+  assert metrics["backend_compiles_since_start"] == compiles_before
   assert all(len(out[r]) == 3 for r in rids)
   sample = list(range(0, 1000, 25))  # spot-check 40 of them against the reference
   assert [out[rids[i]] for i in sample] == _references([work[i] for i in sample])
-  metrics = shared.metrics()
-  assert metrics["backend_compiles_since_start"] == compiles_before
   assert metrics["compile_count"] == metrics["compile_count_at_start"] == 8
   assert all(pool.used_pages == 0 and not pool.requests for pool in shared.pools.values())
   for pool in shared.pools.values():
