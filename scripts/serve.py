@@ -91,7 +91,9 @@ def build_engine(config, log=_err):
       kv_policy=e.kv_policy, page_elems=e.page_elems, pages_per_device=e.pages_per_device,
       kv_dtype=e.kv_dtype, token_budget=e.token_budget,
       token_buckets=tuple(int(b) for b in e.token_buckets), max_batch=e.max_batch,
-      attn_impl=e.attn_impl, moe_impl=e.moe_impl, devices=tuple(int(d) for d in e.devices)),
+      attn_impl=e.attn_impl, moe_impl=e.moe_impl, devices=tuple(int(d) for d in e.devices),
+      weight_devices=tuple(int(d) for d in e.weight_devices), micro_batches=e.micro_batches,
+      expert_slots_per_device=e.expert_slots_per_device, expert_policy=e.expert_policy),
       log=log)
   cfgs = {}
   for model_id, m in config.fleet.items():

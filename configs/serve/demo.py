@@ -3,6 +3,10 @@ r"""Serving demo: a fleet of 4 tiny MoE models (3 KV shapes) under bursty, Zipf-
   python scripts/serve.py --config=configs/serve/demo.py --workdir=/tmp/serve
   python scripts/serve.py --config=configs/serve/demo.py --config.engine.kv_policy=static \
       --workdir=/tmp/serve
+  # CrossPool: attention + KV on CPU devices 0-1, the experts' weights pool on 2-3:
+  python scripts/serve.py --config=configs/serve/demo.py --config.engine.kv_policy=crosspool \
+      --config.num_cpu_devices=4 --config.engine.devices=0,1 \
+      --config.engine.weight_devices=2,3 --workdir=/tmp/serve_crosspool
   # the small variant (2 models, 24 requests, seconds; what tests/test_serve.py runs):
   python scripts/serve.py --config=configs/serve/demo.py:runlocal --workdir=/tmp/serve_small
 
@@ -73,6 +77,11 @@ def get_config(arg: str | None = None):
       attn_impl=config_dict.placeholder(str),  # None: Pallas on GPU/TPU, jnp on CPU
       moe_impl=config_dict.placeholder(str),
       devices=(0,),
+      # kv_policy="crosspool" only: devices is then the KV pool, these the weights pool.
+      weight_devices=(),
+      micro_batches=2,            # layer-wise ping-pong (1 = no pipeline)
+      expert_slots_per_device=8,  # per shape class and weights device (< fleet experts: swap)
+      expert_policy="lru",        # pin_all | lru | lfu | activation_aware
   ))
   c.num_cpu_devices = 0  # > 0: ask JAX for that many CPU devices (several KV groups on CPU)
 

@@ -194,10 +194,10 @@ class DeviceWeightsPool:
     dtype = jnp.dtype(shape.dtype)
     s, d, f = cls.slots_per_device, shape.d_model, shape.d_ff
     for dev_i, dev in enumerate(self.devices):
-      with jax.default_device(dev):
-        self._buffers[c, dev_i] = (jnp.full((s, d, f), self.fill, dtype),
-                                   jnp.full((s, d, f), self.fill, dtype),
-                                   jnp.full((s, f, d), self.fill, dtype))
+      # Committed to `dev` (an uncommitted buffer would compile the swap a second time).
+      self._buffers[c, dev_i] = jax.device_put(
+          (np.full((s, d, f), self.fill, dtype), np.full((s, d, f), self.fill, dtype),
+           np.full((s, f, d), self.fill, dtype)), dev)
       # Compile the update for every bucket of N now (all-padding calls write nothing), so
       # no swap's measured time includes a compilation.
       n = 1
