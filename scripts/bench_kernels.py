@@ -31,8 +31,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
+from crosspool_jax.cli import start_script
 from crosspool_jax.provenance import git_dirty, git_revision
 from pallas_kernels._impl import IMPLS
 from pallas_kernels.expert_dispatch import expert_dispatch
@@ -385,10 +386,7 @@ def format_table(records: Sequence[Mapping[str, Any]]) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:  # keep library INFO chatter off the console
-    logging.set_verbosity(logging.WARNING)
+  start_script(argv)
   backend = jax.default_backend()
   on_accelerator = backend in _ACCELERATORS
   kernels = _KERNELS.value

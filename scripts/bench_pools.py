@@ -35,8 +35,9 @@ from typing import Any
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import app, flags
 
+from crosspool_jax.cli import start_script
 from crosspool_jax.models.config import FAMILIES, tiny_config
 from crosspool_jax.models.model import init_params
 from crosspool_jax.pools.expert_policies import POLICIES
@@ -286,10 +287,7 @@ def run_kv_section() -> dict[str, Any]:
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)
+  start_script(argv)
   for s in _SECTIONS.value:
     if s not in ("weights", "kv"):
       raise app.UsageError(f"--sections: unknown section {s!r}; known: weights, kv")

@@ -12,8 +12,9 @@ import time
 from collections.abc import Sequence
 
 import jax.numpy as jnp
-from absl import app, flags, logging
+from absl import app, flags
 
+from crosspool_jax.cli import start_script
 from crosspool_jax.models.checkpoint import load_checkpoint, save_params
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF checkpoint directory.", required=True)
@@ -23,10 +24,7 @@ _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists."
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:  # keep library INFO chatter off the console
-    logging.set_verbosity(logging.WARNING)
+  start_script(argv)
   start = time.perf_counter()
   cfg, params = load_checkpoint(_CHECKPOINT.value, dtype=jnp.dtype(_DTYPE.value))
   out = save_params(_OUT.value, cfg, params, overwrite=_OVERWRITE.value)

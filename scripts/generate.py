@@ -19,8 +19,9 @@ import time
 from collections.abc import Sequence
 
 import jax.numpy as jnp
-from absl import app, flags, logging
+from absl import app, flags
 
+from crosspool_jax.cli import start_script
 from crosspool_jax.models.checkpoint import load_checkpoint
 from crosspool_jax.models.config import FAMILIES, tiny_config
 from crosspool_jax.models.decode import generate
@@ -53,10 +54,7 @@ def _load_tokenizer(checkpoint: str | None):
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:  # keep library INFO chatter off the console
-    logging.set_verbosity(logging.WARNING)
+  start_script(argv)
   dtype = jnp.dtype(_DTYPE.value)
   start = time.perf_counter()
   if _CHECKPOINT.value:

@@ -36,9 +36,10 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
+from crosspool_jax.cli import start_script
 from crosspool_jax.engine import Engine, EngineConfig, Status
 from crosspool_jax.engine.metrics import percentiles
 from crosspool_jax.models.checkpoint import load_checkpoint
@@ -366,10 +367,7 @@ def format_table(metrics: dict) -> str:
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if not flags.FLAGS["verbosity"].present:  # keep library INFO chatter off the console
-    logging.set_verbosity(logging.WARNING)
+  start_script(argv)
   config = _CONFIG.value
   if config.num_cpu_devices:  # before any JAX computation
     jax.config.update("jax_num_cpu_devices", config.num_cpu_devices)
