@@ -29,6 +29,7 @@ def _model(family: str, seed: int, *, max_batch: int, max_context: int, group: i
   return ml_collections.ConfigDict(dict(
       family=family,                            # tiny_config(family), init_params(seed)
       seed=seed,
+      overrides=ml_collections.ConfigDict(),    # ModelConfig fields for tiny_config(family)
       checkpoint=config_dict.placeholder(str),  # HF or orbax dir; overrides family/seed
       dtype="float32",                          # param dtype
       max_batch=max_batch,                      # concurrent requests of this model
@@ -115,8 +116,11 @@ def get_config(arg: str | None = None):
   c.stop_at_eos = False      # False: every request generates its trace's max_new_tokens
 
   # The serving loop.
-  c.arrival_mode = "trace"   # "trace": submit at arrival_s / replay_speed; "all_at_once"
+  # "trace": submit at arrival_s / replay_speed (wall clock); "logical": a clock advancing
+  # logical_step_s per engine step (a schedule independent of the machine); "all_at_once".
+  c.arrival_mode = "trace"
   c.replay_speed = 1.0       # > 1 compresses the trace's time
+  c.logical_step_s = 0.02
   c.max_wall_s = 600.0       # then cancel what is left (reported), so a run always ends
   c.progress_interval_s = 1.0
   return c

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from crosspool_jax.models.config import ModelConfig
+from crosspool_jax.models.config import ModelConfig, load_hf_config
 from crosspool_jax.models.hf_import import load_hf_checkpoint
 from crosspool_jax.models.model import abstract_params
 
@@ -39,22 +39,37 @@ def save_params(path: str | os.PathLike, cfg: ModelConfig, params: dict, *,
   return path
 
 
-def restore_params(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
-  """Restores (config, params) saved by `save_params`, into the saved dtype."""
-  path = os.path.abspath(os.fspath(path))
+def _read_meta(path: str) -> tuple[ModelConfig, str]:
+  """(ModelConfig, params dtype name) from an orbax checkpoint's model_config.json."""
   config_path = os.path.join(path, _CONFIG_FILE)
   if not os.path.exists(config_path):
     raise FileNotFoundError(f"{path} is not an orbax checkpoint of ours (no {_CONFIG_FILE})")
   with open(config_path) as f:
     meta = json.load(f)
-  cfg = ModelConfig.from_json(json.dumps(meta["model"]))
-  target = abstract_params(cfg, dtype=jnp.dtype(meta["dtype"]))
+  return ModelConfig.from_json(json.dumps(meta["model"])), meta["dtype"]
+
+
+def restore_params(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
+  """Restores (config, params) saved by `save_params`, into the saved dtype."""
+  path = os.path.abspath(os.fspath(path))
+  cfg, dtype = _read_meta(path)
+  target = abstract_params(cfg, dtype=jnp.dtype(dtype))
   params = ocp.StandardCheckpointer().restore(os.path.join(path, "params"), target)
   return cfg, params
 
 
 def is_orbax_checkpoint(path: str | os.PathLike) -> bool:
   return os.path.exists(os.path.join(os.fspath(path), _CONFIG_FILE))
+
+
+def read_model_config(path: str | os.PathLike) -> ModelConfig:
+  """The ModelConfig of an HF or orbax checkpoint directory, without reading any weight."""
+  path = os.fspath(path)
+  if not os.path.isdir(path):
+    raise FileNotFoundError(f"checkpoint directory {path} does not exist")
+  if is_orbax_checkpoint(path):
+    return _read_meta(path)[0]
+  return load_hf_config(path)
 
 
 def load_checkpoint(path: str | os.PathLike, *, dtype=None) -> tuple[ModelConfig, dict]:

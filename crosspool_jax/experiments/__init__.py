@@ -1,0 +1,1 @@
+"""Experiments: serving a fleet from a config, the policy comparisons, results and plots."""
