@@ -1,0 +1,161 @@
+"""Building blocks of the ml_collections config files (`configs/serve`, `configs/experiments`).
+
+Every block lists all of its fields, so any of them can be overridden from the command line
+(`--config.fleet.mixtral_0.max_batch=8`, `--config.workload.cv=4`).
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def fleet_entry(family: str, seed: int, *, max_batch: int, max_context: int, group: int = 0,
+                overrides: dict | None = None, dtype: str = "float32"):
+  """One fleet model: a seeded tiny model of `family` (or a checkpoint directory)."""
+  return ml_collections.ConfigDict(dict(
+      family=family,                            # tiny_config(family, **overrides), init(seed)
+      seed=seed,
+      overrides=ml_collections.ConfigDict(overrides or {}),  # ModelConfig fields
+      checkpoint=config_dict.placeholder(str),  # HF or orbax dir; replaces family/seed
+      dtype=dtype,                              # param dtype
+      max_batch=max_batch,                      # concurrent requests of this model
+      max_context=max_context,                  # longest prompt + output served
+      group=group,                              # KV group (colocated) / home KV device
+  ))
+
+
+def length_dist(kind: str = "lognormal", **kw):
+  """A `crosspool_jax.workloads.LengthDist` as a config block (every field, for overrides)."""
+  base = dict(kind=kind, value=32, median=32.0, sigma=0.5, low=1, high=0, tail_fraction=0.0,
+              tail_low=0, tail_high=0)
+  return ml_collections.ConfigDict(base | kw)
+
+
+def engine_block(**kw):
+  """`crosspool_jax.engine.EngineConfig`'s fields as a config block."""
+  base = dict(
+      kv_policy="shared",
+      page_elems=512,
+      pages_per_device=129,
+      kv_dtype="float32",
+      token_budget=64,
+      token_buckets=(16, 64),
+      max_batch=4,
+      attn_impl=config_dict.placeholder(str),  # None: Pallas on GPU/TPU, jnp on CPU
+      moe_impl=config_dict.placeholder(str),
+      devices=(0,),
+      # kv_policy="crosspool" only: devices is then the KV pool, these the weights pool.
+      weight_devices=(),
+      micro_batches=2,            # layer-wise ping-pong (1 = no pipeline)
+      expert_slots_per_device=8,  # per shape class and weights device (< fleet experts: swap)
+      expert_policy="lru",        # pin_all | lru | lfu | activation_aware
+  )
+  return ml_collections.ConfigDict(base | kw)
+
+
+def workload_block(*, popularity: str, num_requests: int, total_rate: float, prompt_len,
+                   output_len, **kw):
+  """`crosspool_jax.workloads.WorkloadConfig`'s fields (or a trace to replay)."""
+  base = dict(
+      trace="",              # JSONL trace to replay; empty: generate from the fields below
+      popularity=popularity,  # comma-separated model ids, most popular first
+      num_requests=num_requests,
+      total_rate=total_rate,  # requests/s over the fleet, outside bursts
+      cv=2.0,                # inter-arrival coefficient of variation (1 = Poisson)
+      zipf_exponent=1.0,
+      bursts=(),             # ((model ids, start_s, duration_s, rate factor), ...)
+      random_bursts=0,       # extra bursts drawn from the seed, shaped by the next 3 fields
+      burst_group_size=2,
+      burst_duration_s=1.0,
+      burst_factor=4.0,
+      prompt_len=prompt_len,
+      output_len=output_len,
+      prompt_low=3,          # prompt ids drawn from [prompt_low, vocab) (skip bos/eos)
+      seed=0,
+  )
+  return ml_collections.ConfigDict(base | kw)
+
+
+def loop_fields(c, *, arrival_mode: str = "trace", logical_step_s: float = 0.02,
+                max_wall_s: float = 600.0) -> None:
+  """The serving loop's settings (see `crosspool_jax.experiments.serving`), set on `c`."""
+  c.sampling = ml_collections.ConfigDict(dict(temperature=0.8, top_k=50, top_p=0.95))
+  c.stop_at_eos = False      # False: every request generates its trace's max_new_tokens
+  # "trace": submit at arrival_s / replay_speed (wall clock); "logical": a clock advancing
+  # logical_step_s per engine step (a schedule independent of the machine); "all_at_once".
+  c.arrival_mode = arrival_mode
+  c.replay_speed = 1.0       # > 1 compresses the trace's time
+  c.logical_step_s = logical_step_s
+  c.max_wall_s = max_wall_s  # then cancel what is left (reported), so a run always ends
+  c.progress_interval_s = 1.0
+
+
+# Tiny models shaped like real MoE checkpoints: routed experts are ~80% of the parameters
+# (Mixtral 8x7B: 96%, Qwen1.5-MoE: 87%), so moving them to a weights pool frees most of a
+# device, as it would at scale. tiny_config's own default (8 experts of d_ff 32) is ~50%.
+MOE_HEAVY = dict(num_experts=16, d_ff_expert=64, max_position=4096)
+
+CPU_FAMILIES = ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe")
+
+
+def cpu_fleet(n: int, *, max_batch: int = 4, max_context: int = 2048):
+  """n seeded MoE-heavy tiny models cycling through the four families, ids `<family>_<i>`."""
+  fleet = ml_collections.ConfigDict()
+  for i in range(n):
+    family = CPU_FAMILIES[i % len(CPU_FAMILIES)]
+    fleet[f"{family}_{i}"] = fleet_entry(family, i, max_batch=max_batch,
+                                         max_context=max_context, overrides=MOE_HEAVY)
+  return fleet
+
+
+def three_policies(*, kv_devices=(0, 1), weight_devices=(2, 3), **crosspool):
+  """static and shared on every device (one KV group each), crosspool split KV / weights."""
+  every = tuple(kv_devices) + tuple(weight_devices)
+  return ml_collections.ConfigDict(dict(
+      static=dict(kv_policy="static", devices=every, weight_devices=()),
+      shared=dict(kv_policy="shared", devices=every, weight_devices=()),
+      crosspool=dict(kv_policy="crosspool", devices=tuple(kv_devices),
+                     weight_devices=tuple(weight_devices), **crosspool),
+  ))
+
+
+def experiment_base(name: str, variant: str, description: str):
+  """The fields every experiment config has besides the serving blocks."""
+  c = ml_collections.ConfigDict()
+  c.name = name
+  c.variant = variant
+  c.description = description
+  c.num_cpu_devices = 4      # > 0: ask JAX for that many CPU devices (ignored on GPU/TPU)
+  # Same bytes on every device for every policy (0: engine.pages_per_device and the fleet's
+  # groups as given).
+  c.budget = ml_collections.ConfigDict(dict(device_bytes=0, reserve_fraction=0.0))
+  c.sweep = ml_collections.ConfigDict(dict(field="", points=()))
+  c.slo = ml_collections.ConfigDict(dict(ttft_s=1.0, tbt_s=0.2))
+  return c
+
+
+def full_scale(c, *, models: int = 8, family: str = "qwen2_moe", num_devices: int = 8,
+               weight_devices: int = 3, device_gib: int = 80):
+  """Turns `c` into its accelerator variant: `models` real checkpoints on `num_devices` chips.
+
+  The checkpoints are given on the command line (`--config.fleet.m0.checkpoint=DIR`, e.g. a
+  converted Qwen1.5-MoE-A2.7B); the run refuses to start without them. bf16 weights and KV,
+  128 KiB pages (16 tokens of 16 x 128 KV heads), device memory as the budget; the paper's
+  split of 8 chips, 3 of them the weights pool, is the one `scripts/capacity.py` finds for
+  this fleet.
+  """
+  c.require_checkpoints = True
+  c.num_cpu_devices = 0
+  c.fleet = ml_collections.ConfigDict()
+  for i in range(models):
+    c.fleet[f"m{i}"] = fleet_entry(family, i, max_batch=16, max_context=8192, dtype="bfloat16")
+  c.engine = engine_block(page_elems=65536, kv_dtype="bfloat16", token_budget=2048,
+                          token_buckets=(64, 256, 1024, 2048), max_batch=16,
+                          expert_slots_per_device=0)
+  c.budget.device_bytes = device_gib * 2**30
+  c.budget.reserve_fraction = 0.1
+  kv = tuple(range(num_devices - weight_devices))
+  c.policies = three_policies(kv_devices=kv, weight_devices=tuple(range(len(kv), num_devices)))
+  c.workload.popularity = ",".join(c.fleet.keys())
+  c.slo.ttft_s, c.slo.tbt_s = 2.0, 0.1

@@ -1,0 +1,92 @@
+"""Tables of results files: the terminal comparison table and BENCHMARKS.md sections.
+
+Everything here is computed from the JSON alone (a results file is data; tables are views).
+"""
+
+from __future__ import annotations
+
+
+def latency_row(run: dict) -> dict:
+  """The comparison table's row of one run (strings), shared by the script and BENCHMARKS.md."""
+  c, w = run["counts"], run["wall_clock"]
+
+  def ms(p):
+    return "-" if p["p50"] is None else "/".join(f"{1000 * p[k]:.0f}"
+                                                 for k in ("p50", "p90", "p99"))
+
+  hit = "-" if c["expert_hit_rate"] is None else f"{c['expert_hit_rate']:.2f}"
+  return {
+      "run": run["name"] + ("" if run["sweep_value"] is None else f" @ {run['sweep_value']}"),
+      "done/rej": f"{c['finished']}/{c['rejected']}",
+      "preempt": str(c["preemptions"]),
+      "TTFT ms p50/90/99": ms(w["ttft_s"]),
+      "TBT ms p50/90/99": ms(w["tbt_s"]),
+      "tok/s": f"{w['output_tokens_per_s']:.0f}",
+      "goodput req/s": f"{w['goodput_requests_per_s']:.2f}",
+      "KV pages": str(c["kv_capacity_pages"]),
+      "KV peak": f"{100 * c['kv_peak_utilization']:.0f}%",
+      "longest ctx": str(c["longest_context_served"]),
+      "expert hit": hit,
+      "compiles after start": str(c["backend_compiles_after_start"]),
+  }
+
+
+def comparison_table(results: dict, *, markdown: bool = False) -> str:
+  """The runs side by side (text for the terminal, or a markdown table)."""
+  rows = [latency_row(r) for r in results["runs"]]
+  cols = list(rows[0])
+  if markdown:
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    lines += ["| " + " | ".join(r[c] for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+  width = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
+  lines = ["  ".join(c.rjust(width[c]) for c in cols)]
+  lines.append("-" * len(lines[0]))
+  lines += ["  ".join(r[c].rjust(width[c]) for c in cols) for r in rows]
+  return "\n".join(lines)
+
+
+def _plan_line(run: dict) -> str:
+  plan = run.get("plan")
+  if not plan:
+    return f"- `{run['name']}`: pages per device {run['engine']['pages_per_device']} (as given)"
+  a = plan["accounting"]
+  line = (f"- `{run['name']}`: {a['kv_devices']} KV device(s) x {plan['pages_per_device']} "
+          f"pages of {a['page_bytes']} B = {a['kv_bytes'] / 2**20:.2f} MiB of KV")
+  if a.get("expert_slots_per_device"):
+    fractions = ", ".join(f"{v:.0%}" for v in a["resident_expert_fraction"].values())
+    line += (f"; {a['weight_devices']} weights device(s) x {a['expert_slots_per_device']} "
+             f"expert slots per shape class ({fractions} of the experts resident)")
+  caps = sorted(set(plan["max_context"].values()))
+  return line + f"; context cap {'/'.join(map(str, caps))} tokens"
+
+
+def benchmarks_section(results: dict, *, source: str) -> str:
+  """A BENCHMARKS.md section of one results file: what ran, the command, the table."""
+  dev = results.get("device", {})
+  budget = results["config"]["budget"]["device_bytes"]
+  lines = [
+      f"## {results['experiment']} ({results['variant']})",
+      "",
+      results["description"] + ".",
+      "",
+      f"Command: `{results['command']}`  ",
+      f"Source: `{source}`, git {results.get('git_revision', '?')[:12]}"
+      + (" (uncommitted changes)" if results.get("git_dirty") else "")
+      + f", {dev.get('count', '?')} x {dev.get('device_kind', '?')}, seed {results['seed']}, "
+      f"arrivals: {results['config']['arrival_mode']}, {results.get('created', '')}.",
+      "",
+      comparison_table(results, markdown=True),
+      "",
+      f"Memory per run (budget {budget / 2**20:.2f} MiB per device):" if budget else
+      "Memory per run:",
+      "",
+      *[_plan_line(r) for r in results["runs"]],
+      "",
+      "Same tokens under every policy: "
+      + ("yes" if all(results["outputs_agree"].values()) else
+         "no (" + ", ".join(f"{k or 'run'}: {v}" for k, v in results["outputs_agree"].items())
+         + ")") + ".",
+      "",
+  ]
+  return "\n".join(lines)

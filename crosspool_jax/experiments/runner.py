@@ -1,0 +1,274 @@
+"""One trace, every memory organisation: the experiment behind `scripts/run_experiment.py`.
+
+An experiment config (see `configs/experiments/`) is a serving config (fleet, engine, workload,
+sampling, loop; `crosspool_jax.experiments.serving`) plus:
+
+  budget:    device_bytes per device (0: take engine.pages_per_device and the fleet's groups as
+             given), reserve_fraction; every policy gets the same bytes on the same devices,
+             turned into engine settings by `crosspool_jax.experiments.budget`;
+  policies:  run name -> overrides of the engine block (kv_policy, devices, weight_devices,
+             micro_batches, expert_policy, ...) and optionally device_bytes (an ablation that
+             needs more memory says so), run in name order on the same trace;
+  sweep:     field (a dotted config path, e.g. "workload.total_rate") and points (its
+             values): a new trace per point, every policy on each;
+  slo:       ttft_s, tbt_s: a finished request meets the SLO if its TTFT and the p90 of its
+             inter-token gaps are within them (goodput = such requests per second).
+
+`run_experiment` returns the results dict (written as results.json): per run a `counts` block
+(a function of config and seed when arrival_mode is "logical" or "all_at_once": requests,
+rejections, preemptions, KV pages over the steps, longest context served, expert hits, compile
+counts, a digest of every output) and a `wall_clock` block (latencies, throughput, goodput,
+start-up and serving time); `without_wall_clock(results)` drops every wall-clock field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import time
+from collections.abc import Callable
+
+import numpy as np
+
+from crosspool_jax.experiments import budget as budget_lib
+from crosspool_jax.experiments.serving import (
+  build_engine,
+  check_config,
+  fleet_model_config,
+  load_trace,
+  serve,
+)
+from crosspool_jax.workloads import trace_stats
+
+WALL_CLOCK_KEYS = ("wall_clock", "created")
+
+
+def without_wall_clock(results: dict) -> dict:
+  """The results without their wall-clock fields (what two runs of one seed must agree on)."""
+  def strip(x):
+    if isinstance(x, dict):
+      return {k: strip(v) for k, v in x.items() if k not in WALL_CLOCK_KEYS}
+    if isinstance(x, list):
+      return [strip(v) for v in x]
+    return x
+  return strip(results)
+
+
+def _set_path(config, path: str, value) -> None:
+  *parents, leaf = path.split(".")
+  node = config
+  for p in parents:
+    if p not in node:
+      raise ValueError(f"config.sweep.field={path!r}: no config.{p}")
+    node = node[p]
+  if leaf not in node:
+    raise ValueError(f"config.sweep.field={path!r}: no such field")
+  node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value
+
+
+def check_experiment(config) -> None:
+  """Rejects a bad experiment config before anything is compiled (ValueError naming the field)."""
+  check_config(config)
+  if not config.policies:
+    raise ValueError("config.policies is empty: name at least one run")
+  known = set(config.engine.keys()) | {"device_bytes"}
+  for name, overrides in config.policies.items():
+    unknown = sorted(set(overrides.keys()) - known)
+    if unknown:
+      raise ValueError(f"config.policies.{name} overrides unknown engine fields {unknown}")
+    policy = overrides.get("kv_policy", config.engine.kv_policy)
+    weights = overrides.get("weight_devices", config.engine.weight_devices)
+    if policy in budget_lib.COLOCATED and weights:
+      raise ValueError(f"config.policies.{name}: a {policy} run has no weights devices, got "
+                       f"weight_devices={tuple(weights)}")
+  if config.get("require_checkpoints"):
+    missing = [m for m, e in config.fleet.items() if not e.checkpoint]
+    if missing:
+      raise ValueError(f"the {config.variant} variant serves real checkpoints: set "
+                       + " ".join(f"--config.fleet.{m}.checkpoint=DIR" for m in missing))
+  if config.budget.device_bytes < 0:
+    raise ValueError(f"config.budget.device_bytes must be >= 0, got {config.budget.device_bytes}")
+  if config.sweep.field:
+    if not config.sweep.points:
+      raise ValueError("config.sweep.points is empty but config.sweep.field is set")
+    probe = config.copy_and_resolve_references()
+    _set_path(probe, config.sweep.field, config.sweep.points[0])
+  for key in ("ttft_s", "tbt_s"):
+    if not config.slo[key] > 0:
+      raise ValueError(f"config.slo.{key} must be > 0, got {config.slo[key]}")
+
+
+def run_config(config, name: str):
+  """The serving config of run `name`: the policy's engine overrides and its budget plan.
+
+  Returns:
+    (config, Plan or None): a resolved, unlocked copy.
+  """
+  c = config.copy_and_resolve_references()
+  c.unlock()
+  overrides = config.policies[name].to_dict()
+  c.budget.device_bytes = overrides.pop("device_bytes", c.budget.device_bytes)
+  c.engine.update(overrides)
+  c.engine.devices = tuple(c.engine.devices)
+  c.engine.weight_devices = tuple(c.engine.weight_devices)
+  if not c.budget.device_bytes:
+    return c, None
+  fleet = {m: budget_lib.FleetModel(fleet_model_config(e), e.dtype, e.max_batch, e.max_context)
+           for m, e in c.fleet.items()}
+  plan = budget_lib.plan_policy(
+      fleet, policy=c.engine.kv_policy, kv_devices=len(c.engine.devices),
+      weight_devices=len(c.engine.weight_devices), device_bytes=int(c.budget.device_bytes),
+      page_elems=c.engine.page_elems, kv_dtype=c.engine.kv_dtype,
+      reserve_fraction=c.budget.reserve_fraction)
+  c.engine.pages_per_device = plan.pages_per_device
+  if plan.expert_slots_per_device is not None:
+    c.engine.expert_slots_per_device = plan.expert_slots_per_device
+  for m, e in c.fleet.items():
+    e.group = plan.groups[m]
+    e.max_context = plan.max_context[m]
+  return c, plan
+
+
+def _digest(outputs: dict) -> str:
+  return hashlib.sha256(json.dumps(outputs, sort_keys=True).encode()).hexdigest()
+
+
+def _good(row: dict, slo) -> bool:
+  if row["status"] != "finished" or row["ttft_s"] is None or row["ttft_s"] > slo.ttft_s:
+    return False
+  return not row["tbt_s"] or float(np.percentile(row["tbt_s"], 90)) <= slo.tbt_s
+
+
+def summarize_run(metrics: dict, serve_m: dict, slo) -> dict:
+  """The `counts` and `wall_clock` blocks of one run from the engine's metrics."""
+  rows = metrics["requests"]
+  done = [r for r in rows if r["status"] == "finished"]
+  by_id = {r["request_id"]: r for r in rows}
+  pool_used = [s["used_pages"] for s in metrics["pool_timeline"]]
+  limit = sum(p["capacity_pages"] - 1 for p in metrics["pools"].values())
+  steps = metrics["steps"]
+  kv_used_per_step = (np.asarray(pool_used, np.int64).reshape(steps, -1).sum(1).tolist()
+                      if steps else [])
+  wp = metrics.get("weights_pool")
+  counts = {
+      "requests": len(serve_m["request_ids"]),
+      "finished": len(done),
+      "rejected": len(serve_m["rejected"]),
+      "rejections": [{k: r[k] for k in ("request_id", "model_id", "reason")}
+                     for r in serve_m["rejected"]],
+      "cancelled_at_timeout": len(serve_m["cancelled_at_timeout"]),
+      "preempted_requests": sum(r["preemptions"] > 0 for r in rows),
+      "preemptions": sum(r["preemptions"] for r in rows),
+      "steps": steps,
+      "output_tokens": sum(r["output_tokens"] for r in rows),
+      "kv_capacity_pages": limit,
+      "kv_peak_pages": max(kv_used_per_step, default=0),
+      "kv_peak_utilization": max(kv_used_per_step, default=0) / max(1, limit),
+      "kv_mean_utilization": float(np.mean(kv_used_per_step)) / max(1, limit)
+                             if kv_used_per_step else 0.0,
+      "kv_used_pages_per_step": kv_used_per_step,
+      "longest_context_served": max((by_id[r]["prompt_tokens"] + by_id[r]["output_tokens"]
+                                     for r in by_id if by_id[r]["status"] == "finished"),
+                                    default=0),
+      "expert_hit_rate": None if wp is None else wp["hit_rate"],
+      "expert_loads": None if wp is None else wp["loads"],
+      "expert_bytes_swapped": None if wp is None else wp["bytes_swapped"],
+      "compile_count": metrics["compile_count"],
+      "backend_compiles_after_start": metrics["backend_compiles_since_start"],
+      "outputs_sha256": _digest(serve_m["outputs"]),
+  }
+  good = [r for r in done if _good(r, slo)]
+  wall = serve_m["serve_wall_s"]
+  overall = metrics["summary"]["overall"]
+  wall_clock = {
+      "ttft_s": overall["ttft_s"], "tbt_s": overall["tbt_s"], "e2e_s": overall["e2e_s"],
+      "queue_s": overall["queue_s"],
+      "per_model": {m: {k: s[k] for k in ("ttft_s", "tbt_s", "e2e_s")}
+                    for m, s in metrics["summary"]["per_model"].items()},
+      "ttft_samples_s": [r["ttft_s"] for r in done if r["ttft_s"] is not None],
+      "tbt_samples_s": [g for r in done for g in r["tbt_s"]],
+      "output_tokens_per_s": serve_m["output_tokens"] / max(wall, 1e-9),
+      "goodput_requests_per_s": len(good) / max(wall, 1e-9),
+      "slo_attainment": len(good) / max(1, len(done)),
+      "startup_s": serve_m["startup_s"],
+      "serve_wall_s": wall,
+      "kv_pool_timeline_t_s": [s["t"] - metrics["pool_timeline"][0]["t"]
+                               for s in metrics["pool_timeline"][::max(1, len(metrics["pools"]))]]
+                              if metrics["pool_timeline"] else [],
+  }
+  if wp is not None:
+    wall_clock["expert_swap_s"] = {k: wp[k] for k in wp if k.startswith("swap_s")}
+  if "pipeline_overlap" in metrics:
+    wall_clock["pipeline_overlap"] = metrics["pipeline_overlap"]
+  return {"counts": counts, "wall_clock": wall_clock}
+
+
+def run_experiment(config, *, log: Callable[[str], None], command: str = "",
+                   outputs: dict | None = None) -> dict:
+  """Serves the config's trace(s) under each policy; returns the results dict.
+
+  Args:
+    config: an experiment config (module docstring).
+    log: progress and engine messages.
+    command: the command line that ran it (recorded).
+    outputs: if given, filled with run key -> request id -> output tokens.
+  """
+  check_experiment(config)
+  values = list(config.sweep.points) if config.sweep.field else [None]
+  runs, traces = [], {}
+  t_start = time.perf_counter()
+  total = len(values) * len(config.policies)
+  for value in values:
+    base = config.copy_and_resolve_references()
+    base.unlock()
+    if value is not None:
+      _set_path(base, config.sweep.field, value)
+    records, meta = load_trace(base)
+    key = "" if value is None else str(value)
+    traces[key] = {"stats": trace_stats(records), "meta": meta,
+                   "arrivals": [[r.model_id, r.arrival_s] for r in records]}
+    for name in config.policies:
+      log(f"== run {len(runs) + 1}/{total}: {name}"
+          + ("" if value is None else f", {config.sweep.field}={value}")
+          + f" ({len(records)} requests)")
+      c, plan = run_config(base, name)
+      start = time.perf_counter()
+      engine, cfgs = build_engine(c, log=log)
+      startup_s = time.perf_counter() - start
+      serve_m = serve(engine, cfgs, c, records)
+      serve_m["startup_s"] = startup_s
+      summary = summarize_run(engine.metrics(), serve_m, config.slo)
+      run = {"name": name, "sweep_value": value, "engine": dict(c.engine.to_dict()),
+             "plan": None if plan is None else dataclasses.asdict(plan), **summary}
+      runs.append(run)
+      if outputs is not None:
+        outputs[f"{name}@{key}"] = serve_m["outputs"]
+      cnt = summary["counts"]
+      log(f"   {name}: {cnt['finished']}/{cnt['requests']} finished, {cnt['rejected']} "
+          f"rejected, {cnt['preemptions']} preemptions, KV peak "
+          f"{100 * cnt['kv_peak_utilization']:.0f}%, {startup_s:.0f}s start-up + "
+          f"{serve_m['serve_wall_s']:.0f}s serving")
+      del engine
+  return {
+      "experiment": config.name,
+      "variant": config.variant,
+      "description": config.description,
+      "command": command,
+      "seed": config.workload.seed,
+      "config": json.loads(config.to_json_best_effort()),
+      "traces": traces,
+      "runs": runs,
+      "outputs_agree": _agreement(runs),
+      "wall_clock": {"total_s": time.perf_counter() - t_start},
+  }
+
+
+def _agreement(runs: list[dict]) -> dict:
+  """Per sweep value: do all policies produce the same tokens for every request?"""
+  out = {}
+  for value in {str(r["sweep_value"]) for r in runs}:
+    digests = {r["name"]: r["counts"]["outputs_sha256"] for r in runs
+               if str(r["sweep_value"]) == value}
+    out[value] = len(set(digests.values())) == 1
+  return out

@@ -1,0 +1,97 @@
+r"""Runs one experiment: the same trace under each memory organisation, results as JSON + plots.
+
+  python scripts/run_experiment.py                        # the CPU demo, default settings
+  python scripts/run_experiment.py --config=configs/experiments/longest_context.py:cpu \
+      --workdir=workdir/longest_context
+  python scripts/run_experiment.py --config=configs/experiments/tbt_vs_rate.py:cpu \
+      --config.sweep.points=2,4,8 --workdir=workdir/tbt_vs_rate
+
+Each config (configs/experiments/*.py) has a small `cpu` variant and, where it makes sense, a
+`full` one for accelerators. Writes to --workdir (default workdir/<experiment>_<variant>):
+  results.json  per run (policy x sweep value): `counts` (requests, rejections, preemptions,
+                KV pages per step, longest context served, expert hits, compile counts, an
+                output digest) and `wall_clock` (TTFT/TBT/E2E percentiles and samples,
+                throughput, goodput against config.slo, start-up); the traces' statistics,
+                whether all policies produced the same tokens, the full config, the seed, the
+                command, the git revision and the device;
+  *.png         latency CDFs, KV memory over time, per-model arrivals (and the sweep);
+  outputs.json  every request's output tokens per run;
+and prints the comparison table. `python scripts/make_benchmarks.py` turns results files into
+BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from crosspool_jax.cli import start_script
+from crosspool_jax.experiments.plots import write_plots
+from crosspool_jax.experiments.report import comparison_table
+from crosspool_jax.experiments.runner import check_experiment, run_experiment
+from crosspool_jax.provenance import git_dirty, git_revision
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(_ROOT, "configs", "experiments", "demo.py"),
+    "Experiment config file (ml_collections).", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created); default "
+                               "workdir/<experiment>_<variant> under the repository.")
+
+
+def _err(msg: str) -> None:
+  print(msg, file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str]) -> None:
+  start_script(argv)
+  config = _CONFIG.value
+  try:  # a bad config fails before anything is compiled
+    check_experiment(config)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  if config.num_cpu_devices:  # CPU devices only; before any JAX computation
+    jax.config.update("jax_num_cpu_devices", config.num_cpu_devices)
+  workdir = _WORKDIR.value or os.path.join(_ROOT, "workdir", f"{config.name}_{config.variant}")
+  os.makedirs(workdir, exist_ok=True)
+  device = jax.devices()[0]
+  _err(f"experiment {config.name} ({config.variant}) on {len(jax.devices())} "
+       f"{device.platform} device(s): runs {', '.join(config.policies.keys())}"
+       + (f" x {config.sweep.field} in {tuple(config.sweep.points)}" if config.sweep.field
+          else ""))
+  start = time.perf_counter()
+  outputs: dict = {}
+  results = run_experiment(config, log=_err, command=shlex.join(["python", *sys.argv]),
+                           outputs=outputs)
+  results |= {
+      "git_revision": git_revision(),
+      "git_dirty": git_dirty(),
+      "created": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+      "device": {"platform": device.platform, "device_kind": device.device_kind,
+                 "count": len(jax.devices())},
+  }
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump(results, f, indent=1)
+  with open(os.path.join(workdir, "outputs.json"), "w") as f:
+    json.dump(outputs, f)
+  plots = write_plots(results, workdir)
+  print(f"\n{config.name} ({config.variant}): {results['description']}")
+  print(comparison_table(results))
+  agree = results["outputs_agree"]
+  print(f"same tokens under every policy: "
+        f"{'yes' if all(agree.values()) else 'NO ' + json.dumps(agree)}")
+  print(f"wrote {workdir}/results.json and {len(plots)} plots in "
+        f"{time.perf_counter() - start:.0f}s")
+
+
+if __name__ == "__main__":
+  app.run(main)
