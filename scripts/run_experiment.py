@@ -15,7 +15,9 @@ Each config (configs/experiments/*.py) has a small `cpu` variant and, where it m
                 whether all policies produced the same tokens, the full config, the seed, the
                 command, the git revision and the device;
   *.png         latency CDFs, KV memory over time, per-model arrivals (and the sweep);
-  outputs.json  every request's output tokens per run;
+  outputs.json  every request's output tokens per run ("<run>@<sweep point>");
+  trace.jsonl   the trace served (trace_<point>.jsonl per sweep point), replayable with
+                --config.workload.trace;
 and prints the comparison table. `python scripts/make_benchmarks.py` turns results files into
 BENCHMARKS.md.
 """
@@ -71,7 +73,7 @@ def main(argv: Sequence[str]) -> None:
   start = time.perf_counter()
   outputs: dict = {}
   results = run_experiment(config, log=_err, command=shlex.join(["python", *sys.argv]),
-                           outputs=outputs)
+                           outputs=outputs, trace_dir=workdir)
   results |= {
       "git_revision": git_revision(),
       "git_dirty": git_dirty(),

@@ -28,9 +28,10 @@ from crosspool_jax.experiments.config_lib import (
 
 
 def get_config(arg: str | None = None):
+  """The demo; arg "smoke" is a seconds-long version (two models, eight requests) for tests."""
   variant = arg or "cpu"
-  if variant != "cpu":
-    raise ValueError(f"the demo has only the 'cpu' variant, got {arg!r}")
+  if variant not in ("cpu", "smoke"):
+    raise ValueError(f"variant must be 'cpu' or 'smoke', got {arg!r}")
   c = experiment_base("demo", variant, "static vs shared vs crosspool, 4 tiny MoE models on 4 "
                       "CPU devices, bursty Zipf traffic with a long-context tail")
   c.fleet = cpu_fleet(4)
@@ -45,4 +46,12 @@ def get_config(arg: str | None = None):
                              tail_high=1800),
       output_len=length_dist("uniform", low=8, high=24))
   loop_fields(c, arrival_mode="logical", logical_step_s=0.05)
+  if variant == "smoke":
+    c.fleet = cpu_fleet(2, max_context=1024)
+    c.engine.token_buckets, c.engine.token_budget = (32,), 32
+    c.workload.popularity = "mixtral_0,qwen2_moe_1"
+    c.workload.num_requests, c.workload.bursts = 8, ()
+    c.workload.prompt_len.tail_fraction, c.workload.prompt_len.tail_low = 0.25, 300
+    c.workload.prompt_len.tail_high = 900
+    c.workload.output_len.low, c.workload.output_len.high = 2, 6
   return c

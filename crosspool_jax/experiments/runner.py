@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable
 
@@ -39,7 +40,7 @@ from crosspool_jax.experiments.serving import (
   load_trace,
   serve,
 )
-from crosspool_jax.workloads import trace_stats
+from crosspool_jax.workloads import trace_stats, write_jsonl
 
 WALL_CLOCK_KEYS = ("wall_clock", "created")
 
@@ -97,6 +98,11 @@ def check_experiment(config) -> None:
   for key in ("ttft_s", "tbt_s"):
     if not config.slo[key] > 0:
       raise ValueError(f"config.slo.{key} must be > 0, got {config.slo[key]}")
+  for name in config.policies:  # every budget plan, before the first run compiles
+    try:
+      run_config(config, name)
+    except ValueError as e:
+      raise ValueError(f"config.policies.{name}: {e}") from e
 
 
 def run_config(config, name: str):
@@ -205,14 +211,16 @@ def summarize_run(metrics: dict, serve_m: dict, slo) -> dict:
 
 
 def run_experiment(config, *, log: Callable[[str], None], command: str = "",
-                   outputs: dict | None = None) -> dict:
+                   outputs: dict | None = None, trace_dir: str | None = None) -> dict:
   """Serves the config's trace(s) under each policy; returns the results dict.
 
   Args:
     config: an experiment config (module docstring).
     log: progress and engine messages.
     command: the command line that ran it (recorded).
-    outputs: if given, filled with run key -> request id -> output tokens.
+    outputs: if given, filled with "<run name>@<sweep point>" -> request id -> output tokens.
+    trace_dir: if given, each trace is written there as JSONL (replayable with
+      config.workload.trace): trace.jsonl, or trace_<point>.jsonl for a sweep.
   """
   check_experiment(config)
   values = list(config.sweep.points) if config.sweep.field else [None]
@@ -226,6 +234,9 @@ def run_experiment(config, *, log: Callable[[str], None], command: str = "",
       _set_path(base, config.sweep.field, value)
     records, meta = load_trace(base)
     key = "" if value is None else str(value)
+    if trace_dir is not None:
+      write_jsonl(os.path.join(trace_dir, f"trace_{key}.jsonl" if key else "trace.jsonl"),
+                  records, meta=meta)
     traces[key] = {"stats": trace_stats(records), "meta": meta,
                    "arrivals": [[r.model_id, r.arrival_s] for r in records]}
     for name in config.policies:

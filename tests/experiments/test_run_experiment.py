@@ -1,0 +1,139 @@
+"""scripts/run_experiment.py and make_benchmarks.py end to end (subprocesses, the smoke demo)."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from crosspool_jax.experiments.runner import check_experiment, without_wall_clock
+from crosspool_jax.models.config import tiny_config
+from crosspool_jax.models.decode import generate
+from crosspool_jax.models.model import init_params
+from crosspool_jax.models.sampling import SamplingParams
+from crosspool_jax.workloads import prompt_ids, read_jsonl
+from tests.conftest import ROOT
+
+DEMO = os.path.join(ROOT, "configs", "experiments", "demo.py")
+SMOKE = f"--config={DEMO}:smoke"
+
+
+def demo_config(arg):
+  spec = importlib.util.spec_from_file_location("demo_config", DEMO)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def _run(script, *args, ok=True):
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), *args],
+                        capture_output=True, text=True, timeout=900, cwd=ROOT)
+  if ok:
+    assert proc.returncode == 0, proc.stderr[-4000:]
+  return proc
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+  """The smoke demo run twice with the same seed."""
+  out = []
+  for name in ("a", "b"):
+    workdir = tmp_path_factory.mktemp(name)
+    proc = _run("run_experiment.py", SMOKE, f"--workdir={workdir}")
+    with open(workdir / "results.json") as f:
+      out.append((workdir, proc, json.load(f)))
+  return out
+
+
+def test_same_seed_same_results_apart_from_wall_clock(two_runs):
+  (_, _, a), (_, _, b) = two_runs
+  assert without_wall_clock(a) == without_wall_clock(b)
+  assert a["created"] and a["runs"][0]["wall_clock"]["serve_wall_s"] > 0  # they did exist
+  assert "wall_clock" not in json.dumps(without_wall_clock(a))
+
+
+def test_results_hold_every_policy_and_what_it_served(two_runs):
+  workdir, proc, r = two_runs[0]
+  assert [run["name"] for run in r["runs"]] == ["crosspool", "shared", "static"]
+  assert r["git_revision"] and r["seed"] == 0 and r["config"]["name"] == "demo"
+  assert "run_experiment.py" in r["command"]
+  by = {run["name"]: run for run in r["runs"]}
+  for run in r["runs"]:
+    c, w = run["counts"], run["wall_clock"]
+    assert c["finished"] + c["rejected"] == c["requests"] == 8
+    assert c["backend_compiles_after_start"] == 0
+    assert len(c["kv_used_pages_per_step"]) == c["steps"] > 0
+    assert c["kv_used_pages_per_step"][-1] == 0  # every page returned
+    for key in ("ttft_s", "tbt_s"):
+      assert 0 < w[key]["p50"] <= w[key]["p90"] <= w[key]["p99"]
+    assert w["output_tokens_per_s"] > 0 and 0 <= w["slo_attainment"] <= 1
+  # The budget decides who can hold the long-context tail: the smoke trace has prompts of
+  # ~420 and ~620 tokens; static caps contexts at its reservation, shared at one device.
+  assert by["static"]["counts"]["rejected"] > by["shared"]["counts"]["rejected"] >= \
+      by["crosspool"]["counts"]["rejected"] == 0
+  assert by["crosspool"]["counts"]["longest_context_served"] > \
+      by["shared"]["counts"]["longest_context_served"]
+  assert by["crosspool"]["counts"]["expert_hit_rate"] is not None
+  assert by["static"]["plan"]["max_context"]["mixtral_0"] < 1024
+  # Seeded sampling: every policy gives every request the same tokens.
+  assert r["outputs_agree"] == {"": True}
+  for png in ("latency_cdf.png", "memory.png", "activity.png"):
+    assert os.path.getsize(workdir / png) > 1000
+  assert "crosspool" in proc.stdout and "TBT ms p50/90/99" in proc.stdout
+  assert "same tokens under every policy: yes" in proc.stdout
+  assert "== run 3/3: static" in proc.stderr  # progress
+
+
+def test_outputs_equal_the_reference_generation(two_runs):
+  """The experiment serves real models: its tokens are those of `generate` alone."""
+  workdir, _, r = two_runs[0]
+  with open(workdir / "outputs.json") as f:
+    outputs = json.load(f)
+  records = read_jsonl(workdir / "trace.jsonl")
+  assert len(records) == r["traces"][""]["stats"]["requests"] == 8
+  s, fleet = r["config"]["sampling"], r["config"]["fleet"]
+  for i, rec in enumerate(records[:3]):
+    entry = fleet[rec.model_id]
+    cfg = tiny_config(entry["family"], **entry["overrides"])
+    want = generate(init_params(cfg, seed=entry["seed"]), cfg,
+                    [prompt_ids(rec, cfg.vocab_size, low=r["config"]["workload"]["prompt_low"])],
+                    max_new_tokens=rec.max_new_tokens,
+                    sampling=SamplingParams(temperature=s["temperature"], top_k=s["top_k"],
+                                            top_p=s["top_p"], seed=rec.seed))[0]
+    for run in ("crosspool", "shared", "static"):
+      assert outputs[f"{run}@"][f"r{i:05d}"] == want, (run, i)
+
+
+def test_benchmarks_md_is_generated_from_the_results(two_runs, tmp_path):
+  workdir, _, r = two_runs[0]
+  out = tmp_path / "B.md"
+  _run("make_benchmarks.py", f"--results={workdir / 'results.json'}", f"--out={out}")
+  text = out.read_text()
+  assert "## demo (smoke)" in text and r["command"] in text
+  assert "| crosspool |" in text and "| static |" in text
+  assert r["git_revision"][:12] in text
+  bad = _run("make_benchmarks.py", f"--results={tmp_path / 'missing.json'}", f"--out={out}",
+             ok=False)
+  assert bad.returncode != 0 and "missing.json" in bad.stderr
+
+
+@pytest.mark.parametrize("override, error", [
+    ("--config.policies.shared.weight_devices=2,3", "a shared run has no weights devices"),
+    ("--config.sweep.field=workload.total_rate", "config.sweep.points is empty"),
+    ("--config.budget.device_bytes=100000",
+     "config.policies.crosspool: budget: KV device 0: no room for KV pages"),
+])
+def test_bad_config_fails_before_compiling(tmp_path, override, error):
+  proc = _run("run_experiment.py", SMOKE, f"--workdir={tmp_path}", override, ok=False)
+  assert proc.returncode != 0 and error in proc.stderr, proc.stderr[-2000:]
+  assert not os.path.exists(tmp_path / "results.json")
+
+
+def test_unknown_engine_field_in_a_policy_is_named():
+  config = demo_config("smoke")
+  config.policies.static.kv_polcy = "static"
+  with pytest.raises(ValueError, match=r"policies.static overrides unknown engine fields "
+                                       r"\['kv_polcy'\]"):
+    check_experiment(config)
