@@ -88,7 +88,7 @@ def _pages(device_bytes: int, resident: int, page_bytes: int, reserve_fraction: 
 
 def plan_policy(fleet: Mapping[str, FleetModel], *, policy: str, kv_devices: int,
                 weight_devices: int = 0, device_bytes: int, page_elems: int, kv_dtype: str,
-                reserve_fraction: float = 0.0) -> Plan:
+                reserve_fraction: float = 0.0, weights_device_bytes: int | None = None) -> Plan:
   """The engine settings of `policy` for `fleet` on devices of `device_bytes` each.
 
   Args:
@@ -99,6 +99,8 @@ def plan_policy(fleet: Mapping[str, FleetModel], *, policy: str, kv_devices: int
     device_bytes: memory budget of every device.
     page_elems, kv_dtype: the KV page (its bytes are the same for every policy).
     reserve_fraction: kept free on every device (activations, compiler scratch).
+    weights_device_bytes: crosspool: budget of a weights device, if not `device_bytes` (an
+      ablation that needs more room for experts says so).
 
   Raises:
     ValueError: the budget cannot hold the fleet under `policy` (which device, how short).
@@ -142,13 +144,16 @@ def plan_policy(fleet: Mapping[str, FleetModel], *, policy: str, kv_devices: int
       classes[spec.shape_class] = classes.get(spec.shape_class, 0) + spec.num_pooled_experts
     per_slot = sum(c.expert_bytes for c in classes)
     need = max(math.ceil(n / weight_devices) for n in classes.values())
-    slots = min(int(usable // per_slot), need)
+    w_bytes = device_bytes if weights_device_bytes is None else weights_device_bytes
+    w_usable = w_bytes * (1 - reserve_fraction)
+    slots = min(int(w_usable // per_slot), need)
     top_k = max(f.cfg.top_k for f in fleet.values())
     if slots < top_k:
-      raise ValueError(f"budget: crosspool: a weights device of {device_bytes} B holds "
-                       f"{int(usable // per_slot)} slot(s) per shape class, fewer than top_k="
+      raise ValueError(f"budget: crosspool: a weights device of {w_bytes} B holds "
+                       f"{int(w_usable // per_slot)} slot(s) per shape class, fewer than top_k="
                        f"{top_k}")
     accounting |= {
+        "weights_device_bytes": w_bytes,
         "expert_slots_per_device": slots,
         "expert_bytes_per_weights_device": slots * per_slot,
         "resident_expert_fraction": {str(c): min(1.0, slots * weight_devices / n)

@@ -7,8 +7,9 @@ sampling, loop; `crosspool_jax.experiments.serving`) plus:
              given), reserve_fraction; every policy gets the same bytes on the same devices,
              turned into engine settings by `crosspool_jax.experiments.budget`;
   policies:  run name -> overrides of the engine block (kv_policy, devices, weight_devices,
-             micro_batches, expert_policy, ...) and optionally device_bytes (an ablation that
-             needs more memory says so), run in name order on the same trace;
+             micro_batches, expert_policy, ...) and optionally weights_device_bytes (an
+             ablation that needs a bigger weights pool says so), run in name order on the
+             same trace;
   sweep:     field (a dotted config path, e.g. "workload.total_rate") and points (its
              values): a new trace per point, every policy on each;
   slo:       ttft_s, tbt_s: a finished request meets the SLO if its TTFT and the p90 of its
@@ -73,7 +74,7 @@ def check_experiment(config) -> None:
   check_config(config)
   if not config.policies:
     raise ValueError("config.policies is empty: name at least one run")
-  known = set(config.engine.keys()) | {"device_bytes"}
+  known = set(config.engine.keys()) | {"weights_device_bytes"}
   for name, overrides in config.policies.items():
     unknown = sorted(set(overrides.keys()) - known)
     if unknown:
@@ -114,7 +115,7 @@ def run_config(config, name: str):
   c = config.copy_and_resolve_references()
   c.unlock()
   overrides = config.policies[name].to_dict()
-  c.budget.device_bytes = overrides.pop("device_bytes", c.budget.device_bytes)
+  weights_bytes = overrides.pop("weights_device_bytes", None)
   c.engine.update(overrides)
   c.engine.devices = tuple(c.engine.devices)
   c.engine.weight_devices = tuple(c.engine.weight_devices)
@@ -126,7 +127,7 @@ def run_config(config, name: str):
       fleet, policy=c.engine.kv_policy, kv_devices=len(c.engine.devices),
       weight_devices=len(c.engine.weight_devices), device_bytes=int(c.budget.device_bytes),
       page_elems=c.engine.page_elems, kv_dtype=c.engine.kv_dtype,
-      reserve_fraction=c.budget.reserve_fraction)
+      reserve_fraction=c.budget.reserve_fraction, weights_device_bytes=weights_bytes)
   c.engine.pages_per_device = plan.pages_per_device
   if plan.expert_slots_per_device is not None:
     c.engine.expert_slots_per_device = plan.expert_slots_per_device

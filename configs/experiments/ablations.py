@@ -1,0 +1,54 @@
+r"""Ablations of CrossPool: what each of its parts is worth, on the demo's fleet and trace.
+
+  python scripts/run_experiment.py --config=configs/experiments/ablations.py:cpu
+  python scripts/run_experiment.py --config=configs/experiments/ablations.py:full \
+      --config.fleet.m0.checkpoint=DIR0 ... --config.fleet.m7.checkpoint=DIR7
+
+Runs (same trace, same per-device budget unless said):
+  crosspool              the full policy (2 micro-batches, LRU expert swapping)
+  no_pipeline            one micro-batch: the two pools wait on each other every layer
+  no_swapping            pin_all: every expert resident; its weights devices get the bytes
+                         all experts need (3.5 MiB instead of 2.5 on cpu; the KV devices keep
+                         the common budget): the memory that swapping saves
+  no_consolidation       `shared`: no weights pool at all, each model's whole weights on
+                         its device (KV still pooled per device)
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from crosspool_jax.experiments.config_lib import full_scale
+
+
+def _demo():
+  import importlib.util
+  import os
+
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo.py")
+  spec = importlib.util.spec_from_file_location("demo_config", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg: str | None = None):
+  variant = arg or "cpu"
+  if variant not in ("cpu", "full"):
+    raise ValueError(f"variant must be 'cpu' or 'full', got {arg!r}")
+  c = _demo().get_config("cpu")
+  c.name, c.variant = "ablations", variant
+  c.description = "CrossPool without its pipeline, without expert swapping, without a weights pool"
+  if variant == "full":
+    full_scale(c)
+  crosspool = c.policies.crosspool.to_dict()
+  # cpu: 3.5 MiB weights devices hold all 128 experts; full: 8 Qwen1.5-MoE fit on 3 x 80 GiB
+  # already (see scripts/capacity.py), so pin_all costs no extra memory there.
+  no_swap = dict(weights_device_bytes=7 * 2**19) if variant == "cpu" else {}
+  c.policies = ml_collections.ConfigDict(dict(
+      crosspool=crosspool,
+      no_pipeline=crosspool | dict(micro_batches=1),
+      no_swapping=crosspool | dict(expert_policy="pin_all", **no_swap),
+      no_consolidation=c.policies.shared.to_dict(),
+  ))
+  return c
