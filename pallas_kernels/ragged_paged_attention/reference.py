@@ -5,8 +5,8 @@ heads per kv head, H head dim, S sequences (max_seqs), P pages per sequence in a
 L = P * page_tokens key positions of a sequence. Query head n reads kv head n // G.
 
 Vectorised over tokens: each token gathers the pages of its own sequence with index arrays
-(`pages[page_table[seq]]`), never a dynamic slice of the pool, and attends causally. Tokens are
-processed in blocks of `token_block` (`lax.map`), so memory is token_block * L * K * H.
+(`pages[page_table[seq]]`), never a dynamic slice of the pool, and attends causally, a chunk of
+pages at a time with an online softmax, for as many chunks as the batch's longest sequence.
 """
 
 from __future__ import annotations
@@ -46,40 +46,15 @@ def token_metadata(cu_q_lens_S1: jax.Array, kv_lens_S: jax.Array, num_seqs: jax.
   return seq_T, pos_T, valid_T
 
 
-def _attend_one(q_NH, seq, pos, valid, pages_P2TKH, page_table_SP, sm_scale):
-  """Attention of one query token over the pages of its sequence (keys at positions <= pos)."""
-  _, _, page_tokens, K, H = pages_P2TKH.shape
-  N = q_NH.shape[0]
-  G = N // K
-  pids_P = page_table_SP[seq]
-  kv_P2TKH = pages_P2TKH[pids_P]
-  L = pids_P.shape[0] * page_tokens
-  k_LKH = kv_P2TKH[:, 0].reshape(L, K, H)
-  v_LKH = kv_P2TKH[:, 1].reshape(L, K, H)
-  l_L = jnp.arange(L, dtype=jnp.int32)
-  seen_L = (l_L <= pos) & (jnp.repeat(pids_P, page_tokens) != 0) & valid
-  # Zero what is not seen so garbage (NaN) in unowned slots never reaches a product.
-  k_LKH = jnp.where(seen_L[:, None, None], k_LKH.astype(jnp.float32), 0.0)
-  v_LKH = jnp.where(seen_L[:, None, None], v_LKH.astype(jnp.float32), 0.0)
-  q_KGH = q_NH.astype(jnp.float32).reshape(K, G, H)
-  s_KGL = jnp.einsum("kgh,lkh->kgl", q_KGH, k_LKH, precision="highest") * sm_scale
-  s_KGL = jnp.where(seen_L, s_KGL, NEG_INF)
-  m_KG = jnp.max(s_KGL, axis=-1)
-  m_safe_KG = jnp.where(jnp.isfinite(m_KG), m_KG, 0.0)
-  p_KGL = jnp.where(seen_L, jnp.exp(s_KGL - m_safe_KG[..., None]), 0.0)
-  l_KG = jnp.sum(p_KGL, axis=-1)
-  o_KGH = jnp.einsum("kgl,lkh->kgh", p_KGL, v_LKH, precision="highest")
-  has_KG = l_KG > 0
-  o_KGH = jnp.where(has_KG[..., None], o_KGH / jnp.where(has_KG, l_KG, 1.0)[..., None], 0.0)
-  lse_KG = jnp.where(has_KG, m_safe_KG + jnp.log(jnp.where(has_KG, l_KG, 1.0)), NEG_INF)
-  return o_KGH.reshape(N, H), lse_KG.reshape(N)
-
-
 def ragged_paged_attention_reference(q_TNH: jax.Array, pages_P2TKH: jax.Array,
                                      page_table_SP: jax.Array, cu_q_lens_S1: jax.Array,
                                      kv_lens_S: jax.Array, num_seqs: jax.Array, *,
-                                     sm_scale: float, token_block: int = 64):
+                                     sm_scale: float, chunk_pages: int = 8):
   """Ragged paged attention, plain jnp (see `api.ragged_paged_attention` for the contract).
+
+  Online softmax over chunks of `chunk_pages` pages of every token's page table, for as many
+  chunks as the longest real sequence needs (a `fori_loop` with a traced trip count): the cost
+  follows the batch's longest context, not the page table's width (max_context).
 
   Args:
     q_TNH: [T, N, H] queries.
@@ -89,23 +64,60 @@ def ragged_paged_attention_reference(q_TNH: jax.Array, pages_P2TKH: jax.Array,
     kv_lens_S: int32 [S] context lengths including the new tokens.
     num_seqs: int32 [1] real sequences.
     sm_scale: softmax scale.
-    token_block: tokens attended at once (memory: token_block * L * K * H floats).
+    chunk_pages: pages per step of the loop (memory: T * chunk_pages * page_tokens * K * H).
 
   Returns:
     (out_TNH in q's dtype, lse_TN float32); padding tokens and tokens that see no key give
     out 0 and lse -inf.
   """
-  T = q_TNH.shape[0]
+  T, N, H = q_TNH.shape
+  _, _, page_tokens, K, _ = pages_P2TKH.shape
+  G = N // K
+  S, P = page_table_SP.shape
+  C = max(1, min(chunk_pages, P))
+  chunks = -(-P // C)
   seq_T, pos_T, valid_T = token_metadata(cu_q_lens_S1, kv_lens_S, num_seqs, T)
+  table_SP = jnp.pad(page_table_SP.astype(jnp.int32), ((0, 0), (0, chunks * C - P)))
+  table_TP = table_SP[seq_T]
+  n = jnp.clip(num_seqs.reshape(()).astype(jnp.int32), 0, S)
+  longest = jnp.max(jnp.where(jnp.arange(S) < n, kv_lens_S.astype(jnp.int32), 0))
+  trips = jnp.minimum(-(-longest // (C * page_tokens)), chunks)
+  q_TKGH = q_TNH.astype(jnp.float32).reshape(T, K, G, H)
+  CL = C * page_tokens
 
-  def one(args):
-    q_NH, seq, pos, valid = args
-    return _attend_one(q_NH, seq, pos, valid, pages_P2TKH, page_table_SP.astype(jnp.int32),
-                       sm_scale)
+  def chunk(c, carry):
+    m_TKG, l_TKG, acc_TKGH = carry
+    pids_TC = jax.lax.dynamic_slice_in_dim(table_TP, c * C, C, axis=1)
+    kv_TC2LKH = pages_P2TKH[pids_TC]
+    k_TLKH = kv_TC2LKH[:, :, 0].reshape(T, CL, K, H)
+    v_TLKH = kv_TC2LKH[:, :, 1].reshape(T, CL, K, H)
+    l_L = c * CL + jnp.arange(CL, dtype=jnp.int32)
+    seen_TL = ((l_L[None] <= pos_T[:, None]) & (jnp.repeat(pids_TC, page_tokens, axis=1) != 0)
+               & valid_T[:, None])
+    # Zero what is not seen so garbage (NaN) in unowned slots never reaches a product.
+    k_TLKH = jnp.where(seen_TL[..., None, None], k_TLKH.astype(jnp.float32), 0.0)
+    v_TLKH = jnp.where(seen_TL[..., None, None], v_TLKH.astype(jnp.float32), 0.0)
+    s_TKGL = jnp.einsum("tkgh,tlkh->tkgl", q_TKGH, k_TLKH, precision="highest") * sm_scale
+    seen_T11L = seen_TL[:, None, None, :]
+    s_TKGL = jnp.where(seen_T11L, s_TKGL, NEG_INF)
+    m_new_TKG = jnp.maximum(m_TKG, jnp.max(s_TKGL, axis=-1))
+    m_safe_TKG = jnp.where(jnp.isfinite(m_new_TKG), m_new_TKG, 0.0)
+    p_TKGL = jnp.where(seen_T11L, jnp.exp(s_TKGL - m_safe_TKG[..., None]), 0.0)
+    alpha_TKG = jnp.where(jnp.isfinite(m_TKG), jnp.exp(m_TKG - m_safe_TKG), 0.0)
+    l_TKG = alpha_TKG * l_TKG + jnp.sum(p_TKGL, axis=-1)
+    acc_TKGH = alpha_TKG[..., None] * acc_TKGH + jnp.einsum(
+        "tkgl,tlkh->tkgh", p_TKGL, v_TLKH, precision="highest")
+    return m_new_TKG, l_TKG, acc_TKGH
 
-  out_TNH, lse_TN = jax.lax.map(one, (q_TNH, seq_T, pos_T, valid_T),
-                                batch_size=max(1, min(token_block, T)))
-  return out_TNH.astype(q_TNH.dtype), lse_TN
+  init = (jnp.full((T, K, G), NEG_INF, jnp.float32), jnp.zeros((T, K, G), jnp.float32),
+          jnp.zeros((T, K, G, H), jnp.float32))
+  m_TKG, l_TKG, acc_TKGH = jax.lax.fori_loop(0, trips, chunk, init)
+  has_TKG = l_TKG > 0
+  l_safe_TKG = jnp.where(has_TKG, l_TKG, 1.0)
+  out_TKGH = jnp.where(has_TKG[..., None], acc_TKGH / l_safe_TKG[..., None], 0.0)
+  m_safe_TKG = jnp.where(jnp.isfinite(m_TKG), m_TKG, 0.0)
+  lse_TKG = jnp.where(has_TKG, m_safe_TKG + jnp.log(l_safe_TKG), NEG_INF)
+  return out_TKGH.reshape(T, N, H).astype(q_TNH.dtype), lse_TKG.reshape(T, N)
 
 
 def merge_attention(outs, lses):

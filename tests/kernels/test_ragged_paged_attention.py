@@ -23,6 +23,7 @@ from pallas_kernels.ragged_paged_attention import (
   merge_attention,
   page_tokens_of,
   ragged_paged_attention,
+  ragged_paged_attention_reference,
   unview_pages,
   validate_inputs,
   view_pages,
@@ -221,6 +222,22 @@ def test_float64_loop_oracle():
   for impl in ("reference", "interpret"):
     got = attn(*args, kv_heads=2, impl=impl, block_sizes=(4, 2))
     assert_attention_close(got, expected, jnp.float32, info["num_live_tokens"])
+
+
+@pytest.mark.parametrize("chunk_pages", [1, 3, 8])
+def test_reference_chunks_over_a_wide_table_match_the_float64_oracle(chunk_pages):
+  """Online softmax over page chunks; a table far wider than the longest sequence (the
+  engine's max_context) and a skipped page in the middle; NaN everywhere else."""
+  args, info = make_batch(4, [6, 1, 2], [37, 11, 2], kv_heads=2, group=2, head_dim=64,
+                          page_tokens=4, pages_per_seq=24)
+  table = np.asarray(args[2]).copy()
+  table[0, 3] = 0
+  args = (*args[:2], jnp.asarray(table), *args[3:])
+  expected = dense_oracle(args, 2, 0.125)
+  q, pool, *rest = args
+  got = ragged_paged_attention_reference(q, pool.reshape(pool.shape[0], 2, 4, 2, 64), *rest,
+                                         sm_scale=0.125, chunk_pages=chunk_pages)
+  assert_attention_close(got, expected, jnp.float32, info["num_live_tokens"])
 
 
 def test_split_and_merge_equals_full():
