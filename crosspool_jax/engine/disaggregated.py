@@ -186,7 +186,9 @@ class DisaggregatedExecutor:
   """Runs model batches with the CrossPool memory organisation (see the module docstring).
 
   Args:
-    models: registered models; params WITHOUT routed experts, on the KV home device.
+    models: registered models; params WITHOUT routed experts, on their home KV device
+      (`kv_devices[model.group]`), where their embedding, q/k/v, LSE merge, router, shared
+      expert / dense MLP, head and sampling run.
     kv_pool: the one KV pool over all KV devices (shared by every model).
     kv_buffers: its page buffer on each KV device (updated in place).
     wpool: the weights pool holding every model's routed experts on the weights devices.
@@ -263,15 +265,19 @@ class DisaggregatedExecutor:
       out[i].append(t)
     return [np.concatenate(t) for t in out]
 
+  def _home(self, mb: _MicroBatch):
+    """(the model's home KV device, its copy of the micro-batch's inputs)."""
+    return self.kv_devices[mb.model.group], mb.paged[mb.model.group]
+
   def _prepare(self, index: int, model: LoadedModel, batch: ModelBatch,
                bucket: int) -> _MicroBatch:
     paged, sampling, next_pos = pack_batch(self.kv_pool, batch, bucket, self.max_batch)
     paged = [jax.device_put(b, d) for b, d in zip(paged, self.kv_devices, strict=True)]
-    home = self.kv_devices[0]
-    sampling, next_pos = jax.device_put((sampling, next_pos), home)
-    x_TD = model.params["embed_VD"][paged[0].tokens_T]
-    return _MicroBatch(index, model, batch, paged, sampling, next_pos,
-                       paged[0].positions_T >= 0, x_TD)
+    home = paged[model.group]
+    sampling, next_pos = jax.device_put((sampling, next_pos), self.kv_devices[model.group])
+    x_TD = model.params["embed_VD"][home.tokens_T]
+    return _MicroBatch(index, model, batch, paged, sampling, next_pos, home.positions_T >= 0,
+                       x_TD)
 
   def _run_micro_batches(self, mbs: list[_MicroBatch], *, track: bool) -> list[np.ndarray]:
     depth = max(mb.model.cfg.num_layers for mb in mbs)
@@ -281,8 +287,8 @@ class DisaggregatedExecutor:
         self._attention(mb, layer, track)
       for mb in live:  # ... then their expert FFNs (ping-pong between the pools)
         self._ffn(mb, layer, track)
-    tokens = [_head_and_sample(mb.model.params, mb.x_TD, mb.paged[0].cu_q_lens_S1, mb.sampling,
-                               mb.next_pos, cfg=mb.model.cfg) for mb in mbs]
+    tokens = [_head_and_sample(mb.model.params, mb.x_TD, self._home(mb)[1].cu_q_lens_S1,
+                               mb.sampling, mb.next_pos, cfg=mb.model.cfg) for mb in mbs]
     return [np.asarray(t)[:len(mb.batch.requests)] for t, mb in zip(tokens, mbs, strict=True)]
 
   def _track(self, track, out, mb, layer, kind, device):
@@ -292,8 +298,8 @@ class DisaggregatedExecutor:
 
   def _attention(self, mb: _MicroBatch, layer: int, track: bool) -> None:
     cfg, p = mb.model.cfg, mb.model.params["layers"][layer]
-    home = self.kv_devices[0]
-    q, k, v = attention_inputs(p, mb.x_TD, mb.paged[0].positions_T, cfg=cfg)
+    home, home_batch = self._home(mb)
+    q, k, v = attention_inputs(p, mb.x_TD, home_batch.positions_T, cfg=cfg)
     outs, lses = [], []
     for d, (b, dev) in enumerate(zip(mb.paged, self.kv_devices, strict=True)):
       o, lse, self.kv_buffers[d] = write_and_attend(
@@ -325,7 +331,8 @@ class DisaggregatedExecutor:
     self._track(track, moved, mb, layer, "transfer_to_weights", wdev)
     y_TD = _experts(*moved, slot_table_E, *buffers, impl=self.moe_impl)
     self._track(track, y_TD, mb, layer, "experts", wdev)
-    y_TD = jax.device_put(y_TD, self.kv_devices[0])
-    self._track(track, y_TD, mb, layer, "transfer_back", self.kv_devices[0])
+    home = self._home(mb)[0]
+    y_TD = jax.device_put(y_TD, home)
+    self._track(track, y_TD, mb, layer, "transfer_back", home)
     mb.x_TD = _combine(mb.model.params["layers"][layer]["ffn"], x_TD, h_TD, y_TD, cfg=cfg)
     mb.moe = None

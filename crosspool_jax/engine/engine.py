@@ -145,7 +145,9 @@ class Engine:
       checkpoint: HF or orbax checkpoint directory (or give `cfg` and `params`).
       max_batch: concurrent requests of this model (default: the engine's max_batch).
       max_context: longest prompt + output served (default: the model's max context).
-      group: KV group (index into `EngineConfig.devices`) the model runs on.
+      group: index into `EngineConfig.devices`: the model's KV group (static, shared), or
+        under crosspool its home KV device (its non-expert weights and the per-token work
+        outside attention and experts; its KV pages may be on any KV device).
       dtype: param dtype when loading a checkpoint.
     """
     if self._started:
@@ -209,8 +211,6 @@ class Engine:
     """One KV pool over the KV devices; every model's routed experts in the weights pool."""
     c = self.config
     kv_devices, weight_devices = DeviceSplit(c.devices, c.weight_devices).resolve()
-    if any(m.group != 0 for m in self._models.values()):
-      raise ValueError("crosspool: models have no KV groups (one KV pool spans the KV devices)")
     pool = KVPool(page_elems=c.page_elems, pages_per_device=c.pages_per_device,
                   num_devices=len(kv_devices), policy="shared")
     for model_id in self._models:
@@ -228,7 +228,7 @@ class Engine:
     for model_id, m in self._models.items():
       stripped = self.weights_pool.register(model_id, m.cfg, m.params,
                                             slots_per_device=c.expert_slots_per_device)
-      m.params = jax.device_put(stripped, kv_devices[0])
+      m.params = jax.device_put(stripped, kv_devices[m.group])
     self.executor = DisaggregatedExecutor(
         self._models, pool, buffers, self.weights_pool, token_buckets=c.token_buckets,
         max_batch=c.max_batch, micro_batches=c.micro_batches, attn_impl=c.attn_impl,

@@ -1,5 +1,6 @@
 """The CrossPool policy: attention + KV on 2 KV devices, routed experts on 2 weights devices."""
 
+import jax
 import numpy as np
 import pytest
 
@@ -13,8 +14,9 @@ def _crosspool(pages, models=FAMILIES, **overrides):
              attn_impl="reference", moe_impl="reference", expert_slots_per_device=8,
              expert_policy="lru", micro_batches=2) | overrides
   eng = Engine(EngineConfig(**cfg))
-  for f in models:
-    eng.register_model(f, cfg=MODELS[f][0], params=MODELS[f][1], max_context=48, max_batch=4)
+  for i, f in enumerate(models):  # home KV devices alternate: 0, 1, 0, 1
+    eng.register_model(f, cfg=MODELS[f][0], params=MODELS[f][1], max_context=48, max_batch=4,
+                       group=i % 2)
   eng.start()
   return eng
 
@@ -24,6 +26,15 @@ def crosspool():
   # 2 x 23 usable KV pages (preemption forced); 8 slots per weights device for 64 experts of
   # one shape class (25 % resident: swapping every step).
   return _crosspool(pages=24)
+
+
+def test_non_expert_weights_live_on_the_home_kv_device_only(crosspool):
+  kv_devices = crosspool.executor.kv_devices
+  for i, f in enumerate(FAMILIES):
+    params = crosspool.executor.models[f].params
+    leaves = jax.tree.leaves(params)
+    assert {d for x in leaves for d in x.devices()} == {kv_devices[i % 2]}, f
+    assert not any("w_gate_EDF" in layer["ffn"] for layer in params["layers"].values())
 
 
 def test_greedy_equals_reference_with_preemption_and_swapping(crosspool):
