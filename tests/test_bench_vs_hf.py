@@ -1,0 +1,73 @@
+"""scripts/bench_vs_hf.py end to end (a subprocess): JSON structure, honest figures, and greedy
+tokens equal to HF transformers' (the oracle) for generate and for the engine."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+pytestmark = pytest.mark.hf
+
+RUNNERS = ("hf", "generate", "engine")
+HEADER_KEYS = {"jax_version", "torch_version", "transformers_version", "backend", "device_kind",
+               "cpu_cores", "torch_threads", "omp_wait_policy", "git_revision", "git_dirty",
+               "flags", "model", "dtype", "engine", "loadavg_start", "loadavg_end", "date"}
+RUN_KEYS = {"first_call_s", "median_s", "p90_s", "tokens_per_s", "times_s", "deterministic",
+            "all_rows_full_length"}
+
+
+def test_tiny_run_writes_sane_json_and_agrees_with_hf(tmp_path):
+  out = tmp_path / "vs_hf.json"
+  new_tokens, prompt_len = 5, 6
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "scripts", "bench_vs_hf.py"), "--batch_sizes=1,2",
+       f"--prompt_len={prompt_len}", f"--max_new_tokens={new_tokens}", "--iters=1",
+       "--warmup=1", "--torch_threads=1", f"--out={out}"],
+      capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(out.read_text())
+  header, records = result["header"], result["records"]
+  assert HEADER_KEYS <= set(header)
+  assert header["backend"] == "cpu" and header["dtype"] == "float32"
+  assert header["torch_threads"] == 1 and header["omp_wait_policy"] == "PASSIVE"
+  assert header["torch_version"].startswith("2.") and header["transformers_version"]
+  assert header["git_revision"] is None or len(header["git_revision"]) == 40
+  assert header["model"]["family"] == "mixtral" and header["model"]["params"] > 0
+  assert header["flags"]["batch_sizes"] == ["1", "2"] and header["flags"]["iters"] == 1
+
+  assert [r["batch"] for r in records] == [1, 2]
+  for r in records:
+    batch, runs = r["batch"], r["runs"]
+    assert r["prompt_len"] == prompt_len and r["new_tokens"] == new_tokens
+    for name in RUNNERS:
+      run = runs[name]
+      assert RUN_KEYS <= set(run), (name, run)
+      assert len(run["times_s"]) == 1 and run["median_s"] > 0 and run["p90_s"] >= run["median_s"]
+      assert run["tokens_per_s"] > 0
+      assert math.isclose(run["tokens_per_s"], batch * new_tokens / run["median_s"])
+      assert run["deterministic"] and run["all_rows_full_length"], (name, run)
+    assert math.isclose(r["ratio_generate_vs_hf"],
+                        runs["generate"]["tokens_per_s"] / runs["hf"]["tokens_per_s"])
+    assert math.isclose(r["ratio_engine_vs_hf"],
+                        runs["engine"]["tokens_per_s"] / runs["hf"]["tokens_per_s"])
+    # The oracle: greedy f32 tokens of both crosspool_jax paths equal HF transformers'.
+    assert r["agreement"] == {"generate_vs_hf": 1.0, "engine_vs_hf": 1.0,
+                              "engine_vs_generate": 1.0}, r["agreement"]
+    # One prefill step, then one step per further token; nothing compiled while timing.
+    assert runs["engine"]["steps_per_run"] == new_tokens
+    assert runs["engine"]["executables"] == 2 and runs["engine"]["startup_compile_s"] > 0
+    assert r["jax_compiles_in_timed_rounds"] == 0
+    assert runs["generate"]["compile_s"] == pytest.approx(
+        runs["generate"]["first_call_s"] - runs["generate"]["median_s"])
+
+  table = proc.stdout.strip().splitlines()
+  assert table[0].split()[:4] == ["batch", "HF", "tok/s", "generate"] and len(table) == 3
+  assert "batch 2: round 1/1" in proc.stderr
