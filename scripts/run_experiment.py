@@ -88,9 +88,10 @@ def main(argv: Sequence[str]) -> None:
   plots = write_plots(results, workdir)
   print(f"\n{config.name} ({config.variant}): {results['description']}")
   print(comparison_table(results))
-  agree = results["outputs_agree"]
-  print(f"same tokens under every policy: "
-        f"{'yes' if all(agree.values()) else 'NO ' + json.dumps(agree)}")
+  for point, a in results["outputs_agree"].items():
+    print(f"same tokens under every policy{f' at {point}' if point else ''}: "
+          f"{'yes' if a['all_same'] else 'NO'} ({a['same']} of the {a['compared']} requests "
+          "all of them finished)")
   print(f"wrote {workdir}/results.json and {len(plots)} plots in "
         f"{time.perf_counter() - start:.0f}s")
 

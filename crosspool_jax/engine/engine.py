@@ -73,6 +73,9 @@ class EngineConfig:
     expert_slots_per_device: "crosspool" only: expert slots of each shape class per weights
       device (fewer than the fleet's experts: the hot ones stay, the rest are swapped in).
     expert_policy: "crosspool" only: "pin_all", "lru", "lfu" or "activation_aware".
+    fuse_experts: "crosspool" only: per layer, the micro-batches whose MoE layer has the same
+      expert shape class and home weights device share one expert-dispatch call (False: one
+      call per micro-batch, the ablation).
   """
 
   kv_policy: str = "shared"
@@ -89,6 +92,7 @@ class EngineConfig:
   micro_batches: int = 2
   expert_slots_per_device: int = 64
   expert_policy: str = "lru"
+  fuse_experts: bool = True
 
   def __post_init__(self):
     if self.kv_policy not in ENGINE_POLICIES:
@@ -123,6 +127,7 @@ class Engine:
     self._requests: dict[str, Request] = {}
     self._ids = itertools.count()
     self._started = False
+    self._model_pools: dict[str, KVPool] = {}
     self.pools: dict[int, KVPool] = {}
     self.executor: ColocatedExecutor | None = None
     self.scheduler: Scheduler | None = None
@@ -179,6 +184,7 @@ class Engine:
       model_pools = self._start_crosspool()
     else:
       model_pools = self._start_colocated()
+    self._model_pools = model_pools
     self.scheduler = Scheduler(model_pools, token_budget=c.token_budget, max_batch=c.max_batch,
                                max_tokens=c.token_buckets[-1])
     start = time.perf_counter()
@@ -229,10 +235,12 @@ class Engine:
       stripped = self.weights_pool.register(model_id, m.cfg, m.params,
                                             slots_per_device=c.expert_slots_per_device)
       m.params = jax.device_put(stripped, kv_devices[m.group])
+    # A fused expert call holds one iteration's tokens at most (the scheduler's token budget).
+    fused_buckets = tuple(sorted({*c.token_buckets, max(c.token_budget, c.token_buckets[-1])}))
     self.executor = DisaggregatedExecutor(
         self._models, pool, buffers, self.weights_pool, token_buckets=c.token_buckets,
         max_batch=c.max_batch, micro_batches=c.micro_batches, attn_impl=c.attn_impl,
-        moe_impl=c.moe_impl)
+        moe_impl=c.moe_impl, fuse_experts=c.fuse_experts, fused_token_buckets=fused_buckets)
     return {model_id: pool for model_id in self._models}
 
   # --- requests ---------------------------------------------------------------------------
@@ -299,6 +307,14 @@ class Engine:
   def output(self, request_id: str) -> list[int]:
     """Tokens generated so far."""
     return list(self._get(request_id).output_ids)
+
+  def kv_pool(self, model_id: str) -> KVPool:
+    """The KV pool a registered model's requests draw pages from (after `start()`)."""
+    if not self._started:
+      raise RuntimeError("kv_pool: the engine has not started")
+    if model_id not in self._model_pools:
+      raise ValueError(f"unknown model_id {model_id!r}")
+    return self._model_pools[model_id]
 
   def status(self, request_id: str) -> Status:
     return self._get(request_id).status
@@ -371,6 +387,7 @@ class Engine:
     extra = {}
     if self.weights_pool is not None:
       extra["weights_pool"] = self.weights_pool.sync_stats().to_dict()
+      extra["expert_calls"] = self.executor.expert_call_stats()
     timeline = getattr(self.executor, "timeline", None)
     if timeline is not None and timeline.enabled:
       extra["pipeline_overlap"] = timeline.overlap()

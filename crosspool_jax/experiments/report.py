@@ -83,10 +83,9 @@ def benchmarks_section(results: dict, *, source: str) -> str:
       "",
       *[_plan_line(r) for r in results["runs"]],
       "",
-      "Same tokens under every policy: "
-      + ("yes" if all(results["outputs_agree"].values()) else
-         "no (" + ", ".join(f"{k or 'run'}: {v}" for k, v in results["outputs_agree"].items())
-         + ")") + ".",
+      "Requests every policy finished that got the same tokens under all of them: "
+      + ", ".join(f"{a['same']}/{a['compared']}" + (f" at {k}" if k else "")
+                  for k, a in results["outputs_agree"].items()) + ".",
       "",
   ]
   return "\n".join(lines)

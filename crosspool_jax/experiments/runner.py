@@ -219,11 +219,13 @@ def run_experiment(config, *, log: Callable[[str], None], command: str = "",
     config: an experiment config (module docstring).
     log: progress and engine messages.
     command: the command line that ran it (recorded).
-    outputs: if given, filled with "<run name>@<sweep point>" -> request id -> output tokens.
+    outputs: if given, filled with "<run name>@<sweep point>" -> request id -> output tokens
+      (finished requests).
     trace_dir: if given, each trace is written there as JSONL (replayable with
       config.workload.trace): trace.jsonl, or trace_<point>.jsonl for a sweep.
   """
   check_experiment(config)
+  served = {} if outputs is None else outputs
   values = list(config.sweep.points) if config.sweep.field else [None]
   runs, traces = [], {}
   t_start = time.perf_counter()
@@ -234,7 +236,7 @@ def run_experiment(config, *, log: Callable[[str], None], command: str = "",
     if value is not None:
       _set_path(base, config.sweep.field, value)
     records, meta = load_trace(base)
-    key = "" if value is None else str(value)
+    key = _point(value)
     if trace_dir is not None:
       write_jsonl(os.path.join(trace_dir, f"trace_{key}.jsonl" if key else "trace.jsonl"),
                   records, meta=meta)
@@ -254,8 +256,8 @@ def run_experiment(config, *, log: Callable[[str], None], command: str = "",
       run = {"name": name, "sweep_value": value, "engine": dict(c.engine.to_dict()),
              "plan": None if plan is None else dataclasses.asdict(plan), **summary}
       runs.append(run)
-      if outputs is not None:
-        outputs[f"{name}@{key}"] = serve_m["outputs"]
+      done = {r["request_id"] for r in engine.metrics()["requests"] if r["status"] == "finished"}
+      served[f"{name}@{key}"] = {rid: o for rid, o in serve_m["outputs"].items() if rid in done}
       cnt = summary["counts"]
       log(f"   {name}: {cnt['finished']}/{cnt['requests']} finished, {cnt['rejected']} "
           f"rejected, {cnt['preemptions']} preemptions, KV peak "
@@ -271,16 +273,21 @@ def run_experiment(config, *, log: Callable[[str], None], command: str = "",
       "config": json.loads(config.to_json_best_effort()),
       "traces": traces,
       "runs": runs,
-      "outputs_agree": _agreement(runs),
+      "outputs_agree": _agreement(runs, served),
       "wall_clock": {"total_s": time.perf_counter() - t_start},
   }
 
 
-def _agreement(runs: list[dict]) -> dict:
-  """Per sweep value: do all policies produce the same tokens for every request?"""
+def _agreement(runs: list[dict], outputs: dict) -> dict:
+  """Per sweep point: of the requests every policy finished, how many got the same tokens."""
   out = {}
-  for value in {str(r["sweep_value"]) for r in runs}:
-    digests = {r["name"]: r["counts"]["outputs_sha256"] for r in runs
-               if str(r["sweep_value"]) == value}
-    out[value] = len(set(digests.values())) == 1
+  for point in dict.fromkeys(_point(r["sweep_value"]) for r in runs):
+    served = [outputs[f"{r['name']}@{point}"] for r in runs if _point(r["sweep_value"]) == point]
+    common = set.intersection(*(set(o) for o in served))
+    same = sum(all(o[rid] == served[0][rid] for o in served[1:]) for rid in common)
+    out[point] = {"compared": len(common), "same": same, "all_same": same == len(common)}
   return out
+
+
+def _point(value) -> str:
+  return "" if value is None else str(value)

@@ -198,7 +198,7 @@ def _never_fits(engine, cfgs, config, record) -> str | None:
   fleet = config.fleet.get(record.model_id)
   if fleet is None or record.model_id not in cfgs:
     return None  # the engine names unknown models itself
-  pool = engine.pools[fleet.group]
+  pool = engine.kv_pool(record.model_id)
   tokens = record.prompt_len + record.max_new_tokens
   if tokens > min(fleet.max_context, cfgs[record.model_id].max_context):
     return None  # beyond the model's context: the engine says so itself

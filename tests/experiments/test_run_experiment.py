@@ -48,8 +48,9 @@ def two_runs(tmp_path_factory):
 
 
 def test_same_seed_same_results_apart_from_wall_clock(two_runs):
-  (_, _, a), (_, _, b) = two_runs
-  assert without_wall_clock(a) == without_wall_clock(b)
+  (dir_a, _, a), (dir_b, _, b) = two_runs
+  assert a["command"].replace(str(dir_a), str(dir_b)) == b["command"]  # only --workdir
+  assert without_wall_clock(a | {"command": ""}) == without_wall_clock(b | {"command": ""})
   assert a["created"] and a["runs"][0]["wall_clock"]["serve_wall_s"] > 0  # they did exist
   assert "wall_clock" not in json.dumps(without_wall_clock(a))
 
@@ -78,11 +79,11 @@ def test_results_hold_every_policy_and_what_it_served(two_runs):
   assert by["crosspool"]["counts"]["expert_hit_rate"] is not None
   assert by["static"]["plan"]["max_context"]["mixtral_0"] < 1024
   # Seeded sampling: every policy gives every request the same tokens.
-  assert r["outputs_agree"] == {"": True}
+  assert r["outputs_agree"][""] == {"compared": 5, "same": 5, "all_same": True}
   for png in ("latency_cdf.png", "memory.png", "activity.png"):
     assert os.path.getsize(workdir / png) > 1000
   assert "crosspool" in proc.stdout and "TBT ms p50/90/99" in proc.stdout
-  assert "same tokens under every policy: yes" in proc.stdout
+  assert "same tokens under every policy: yes (5 of the 5" in proc.stdout
   assert "== run 3/3: static" in proc.stderr  # progress
 
 
@@ -94,7 +95,8 @@ def test_outputs_equal_the_reference_generation(two_runs):
   records = read_jsonl(workdir / "trace.jsonl")
   assert len(records) == r["traces"][""]["stats"]["requests"] == 8
   s, fleet = r["config"]["sampling"], r["config"]["fleet"]
-  for i, rec in enumerate(records[:3]):
+  checked = 0
+  for i, rec in enumerate(records[:4]):  # two long prompts static rejects, two short ones
     entry = fleet[rec.model_id]
     cfg = tiny_config(entry["family"], **entry["overrides"])
     want = generate(init_params(cfg, seed=entry["seed"]), cfg,
@@ -103,7 +105,11 @@ def test_outputs_equal_the_reference_generation(two_runs):
                     sampling=SamplingParams(temperature=s["temperature"], top_k=s["top_k"],
                                             top_p=s["top_p"], seed=rec.seed))[0]
     for run in ("crosspool", "shared", "static"):
-      assert outputs[f"{run}@"][f"r{i:05d}"] == want, (run, i)
+      got = outputs[f"{run}@"].get(f"r{i:05d}")  # finished requests only
+      if got is not None:
+        assert got == want, (run, i)
+        checked += 1
+  assert checked >= 8
 
 
 def test_benchmarks_md_is_generated_from_the_results(two_runs, tmp_path):
