@@ -18,26 +18,20 @@ from __future__ import annotations
 
 from crosspool_jax.experiments.config_lib import (
   cpu_fleet,
-  engine_block,
+  cpu_setup,
   experiment_base,
   length_dist,
   loop_fields,
-  three_policies,
   workload_block,
 )
 
 
 def get_config(arg: str | None = None):
   """The demo; arg "smoke" is a seconds-long version (two models, eight requests) for tests."""
-  variant = arg or "cpu"
-  if variant not in ("cpu", "smoke"):
-    raise ValueError(f"variant must be 'cpu' or 'smoke', got {arg!r}")
-  c = experiment_base("demo", variant, "static vs shared vs crosspool, 4 tiny MoE models on 4 "
-                      "CPU devices, bursty Zipf traffic with a long-context tail")
-  c.fleet = cpu_fleet(4)
-  c.engine = engine_block(token_budget=64, token_buckets=(16, 64), max_batch=4)
-  c.budget.device_bytes = 5 * 2**19  # 2.5 MiB
-  c.policies = three_policies()
+  c = experiment_base("demo", arg, "static vs shared vs crosspool, 4 tiny MoE models on 4 "
+                      "CPU devices, bursty Zipf traffic with a long-context tail",
+                      variants=("cpu", "smoke"))
+  cpu_setup(c)  # 2.5 MiB per device
   c.workload = workload_block(
       popularity="mixtral_0,qwen2_moe_1,olmoe_2,qwen3_moe_3", num_requests=60,
       total_rate=6.0, cv=2.0,
@@ -46,7 +40,7 @@ def get_config(arg: str | None = None):
                              tail_high=1800),
       output_len=length_dist("uniform", low=8, high=24))
   loop_fields(c, arrival_mode="logical", logical_step_s=0.05)
-  if variant == "smoke":
+  if c.variant == "smoke":
     c.fleet = cpu_fleet(2, max_context=1024)
     c.engine.token_buckets, c.engine.token_budget = (32,), 32
     c.workload.popularity = "mixtral_0,qwen2_moe_1"

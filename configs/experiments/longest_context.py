@@ -14,33 +14,25 @@ the rejections; `scripts/capacity.py` gives the same limits in closed form at pa
 from __future__ import annotations
 
 from crosspool_jax.experiments.config_lib import (
-  cpu_fleet,
-  engine_block,
+  cpu_setup,
   experiment_base,
   full_scale,
   length_dist,
   loop_fields,
-  three_policies,
   workload_block,
 )
 
 
 def get_config(arg: str | None = None):
-  variant = arg or "cpu"
-  if variant not in ("cpu", "full"):
-    raise ValueError(f"variant must be 'cpu' or 'full', got {arg!r}")
-  c = experiment_base("longest_context", variant, "longest context served at one memory "
+  c = experiment_base("longest_context", arg, "longest context served at one memory "
                       "budget: prompts from 64 to 3,800 tokens, one request at a time")
-  c.fleet = cpu_fleet(4, max_context=4096)
-  c.engine = engine_block(token_budget=256, token_buckets=(16, 256), max_batch=4)
-  c.budget.device_bytes = 5 * 2**19
-  c.policies = three_policies()
+  cpu_setup(c, max_context=4096, token_budget=256, token_buckets=(16, 256))
   c.workload = workload_block(
       popularity=",".join(c.fleet.keys()), num_requests=16, total_rate=0.5, cv=1.0,
       prompt_len=length_dist("uniform", low=64, high=3800),
       output_len=length_dist("constant", value=8))
   loop_fields(c, arrival_mode="logical", logical_step_s=0.05)
-  if variant == "full":
+  if c.variant == "full":
     full_scale(c)
     c.workload.num_requests, c.workload.total_rate = 64, 0.2
     c.workload.prompt_len = length_dist("uniform", low=1024, high=8000)

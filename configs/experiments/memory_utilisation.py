@@ -13,27 +13,20 @@ size in pages, peak and mean use, and the rejections each organisation needs.
 from __future__ import annotations
 
 from crosspool_jax.experiments.config_lib import (
-  cpu_fleet,
-  engine_block,
+  cpu_setup,
   experiment_base,
   full_scale,
   length_dist,
   loop_fields,
-  three_policies,
   workload_block,
 )
 
 
 def get_config(arg: str | None = None):
-  variant = arg or "cpu"
-  if variant not in ("cpu", "full"):
-    raise ValueError(f"variant must be 'cpu' or 'full', got {arg!r}")
-  c = experiment_base("memory_utilisation", variant, "KV memory use of 8 cold models under "
+  c = experiment_base("memory_utilisation", arg, "KV memory use of 8 cold models under "
                       "steep Zipf popularity, static vs shared vs crosspool")
-  c.fleet = cpu_fleet(8, max_context=1024)
-  c.engine = engine_block(token_budget=64, token_buckets=(64,), max_batch=4)
-  c.budget.device_bytes = 5 * 2**20  # 5 MiB: two models' weights per device
-  c.policies = three_policies()
+  # 5 MiB per device: two models' weights per device under static and shared.
+  cpu_setup(c, models=8, max_context=1024, device_bytes=5 * 2**20, token_buckets=(64,))
   c.workload = workload_block(
       popularity=",".join(c.fleet.keys()), num_requests=80, total_rate=8.0, cv=2.0,
       zipf_exponent=1.2, random_bursts=2, burst_group_size=3, burst_duration_s=1.0,
@@ -41,7 +34,7 @@ def get_config(arg: str | None = None):
                              tail_high=900),
       output_len=length_dist("uniform", low=8, high=24))
   loop_fields(c, arrival_mode="logical", logical_step_s=0.05)
-  if variant == "full":
+  if c.variant == "full":
     full_scale(c)
     c.workload.num_requests, c.workload.total_rate = 2000, 20.0
     c.workload.prompt_len = length_dist(median=512.0, sigma=1.0, low=16, tail_fraction=0.05,

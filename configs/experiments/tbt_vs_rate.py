@@ -17,27 +17,19 @@ their level, is what transfers.
 from __future__ import annotations
 
 from crosspool_jax.experiments.config_lib import (
-  cpu_fleet,
-  engine_block,
+  cpu_setup,
   experiment_base,
   full_scale,
   length_dist,
   loop_fields,
-  three_policies,
   workload_block,
 )
 
 
 def get_config(arg: str | None = None):
-  variant = arg or "cpu"
-  if variant not in ("cpu", "full"):
-    raise ValueError(f"variant must be 'cpu' or 'full', got {arg!r}")
-  c = experiment_base("tbt_vs_rate", variant, "p99 TBT against request rate, bursty (CV 4) "
+  c = experiment_base("tbt_vs_rate", arg, "p99 TBT against request rate, bursty (CV 4) "
                       "traffic with a long-context tail")
-  c.fleet = cpu_fleet(4)
-  c.engine = engine_block(token_budget=64, token_buckets=(16, 64), max_batch=4)
-  c.budget.device_bytes = 5 * 2**19
-  c.policies = three_policies()
+  cpu_setup(c)
   c.sweep.field = "workload.total_rate"
   c.sweep.points = (2.0, 4.0, 8.0)
   c.workload = workload_block(
@@ -47,7 +39,7 @@ def get_config(arg: str | None = None):
                              tail_high=1000),
       output_len=length_dist("uniform", low=8, high=24))
   loop_fields(c, arrival_mode="trace")
-  if variant == "full":
+  if c.variant == "full":
     full_scale(c)
     c.sweep.points = (5.0, 10.0, 20.0, 40.0)
     c.workload.num_requests = 1000

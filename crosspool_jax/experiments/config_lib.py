@@ -120,8 +120,19 @@ def three_policies(*, kv_devices=(0, 1), weight_devices=(2, 3), **crosspool):
   ))
 
 
-def experiment_base(name: str, variant: str, description: str):
-  """The fields every experiment config has besides the serving blocks."""
+def experiment_base(name: str, arg: str | None, description: str, *,
+                    variants: tuple[str, ...] = ("cpu", "full")):
+  """The fields every experiment config has besides the serving blocks.
+
+  Args:
+    name: the experiment (results go to workdir/<name>_<variant> by default).
+    arg: the config file's argument (`--config=FILE:arg`); None picks the first variant.
+    description: one line for the results and BENCHMARKS.md.
+    variants: the variants this config has.
+  """
+  variant = arg or variants[0]
+  if variant not in variants:
+    raise ValueError(f"{name}: the variant must be one of {variants}, got {arg!r}")
   c = ml_collections.ConfigDict()
   c.name = name
   c.variant = variant
@@ -133,6 +144,16 @@ def experiment_base(name: str, variant: str, description: str):
   c.sweep = ml_collections.ConfigDict(dict(field="", points=()))
   c.slo = ml_collections.ConfigDict(dict(ttft_s=1.0, tbt_s=0.2))
   return c
+
+
+def cpu_setup(c, *, models: int = 4, max_context: int = 2048, device_bytes: int = 5 * 2**19,
+              token_budget: int = 64, token_buckets=(16, 64)) -> None:
+  """The CPU variant's fleet, engine, budget (per device) and the three policies, set on `c`."""
+  c.fleet = cpu_fleet(models, max_context=max_context)
+  c.engine = engine_block(token_budget=token_budget, token_buckets=tuple(token_buckets),
+                          max_batch=4)
+  c.budget.device_bytes = device_bytes
+  c.policies = three_policies()
 
 
 def full_scale(c, *, models: int = 8, family: str = "qwen2_moe", num_devices: int = 8,

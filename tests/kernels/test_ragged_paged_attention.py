@@ -211,13 +211,17 @@ def dense_oracle(args, kv_heads, sm_scale):
   return out, lse
 
 
+def _skip_page(args, seq, page):
+  """The batch with one page of a sequence skipped (entry 0): its keys must not count."""
+  table = np.asarray(args[2]).copy()
+  table[seq, page] = 0
+  return (*args[:2], jnp.asarray(table), *args[3:])
+
+
 def test_float64_loop_oracle():
   args, info = make_batch(2, [5, 1, 3], [21, 9, 3], kv_heads=2, group=2, head_dim=64,
                           page_tokens=8, pages_per_seq=3)
-  # Also skip a page in the middle of sequence 0: its keys must not count.
-  table = np.asarray(args[2]).copy()
-  table[0, 1] = 0
-  args = (*args[:2], jnp.asarray(table), *args[3:])
+  args = _skip_page(args, 0, 1)
   expected = dense_oracle(args, 2, 0.125)
   for impl in ("reference", "interpret"):
     got = attn(*args, kv_heads=2, impl=impl, block_sizes=(4, 2))
@@ -230,9 +234,7 @@ def test_reference_chunks_over_a_wide_table_match_the_float64_oracle(chunk_pages
   engine's max_context) and a skipped page in the middle; NaN everywhere else."""
   args, info = make_batch(4, [6, 1, 2], [37, 11, 2], kv_heads=2, group=2, head_dim=64,
                           page_tokens=4, pages_per_seq=24)
-  table = np.asarray(args[2]).copy()
-  table[0, 3] = 0
-  args = (*args[:2], jnp.asarray(table), *args[3:])
+  args = _skip_page(args, 0, 3)
   expected = dense_oracle(args, 2, 0.125)
   q, pool, *rest = args
   got = ragged_paged_attention_reference(q, pool.reshape(pool.shape[0], 2, 4, 2, 64), *rest,
