@@ -232,6 +232,40 @@ class DeviceWeightsPool:
     self._perform(plan, layer_key=(model_id, layer))
     return plan
 
+  def access_many(self, requests) -> SwapPlan:
+    """`access` of several layers that share ONE kernel call on one buffer (a fused call).
+
+    Each layer's experts are made resident with the earlier layers' experts protected, so no
+    access evicts an expert another member needs (`WeightsPool.can_hold` says beforehand
+    whether they all fit); the loads of all of them go to the device in one update.
+
+    Args:
+      requests: (model_id, layer, experts) of each member, in order.
+
+    Returns:
+      The merged plan (loads of every member).
+    Raises:
+      PoolExhaustedError: as `access`; the loads of the members before it are still performed,
+        so the device buffers stay in step with the host tables.
+    """
+    now = time.perf_counter()
+    merged = SwapPlan()
+    protect: set = set()
+    try:
+      for model_id, layer, experts in requests:
+        for rec in self._pending.pop((model_id, layer), []):
+          rec.need = now
+        experts = [int(e) for e in experts]
+        plan = self.pool.access(model_id, layer, experts, protect=protect)
+        merged.loads += plan.loads
+        merged.evicted += plan.evicted
+        protect |= {(model_id, layer, e) for e in experts}
+    finally:
+      targets = [(self.pool.model_class(k[0]), d, s) for k, d, s in merged.loads]
+      assert len(set(targets)) == len(targets), "a slot loaded twice in one fused access"
+      self._perform(merged)
+    return merged
+
   def prefetch(self, model_id: str, layer: int, experts, *, protect=()) -> SwapPlan:
     """Issues the loads of predicted experts of a later layer (asynchronously)."""
     plan = self.pool.prefetch(model_id, layer, experts, protect=protect)

@@ -22,7 +22,9 @@ Vocabulary:
 Swap-in: `access` (a layer is about to run with the experts its router chose) and `prefetch`
 (experts predicted for a later layer) update the tables at once and return a `SwapPlan`: the
 (key, device, slot) loads the device side must perform before the layer runs. Victims come from
-the policy (`expert_policies.py`); the experts of the running layer are never victims.
+the policy (`expert_policies.py`); the experts of the running layer are never victims, nor the
+keys passed as `protect` (the other layers of one fused kernel call; `can_hold` says whether
+such a set of experts fits its partition at once).
 """
 
 from __future__ import annotations
@@ -388,21 +390,29 @@ class WeightsPool:
 
   # --- swapping -----------------------------------------------------------------------------
 
-  def access(self, model_id: str, layer: int, experts: Iterable[int]) -> SwapPlan:
+  def access(self, model_id: str, layer: int, experts: Iterable[int], *,
+             protect: Iterable[ExpertKey] = ()) -> SwapPlan:
     """A layer is about to run with `experts`: makes them resident (misses load on demand).
 
     Counts hits and misses, tells the policy, ticks the clock. The returned plan's loads must
     be performed on the device before the layer runs.
 
+    Args:
+      model_id, layer: the MoE layer.
+      experts: expert ids its router chose.
+      protect: keys that must stay resident too (never victims): the experts of the other
+        layers that share this layer's kernel call (a fused call over several micro-batches).
+
     Raises:
-      PoolExhaustedError: more experts than the home partition can hold at once (pool
-        unchanged).
+      PoolExhaustedError: more experts than the home partition can hold at once besides
+        `protect` (pool unchanged).
     """
     experts = self._check_experts(model_id, layer, experts)
     keys = [(model_id, layer, e) for e in experts]
     missing = [k for k in keys if k not in self._residency]
     part = self._partition(model_id, layer)
-    room = len(part.free) + len(part.evictable(set(keys)))
+    protect = set(keys) | set(map(tuple, protect))
+    room = len(part.free) + len(part.evictable(protect))
     if len(missing) > room:
       raise PoolExhaustedError(
           f"model {model_id!r} layer {layer} needs {len(missing)} more experts resident at once "
@@ -417,10 +427,30 @@ class WeightsPool:
           self.stats.prefetch_hits += 1
       else:
         self.stats.misses += 1
-        self._load(key, set(keys), plan)
+        self._load(key, protect, plan)
       self._prefetched.discard(key)
       self.policy.on_access(key, self.clock)
     return plan
+
+  def can_hold(self, keys: Iterable[ExpertKey]) -> bool:
+    """Whether these experts, all of one partition (one shape class, one home device), can be
+    resident at the same time: their number plus the pinned slots they do not own fits the
+    partition's slots. (Then `access` of each with the earlier ones in `protect` never raises.)
+    """
+    keys = {(str(m), int(layer), int(e)) for m, layer, e in keys}
+    if not keys:
+      return True
+    parts = set()
+    for m, layer, e in keys:
+      self._check_experts(m, layer, [e])
+      parts.add((self._class_of[m], self._home[m, layer]))
+    if len(parts) > 1:
+      raise ValueError(f"can_hold: the experts span {len(parts)} partitions "
+                       f"(class, device) {sorted(parts)}; one expected")
+    (c, d), = parts
+    part = self.classes[c].partitions[d]
+    pinned_other = sum(1 for s, k in enumerate(part.owner) if part.pinned[s] and k not in keys)
+    return len(keys) + pinned_other <= self.classes[c].slots_per_device
 
   def prefetch(self, model_id: str, layer: int, experts: Iterable[int], *,
                protect: Iterable[ExpertKey] = ()) -> SwapPlan:
