@@ -1,29 +1,53 @@
 """The CrossPool executor: attention on the KV-pool devices, routed experts on the weights pool.
 
-Per layer of a micro-batch: on the KV devices, q/k/v on the model's home KV device, then on
-EVERY KV device the KV write and the attention over that device's local pages
-(`paged.write_and_attend`), the partials merged exactly by their LSE on the home device, the
-residual, the FFN norm, the router and (pinned with the model) the shared expert or dense MLP;
-then the hidden states cross to the weights device that holds the layer's expert slots, the
-experts the router chose are made resident (`DeviceWeightsPool.access`: hit or swap-in), the
-expert dispatch runs there through the layer's slot table, and the result crosses back.
+Every model has a home KV device (`LoadedModel.group`, an index into the KV devices): its params
+without the routed experts (attention, embeddings, norms, routers, shared experts, dense MLPs)
+live there. The one KV pool still spans all KV devices (a sequence's pages may be on any).
+
+Per layer of a micro-batch: on the KV devices, the embedding lookup (first layer) and q/k/v on
+the model's home KV device, then on EVERY KV device the KV write and the attention over that
+device's local pages (`paged.write_and_attend`), the partials merged exactly by their LSE on the
+home device, the residual, the FFN norm, the router and (pinned with the model) the shared
+expert or dense MLP; then the hidden states cross to the weights device that holds the layer's
+expert slots, the experts the router chose are made resident (`DeviceWeightsPool.access`: hit
+or swap-in), the expert dispatch runs there, and the result crosses back to the home device
+(shared expert added there); after the last layer the head and sampling run at home.
+
+Fused expert calls (`fuse_experts=True`): after a layer's attentions, the micro-batches whose
+MoE layer at this index has the same shape class and home weights device (different models of
+one architecture, or two micro-batches of one model) share ONE expert-dispatch call. All their
+chosen experts are made resident together (`DeviceWeightsPool.access_many`: no member's access
+evicts another's experts; members whose union does not fit the partition's slots go to a
+further call, `WeightsPool.can_hold`). Since every chosen expert is then resident in a slot of
+that one class buffer, each member's top-k expert ids become slot ids on the device
+(`slot_table_E[ids_TK]`), its valid tokens are packed at an offset into a fused token bucket
+(`_stage`), and the call reads the buffer through the identity slot table `arange(S)`
+(injective, E = S, as the kernel requires); each member's rows are cut back out (`_unstage`).
+Fused buckets are a fixed list (the token buckets, and the token budget if larger), all warmed
+by `compile_all`, so no shape is compiled after start-up. Members with a smaller top_k than the
+class's largest are padded with weight-0 repeats of their first choice (an exact no-op).
+`fuse_experts=False` runs one call per micro-batch through its own slot table (the ablation).
+Shape suffixes as in `models/layers.py`; U: the rows (token bucket) of a fused call.
 
 Pipeline: the iteration's batches are cut into micro-batches (each model's sequences split in
 `micro_batches` parts, and different models' batches are micro-batches of their own); stages
 are issued in ping-pong order — attention of layer l for every micro-batch, then the expert
-FFN of layer l for every micro-batch — so while the host waits for one micro-batch's routing
-(it must know the experts before swapping them in), the other's attention is already queued on
-the KV devices, and while one micro-batch's experts run on the weights devices the next
-attention runs on the KV devices. JAX dispatch is asynchronous; each device runs its queue.
+FFN of layer l for every micro-batch (or fused group) — so while the host waits for one
+micro-batch's routing (it must know the experts before swapping them in), the other's
+attention is already queued on the KV devices, and while one micro-batch's experts run on the
+weights devices the next attention runs on the KV devices. JAX dispatch is asynchronous; each
+device runs its queue.
 
 Timeline: every stage records its host issue time and, from a watcher thread, the time its
 output was ready; the interval is "in flight" (queued or running), not device execution time.
-On 2 CPU cores the devices cannot run concurrently (PLATFORM.md), so the timeline shows what
-was in flight at once, not a speedup.
+A fused expert call is one stage listing its member micro-batches. On 2 CPU cores the devices
+cannot run concurrently (PLATFORM.md), so the timeline shows what was in flight at once, not a
+speedup.
 """
 
 from __future__ import annotations
 
+import bisect
 import dataclasses
 import functools
 import itertools
@@ -85,11 +109,18 @@ class Timeline:
         self._threads.append(t)
 
   def track(self, out, *, step: int, micro_batch: int, model: str, layer: int, kind: str,
-            device: str) -> None:
+            device: str, members: tuple[int, ...] | None = None,
+            models: tuple[str, ...] | None = None) -> None:
+    """Records a stage issued now whose output is `out`.
+
+    A fused expert call passes its member micro-batches and their models (`members`,
+    `models`); `micro_batch` / `model` are then its first member's.
+    """
     if not self.enabled:
       return
     event = {"step": step, "micro_batch": micro_batch, "model": model, "layer": layer,
-             "kind": kind, "device": device, "start": time.perf_counter(), "end": None}
+             "kind": kind, "device": device, "start": time.perf_counter(), "end": None,
+             "members": list(members or (micro_batch,)), "models": list(models or (model,))}
     self.events.append(event)
     self._queue.put((event, out))
 
@@ -108,9 +139,12 @@ class Timeline:
   def overlap(self) -> dict:
     """How much of the busy time had stages of two or more micro-batches in flight.
 
+    Stages of two micro-batches: two in-flight stages serving disjoint sets of micro-batches
+    (a fused expert call serves several, and is not overlapped with its own members' stages).
+
     Returns {"overlap_fraction", "busy_s", "overlap_s", "transfers_concurrent_with_compute"}
     where the last counts transfers of one micro-batch in flight while a compute stage of
-    another micro-batch of the same step was in flight.
+    other micro-batches of the same step was in flight.
     """
     self.wait()
     busy = overlapped = 0.0
@@ -119,15 +153,15 @@ class Timeline:
       evs = [e for e in self.events if e["step"] == step and e["end"] is not None]
       cuts = sorted({t for e in evs for t in (e["start"], e["end"])})
       for a, b in itertools.pairwise(cuts):
-        live = {e["micro_batch"] for e in evs if e["start"] < b and e["end"] > a}
+        live = {frozenset(e["members"]) for e in evs if e["start"] < b and e["end"] > a}
         if live:
           busy += b - a
-        if len(live) >= 2:
+        if any(not x & y for x, y in itertools.combinations(live, 2)):
           overlapped += b - a
       transfers = [e for e in evs if e["kind"].startswith("transfer")]
       computes = [e for e in evs if not e["kind"].startswith("transfer")]
       concurrent += sum(
-          any(c["micro_batch"] != t["micro_batch"] and c["start"] < t["end"]
+          any(not set(c["members"]) & set(t["members"]) and c["start"] < t["end"]
               and c["end"] > t["start"] for c in computes) for t in transfers)
     return {"overlap_fraction": overlapped / busy if busy else 0.0, "busy_s": busy,
             "overlap_s": overlapped, "transfers_concurrent_with_compute": concurrent}
@@ -156,6 +190,45 @@ def _experts(h_TD, ids_TK, weights_TK, valid_T, slot_table_E, w_gate_SDF, w_up_S
                          w_down_SFD, valid_T=valid_T, impl=impl)
 
 
+@jax.jit
+def _stage(x_UD, slots_UK, weights_UK, valid_U, h_TD, ids_TK, weights_TK, valid_T, slot_table_E,
+           offset):
+  """Packs one member micro-batch into a fused expert call's inputs (returns them updated).
+
+  Its valid tokens go to rows offset, offset + 1, ... of the fused bucket (U rows), its expert
+  ids become slot ids of the class buffer through its layer's slot table (every chosen expert
+  is resident, so the fused call can use the identity slot table), and a top_k smaller than the
+  fused K_f is padded with weight-0 repeats of the first choice (a resident slot: exact no-op).
+
+  Args:
+    x_UD, slots_UK, weights_UK (f32), valid_U: the fused inputs so far.
+    h_TD, ids_TK, weights_TK, valid_T: the member's (on the weights device).
+    slot_table_E: int32 [E] its layer's slot table.
+    offset: int32 scalar, the fused row of its first valid token.
+  """
+  U, K_f = slots_UK.shape
+  K = ids_TK.shape[1]
+  rank_T = jnp.cumsum(valid_T.astype(jnp.int32)) - 1
+  rows_T = jnp.where(valid_T, offset + rank_T, U)  # U: out of range, dropped
+  slots_TK = jnp.take(slot_table_E, ids_TK, mode="clip")
+  weights_TK = weights_TK.astype(jnp.float32)
+  if K < K_f:
+    slots_TK = jnp.concatenate([slots_TK, jnp.repeat(slots_TK[:, :1], K_f - K, axis=1)], 1)
+    weights_TK = jnp.pad(weights_TK, ((0, 0), (0, K_f - K)))
+  drop = dict(mode="drop")
+  return (x_UD.at[rows_T].set(h_TD.astype(x_UD.dtype), **drop),
+          slots_UK.at[rows_T].set(slots_TK, **drop),
+          weights_UK.at[rows_T].set(weights_TK, **drop),
+          valid_U.at[rows_T].set(valid_T, **drop))
+
+
+@jax.jit
+def _unstage(y_UD, valid_T, offset):
+  """A member's expert output [T, D] cut from the fused one (padding rows zero, as unfused)."""
+  rows_T = jnp.where(valid_T, offset + jnp.cumsum(valid_T.astype(jnp.int32)) - 1, 0)
+  return jnp.where(valid_T[:, None], y_UD[rows_T], jnp.zeros((), y_UD.dtype))
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _combine(p_ffn, x_TD, h_TD, y_TD, *, cfg: ModelConfig):
   """x + (routed experts + shared expert), as `layers.moe_block` adds them."""
@@ -175,20 +248,29 @@ class _MicroBatch:
   model: LoadedModel
   batch: ModelBatch
   paged: list  # PagedBatch per KV device, on that device
-  sampling: dict
-  next_pos: jax.Array
-  valid_T: jax.Array
+  sampling: dict  # on the home KV device
+  next_pos: jax.Array  # on the home KV device
+  valid_T: jax.Array  # on the home KV device
+  valid_host: np.ndarray  # bool [T], the same on the host
   x_TD: jax.Array
   moe: tuple | None = None  # (x_TD after attention, h_TD, ids_TK, weights_TK) between stages
+
+  @property
+  def home(self) -> int:
+    """Index of the model's home KV device."""
+    return self.model.group
+
+  @property
+  def num_tokens(self) -> int:
+    return int(self.valid_host.sum())
 
 
 class DisaggregatedExecutor:
   """Runs model batches with the CrossPool memory organisation (see the module docstring).
 
   Args:
-    models: registered models; params WITHOUT routed experts, on their home KV device
-      (`kv_devices[model.group]`), where their embedding, q/k/v, LSE merge, router, shared
-      expert / dense MLP, head and sampling run.
+    models: registered models; params WITHOUT routed experts, each on its home KV device
+      (`kv_buffers[model.group]`'s device).
     kv_pool: the one KV pool over all KV devices (shared by every model).
     kv_buffers: its page buffer on each KV device (updated in place).
     wpool: the weights pool holding every model's routed experts on the weights devices.
@@ -197,18 +279,27 @@ class DisaggregatedExecutor:
     micro_batches: parts each model batch is cut into (1 = no pipeline, the ablation).
     attn_impl, moe_impl: kernel implementations.
     timeline: record the per-stage timeline.
+    fuse_experts: micro-batches of one shape class and home weights device share one expert
+      call per layer (False: one call per micro-batch, the ablation).
+    fused_token_buckets: padded token counts of a fused call (default: `token_buckets`); a
+      group with more valid tokens than the largest is split over several calls.
   """
 
   def __init__(self, models: dict[str, LoadedModel], kv_pool: KVPool,
                kv_buffers: list[jax.Array], wpool: DeviceWeightsPool, *,
                token_buckets: tuple[int, ...], max_batch: int, micro_batches: int = 2,
                attn_impl: str | None = None, moe_impl: str | None = None,
-               timeline: bool = True):
+               timeline: bool = True, fuse_experts: bool = True,
+               fused_token_buckets: tuple[int, ...] | None = None):
     if not 1 <= micro_batches <= max_batch:
       raise ValueError(f"micro_batches must be in [1, max_batch={max_batch}] (a micro-batch "
                        f"needs at least one request), got {micro_batches}")
     if len(kv_buffers) != kv_pool.num_devices:
       raise ValueError(f"{len(kv_buffers)} KV buffers for {kv_pool.num_devices} KV devices")
+    bad = {m: model.group for m, model in models.items()
+           if not 0 <= model.group < len(kv_buffers)}
+    if bad:
+      raise ValueError(f"home KV device (group) out of range [0, {len(kv_buffers)}): {bad}")
     self.models = models
     self.kv_pool = kv_pool
     self.kv_buffers = list(kv_buffers)
@@ -220,15 +311,38 @@ class DisaggregatedExecutor:
     self.attn_impl = attn_impl
     self.moe_impl = moe_impl
     self.timeline = Timeline(timeline)
+    self.fuse_experts = fuse_experts
+    self.fused_token_buckets = tuple(sorted(set(fused_token_buckets or token_buckets)))
+    if self.fused_token_buckets[-1] < self.token_buckets[-1]:
+      raise ValueError(f"fused_token_buckets {self.fused_token_buckets} must reach the largest "
+                       f"token bucket {self.token_buckets[-1]}")
     self.steps = 0
+    self.expert_calls = 0  # expert-dispatch calls issued in served steps
+    self.expert_members = 0  # micro-batches they served (one each when not fused)
+    self.expert_splits = 0  # fused groups cut into several calls (slots or tokens)
     self._warm: set[tuple[str, int]] = set()
+    self._warm_fused: set[tuple[int, int, int]] = set()  # (class, weights device, bucket)
+    self._fused_zeros: dict[tuple[int, int, int], tuple] = {}
+    self._identity: dict[tuple[int, int], jax.Array] = {}
 
   @property
   def compile_count(self) -> int:
-    return len(self._warm)
+    """Warmed (model, token bucket) pairs plus warmed fused (class, device, bucket) shapes."""
+    return len(self._warm) + len(self._warm_fused)
+
+  def expert_call_stats(self) -> dict:
+    """Expert-dispatch calls of served steps and the micro-batches they served."""
+    return {"fused": self.fuse_experts, "calls": self.expert_calls,
+            "micro_batches": self.expert_members, "splits": self.expert_splits,
+            "mean_members_per_call": (self.expert_members / self.expert_calls
+                                      if self.expert_calls else 0.0)}
 
   def compile_all(self, log=None) -> int:
-    """Warms every (model, token bucket) with an all-padding micro-batch (compiles each stage)."""
+    """Warms every (model, token bucket) with an all-padding micro-batch (compiles each stage),
+    and with `fuse_experts` every fused bucket of every (class, weights device) with every
+    member shape that can join it."""
+    if self.fuse_experts:
+      self._make_fused_buffers()
     for model_id, model in self.models.items():
       for bucket in self.token_buckets:
         empty = ModelBatch(model_id, [], [])
@@ -236,7 +350,60 @@ class DisaggregatedExecutor:
         self._warm.add((model_id, bucket))
         if log:
           log(f"compiled {model_id} tokens={bucket}")
+    if self.fuse_experts:
+      self._warm_fused_calls(log)
     return self.compile_count
+
+  # --- fused expert calls: buffers and warm-up ----------------------------------------------
+
+  def _class_top_k(self, c: int) -> int:
+    return max(m.cfg.top_k for m in self.models.values()
+               if any(m.cfg.moe_layers) and self.wpool.pool.model_class(m.model_id) == c)
+
+  def _make_fused_buffers(self) -> None:
+    pool = self.wpool.pool
+    classes = {pool.model_class(m) for m, model in self.models.items()
+               if any(model.cfg.moe_layers)}
+    for c in classes:
+      shape, slots = pool.classes[c].shape, pool.classes[c].slots_per_device
+      k = self._class_top_k(c)
+      dtype = jnp.dtype(shape.dtype)
+      for d, dev in enumerate(self.wpool.devices):
+        self._identity[c, d] = jax.device_put(np.arange(slots, dtype=np.int32), dev)
+        for t in self.fused_token_buckets:
+          self._fused_zeros[c, d, t] = jax.device_put(
+              (np.zeros((t, shape.d_model), dtype), np.zeros((t, k), np.int32),
+               np.zeros((t, k), np.float32), np.zeros(t, bool)), dev)
+
+  def _warm_fused_calls(self, log=None) -> None:
+    """Runs every fused shape once with all-padding members (stage, call, unstage)."""
+    pool = self.wpool.pool
+    members: dict[tuple[int, int], set] = {}
+    for m, model in self.models.items():
+      for layer, moe in enumerate(model.cfg.moe_layers):
+        if moe:
+          key = (pool.model_class(m), pool.home_device(m, layer))
+          members.setdefault(key, set()).update(
+              (t, model.cfg.top_k, model.cfg.num_experts) for t in self.token_buckets)
+    for (c, d), shapes in sorted(members.items()):
+      dev = self.wpool.devices[d]
+      d_model, dtype = pool.classes[c].shape.d_model, jnp.dtype(pool.classes[c].shape.dtype)
+      for fused in self.fused_token_buckets:
+        for t, k, e in sorted(shapes):
+          h, ids, w, valid, table = jax.device_put(
+              (np.zeros((t, d_model), dtype), np.zeros((t, k), np.int32),
+               np.zeros((t, k), np.float32), np.zeros(t, bool), np.arange(e, dtype=np.int32)),
+              dev)
+          staged = _stage(*self._fused_zeros[c, d, fused], h, ids, w, valid, table,
+                          np.int32(0))
+          y = _experts(*staged, self._identity[c, d], *self.wpool.buffers(c, d),
+                       impl=self.moe_impl)
+          jax.block_until_ready(_unstage(y, valid, np.int32(0)))
+        self._warm_fused.add((c, d, fused))
+        if log:
+          log(f"compiled fused experts class={c} device={d} tokens={fused}")
+
+  # --- steps --------------------------------------------------------------------------------
 
   def _split(self, batch: ModelBatch) -> list[ModelBatch]:
     n = len(batch.requests)
@@ -265,19 +432,16 @@ class DisaggregatedExecutor:
       out[i].append(t)
     return [np.concatenate(t) for t in out]
 
-  def _home(self, mb: _MicroBatch):
-    """(the model's home KV device, its copy of the micro-batch's inputs)."""
-    return self.kv_devices[mb.model.group], mb.paged[mb.model.group]
-
   def _prepare(self, index: int, model: LoadedModel, batch: ModelBatch,
                bucket: int) -> _MicroBatch:
     paged, sampling, next_pos = pack_batch(self.kv_pool, batch, bucket, self.max_batch)
+    valid_host = paged[model.group].positions_T >= 0
     paged = [jax.device_put(b, d) for b, d in zip(paged, self.kv_devices, strict=True)]
     home = paged[model.group]
     sampling, next_pos = jax.device_put((sampling, next_pos), self.kv_devices[model.group])
     x_TD = model.params["embed_VD"][home.tokens_T]
     return _MicroBatch(index, model, batch, paged, sampling, next_pos, home.positions_T >= 0,
-                       x_TD)
+                       valid_host, x_TD)
 
   def _run_micro_batches(self, mbs: list[_MicroBatch], *, track: bool) -> list[np.ndarray]:
     depth = max(mb.model.cfg.num_layers for mb in mbs)
@@ -285,21 +449,28 @@ class DisaggregatedExecutor:
       live = [mb for mb in mbs if layer < mb.model.cfg.num_layers]
       for mb in live:  # attention of this layer for every micro-batch ...
         self._attention(mb, layer, track)
-      for mb in live:  # ... then their expert FFNs (ping-pong between the pools)
-        self._ffn(mb, layer, track)
-    tokens = [_head_and_sample(mb.model.params, mb.x_TD, self._home(mb)[1].cu_q_lens_S1,
+      moe = [mb for mb in live if mb.model.cfg.moe_layers[layer]]
+      if self.fuse_experts:  # ... then their expert FFNs (ping-pong between the pools)
+        self._fused_ffn(moe, layer, track)
+      else:
+        for mb in moe:
+          self._ffn(mb, layer, track)
+    tokens = [_head_and_sample(mb.model.params, mb.x_TD, mb.paged[mb.home].cu_q_lens_S1,
                                mb.sampling, mb.next_pos, cfg=mb.model.cfg) for mb in mbs]
     return [np.asarray(t)[:len(mb.batch.requests)] for t, mb in zip(tokens, mbs, strict=True)]
 
-  def _track(self, track, out, mb, layer, kind, device):
+  def _track(self, track, out, mbs, layer, kind, device):
     if track:
-      self.timeline.track(out, step=self.steps, micro_batch=mb.index, model=mb.model.model_id,
-                          layer=layer, kind=kind, device=str(device))
+      mbs = mbs if isinstance(mbs, list) else [mbs]
+      self.timeline.track(out, step=self.steps, micro_batch=mbs[0].index,
+                          model=mbs[0].model.model_id, layer=layer, kind=kind,
+                          device=str(device), members=tuple(mb.index for mb in mbs),
+                          models=tuple(mb.model.model_id for mb in mbs))
 
   def _attention(self, mb: _MicroBatch, layer: int, track: bool) -> None:
     cfg, p = mb.model.cfg, mb.model.params["layers"][layer]
-    home, home_batch = self._home(mb)
-    q, k, v = attention_inputs(p, mb.x_TD, home_batch.positions_T, cfg=cfg)
+    home = self.kv_devices[mb.home]
+    q, k, v = attention_inputs(p, mb.x_TD, mb.paged[mb.home].positions_T, cfg=cfg)
     outs, lses = [], []
     for d, (b, dev) in enumerate(zip(mb.paged, self.kv_devices, strict=True)):
       o, lse, self.kv_buffers[d] = write_and_attend(
@@ -316,14 +487,18 @@ class DisaggregatedExecutor:
     else:
       (mb.x_TD,) = result
 
+  def _chosen_experts(self, mb: _MicroBatch) -> np.ndarray:
+    """The experts the router chose for the valid tokens (waits for the routing)."""
+    if not mb.valid_host.any():
+      return np.zeros(0, np.int32)
+    return np.unique(np.asarray(mb.moe[2])[mb.valid_host])
+
   def _ffn(self, mb: _MicroBatch, layer: int, track: bool) -> None:
+    """The expert FFN of one micro-batch alone (`fuse_experts=False`)."""
     cfg = mb.model.cfg
-    if not cfg.moe_layers[layer]:
-      return
     model_id = mb.model.model_id
     x_TD, h_TD, ids_TK, weights_TK = mb.moe
-    valid = np.asarray(mb.valid_T)
-    experts = np.unique(np.asarray(ids_TK)[valid]) if valid.any() else np.zeros(0, np.int32)
+    experts = self._chosen_experts(mb)
     self.wpool.access(model_id, layer, experts.tolist())
     slot_table_E, buffers = self.wpool.layer_inputs(model_id, layer)
     wdev = slot_table_E.devices().pop()
@@ -331,8 +506,80 @@ class DisaggregatedExecutor:
     self._track(track, moved, mb, layer, "transfer_to_weights", wdev)
     y_TD = _experts(*moved, slot_table_E, *buffers, impl=self.moe_impl)
     self._track(track, y_TD, mb, layer, "experts", wdev)
-    home = self._home(mb)[0]
-    y_TD = jax.device_put(y_TD, home)
-    self._track(track, y_TD, mb, layer, "transfer_back", home)
+    y_TD = jax.device_put(y_TD, self.kv_devices[mb.home])
+    self._track(track, y_TD, mb, layer, "transfer_back", self.kv_devices[mb.home])
     mb.x_TD = _combine(mb.model.params["layers"][layer]["ffn"], x_TD, h_TD, y_TD, cfg=cfg)
     mb.moe = None
+    if track:
+      self.expert_calls += 1
+      self.expert_members += 1
+
+  def _fused_ffn(self, mbs: list[_MicroBatch], layer: int, track: bool) -> None:
+    """The expert FFNs of a layer's micro-batches, one call per (class, weights device) group
+    (more where the group's experts or tokens do not fit one call)."""
+    pool = self.wpool.pool
+    groups: dict[tuple[int, int], list[_MicroBatch]] = {}
+    for mb in mbs:
+      key = (pool.model_class(mb.model.model_id), pool.home_device(mb.model.model_id, layer))
+      groups.setdefault(key, []).append(mb)
+    for (c, d), members in groups.items():
+      wdev = self.wpool.devices[d]
+      moved = {}
+      for mb in members:  # the transfers need no routing decision: issue them first
+        _, h_TD, ids_TK, weights_TK = mb.moe
+        moved[mb.index] = jax.device_put((h_TD, ids_TK, weights_TK, mb.valid_T), wdev)
+        self._track(track, moved[mb.index], mb, layer, "transfer_to_weights", wdev)
+      chosen = {mb.index: self._chosen_experts(mb) for mb in members}
+      calls = self._plan_fused_calls(members, chosen, layer)
+      if track and len(calls) > 1:
+        self.expert_splits += 1
+      for call in calls:
+        self._fused_call(call, moved, chosen, layer, c, d, track)
+
+  def _plan_fused_calls(self, members, chosen, layer) -> list[list[_MicroBatch]]:
+    """Members cut, in order, into calls whose experts fit the partition's slots together and
+    whose valid tokens fit the largest fused bucket."""
+    calls, keys, tokens = [], set(), 0
+    for mb in members:
+      mine = {(mb.model.model_id, layer, int(e)) for e in chosen[mb.index]}
+      if calls and (tokens + mb.num_tokens > self.fused_token_buckets[-1]
+                    or not self.wpool.pool.can_hold(keys | mine)):
+        calls.append([])
+        keys, tokens = set(), 0
+      if not calls:
+        calls.append([])
+      calls[-1].append(mb)
+      keys |= mine
+      tokens += mb.num_tokens
+    return calls
+
+  def _fused_call(self, call: list[_MicroBatch], moved, chosen, layer: int, c: int, d: int,
+                  track: bool) -> None:
+    self.wpool.access_many([(mb.model.model_id, layer, chosen[mb.index].tolist())
+                            for mb in call])
+    wdev = self.wpool.devices[d]
+    total = sum(mb.num_tokens for mb in call)
+    fused = self.fused_token_buckets[bisect.bisect_left(self.fused_token_buckets, total)]
+    if (c, d, fused) not in self._warm_fused and track:
+      raise RuntimeError(f"fused expert call (class {c}, device {d}, {fused} tokens) was not "
+                         f"compiled at start-up")
+    staged, offsets, offset = self._fused_zeros[c, d, fused], [], 0
+    for mb in call:
+      table = jax.device_put(self.wpool.pool.slot_table(mb.model.model_id, layer), wdev)
+      staged = _stage(*staged, *moved[mb.index], table, np.int32(offset))
+      offsets.append(offset)
+      offset += mb.num_tokens
+    y_UD = _experts(*staged, self._identity[c, d], *self.wpool.buffers(c, d),
+                    impl=self.moe_impl)
+    self._track(track, y_UD, call, layer, "experts", wdev)
+    for mb, offset in zip(call, offsets, strict=True):
+      home = self.kv_devices[mb.home]
+      y_TD = jax.device_put(_unstage(y_UD, moved[mb.index][3], np.int32(offset)), home)
+      self._track(track, y_TD, mb, layer, "transfer_back", home)
+      x_TD, h_TD, _, _ = mb.moe
+      mb.x_TD = _combine(mb.model.params["layers"][layer]["ffn"], x_TD, h_TD, y_TD,
+                         cfg=mb.model.cfg)
+      mb.moe = None
+    if track:
+      self.expert_calls += 1
+      self.expert_members += len(call)

@@ -1,4 +1,7 @@
-"""The CrossPool policy: attention + KV on 2 KV devices, routed experts on 2 weights devices."""
+"""The CrossPool policy: attention + KV on 2 KV devices, routed experts on 2 weights devices.
+
+The module's engine fuses expert calls (the default); the long-request engine runs the unfused
+ablation. Pieces of the fused path are tested in test_fused_experts.py."""
 
 import jax
 import numpy as np
@@ -8,15 +11,15 @@ from crosspool_jax.engine import Engine, EngineConfig
 from tests.engine.test_engine import FAMILIES, MODELS, _references, _workload
 
 
-def _crosspool(pages, models=FAMILIES, **overrides):
+def _crosspool(pages, models=FAMILIES, homes=None, **overrides):
   cfg = dict(kv_policy="crosspool", devices=(0, 1), weight_devices=(2, 3), page_elems=512,
              pages_per_device=pages, token_budget=48, token_buckets=(16, 48), max_batch=4,
              attn_impl="reference", moe_impl="reference", expert_slots_per_device=8,
              expert_policy="lru", micro_batches=2) | overrides
   eng = Engine(EngineConfig(**cfg))
-  for i, f in enumerate(models):  # home KV devices alternate: 0, 1, 0, 1
+  for i, f in enumerate(models):  # home KV devices alternate: 0, 1, 0, 1 (unless given)
     eng.register_model(f, cfg=MODELS[f][0], params=MODELS[f][1], max_context=48, max_batch=4,
-                       group=i % 2)
+                       group=i % 2 if homes is None else homes[i])
   eng.start()
   return eng
 
@@ -40,12 +43,38 @@ def test_non_expert_weights_live_on_the_home_kv_device_only(crosspool):
 def test_greedy_equals_reference_with_preemption_and_swapping(crosspool):
   work = _workload(12, seed=1)
   rids = [crosspool.submit(model_id=m, prompt_ids=p, max_new_tokens=n) for m, p, n in work]
+  compiles = crosspool.metrics()["backend_compiles_since_start"]  # other tests compile too
   out = crosspool.generate_all()
-  assert [out[r] for r in rids] == _references(work)
   metrics = crosspool.metrics()
+  assert metrics["backend_compiles_since_start"] == compiles  # every fused shape warmed
+  assert [out[r] for r in rids] == _references(work)
   assert metrics["pools"]["0"]["preemptions"] > 0
   assert metrics["weights_pool"]["misses"] > 0 and metrics["weights_pool"]["evictions"] > 0
   assert metrics["pools"]["0"]["used_pages_now"] == 0
+  calls = metrics["expert_calls"]  # one class, 2 weights devices: micro-batches share calls
+  assert calls["fused"] and 0 < calls["calls"] < calls["micro_batches"]
+  assert calls["mean_members_per_call"] > 1
+  assert calls["splits"] > 0  # 8 slots: some groups' experts did not fit one call
+
+
+def test_two_models_of_one_class_share_an_expert_call(crosspool):
+  # mixtral (home KV device 0) and qwen3_moe (home 1): one expert shape class, and layer l of
+  # both is homed on weights device l % 2; one request each, decoded in the same steps.
+  work = [("mixtral", [3, 1, 4, 1, 5], 4), ("qwen3_moe", [9, 2, 6], 4)]
+  before = dict(crosspool.metrics()["expert_calls"])
+  events = len(crosspool.executor.timeline.events)
+  rids = [crosspool.submit(model_id=m, prompt_ids=p, max_new_tokens=n) for m, p, n in work]
+  out = crosspool.generate_all()
+  assert [out[r] for r in rids] == _references(work)
+  after = crosspool.metrics()["expert_calls"]
+  calls = after["calls"] - before["calls"]
+  served = after["micro_batches"] - before["micro_batches"]
+  assert served == 4 * 2 * 2  # 4 steps x 2 models x 2 MoE layers
+  assert calls < served
+  fused = [e for e in crosspool.executor.timeline.events[events:] if e["kind"] == "experts"]
+  assert len(fused) == calls
+  assert any(sorted(e["models"]) == ["mixtral", "qwen3_moe"] for e in fused)
+  assert all(len(e["members"]) == len(e["models"]) for e in fused)
 
 
 def test_timeline_shows_micro_batches_in_flight_together(crosspool):
@@ -59,13 +88,15 @@ def test_timeline_shows_micro_batches_in_flight_together(crosspool):
   assert {"attention", "merge_router", "transfer_to_weights", "experts",
           "transfer_back"} <= kinds
   assert len({e["micro_batch"] for e in timeline.events}) >= 2
+  assert max(len(e["members"]) for e in timeline.events if e["kind"] == "experts") >= 2
   assert all(e["end"] >= e["start"] for e in timeline.events)
   assert overlap["transfers_concurrent_with_compute"] > 0
   assert 0 < overlap["overlap_fraction"] <= 1
 
 
-def test_long_request_spreads_over_both_kv_devices():
-  eng = _crosspool(pages=8, models=("mixtral",))  # 7 usable pages per KV device
+def test_long_request_spreads_over_both_kv_devices_unfused():
+  # 7 usable pages per KV device; home KV device 1; one expert call per micro-batch.
+  eng = _crosspool(pages=8, models=("mixtral",), homes=(1,), fuse_experts=False)
   rng = np.random.default_rng(9)
   prompt = rng.integers(0, 512, size=40).tolist()  # 48 tokens: 6 pages x 2 layers = 12 > 7
   rid = eng.submit(model_id="mixtral", prompt_ids=prompt, max_new_tokens=8)
@@ -75,6 +106,10 @@ def test_long_request_spreads_over_both_kv_devices():
   assert set(np.unique(tables[tables > 0] // pool.pages_per_device)) == {0, 1}
   out = eng.generate_all()
   assert out[rid] == _references([("mixtral", prompt, 8)])[0]
+  calls = eng.metrics()["expert_calls"]
+  assert not calls["fused"] and calls["calls"] == calls["micro_batches"] > 0
+  assert {e["device"] for e in eng.executor.timeline.events if e["kind"] == "merge_router"} == {
+      str(eng.executor.kv_devices[1])}
 
 
 @pytest.mark.parametrize("overrides, error", [
@@ -87,3 +122,8 @@ def test_long_request_spreads_over_both_kv_devices():
 def test_bad_split_fails_at_start_up(overrides, error):
   with pytest.raises(ValueError, match=error):
     _crosspool(pages=24, models=("mixtral",), **overrides)
+
+
+def test_home_kv_device_out_of_range_fails_at_registration():
+  with pytest.raises(ValueError, match="group 2 is not one of the 2"):
+    _crosspool(pages=24, models=("mixtral",), homes=(2,))
