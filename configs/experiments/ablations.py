@@ -7,6 +7,8 @@ r"""Ablations of CrossPool: what each of its parts is worth, on the demo's fleet
 Runs (same trace, same per-device budget unless said):
   crosspool              the full policy (2 micro-batches, LRU expert swapping)
   no_pipeline            one micro-batch: the two pools wait on each other every layer
+  no_fusion              one expert-dispatch call per micro-batch (no sharing of a call by
+                         the micro-batches, or models, of one shape class)
   no_swapping            pin_all: every expert resident; its weights devices get the bytes
                          all experts need (3.5 MiB instead of 2.5 on cpu; the KV devices keep
                          the common budget): the memory that swapping saves
@@ -38,7 +40,8 @@ def get_config(arg: str | None = None):
     raise ValueError(f"variant must be 'cpu' or 'full', got {arg!r}")
   c = _demo().get_config("cpu")
   c.name, c.variant = "ablations", variant
-  c.description = "CrossPool without its pipeline, without expert swapping, without a weights pool"
+  c.description = ("CrossPool without its pipeline, without fused expert calls, without expert "
+                   "swapping, without a weights pool")
   if variant == "full":
     full_scale(c)
   crosspool = c.policies.crosspool.to_dict()
@@ -48,6 +51,7 @@ def get_config(arg: str | None = None):
   c.policies = ml_collections.ConfigDict(dict(
       crosspool=crosspool,
       no_pipeline=crosspool | dict(micro_batches=1),
+      no_fusion=crosspool | dict(fuse_experts=False),
       no_swapping=crosspool | dict(expert_policy="pin_all", **no_swap),
       no_consolidation=c.policies.shared.to_dict(),
   ))

@@ -50,6 +50,7 @@ def engine_block(**kw):
       micro_batches=2,            # layer-wise ping-pong (1 = no pipeline)
       expert_slots_per_device=8,  # per shape class and weights device (< fleet experts: swap)
       expert_policy="lru",        # pin_all | lru | lfu | activation_aware
+      fuse_experts=True,          # micro-batches of one shape class share an expert call
   )
   return ml_collections.ConfigDict(base | kw)
 
