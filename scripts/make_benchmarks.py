@@ -1,10 +1,12 @@
 r"""Writes BENCHMARKS.md from results files: never typed by hand.
 
   python scripts/make_benchmarks.py --results=workdir/demo_cpu/results.json \
-      --results=workdir/longest_context_cpu/results.json --out=BENCHMARKS.md
+      --results=workdir/longest_context_cpu/results.json \
+      --vs_hf=workdir/bench/vs_hf.json --out=BENCHMARKS.md
 
 Each `scripts/run_experiment.py` results.json becomes a section with what ran, the exact
-command that produced it, the git revision, the device and the comparison table.
+command that produced it, the git revision, the device and the comparison table; a
+`scripts/bench_vs_hf.py` JSON file becomes the peer-benchmark table.
 """
 
 from __future__ import annotations
@@ -18,16 +20,17 @@ from collections.abc import Sequence
 from absl import app, flags
 
 from crosspool_jax.cli import start_script
-from crosspool_jax.experiments.report import benchmarks_section
+from crosspool_jax.experiments.report import benchmarks_section, vs_hf_section
 
 _RESULTS = flags.DEFINE_multi_string("results", [], "results.json files, in the order wanted.")
+_VS_HF = flags.DEFINE_string("vs_hf", None, "A scripts/bench_vs_hf.py JSON file (optional).")
 _OUT = flags.DEFINE_string("out", "BENCHMARKS.md", "Markdown file to write.")
 
 
 def main(argv: Sequence[str]) -> None:
   start_script(argv)
-  if not _RESULTS.value:
-    raise app.UsageError("give at least one --results=FILE")
+  if not _RESULTS.value and not _VS_HF.value:
+    raise app.UsageError("give at least one --results=FILE (or --vs_hf=FILE)")
   sections = []
   for path in _RESULTS.value:
     try:
@@ -38,6 +41,13 @@ def main(argv: Sequence[str]) -> None:
     if "runs" not in results:
       raise app.UsageError(f"--results={path} is not a scripts/run_experiment.py results file")
     sections.append(benchmarks_section(results, source=os.path.relpath(path)))
+  if _VS_HF.value:
+    try:
+      with open(_VS_HF.value) as f:
+        bench = json.load(f)
+      sections.append(vs_hf_section(bench, source=os.path.relpath(_VS_HF.value)))
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+      raise app.UsageError(f"--vs_hf={_VS_HF.value}: {e!r}") from e
   header = [
       "# Benchmarks",
       "",

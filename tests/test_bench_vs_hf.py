@@ -71,3 +71,15 @@ def test_tiny_run_writes_sane_json_and_agrees_with_hf(tmp_path):
   table = proc.stdout.strip().splitlines()
   assert table[0].split()[:4] == ["batch", "HF", "tok/s", "generate"] and len(table) == 3
   assert "batch 2: round 1/1" in proc.stderr
+
+  # BENCHMARKS.md renders the same figures.
+  md = tmp_path / "B.md"
+  proc = subprocess.run(
+      [sys.executable, os.path.join(ROOT, "scripts", "make_benchmarks.py"), f"--vs_hf={out}",
+       f"--out={md}"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  text = md.read_text()
+  assert "## Peer benchmark" in text and "--batch_sizes=1,2" in text
+  for r in records:
+    assert (f"| {r['batch']} | {r['runs']['hf']['tokens_per_s']:.0f} | "
+            f"{r['runs']['generate']['tokens_per_s']:.0f} |") in text

@@ -89,3 +89,35 @@ def benchmarks_section(results: dict, *, source: str) -> str:
       "",
   ]
   return "\n".join(lines)
+
+
+def vs_hf_section(bench: dict, *, source: str) -> str:
+  """A BENCHMARKS.md section of a `scripts/bench_vs_hf.py` JSON file."""
+  h = bench["header"]
+  flags = h["flags"]
+  rows = ["| batch | HF tok/s | generate tok/s | engine tok/s | generate / HF | engine / HF "
+          "| greedy rows equal to HF (generate, engine) |", "|---|---|---|---|---|---|---|"]
+  for r in bench["records"]:
+    runs, agree = r["runs"], r["agreement"]
+    rows.append(f"| {r['batch']} | {runs['hf']['tokens_per_s']:.0f} | "
+                f"{runs['generate']['tokens_per_s']:.0f} | {runs['engine']['tokens_per_s']:.0f} "
+                f"| {r['ratio_generate_vs_hf']:.2f} | {r['ratio_engine_vs_hf']:.2f} | "
+                f"{agree['generate_vs_hf']:.0%}, {agree['engine_vs_hf']:.0%} |")
+  model = h["model"]
+  return "\n".join([
+      "## Peer benchmark: HF transformers vs crosspool_jax",
+      "",
+      f"One tiny {model['family']} checkpoint ({model['params']:,} parameters, {h['dtype']}) "
+      f"decoded greedily, prompt {flags['prompt_len']} tokens, {flags['max_new_tokens']} new "
+      f"tokens per row; median of {flags['iters']} interleaved rounds; torch "
+      f"{h['torch_version']} with {h['torch_threads']} threads, jax {h['jax_version']}, "
+      f"{h['cpu_cores']} CPU cores (load average {h['loadavg_start'][0]:.1f} at the start).",
+      "",
+      f"Command: `python scripts/bench_vs_hf.py --batch_sizes="
+      f"{','.join(flags['batch_sizes'])} --out={flags['out']}`  ",
+      f"Source: `{source}`, git {h['git_revision'][:12]}"
+      + (" (uncommitted changes)" if h.get("git_dirty") else "") + f", {h['date']}.",
+      "",
+      *rows,
+      "",
+  ])

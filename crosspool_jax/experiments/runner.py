@@ -181,6 +181,7 @@ def summarize_run(metrics: dict, serve_m: dict, slo) -> dict:
       "expert_hit_rate": None if wp is None else wp["hit_rate"],
       "expert_loads": None if wp is None else wp["loads"],
       "expert_bytes_swapped": None if wp is None else wp["bytes_swapped"],
+      "expert_calls": metrics.get("expert_calls"),
       "compile_count": metrics["compile_count"],
       "backend_compiles_after_start": metrics["backend_compiles_since_start"],
       "outputs_sha256": _digest(serve_m["outputs"]),
