@@ -55,7 +55,14 @@ def main(argv: Sequence[str]) -> None:
       + "` from the results files named in each section; do not edit by hand. Latencies are",
       "wall-clock on the machine named there; counts (rejections, preemptions, KV pages,",
       "longest context, expert hits) repeat exactly for a seed when arrivals follow the",
-      "logical clock. Column meanings: `crosspool_jax/experiments/report.py`.",
+      "logical clock.",
+      "",
+      "Columns: requests finished / rejected (with the reason in results.json); preemptions;",
+      "time to first token and time between tokens (wall clock, ms); output tokens per second;",
+      "goodput = finished requests per second within config.slo (TTFT and the p90 of the",
+      "request's gaps); KV pages = the pool over all KV devices; KV peak = most pages holding",
+      "tokens at once, of the pool; longest ctx = longest prompt + output finished; expert hit",
+      "= weights-pool hit rate (crosspool); XLA compilations after start-up.",
       "",
   ]
   with open(_OUT.value, "w") as f:

@@ -53,9 +53,10 @@ def write_plots(results: dict, workdir: str) -> list[str]:
   paths.append(_save(fig, plt, workdir, "latency_cdf.png"))
 
   fig, ax = plt.subplots(figsize=(8, 4))
-  for run in results["runs"]:
+  for i, run in enumerate(results["runs"]):  # line styles: runs that coincide stay visible
     used = np.asarray(run["counts"]["kv_used_pages_per_step"], np.float64)
-    ax.plot(used / max(1, run["counts"]["kv_capacity_pages"]), label=_label(run))
+    ax.plot(used / max(1, run["counts"]["kv_capacity_pages"]), label=_label(run),
+            linestyle=("-", "--", ":", "-.")[i % 4])
   ax.set_xlabel("engine step")
   ax.set_ylabel("KV pages in use / pool")
   ax.set_ylim(0, 1.05)

@@ -55,8 +55,11 @@ def _plan_line(run: dict) -> str:
           f"pages of {a['page_bytes']} B = {a['kv_bytes'] / 2**20:.2f} MiB of KV")
   if a.get("expert_slots_per_device"):
     fractions = ", ".join(f"{v:.0%}" for v in a["resident_expert_fraction"].values())
-    line += (f"; {a['weight_devices']} weights device(s) x {a['expert_slots_per_device']} "
-             f"expert slots per shape class ({fractions} of the experts resident)")
+    line += (f"; {a['weight_devices']} weights device(s)"
+             + (f" of {a['weights_device_bytes'] / 2**20:.2f} MiB"
+                if a["weights_device_bytes"] != a["device_bytes"] else "")
+             + f" x {a['expert_slots_per_device']} expert slots per shape class ({fractions} "
+             "of the experts resident)")
   caps = sorted(set(plan["max_context"].values()))
   return line + f"; context cap {'/'.join(map(str, caps))} tokens"
 
@@ -81,7 +84,7 @@ def benchmarks_section(results: dict, *, source: str) -> str:
       f"Memory per run (budget {budget / 2**20:.2f} MiB per device):" if budget else
       "Memory per run:",
       "",
-      *[_plan_line(r) for r in results["runs"]],
+      *[_plan_line(r) for r in {r["name"]: r for r in results["runs"][::-1]}.values()][::-1],
       "",
       "Requests every policy finished that got the same tokens under all of them: "
       + ", ".join(f"{a['same']}/{a['compared']}" + (f" at {k}" if k else "")
