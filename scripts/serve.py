@@ -11,9 +11,11 @@ The config (see configs/serve/demo.py) holds the fleet, the engine block (Engine
 fields), the workload (crosspool_jax.workloads.WorkloadConfig's fields, or a trace file), the
 sampling params and the loop settings. After start-up (KV buffers, compilation of every
 bucket) the clock starts: a request is submitted once its arrival time has come (arrival_s /
-replay_speed), or all at once (arrival_mode=all_at_once), and the engine steps until every
-request is done. A request the engine cannot take (unknown model, prompt beyond the model's
-context, a context that can never fit its KV pool) is reported and skipped.
+replay_speed on the wall clock), on a logical clock of logical_step_s per engine step
+(arrival_mode=logical: the same schedule on any machine), or all at once
+(arrival_mode=all_at_once), and the engine steps until every request is done. A request the
+engine cannot take (unknown model, prompt beyond the model's context, a context that can
+never fit its KV pool) is reported and skipped.
 
 Live progress goes to stderr about once a second; the metrics table to stdout at the end.
 Writes to --workdir:
