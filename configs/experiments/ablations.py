@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from crosspool_jax.experiments.config_lib import full_scale
+from crosspool_jax.experiments import config_lib as cl
 
 
 def _demo():
@@ -43,7 +43,7 @@ def get_config(arg: str | None = None):
   c.description = ("CrossPool without its pipeline, without fused expert calls, without expert "
                    "swapping, without a weights pool")
   if variant == "full":
-    full_scale(c)
+    cl.full_scale(c)
   crosspool = c.policies.crosspool.to_dict()
   # cpu: 3.5 MiB weights devices hold all 128 experts; full: 8 Qwen1.5-MoE fit on 3 x 80 GiB
   # already (see scripts/capacity.py), so pin_all costs no extra memory there.

@@ -16,32 +16,25 @@ independent of the machine's speed), so everything but the wall-clock fields rep
 
 from __future__ import annotations
 
-from crosspool_jax.experiments.config_lib import (
-  cpu_fleet,
-  cpu_setup,
-  experiment_base,
-  length_dist,
-  loop_fields,
-  workload_block,
-)
+from crosspool_jax.experiments import config_lib as cl
 
 
 def get_config(arg: str | None = None):
   """The demo; arg "smoke" is a seconds-long version (two models, eight requests) for tests."""
-  c = experiment_base("demo", arg, "static vs shared vs crosspool, 4 tiny MoE models on 4 "
+  c = cl.experiment_base("demo", arg, "static vs shared vs crosspool, 4 tiny MoE models on 4 "
                       "CPU devices, bursty Zipf traffic with a long-context tail",
                       variants=("cpu", "smoke"))
-  cpu_setup(c)  # 2.5 MiB per device
-  c.workload = workload_block(
+  cl.cpu_setup(c)  # 2.5 MiB per device
+  c.workload = cl.workload_block(
       popularity="mixtral_0,qwen2_moe_1,olmoe_2,qwen3_moe_3", num_requests=60,
       total_rate=6.0, cv=2.0,
       bursts=((("olmoe_2", "qwen3_moe_3"), 4.0, 2.0, 4.0),),
-      prompt_len=length_dist(median=32.0, sigma=0.6, low=4, tail_fraction=0.1, tail_low=600,
+      prompt_len=cl.length_dist(median=32.0, sigma=0.6, low=4, tail_fraction=0.1, tail_low=600,
                              tail_high=1800),
-      output_len=length_dist("uniform", low=8, high=24))
-  loop_fields(c, arrival_mode="logical", logical_step_s=0.05)
+      output_len=cl.length_dist("uniform", low=8, high=24))
+  cl.loop_fields(c, arrival_mode="logical", logical_step_s=0.05)
   if c.variant == "smoke":
-    c.fleet = cpu_fleet(2, max_context=1024)
+    c.fleet = cl.cpu_fleet(2, max_context=1024)
     c.engine.token_buckets, c.engine.token_budget = (32,), 32
     c.workload.popularity = "mixtral_0,qwen2_moe_1"
     c.workload.num_requests, c.workload.bursts = 8, ()

@@ -13,28 +13,21 @@ the rejections; `scripts/capacity.py` gives the same limits in closed form at pa
 
 from __future__ import annotations
 
-from crosspool_jax.experiments.config_lib import (
-  cpu_setup,
-  experiment_base,
-  full_scale,
-  length_dist,
-  loop_fields,
-  workload_block,
-)
+from crosspool_jax.experiments import config_lib as cl
 
 
 def get_config(arg: str | None = None):
-  c = experiment_base("longest_context", arg, "longest context served at one memory "
+  c = cl.experiment_base("longest_context", arg, "longest context served at one memory "
                       "budget: prompts from 64 to 3,800 tokens, one request at a time")
-  cpu_setup(c, max_context=4096, token_budget=256, token_buckets=(16, 256))
-  c.workload = workload_block(
+  cl.cpu_setup(c, max_context=4096, token_budget=256, token_buckets=(16, 256))
+  c.workload = cl.workload_block(
       popularity=",".join(c.fleet.keys()), num_requests=16, total_rate=0.5, cv=1.0,
-      prompt_len=length_dist("uniform", low=64, high=3800),
-      output_len=length_dist("constant", value=8))
-  loop_fields(c, arrival_mode="logical", logical_step_s=0.05)
+      prompt_len=cl.length_dist("uniform", low=64, high=3800),
+      output_len=cl.length_dist("constant", value=8))
+  cl.loop_fields(c, arrival_mode="logical", logical_step_s=0.05)
   if c.variant == "full":
-    full_scale(c)
+    cl.full_scale(c)
     c.workload.num_requests, c.workload.total_rate = 64, 0.2
-    c.workload.prompt_len = length_dist("uniform", low=1024, high=8000)
-    c.workload.output_len = length_dist("constant", value=64)
+    c.workload.prompt_len = cl.length_dist("uniform", low=1024, high=8000)
+    c.workload.output_len = cl.length_dist("constant", value=64)
   return c

@@ -12,33 +12,26 @@ size in pages, peak and mean use, and the rejections each organisation needs.
 
 from __future__ import annotations
 
-from crosspool_jax.experiments.config_lib import (
-  cpu_setup,
-  experiment_base,
-  full_scale,
-  length_dist,
-  loop_fields,
-  workload_block,
-)
+from crosspool_jax.experiments import config_lib as cl
 
 
 def get_config(arg: str | None = None):
-  c = experiment_base("memory_utilisation", arg, "KV memory use of 8 cold models under "
+  c = cl.experiment_base("memory_utilisation", arg, "KV memory use of 8 cold models under "
                       "steep Zipf popularity, static vs shared vs crosspool")
   # 5 MiB per device: two models' weights per device under static and shared.
-  cpu_setup(c, models=8, max_context=1024, device_bytes=5 * 2**20, token_buckets=(64,))
-  c.workload = workload_block(
+  cl.cpu_setup(c, models=8, max_context=1024, device_bytes=5 * 2**20, token_buckets=(64,))
+  c.workload = cl.workload_block(
       popularity=",".join(c.fleet.keys()), num_requests=80, total_rate=8.0, cv=2.0,
       zipf_exponent=1.2, random_bursts=2, burst_group_size=3, burst_duration_s=1.0,
-      prompt_len=length_dist(median=64.0, sigma=0.8, low=4, tail_fraction=0.05, tail_low=400,
+      prompt_len=cl.length_dist(median=64.0, sigma=0.8, low=4, tail_fraction=0.05, tail_low=400,
                              tail_high=900),
-      output_len=length_dist("uniform", low=8, high=24))
-  loop_fields(c, arrival_mode="logical", logical_step_s=0.05)
+      output_len=cl.length_dist("uniform", low=8, high=24))
+  cl.loop_fields(c, arrival_mode="logical", logical_step_s=0.05)
   if c.variant == "full":
-    full_scale(c)
+    cl.full_scale(c)
     c.workload.num_requests, c.workload.total_rate = 2000, 20.0
-    c.workload.prompt_len = length_dist(median=512.0, sigma=1.0, low=16, tail_fraction=0.05,
+    c.workload.prompt_len = cl.length_dist(median=512.0, sigma=1.0, low=16, tail_fraction=0.05,
                                         tail_low=4096, tail_high=7936)
-    c.workload.output_len = length_dist("uniform", low=64, high=256)
+    c.workload.output_len = cl.length_dist("uniform", low=64, high=256)
     c.arrival_mode = "trace"
   return c

@@ -16,34 +16,27 @@ their level, is what transfers.
 
 from __future__ import annotations
 
-from crosspool_jax.experiments.config_lib import (
-  cpu_setup,
-  experiment_base,
-  full_scale,
-  length_dist,
-  loop_fields,
-  workload_block,
-)
+from crosspool_jax.experiments import config_lib as cl
 
 
 def get_config(arg: str | None = None):
-  c = experiment_base("tbt_vs_rate", arg, "p99 TBT against request rate, bursty (CV 4) "
+  c = cl.experiment_base("tbt_vs_rate", arg, "p99 TBT against request rate, bursty (CV 4) "
                       "traffic with a long-context tail")
-  cpu_setup(c)
+  cl.cpu_setup(c)
   c.sweep.field = "workload.total_rate"
   c.sweep.points = (2.0, 4.0, 8.0)
-  c.workload = workload_block(
+  c.workload = cl.workload_block(
       popularity=",".join(c.fleet.keys()), num_requests=40, total_rate=4.0, cv=4.0,
       random_bursts=1, burst_group_size=2, burst_duration_s=2.0, burst_factor=4.0,
-      prompt_len=length_dist(median=32.0, sigma=0.6, low=4, tail_fraction=0.15, tail_low=400,
+      prompt_len=cl.length_dist(median=32.0, sigma=0.6, low=4, tail_fraction=0.15, tail_low=400,
                              tail_high=1000),
-      output_len=length_dist("uniform", low=8, high=24))
-  loop_fields(c, arrival_mode="trace")
+      output_len=cl.length_dist("uniform", low=8, high=24))
+  cl.loop_fields(c, arrival_mode="trace")
   if c.variant == "full":
-    full_scale(c)
+    cl.full_scale(c)
     c.sweep.points = (5.0, 10.0, 20.0, 40.0)
     c.workload.num_requests = 1000
-    c.workload.prompt_len = length_dist(median=512.0, sigma=1.0, low=16, tail_fraction=0.15,
+    c.workload.prompt_len = cl.length_dist(median=512.0, sigma=1.0, low=16, tail_fraction=0.15,
                                         tail_low=4096, tail_high=7936)
-    c.workload.output_len = length_dist("uniform", low=64, high=256)
+    c.workload.output_len = cl.length_dist("uniform", low=64, high=256)
   return c
