@@ -473,14 +473,16 @@ class DisaggregatedExecutor:
     q, k, v = attention_inputs(p, mb.x_TD, mb.paged[mb.home].positions_T, cfg=cfg)
     outs, lses = [], []
     for d, (b, dev) in enumerate(zip(mb.paged, self.kv_devices, strict=True)):
+      on_home = d == mb.home  # no transfer (and no dispatch of one) to the home device itself
       o, lse, self.kv_buffers[d] = write_and_attend(
-          self.kv_buffers[d], *jax.device_put((q, k, v), dev), b.slot_mapping_LT[layer],
-          b.page_tables_LSP[layer], b.cu_q_lens_S1, b.kv_lens_S, b.num_seqs_1, cfg=cfg,
-          impl=self.attn_impl)
+          self.kv_buffers[d], *((q, k, v) if on_home else jax.device_put((q, k, v), dev)), b,
+          layer, cfg=cfg, impl=self.attn_impl)
       self._track(track, o, mb, layer, "attention", dev)
-      outs.append(jax.device_put(o, home))
-      lses.append(jax.device_put(lse, home))
-    result = _post_attention(p, mb.x_TD, jnp.stack(outs), jnp.stack(lses), cfg=cfg, layer=layer)
+      if not on_home:
+        o, lse = jax.device_put((o, lse), home)
+      outs.append(o)
+      lses.append(lse)
+    result = _post_attention(p, mb.x_TD, outs, lses, cfg=cfg, layer=layer)
     self._track(track, result, mb, layer, "merge_router", home)
     if cfg.moe_layers[layer]:
       mb.moe = result

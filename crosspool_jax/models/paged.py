@@ -38,17 +38,21 @@ class PagedBatch:
 
 @functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("pool_PE",))
 def write_and_attend(pool_PE: jax.Array, q_TNH: jax.Array, k_TKH: jax.Array, v_TKH: jax.Array,
-                     slots_T: jax.Array, table_SP: jax.Array, cu_q_lens_S1: jax.Array,
-                     kv_lens_S: jax.Array, num_seqs_1: jax.Array, *, cfg: ModelConfig,
-                     impl: str | None = None):
+                     batch: PagedBatch, layer, *, cfg: ModelConfig, impl: str | None = None):
   """One layer's KV write and attention on ONE device's pool (donated, updated in place).
 
-  With a device-local table (pages elsewhere = 0) the result is the partial attention over
-  this device's pages; partials of several devices merge with `merge_attention`.
+  `batch` is that device's copy of the step's inputs; `layer` (an int, traced: one executable
+  serves every layer) picks its slot mapping and page table inside the jit, so a layer-by-layer
+  caller dispatches no slicing of its own. With a device-local table (pages elsewhere = 0) the
+  result is the partial attention over this device's pages; partials of several devices merge
+  with `merge_attention`.
 
   Returns:
     (out_TNH in the pool dtype, lse_TN f32, updated pool).
   """
+  slots_T = jax.lax.dynamic_index_in_dim(batch.slot_mapping_LT, layer, keepdims=False)
+  table_SP = jax.lax.dynamic_index_in_dim(batch.page_tables_LSP, layer, keepdims=False)
+  cu_q_lens_S1, kv_lens_S, num_seqs_1 = batch.cu_q_lens_S1, batch.kv_lens_S, batch.num_seqs_1
   dtype = pool_PE.dtype
   pool_PE = write_kv(pool_PE, k_TKH.astype(dtype), v_TKH.astype(dtype), slots_T, impl=impl)
   o_TNH, lse_TN = ragged_paged_attention(
@@ -64,9 +68,8 @@ def attention_layer(p: layers.Params, x_TD: jax.Array, pool_PE: jax.Array, batch
   Returns (attention output [T, D] (residual not added), updated pool).
   """
   q_TNH, k_TKH, v_TKH = layers.attention_qkv(p, x_TD, batch.positions_T, cfg)
-  o_TNH, _, pool_PE = write_and_attend(
-      pool_PE, q_TNH, k_TKH, v_TKH, batch.slot_mapping_LT[layer], batch.page_tables_LSP[layer],
-      batch.cu_q_lens_S1, batch.kv_lens_S, batch.num_seqs_1, cfg=cfg, impl=impl)
+  o_TNH, _, pool_PE = write_and_attend(pool_PE, q_TNH, k_TKH, v_TKH, batch, layer, cfg=cfg,
+                                       impl=impl)
   return layers.attention_out(p, o_TNH.astype(x_TD.dtype)), pool_PE
 
 
@@ -155,12 +158,9 @@ def forward_paged_spread(params: dict, pools: list[jax.Array], batches: list[Pag
     for d, b in enumerate(batches):
       dev = pools[d].devices().pop()
       o_TNH, lse_TN, pools[d] = write_and_attend(
-          pools[d], *jax.device_put((q_TNH, k_TKH, v_TKH), dev), b.slot_mapping_LT[i],
-          b.page_tables_LSP[i], b.cu_q_lens_S1, b.kv_lens_S, b.num_seqs_1, cfg=cfg,
-          impl=attn_impl)
+          pools[d], *jax.device_put((q_TNH, k_TKH, v_TKH), dev), b, i, cfg=cfg, impl=attn_impl)
       home_dev = x_TD.devices().pop()
       outs.append(jax.device_put(o_TNH, home_dev))
       lses.append(jax.device_put(lse_TN, home_dev))
-    x_TD = _merge_and_ffn(p, x_TD, jnp.stack(outs), jnp.stack(lses), valid_T, cfg=cfg, layer=i,
-                          moe_impl=moe_impl)
+    x_TD = _merge_and_ffn(p, x_TD, outs, lses, valid_T, cfg=cfg, layer=i, moe_impl=moe_impl)
   return _last_token_logits(params, x_TD, home.cu_q_lens_S1, cfg), pools

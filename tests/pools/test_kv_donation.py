@@ -59,9 +59,7 @@ def test_write_and_attend_has_no_pool_copy_for_any_impl():
   k = jnp.zeros((8, CFG.num_kv_heads, CFG.head_dim))
   buf, batch = _setup()
   for impl in ("reference", "interpret"):
-    args = (buf, q, k, k, batch.slot_mapping_LT[0], batch.page_tables_LSP[0],
-            batch.cu_q_lens_S1, batch.kv_lens_S, batch.num_seqs_1)
-    hlo = write_and_attend.lower(*args, cfg=CFG, impl=impl).compile().as_text()
+    hlo = write_and_attend.lower(buf, q, k, k, batch, 0, cfg=CFG, impl=impl).compile().as_text()
     assert _pool_copies(hlo, PAGES) == [], impl
 
 
