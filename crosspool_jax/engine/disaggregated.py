@@ -235,6 +235,12 @@ def _combine(p_ffn, x_TD, h_TD, y_TD, *, cfg: ModelConfig):
   return x_TD + layers.add_shared_expert(p_ffn, h_TD, y_TD, cfg)
 
 
+@jax.jit
+def _embed(embed_VD, tokens_T, positions_T):
+  """The micro-batch's token embeddings and its valid-token mask (padding has position -1)."""
+  return embed_VD[tokens_T], positions_T >= 0
+
+
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _head_and_sample(params, x_TD, cu_q_lens_S1, sampling, next_positions_S, *, cfg):
   last_S = jnp.maximum(cu_q_lens_S1[1:] - 1, 0)
@@ -439,9 +445,8 @@ class DisaggregatedExecutor:
     paged = [jax.device_put(b, d) for b, d in zip(paged, self.kv_devices, strict=True)]
     home = paged[model.group]
     sampling, next_pos = jax.device_put((sampling, next_pos), self.kv_devices[model.group])
-    x_TD = model.params["embed_VD"][home.tokens_T]
-    return _MicroBatch(index, model, batch, paged, sampling, next_pos, home.positions_T >= 0,
-                       valid_host, x_TD)
+    x_TD, valid_T = _embed(model.params["embed_VD"], home.tokens_T, home.positions_T)
+    return _MicroBatch(index, model, batch, paged, sampling, next_pos, valid_T, valid_host, x_TD)
 
   def _run_micro_batches(self, mbs: list[_MicroBatch], *, track: bool) -> list[np.ndarray]:
     depth = max(mb.model.cfg.num_layers for mb in mbs)
