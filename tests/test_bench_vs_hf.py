@@ -11,9 +11,6 @@ import pytest
 
 from tests.conftest import ROOT
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
-
 pytestmark = pytest.mark.hf
 
 RUNNERS = ("hf", "generate", "engine")

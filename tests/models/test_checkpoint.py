@@ -8,13 +8,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import safetensors.torch as safetensors_torch
+import torch
 
 from crosspool_jax.models.checkpoint import load_checkpoint, restore_params, save_params
 from crosspool_jax.models.config import UnsupportedConfigError
 from crosspool_jax.models.hf_import import CheckpointError, load_hf_checkpoint
-
-safetensors_torch = pytest.importorskip("safetensors.torch")
-torch = pytest.importorskip("torch")
 
 EXPERT = "model.layers.0.mlp.experts.3.up_proj.weight"
 Q_PROJ = "model.layers.2.self_attn.q_proj.weight"

@@ -1,18 +1,16 @@
 """Every family vs HF transformers on a tiny random f32 checkpoint: logits and greedy tokens."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from crosspool_jax.models.decode import generate  # noqa: E402
-from crosspool_jax.models.hf_import import load_hf_checkpoint  # noqa: E402
-from crosspool_jax.models.model import KVCache, forward  # noqa: E402
-from tests.conftest import FAMILIES  # noqa: E402
+from crosspool_jax.models.decode import generate
+from crosspool_jax.models.hf_import import load_hf_checkpoint
+from crosspool_jax.models.model import KVCache, forward
+from tests.conftest import FAMILIES
 
 pytestmark = pytest.mark.hf
 
