@@ -33,6 +33,7 @@ from crosspool_jax.models.config import ModelConfig
 from crosspool_jax.pools.capacity import dtype_itemsize, param_bytes
 from crosspool_jax.pools.kv_pool import plan_pages_per_device
 from crosspool_jax.pools.weights_pool import ExpertModelSpec
+from pallas_kernels.ragged_paged_attention import page_tokens_of
 
 COLOCATED = ("static", "shared")
 
@@ -70,11 +71,11 @@ class Plan:
 
 
 def _page_tokens(cfg: ModelConfig, page_elems: int) -> int:
-  per_token = 2 * cfg.num_kv_heads * cfg.head_dim
-  if page_elems % per_token:
+  try:
+    return page_tokens_of(page_elems, cfg.num_kv_heads, cfg.head_dim)
+  except ValueError as e:
     raise ValueError(f"page_elems={page_elems} is not a multiple of 2 x kv_heads x head_dim = "
-                     f"{per_token} of a {cfg.family} model")
-  return page_elems // per_token
+                     f"{2 * cfg.num_kv_heads * cfg.head_dim} of a {cfg.family} model") from e
 
 
 def _pages(device_bytes: int, resident: int, page_bytes: int, reserve_fraction: float,

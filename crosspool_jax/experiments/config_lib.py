@@ -6,8 +6,12 @@ Every block lists all of its fields, so any of them can be overridden from the c
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 from ml_collections import config_dict
+
+from crosspool_jax.workloads import LengthDist
 
 
 def fleet_entry(family: str, seed: int, *, max_batch: int, max_context: int, group: int = 0,
@@ -27,9 +31,7 @@ def fleet_entry(family: str, seed: int, *, max_batch: int, max_context: int, gro
 
 def length_dist(kind: str = "lognormal", **kw):
   """A `crosspool_jax.workloads.LengthDist` as a config block (every field, for overrides)."""
-  base = dict(kind=kind, value=32, median=32.0, sigma=0.5, low=1, high=0, tail_fraction=0.0,
-              tail_low=0, tail_high=0)
-  return ml_collections.ConfigDict(base | kw)
+  return ml_collections.ConfigDict(dataclasses.asdict(LengthDist(kind=kind, **kw)))
 
 
 def engine_block(**kw):

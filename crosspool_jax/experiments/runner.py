@@ -253,11 +253,12 @@ def run_experiment(config, *, log: Callable[[str], None], command: str = "",
       startup_s = time.perf_counter() - start
       serve_m = serve(engine, cfgs, c, records)
       serve_m["startup_s"] = startup_s
-      summary = summarize_run(engine.metrics(), serve_m, config.slo)
+      metrics = engine.metrics()
+      summary = summarize_run(metrics, serve_m, config.slo)
       run = {"name": name, "sweep_value": value, "engine": dict(c.engine.to_dict()),
              "plan": None if plan is None else dataclasses.asdict(plan), **summary}
       runs.append(run)
-      done = {r["request_id"] for r in engine.metrics()["requests"] if r["status"] == "finished"}
+      done = {r["request_id"] for r in metrics["requests"] if r["status"] == "finished"}
       served[f"{name}@{key}"] = {rid: o for rid, o in serve_m["outputs"].items() if rid in done}
       cnt = summary["counts"]
       log(f"   {name}: {cnt['finished']}/{cnt['requests']} finished, {cnt['rejected']} "
