@@ -42,23 +42,28 @@ from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
 _ACCELERATORS = ("gpu", "tpu")
 
-_KERNELS = flags.DEFINE_list("kernels", ["expert_dispatch", "ragged_paged_attention", "kv_write"],
-                             "Kernels to time (keys of KERNELS).")
-_IMPLS = flags.DEFINE_list("impls", None, "Implementations to time, from "
-                           f"{','.join(IMPLS)}. Default: reference,pallas on GPU/TPU, "
-                           "reference,interpret elsewhere.")
-_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"],
-                           "Activation and weight dtype.")
-_SWEEP = flags.DEFINE_enum("sweep", None, ["small", "full"], "Shape sweep: small (CPU sanity) "
-                           "or full (accelerators). Default: full on GPU/TPU, small elsewhere.")
-_ITERS = flags.DEFINE_integer("iters", 20, "Timed calls per (shape, impl).", lower_bound=1)
-_WARMUP = flags.DEFINE_integer("warmup", 3, "Untimed calls after compiling.", lower_bound=0)
-_OUT = flags.DEFINE_string("out", None, "JSON output path (directories are created); unset: "
-                           "table only.")
-_PEAK_TFLOPS = flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of the device; overrides "
-                                  "the PEAKS table.")
-_PEAK_GBPS = flags.DEFINE_float("peak_gbps", None, "Peak memory GB/s of the device; overrides "
-                                "the PEAKS table.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines the flags; called only when the script runs as a program."""
+  flags.DEFINE_list("kernels", ["expert_dispatch", "ragged_paged_attention", "kv_write"],
+                    "Kernels to time (keys of KERNELS).")
+  flags.DEFINE_list("impls", None, "Implementations to time, from "
+                    f"{','.join(IMPLS)}. Default: reference,pallas on GPU/TPU, "
+                    "reference,interpret elsewhere.")
+  flags.DEFINE_enum("dtype", "bfloat16", ["float32", "bfloat16"], "Activation and weight dtype.")
+  flags.DEFINE_enum("sweep", None, ["small", "full"], "Shape sweep: small (CPU sanity) "
+                    "or full (accelerators). Default: full on GPU/TPU, small elsewhere.")
+  flags.DEFINE_integer("iters", 20, "Timed calls per (shape, impl).", lower_bound=1)
+  flags.DEFINE_integer("warmup", 3, "Untimed calls after compiling.", lower_bound=0)
+  flags.DEFINE_string("out", None, "JSON output path (directories are created); unset: "
+                      "table only.")
+  flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of the device; overrides the PEAKS "
+                     "table.")
+  flags.DEFINE_float("peak_gbps", None, "Peak memory GB/s of the device; overrides the PEAKS "
+                     "table.")
+
 
 # device_kind -> (dense bf16 TFLOP/s, HBM GB/s), vendor datasheet figures (dense, i.e. without
 # the 2:4 sparsity factor NVIDIA quotes first). Fractions of peak are against these whatever
@@ -389,10 +394,10 @@ def main(argv: Sequence[str]) -> None:
   start_script(argv)
   backend = jax.default_backend()
   on_accelerator = backend in _ACCELERATORS
-  kernels = _KERNELS.value
-  impls = _IMPLS.value or (["reference", "pallas"] if on_accelerator
-                           else ["reference", "interpret"])
-  sweep = _SWEEP.value or ("full" if on_accelerator else "small")
+  kernels = FLAGS.kernels
+  impls = FLAGS.impls or (["reference", "pallas"] if on_accelerator
+                          else ["reference", "interpret"])
+  sweep = FLAGS.sweep or ("full" if on_accelerator else "small")
   for k in kernels:
     if k not in KERNELS:
       raise app.UsageError(f"--kernels: unknown kernel {k!r}; known: {', '.join(KERNELS)}")
@@ -400,7 +405,7 @@ def main(argv: Sequence[str]) -> None:
     if i not in IMPLS:
       raise app.UsageError(f"--impls: unknown impl {i!r}; known: {', '.join(IMPLS)}")
   device_kind = jax.devices()[0].device_kind
-  peak_tflops, peak_gbps = device_peaks(device_kind, _PEAK_TFLOPS.value, _PEAK_GBPS.value)
+  peak_tflops, peak_gbps = device_peaks(device_kind, FLAGS.peak_tflops, FLAGS.peak_gbps)
   header = {
       "jax_version": jax.__version__,
       "backend": backend,
@@ -408,7 +413,7 @@ def main(argv: Sequence[str]) -> None:
       "device_count": jax.device_count(),
       "git_revision": git_revision(),
       "git_dirty": git_dirty(),
-      "flags": {name: flags.FLAGS[name].value for name in (
+      "flags": {name: FLAGS[name].value for name in (
           "kernels", "impls", "dtype", "sweep", "iters", "warmup", "out", "peak_tflops",
           "peak_gbps")},
       "resolved": {"impls": impls, "sweep": sweep},
@@ -418,16 +423,17 @@ def main(argv: Sequence[str]) -> None:
       "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
   }
   print(f"{backend} ({device_kind} x{jax.device_count()}): {', '.join(kernels)} "
-        f"{sweep} sweep, impls {','.join(impls)}, {_DTYPE.value}", file=sys.stderr)
-  records = run_benchmarks(kernels, impls, _DTYPE.value, sweep, iters=_ITERS.value,
-                           warmup=_WARMUP.value, peak_tflops=peak_tflops, peak_gbps=peak_gbps)
-  if _OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w") as f:
+        f"{sweep} sweep, impls {','.join(impls)}, {FLAGS.dtype}", file=sys.stderr)
+  records = run_benchmarks(kernels, impls, FLAGS.dtype, sweep, iters=FLAGS.iters,
+                           warmup=FLAGS.warmup, peak_tflops=peak_tflops, peak_gbps=peak_gbps)
+  if FLAGS.out:
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    with open(FLAGS.out, "w") as f:
       json.dump({"header": header, "records": records}, f, indent=1)
-    print(f"wrote {len(records)} records to {_OUT.value}", file=sys.stderr)
+    print(f"wrote {len(records)} records to {FLAGS.out}", file=sys.stderr)
   print(format_table(records))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -58,30 +58,34 @@ from crosspool_jax.pools.weights_pool import (
 )
 from crosspool_jax.provenance import git_revision
 
-_SECTIONS = flags.DEFINE_list("sections", ["weights", "kv"], "Sections to run: weights, kv.")
-_FAMILIES = flags.DEFINE_list("families", ["mixtral", "qwen3_moe"],
-                              "Tiny-config families of the fleet (one shape class: D=64, F=32).")
-_MODELS_PER_FAMILY = flags.DEFINE_integer("models_per_family", 2,
-                                          "Seeds per family (fine-tunes of one base).")
-_REQUESTS = flags.DEFINE_integer("requests", 16, "Requests in the workload.")
-_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 8, "Prompt tokens per request.")
-_NEW_TOKENS = flags.DEFINE_integer("new_tokens", 8, "Generated tokens per request.")
-_BATCH = flags.DEFINE_integer("batch", 1, "Prompts per request (one batch).")
-_ZIPF = flags.DEFINE_float("zipf", 1.0, "Skew of model popularity (weight of rank r: r^-zipf).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the workload and the models.")
-_FRACTIONS = flags.DEFINE_list("fractions", ["0.25", "0.5", "0.75"],
-                               "Pool sizes as fractions of the fleet's experts resident.")
-_POLICIES = flags.DEFINE_list("policies", ["lru", "lfu", "activation_aware"],
-                              "Policies to replay (pin_all is added where everything fits).")
-_LIVE_POLICIES = flags.DEFINE_list("live_policies", ["activation_aware", "lru"],
-                                   "Policies run live (empty: replay only).")
-_TRACE_IN = flags.DEFINE_string("trace_in", None, "Replay this JSONL trace (no model runs).")
-_TRACE_OUT = flags.DEFINE_string("trace_out", None, "Write the recorded trace here (JSONL).")
-_TRACE_EXPERTS = flags.DEFINE_integer("trace_num_experts", None,
-                                      "--trace_in: experts per layer (default: max id + 1).")
-_TRACE_SHAPE = flags.DEFINE_list("trace_shape", ["64", "32", "float32"],
-                                 "--trace_in: d_model, d_ff, dtype of the experts (for bytes).")
-_OUT = flags.DEFINE_string("out", None, "Write the JSON result here.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines the flags; called only when the script runs as a program."""
+  flags.DEFINE_list("sections", ["weights", "kv"], "Sections to run: weights, kv.")
+  flags.DEFINE_list("families", ["mixtral", "qwen3_moe"],
+                    "Tiny-config families of the fleet (one shape class: D=64, F=32).")
+  flags.DEFINE_integer("models_per_family", 2, "Seeds per family (fine-tunes of one base).")
+  flags.DEFINE_integer("requests", 16, "Requests in the workload.")
+  flags.DEFINE_integer("prompt_len", 8, "Prompt tokens per request.")
+  flags.DEFINE_integer("new_tokens", 8, "Generated tokens per request.")
+  flags.DEFINE_integer("batch", 1, "Prompts per request (one batch).")
+  flags.DEFINE_float("zipf", 1.0, "Skew of model popularity (weight of rank r: r^-zipf).")
+  flags.DEFINE_integer("seed", 0, "Seed of the workload and the models.")
+  flags.DEFINE_list("fractions", ["0.25", "0.5", "0.75"],
+                    "Pool sizes as fractions of the fleet's experts resident.")
+  flags.DEFINE_list("policies", ["lru", "lfu", "activation_aware"],
+                    "Policies to replay (pin_all is added where everything fits).")
+  flags.DEFINE_list("live_policies", ["activation_aware", "lru"],
+                    "Policies run live (empty: replay only).")
+  flags.DEFINE_string("trace_in", None, "Replay this JSONL trace (no model runs).")
+  flags.DEFINE_string("trace_out", None, "Write the recorded trace here (JSONL).")
+  flags.DEFINE_integer("trace_num_experts", None,
+                       "--trace_in: experts per layer (default: max id + 1).")
+  flags.DEFINE_list("trace_shape", ["64", "32", "float32"],
+                    "--trace_in: d_model, d_ff, dtype of the experts (for bytes).")
+  flags.DEFINE_string("out", None, "Write the JSON result here.")
 
 
 # =============================================================================================
@@ -209,24 +213,24 @@ def specs_from_trace(events: Sequence[TraceEvent], num_experts: int | None,
 
 def run_weights_section(fractions: Sequence[float]) -> dict[str, Any]:
   """The weights-pool benchmark (see the module docstring)."""
-  if _TRACE_IN.value:
-    events = read_jsonl(_TRACE_IN.value)
+  if FLAGS.trace_in:
+    events = read_jsonl(FLAGS.trace_in)
     if not events:
-      raise app.UsageError(f"--trace_in {_TRACE_IN.value} holds no events")
-    d, f, dtype = _TRACE_SHAPE.value
-    specs = specs_from_trace(events, _TRACE_EXPERTS.value, ShapeClass(int(d), int(f), dtype))
+      raise app.UsageError(f"--trace_in {FLAGS.trace_in} holds no events")
+    d, f, dtype = FLAGS.trace_shape
+    specs = specs_from_trace(events, FLAGS.trace_num_experts, ShapeClass(int(d), int(f), dtype))
     return {"source": "trace", "trace_events": len(events),
             "fleet": {s.model_id: s.num_pooled_experts for s in specs},
-            "replay": replay_records(events, specs, fractions, _POLICIES.value), "live": []}
-  fleet = make_fleet(_FAMILIES.value, _MODELS_PER_FAMILY.value, _SEED.value)
+            "replay": replay_records(events, specs, fractions, FLAGS.policies), "live": []}
+  fleet = make_fleet(FLAGS.families, FLAGS.models_per_family, FLAGS.seed)
   specs = [ExpertModelSpec.from_config(m, cfg) for m, (cfg, _) in fleet.items()]
   if len({s.shape_class for s in specs}) != 1:
     raise app.UsageError(f"--families must share one expert shape class, got "
                          f"{sorted({str(s.shape_class) for s in specs})}")
   vocab = min(cfg.vocab_size for cfg, _ in fleet.values())
-  workload = make_workload(list(fleet), vocab, requests=_REQUESTS.value,
-                           prompt_len=_PROMPT_LEN.value, batch=_BATCH.value, zipf=_ZIPF.value,
-                           seed=_SEED.value)
+  workload = make_workload(list(fleet), vocab, requests=FLAGS.requests,
+                           prompt_len=FLAGS.prompt_len, batch=FLAGS.batch, zipf=FLAGS.zipf,
+                           seed=FLAGS.seed)
   # Recording run: everything resident, so routing is recorded as the models compute it.
   total = fleet_experts(specs)
   recorder = DeviceWeightsPool(WeightsPool(
@@ -234,17 +238,17 @@ def run_weights_section(fractions: Sequence[float]) -> dict[str, Any]:
   for i, (m, (cfg, params)) in enumerate(fleet.items()):
     recorder.register(m, cfg, params, slots_per_device=total if i == 0 else None)
   events: list[TraceEvent] = []
-  reference = run_workload(recorder, workload, _NEW_TOKENS.value, trace=events)
+  reference = run_workload(recorder, workload, FLAGS.new_tokens, trace=events)
   print(f"recorded {len(events)} layer accesses of {len(fleet)} models", file=sys.stderr)
-  if _TRACE_OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_TRACE_OUT.value)), exist_ok=True)
-    write_jsonl(events, _TRACE_OUT.value)
+  if FLAGS.trace_out:
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.trace_out)), exist_ok=True)
+    write_jsonl(events, FLAGS.trace_out)
   return {"source": "recorded", "trace_events": len(events),
           "fleet": {s.model_id: s.num_pooled_experts for s in specs},
           "workload": [{"model": m, "prompts": len(p)} for m, p in workload],
-          "replay": replay_records(events, specs, fractions, _POLICIES.value),
-          "live": live_records(fleet, workload, reference, fractions, _LIVE_POLICIES.value,
-                               _NEW_TOKENS.value)}
+          "replay": replay_records(events, specs, fractions, FLAGS.policies),
+          "live": live_records(fleet, workload, reference, fractions, FLAGS.live_policies,
+                               FLAGS.new_tokens)}
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -288,47 +292,48 @@ def run_kv_section() -> dict[str, Any]:
 
 def main(argv: Sequence[str]) -> None:
   start_script(argv)
-  for s in _SECTIONS.value:
+  for s in FLAGS.sections:
     if s not in ("weights", "kv"):
       raise app.UsageError(f"--sections: unknown section {s!r}; known: weights, kv")
-  for f in _FAMILIES.value:
+  for f in FLAGS.families:
     if f not in FAMILIES:
       raise app.UsageError(f"--families: unknown family {f!r}; known: {', '.join(FAMILIES)}")
-  for p in [*_POLICIES.value, *_LIVE_POLICIES.value]:
+  for p in [*FLAGS.policies, *FLAGS.live_policies]:
     if p not in POLICIES:
       raise app.UsageError(f"unknown policy {p!r}; known: {', '.join(POLICIES)}")
   try:
-    fractions = [float(x) for x in _FRACTIONS.value]
+    fractions = [float(x) for x in FLAGS.fractions]
   except ValueError as e:
     raise app.UsageError(f"--fractions must be numbers: {e}") from e
   if not fractions or not all(0 < x <= 1 for x in fractions):
-    raise app.UsageError(f"--fractions must be in (0, 1], got {_FRACTIONS.value}")
+    raise app.UsageError(f"--fractions must be in (0, 1], got {FLAGS.fractions}")
   for name in ("requests", "prompt_len", "new_tokens", "batch", "models_per_family"):
-    if flags.FLAGS[name].value < 1:
-      raise app.UsageError(f"--{name} must be >= 1, got {flags.FLAGS[name].value}")
+    if FLAGS[name].value < 1:
+      raise app.UsageError(f"--{name} must be >= 1, got {FLAGS[name].value}")
   header = {
       "jax_version": jax.__version__, "backend": jax.default_backend(),
       "device_kind": jax.devices()[0].device_kind,
       "git_revision": git_revision(),
-      "flags": {name: flags.FLAGS[name].value for name in (
+      "flags": {name: FLAGS[name].value for name in (
           "sections", "families", "models_per_family", "requests", "prompt_len", "new_tokens",
           "batch", "zipf", "seed", "fractions", "policies", "live_policies", "trace_in",
           "trace_out", "trace_num_experts", "trace_shape", "out")},
       "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
   }
   result: dict[str, Any] = {"header": header}
-  if "weights" in _SECTIONS.value:
+  if "weights" in FLAGS.sections:
     result["weights_pool"] = run_weights_section(fractions)
-  if "kv" in _SECTIONS.value:
+  if "kv" in FLAGS.sections:
     result["kv_pool"] = run_kv_section()
-  if _OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w") as f:
+  if FLAGS.out:
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    with open(FLAGS.out, "w") as f:
       json.dump(result, f, indent=1)
-    print(f"wrote {_OUT.value}", file=sys.stderr)
+    print(f"wrote {FLAGS.out}", file=sys.stderr)
   if "weights_pool" in result:
     print(format_table(result["weights_pool"]))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -53,32 +53,36 @@ from crosspool_jax.provenance import git_dirty, git_revision
 RUNNERS = ("hf", "generate", "engine")
 PAGE_TOKENS = 16  # tokens per KV page of the engine
 
-_FAMILY = flags.DEFINE_enum("family", "mixtral", FAMILIES, "Family of the tiny random checkpoint "
-                            "made when --checkpoint is unset.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF checkpoint directory (config.json + "
-                                  "safetensors); unset: a tiny random one of --family.")
-_OVERRIDE = flags.DEFINE_multi_string("override", [], "ModelConfig field=value passed to "
-                                      "make_tiny_checkpoint.py (only without --checkpoint).")
-_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "Prompt tokens of every row.",
-                                   lower_bound=1)
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "Tokens generated per row (eos off).",
-                                lower_bound=1)
-_BATCH_SIZES = flags.DEFINE_list("batch_sizes", ["1", "8", "32"], "Batch sizes (rows).")
-_ITERS = flags.DEFINE_integer("iters", 10, "Timed rounds per batch size.", lower_bound=1)
-_WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed calls per runner first (the first one "
-                               "compiles `generate`).", lower_bound=1)
-_TORCH_THREADS = flags.DEFINE_integer("torch_threads", None, "torch intra-op threads; unset: "
-                                      "all cores of this process, as JAX's CPU backend uses.",
-                                      lower_bound=1)
-_OMP_WAIT_POLICY = flags.DEFINE_enum(
-    "omp_wait_policy", "passive", ["passive", "active", "env"],
-    "OMP_WAIT_POLICY of torch's OpenMP threads, set before torch is imported; env: leave the "
-    "environment as it is. Passive by default: on a CPU shared with other processes libgomp's "
-    "spin-waiting barriers made HF generate 10-100x slower (measured), an artefact of the "
-    "machine, not of HF.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the prompts.")
-_OUT = flags.DEFINE_string("out", None, "JSON output path (directories are created); unset: "
-                           "table only.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines the flags; called only when the script runs as a program."""
+  flags.DEFINE_enum("family", "mixtral", FAMILIES, "Family of the tiny random checkpoint "
+                    "made when --checkpoint is unset.")
+  flags.DEFINE_string("checkpoint", None, "HF checkpoint directory (config.json + "
+                      "safetensors); unset: a tiny random one of --family.")
+  flags.DEFINE_multi_string("override", [], "ModelConfig field=value passed to "
+                            "make_tiny_checkpoint.py (only without --checkpoint).")
+  flags.DEFINE_integer("prompt_len", 32, "Prompt tokens of every row.", lower_bound=1)
+  flags.DEFINE_integer("max_new_tokens", 64, "Tokens generated per row (eos off).",
+                       lower_bound=1)
+  flags.DEFINE_list("batch_sizes", ["1", "8", "32"], "Batch sizes (rows).")
+  flags.DEFINE_integer("iters", 10, "Timed rounds per batch size.", lower_bound=1)
+  flags.DEFINE_integer("warmup", 2, "Untimed calls per runner first (the first one "
+                       "compiles `generate`).", lower_bound=1)
+  flags.DEFINE_integer("torch_threads", None, "torch intra-op threads; unset: "
+                       "all cores of this process, as JAX's CPU backend uses.",
+                       lower_bound=1)
+  flags.DEFINE_enum(
+      "omp_wait_policy", "passive", ["passive", "active", "env"],
+      "OMP_WAIT_POLICY of torch's OpenMP threads, set before torch is imported; env: leave the "
+      "environment as it is. Passive by default: on a CPU shared with other processes libgomp's "
+      "spin-waiting barriers made HF generate 10-100x slower (measured), an artefact of the "
+      "machine, not of HF.")
+  flags.DEFINE_integer("seed", 0, "Seed of the prompts.")
+  flags.DEFINE_string("out", None, "JSON output path (directories are created); unset: "
+                      "table only.")
 
 
 def progress(msg: str) -> None:
@@ -233,30 +237,30 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
 def main(argv: Sequence[str]) -> None:
   start_script(argv)
   try:
-    batch_sizes = [int(b) for b in _BATCH_SIZES.value]
+    batch_sizes = [int(b) for b in FLAGS.batch_sizes]
   except ValueError as e:
     raise app.UsageError(f"--batch_sizes must be comma-separated integers: {e}") from e
   if not batch_sizes or min(batch_sizes) < 1:
     raise app.UsageError(f"--batch_sizes must be positive, got {batch_sizes}")
-  if _OVERRIDE.value and _CHECKPOINT.value:
+  if FLAGS.override and FLAGS.checkpoint:
     raise app.UsageError("--override only applies without --checkpoint")
-  if _OMP_WAIT_POLICY.value != "env":
+  if FLAGS.omp_wait_policy != "env":
     if "torch" in sys.modules:
       progress("warning: torch was imported before main(); --omp_wait_policy has no effect")
-    os.environ["OMP_WAIT_POLICY"] = _OMP_WAIT_POLICY.value.upper()
+    os.environ["OMP_WAIT_POLICY"] = FLAGS.omp_wait_policy.upper()
   import torch
   import transformers
 
   transformers.logging.set_verbosity_error()
   transformers.logging.disable_progress_bar()
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  torch.set_num_threads(_TORCH_THREADS.value or cores)
+  torch.set_num_threads(FLAGS.torch_threads or cores)
   with tempfile.TemporaryDirectory() as tmp:  # kept until the end: params may map its files
-    if _CHECKPOINT.value:
-      path = _CHECKPOINT.value
+    if FLAGS.checkpoint:
+      path = FLAGS.checkpoint
     else:
-      progress(f"making a tiny random {_FAMILY.value} checkpoint")
-      path = make_checkpoint(_FAMILY.value, tmp, _OVERRIDE.value)
+      progress(f"making a tiny random {FLAGS.family} checkpoint")
+      path = make_checkpoint(FLAGS.family, tmp, FLAGS.override)
     run_all(path, batch_sizes, cores)
 
 
@@ -268,7 +272,7 @@ def run_all(path: str, batch_sizes: Sequence[int], cores: int) -> None:
   cfg, params = load_checkpoint(path, dtype=jnp.float32)
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
   hf_model.generation_config.eos_token_id = None  # every row generates max_new_tokens
-  if _PROMPT_LEN.value + _MAX_NEW.value > cfg.max_context:
+  if FLAGS.prompt_len + FLAGS.max_new_tokens > cfg.max_context:
     raise app.UsageError(f"--prompt_len + --max_new_tokens exceeds the model's max context "
                          f"{cfg.max_context}")
   header = {
@@ -282,7 +286,7 @@ def run_all(path: str, batch_sizes: Sequence[int], cores: int) -> None:
       "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
       "git_revision": git_revision(),
       "git_dirty": git_dirty(),
-      "flags": {name: flags.FLAGS[name].value for name in (
+      "flags": {name: FLAGS[name].value for name in (
           "family", "checkpoint", "override", "prompt_len", "max_new_tokens", "batch_sizes",
           "iters", "warmup", "torch_threads", "omp_wait_policy", "seed", "out")},
       "model": {"family": cfg.family, "vocab_size": cfg.vocab_size, "d_model": cfg.d_model,
@@ -294,22 +298,23 @@ def run_all(path: str, batch_sizes: Sequence[int], cores: int) -> None:
       "loadavg_start": list(os.getloadavg()),
       "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
   }
-  progress(f"{cfg.family} ({header['model']['params']} params), prompt {_PROMPT_LEN.value}, "
-           f"{_MAX_NEW.value} new tokens, batches {batch_sizes}, torch threads "
+  progress(f"{cfg.family} ({header['model']['params']} params), prompt {FLAGS.prompt_len}, "
+           f"{FLAGS.max_new_tokens} new tokens, batches {batch_sizes}, torch threads "
            f"{header['torch_threads']}")
   records = []
   for batch in batch_sizes:
-    records.append(bench_batch(hf_model, params, cfg, batch, prompt_len=_PROMPT_LEN.value,
-                               new_tokens=_MAX_NEW.value, iters=_ITERS.value,
-                               warmup=_WARMUP.value, seed=_SEED.value))
+    records.append(bench_batch(hf_model, params, cfg, batch, prompt_len=FLAGS.prompt_len,
+                               new_tokens=FLAGS.max_new_tokens, iters=FLAGS.iters,
+                               warmup=FLAGS.warmup, seed=FLAGS.seed))
   header["loadavg_end"] = list(os.getloadavg())
-  if _OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w") as f:
+  if FLAGS.out:
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    with open(FLAGS.out, "w") as f:
       json.dump({"header": header, "records": records}, f, indent=1)
-    progress(f"wrote {len(records)} records to {_OUT.value}")
+    progress(f"wrote {len(records)} records to {FLAGS.out}")
   print(format_table(records))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

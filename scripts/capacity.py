@@ -47,31 +47,35 @@ from crosspool_jax.models.config import FAMILIES, ModelConfig, load_hf_config, t
 from crosspool_jax.pools.capacity import (
   ORGANISATIONS,
   REFERENCE_HF_CONFIGS,
+  format_table,
   measure_capacity,
   reference_config,
 )
 from crosspool_jax.provenance import git_dirty, git_revision
 
-_FAMILIES = flags.DEFINE_list("families", [], f"Tiny configs of these families ({FAMILIES}).")
-_SCALE = flags.DEFINE_integer("scale", 1, "Tiny configs: multiply d_model, heads, KV heads, "
-                              "expert/dense/shared widths and vocab by this.", lower_bound=1)
-_REFERENCE = flags.DEFINE_list("reference", [], "Public configs: "
-                               f"{', '.join(REFERENCE_HF_CONFIGS)}.")
-_CONFIG_JSON = flags.DEFINE_list("config_json", [], "HF config.json paths (or their dirs).")
-_COPIES = flags.DEFINE_integer("copies", 1, "Models per listed config (fine-tunes of one base).",
-                               lower_bound=1)
-_NUM_DEVICES = flags.DEFINE_integer("num_devices", 8, "Devices D.", lower_bound=1)
-_DEVICE_GIB = flags.DEFINE_float("device_gib", 80.0, "Memory per device, GiB.")
-_PAGE_KIB = flags.DEFINE_float("page_kib", 256.0, "KV page size, KiB (all organisations).")
-_DTYPE = flags.DEFINE_string("dtype", "bfloat16", "Weights and KV dtype.")
-_MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "Requests per model static reserves for.",
-                                  lower_bound=1)
-_WEIGHT_DEVICES = flags.DEFINE_integer("weight_devices", None, "CrossPool W (default: the "
-                                       "fewest devices holding all experts).")
-_RESERVE = flags.DEFINE_float("reserve_fraction", 0.0, "Per-device fraction kept for "
-                              "activations/workspace (all organisations).")
-_ORGS = flags.DEFINE_list("organisations", list(ORGANISATIONS), "Which to measure.")
-_OUT = flags.DEFINE_string("out", None, "JSON output path (directories are created).")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines the flags; called only when the script runs as a program."""
+  flags.DEFINE_list("families", [], f"Tiny configs of these families ({FAMILIES}).")
+  flags.DEFINE_integer("scale", 1, "Tiny configs: multiply d_model, heads, KV heads, "
+                       "expert/dense/shared widths and vocab by this.", lower_bound=1)
+  flags.DEFINE_list("reference", [], f"Public configs: {', '.join(REFERENCE_HF_CONFIGS)}.")
+  flags.DEFINE_list("config_json", [], "HF config.json paths (or their dirs).")
+  flags.DEFINE_integer("copies", 1, "Models per listed config (fine-tunes of one base).",
+                       lower_bound=1)
+  flags.DEFINE_integer("num_devices", 8, "Devices D.", lower_bound=1)
+  flags.DEFINE_float("device_gib", 80.0, "Memory per device, GiB.")
+  flags.DEFINE_float("page_kib", 256.0, "KV page size, KiB (all organisations).")
+  flags.DEFINE_string("dtype", "bfloat16", "Weights and KV dtype.")
+  flags.DEFINE_integer("max_batch", 16, "Requests per model static reserves for.", lower_bound=1)
+  flags.DEFINE_integer("weight_devices", None, "CrossPool W (default: the "
+                       "fewest devices holding all experts).")
+  flags.DEFINE_float("reserve_fraction", 0.0, "Per-device fraction kept for "
+                     "activations/workspace (all organisations).")
+  flags.DEFINE_list("organisations", list(ORGANISATIONS), "Which to measure.")
+  flags.DEFINE_string("out", None, "JSON output path (directories are created).")
 
 
 def scaled_tiny(family: str, scale: int) -> ModelConfig:
@@ -88,62 +92,36 @@ def scaled_tiny(family: str, scale: int) -> ModelConfig:
 def build_fleet() -> dict[str, ModelConfig]:
   """{model id: config} from the flags, each listed config repeated --copies times."""
   named: list[tuple[str, ModelConfig]] = []
-  named += [(f, scaled_tiny(f, _SCALE.value)) for f in _FAMILIES.value]
-  named += [(r, reference_config(r)) for r in _REFERENCE.value]
-  for path in _CONFIG_JSON.value:
+  named += [(f, scaled_tiny(f, FLAGS.scale)) for f in FLAGS.families]
+  named += [(r, reference_config(r)) for r in FLAGS.reference]
+  for path in FLAGS.config_json:
     directory = path if os.path.isdir(path) else os.path.dirname(path) or "."
     named.append((os.path.basename(os.path.normpath(directory)), load_hf_config(directory)))
   if not named:
     raise app.UsageError("give --families, --reference or --config_json")
-  return {f"{name}-{i}": cfg for name, cfg in named for i in range(_COPIES.value)}
-
-
-def format_table(result: dict) -> str:
-  """One row per (organisation, model)."""
-  gib = 1 << 30
-  head = (f"{'org':<10} {'W':>2} {'KV GiB':>8}  {'model':<24} {'longest':>9} {'(raw)':>10} "
-          f"{'reachable':>10} {'fleet fill':>10} {'cf ok':>5}")
-  lines = [head, "-" * len(head)]
-  for org, res in result["organisations"].items():
-    w = res.get("weights_pool", {}).get("devices")
-    w = str(len(w)) if w else "-"
-    for m, rec in res["models"].items():
-      lines.append(f"{org:<10} {w:>2} {res['kv_bytes'] / gib:>8.1f}  {m:<24} "
-                   f"{rec['longest_context']:>9} {rec['longest_context_raw']:>10} "
-                   f"{rec['kv_tokens_reachable']:>10} {res['fleet_fill'].get(m, 0):>10} "
-                   f"{'yes' if rec['closed_form_agrees'] else 'NO':>5}")
-    for m, why in res["not_fit"].items():
-      lines.append(f"{org:<10} {w:>2} {res['kv_bytes'] / gib:>8.1f}  {m:<24} does not fit: {why}")
-    extra = [f"fleet fill total {res['fleet_fill_tokens']} tokens"]
-    if "weights_pool" in res:
-      wp = res["weights_pool"]
-      extra.append(f"experts resident {wp.get('resident_fraction', 0):.3f} ({wp['rule']})")
-      if "kv_pool" in res:
-        extra.append(f"stranded {res['kv_pool']['stranded_bytes'] / gib:.2f} GiB on KV devices, "
-                     f"{wp['free_bytes_per_device'] / gib:.1f} GiB free per weights device")
-    lines.append(f"{org:<10}    " + "; ".join(extra))
-  return "\n".join(lines)
+  return {f"{name}-{i}": cfg for name, cfg in named for i in range(FLAGS.copies)}
 
 
 def main(argv: Sequence[str]) -> None:
   del argv
   fleet = build_fleet()
   result = measure_capacity(
-      fleet, num_devices=_NUM_DEVICES.value, device_bytes=int(_DEVICE_GIB.value * (1 << 30)),
-      page_bytes=int(_PAGE_KIB.value * 1024), dtype=_DTYPE.value, max_batch=_MAX_BATCH.value,
-      crosspool_weight_devices=_WEIGHT_DEVICES.value, reserve_fraction=_RESERVE.value,
-      organisations=_ORGS.value)
+      fleet, num_devices=FLAGS.num_devices, device_bytes=int(FLAGS.device_gib * (1 << 30)),
+      page_bytes=int(FLAGS.page_kib * 1024), dtype=FLAGS.dtype, max_batch=FLAGS.max_batch,
+      crosspool_weight_devices=FLAGS.weight_devices, reserve_fraction=FLAGS.reserve_fraction,
+      organisations=FLAGS.organisations)
   result["header"] = {
       "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
       "git_revision": git_revision(), "git_dirty": git_dirty(),
       "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])}
   print(format_table(result))
-  if _OUT.value:
-    os.makedirs(os.path.dirname(os.path.abspath(_OUT.value)), exist_ok=True)
-    with open(_OUT.value, "w") as f:
+  if FLAGS.out:
+    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
+    with open(FLAGS.out, "w") as f:
       json.dump(result, f, indent=1)
-    print(f"wrote {_OUT.value}")
+    print(f"wrote {FLAGS.out}")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -17,26 +17,32 @@ from absl import app, flags
 from crosspool_jax.cli import start_script
 from crosspool_jax.models.checkpoint import load_checkpoint, save_params
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF checkpoint directory.", required=True)
-_OUT = flags.DEFINE_string("out", None, "Output orbax directory.", required=True)
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Param dtype.")
-_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines the flags; called only when the script runs as a program."""
+  flags.DEFINE_string("checkpoint", None, "HF checkpoint directory.", required=True)
+  flags.DEFINE_string("out", None, "Output orbax directory.", required=True)
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Param dtype.")
+  flags.DEFINE_bool("overwrite", False, "Replace --out if it exists.")
 
 
 def main(argv: Sequence[str]) -> None:
   start_script(argv)
   start = time.perf_counter()
-  cfg, params = load_checkpoint(_CHECKPOINT.value, dtype=jnp.dtype(_DTYPE.value))
-  out = save_params(_OUT.value, cfg, params, overwrite=_OVERWRITE.value)
+  cfg, params = load_checkpoint(FLAGS.checkpoint, dtype=jnp.dtype(FLAGS.dtype))
+  out = save_params(FLAGS.out, cfg, params, overwrite=FLAGS.overwrite)
   for extra in ("tokenizer.json",):
-    src = f"{_CHECKPOINT.value}/{extra}"
+    src = f"{FLAGS.checkpoint}/{extra}"
     try:
       shutil.copy(src, f"{out}/{extra}")
     except FileNotFoundError:
       pass
-  print(json.dumps({"out": out, "family": cfg.family, "dtype": _DTYPE.value,
+  print(json.dumps({"out": out, "family": cfg.family, "dtype": FLAGS.dtype,
                     "seconds": round(time.perf_counter() - start, 3)}))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

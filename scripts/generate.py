@@ -28,20 +28,25 @@ from crosspool_jax.models.decode import generate
 from crosspool_jax.models.model import init_params
 from crosspool_jax.models.sampling import SamplingParams
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "HF or orbax checkpoint directory; if "
-                                  "unset, a seeded tiny random model of --family.")
-_FAMILY = flags.DEFINE_enum("family", "mixtral", FAMILIES, "Family of the random tiny model "
-                            "(only without --checkpoint).")
-_PROMPT_IDS = flags.DEFINE_string("prompt_ids", None, "Comma-separated prompt token ids.")
-_PROMPT = flags.DEFINE_string("prompt", None, "Prompt text (needs tokenizer.json in the "
-                              "checkpoint directory).")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed (and init seed of the random model).")
-_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Param dtype.")
-_STOP_AT_EOS = flags.DEFINE_bool("stop_at_eos", True, "Stop at the config's eos token.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines the flags; called only when the script runs as a program."""
+  flags.DEFINE_string("checkpoint", None, "HF or orbax checkpoint directory; if "
+                      "unset, a seeded tiny random model of --family.")
+  flags.DEFINE_enum("family", "mixtral", FAMILIES, "Family of the random tiny model "
+                    "(only without --checkpoint).")
+  flags.DEFINE_string("prompt_ids", None, "Comma-separated prompt token ids.")
+  flags.DEFINE_string("prompt", None, "Prompt text (needs tokenizer.json in the "
+                      "checkpoint directory).")
+  flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate.")
+  flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
+  flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
+  flags.DEFINE_float("top_p", 1.0, "Nucleus sampling mass (1 = off).")
+  flags.DEFINE_integer("seed", 0, "Sampling seed (and init seed of the random model).")
+  flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Param dtype.")
+  flags.DEFINE_bool("stop_at_eos", True, "Stop at the config's eos token.")
 
 
 def _load_tokenizer(checkpoint: str | None):
@@ -55,35 +60,35 @@ def _load_tokenizer(checkpoint: str | None):
 
 def main(argv: Sequence[str]) -> None:
   start_script(argv)
-  dtype = jnp.dtype(_DTYPE.value)
+  dtype = jnp.dtype(FLAGS.dtype)
   start = time.perf_counter()
-  if _CHECKPOINT.value:
-    cfg, params = load_checkpoint(_CHECKPOINT.value, dtype=dtype)
+  if FLAGS.checkpoint:
+    cfg, params = load_checkpoint(FLAGS.checkpoint, dtype=dtype)
   else:
-    cfg = tiny_config(_FAMILY.value)
-    params = init_params(cfg, seed=_SEED.value, dtype=dtype)
+    cfg = tiny_config(FLAGS.family)
+    params = init_params(cfg, seed=FLAGS.seed, dtype=dtype)
   load_s = time.perf_counter() - start
-  tokenizer = _load_tokenizer(_CHECKPOINT.value)
-  if (_PROMPT.value is None) == (_PROMPT_IDS.value is None):
+  tokenizer = _load_tokenizer(FLAGS.checkpoint)
+  if (FLAGS.prompt is None) == (FLAGS.prompt_ids is None):
     raise app.UsageError("give exactly one of --prompt_ids and --prompt")
-  if _PROMPT.value is not None:
+  if FLAGS.prompt is not None:
     if tokenizer is None:
       raise app.UsageError("--prompt needs tokenizer.json in the --checkpoint directory; "
                            "use --prompt_ids")
-    prompt = tokenizer.encode(_PROMPT.value).ids
+    prompt = tokenizer.encode(FLAGS.prompt).ids
   else:
     try:
-      prompt = [int(t) for t in _PROMPT_IDS.value.split(",") if t.strip()]
+      prompt = [int(t) for t in FLAGS.prompt_ids.split(",") if t.strip()]
     except ValueError as e:
       raise app.UsageError(f"--prompt_ids must be comma-separated integers: {e}") from e
-  sampling = SamplingParams(temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
-                            top_p=_TOP_P.value, seed=_SEED.value)
+  sampling = SamplingParams(temperature=FLAGS.temperature, top_k=FLAGS.top_k,
+                            top_p=FLAGS.top_p, seed=FLAGS.seed)
   eos = cfg.eos_token_id
   stop_ids = (eos if isinstance(eos, tuple) else (eos,)) if (eos is not None
-                                                               and _STOP_AT_EOS.value) else ()
+                                                               and FLAGS.stop_at_eos) else ()
   start = time.perf_counter()
-  (tokens,) = generate(params, cfg, [prompt], max_new_tokens=_MAX_NEW.value, sampling=sampling,
-                       stop_ids=stop_ids)
+  (tokens,) = generate(params, cfg, [prompt], max_new_tokens=FLAGS.max_new_tokens,
+                       sampling=sampling, stop_ids=stop_ids)
   gen_s = time.perf_counter() - start
   result = {"tokens": tokens}
   if tokenizer is not None:
@@ -94,4 +99,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

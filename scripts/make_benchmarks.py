@@ -22,17 +22,22 @@ from absl import app, flags
 from crosspool_jax.cli import start_script
 from crosspool_jax.experiments.report import benchmarks_section, vs_hf_section
 
-_RESULTS = flags.DEFINE_multi_string("results", [], "results.json files, in the order wanted.")
-_VS_HF = flags.DEFINE_string("vs_hf", None, "A scripts/bench_vs_hf.py JSON file (optional).")
-_OUT = flags.DEFINE_string("out", "BENCHMARKS.md", "Markdown file to write.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines the flags; called only when the script runs as a program."""
+  flags.DEFINE_multi_string("results", [], "results.json files, in the order wanted.")
+  flags.DEFINE_string("vs_hf", None, "A scripts/bench_vs_hf.py JSON file (optional).")
+  flags.DEFINE_string("out", "BENCHMARKS.md", "Markdown file to write.")
 
 
 def main(argv: Sequence[str]) -> None:
   start_script(argv)
-  if not _RESULTS.value and not _VS_HF.value:
+  if not FLAGS.results and not FLAGS.vs_hf:
     raise app.UsageError("give at least one --results=FILE (or --vs_hf=FILE)")
   sections = []
-  for path in _RESULTS.value:
+  for path in FLAGS.results:
     try:
       with open(path) as f:
         results = json.load(f)
@@ -41,13 +46,13 @@ def main(argv: Sequence[str]) -> None:
     if "runs" not in results:
       raise app.UsageError(f"--results={path} is not a scripts/run_experiment.py results file")
     sections.append(benchmarks_section(results, source=os.path.relpath(path)))
-  if _VS_HF.value:
+  if FLAGS.vs_hf:
     try:
-      with open(_VS_HF.value) as f:
+      with open(FLAGS.vs_hf) as f:
         bench = json.load(f)
-      sections.append(vs_hf_section(bench, source=os.path.relpath(_VS_HF.value)))
+      sections.append(vs_hf_section(bench, source=os.path.relpath(FLAGS.vs_hf)))
     except (OSError, json.JSONDecodeError, KeyError) as e:
-      raise app.UsageError(f"--vs_hf={_VS_HF.value}: {e!r}") from e
+      raise app.UsageError(f"--vs_hf={FLAGS.vs_hf}: {e!r}") from e
   header = [
       "# Benchmarks",
       "",
@@ -65,10 +70,11 @@ def main(argv: Sequence[str]) -> None:
       "= weights-pool hit rate (crosspool); XLA compilations after start-up.",
       "",
   ]
-  with open(_OUT.value, "w") as f:
+  with open(FLAGS.out, "w") as f:
     f.write("\n".join(header + sections))
-  print(f"wrote {_OUT.value} ({len(sections)} sections)")
+  print(f"wrote {FLAGS.out} ({len(sections)} sections)")
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -18,15 +18,20 @@ from absl import app, flags
 
 from crosspool_jax.models.config import FAMILIES, tiny_config, to_hf_config
 
-_FAMILY = flags.DEFINE_enum("family", "mixtral", FAMILIES, "Model family (HF model_type).")
-_OUT = flags.DEFINE_string("out", None, "Output directory.", required=True)
-_SEED = flags.DEFINE_integer("seed", 0, "torch seed of the random weights.")
-_INIT_STD = flags.DEFINE_float("init_std", 0.05, "Std of the random weights "
-                               "(HF initializer_range).")
-_NUM_SHARDS = flags.DEFINE_integer("num_shards", 1, "Split the weights into about this many "
-                                   "safetensors shards (>1 also writes the index file).")
-_OVERRIDE = flags.DEFINE_multi_string("override", [], "ModelConfig field=value (int, float or "
-                                      "JSON), e.g. num_layers=4.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines the flags; called only when the script runs as a program."""
+  flags.DEFINE_enum("family", "mixtral", FAMILIES, "Model family (HF model_type).")
+  flags.DEFINE_string("out", None, "Output directory.", required=True)
+  flags.DEFINE_integer("seed", 0, "torch seed of the random weights.")
+  flags.DEFINE_float("init_std", 0.05, "Std of the random weights (HF initializer_range).")
+  flags.DEFINE_integer("num_shards", 1, "Split the weights into about this many "
+                       "safetensors shards (>1 also writes the index file).")
+  flags.DEFINE_multi_string("override", [], "ModelConfig field=value (int, float or "
+                            "JSON), e.g. num_layers=4.")
+
 
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
 
@@ -79,17 +84,18 @@ def _parse(value: str) -> Any:
 def main(argv: Sequence[str]) -> None:
   del argv
   overrides = {}
-  for item in _OVERRIDE.value:
+  for item in FLAGS.override:
     key, sep, value = item.partition("=")
     if not sep:
       raise app.UsageError(f"--override expects field=value, got {item!r}")
     overrides[key] = _parse(value)
     if isinstance(overrides[key], list):
       overrides[key] = tuple(overrides[key])
-  out = make_tiny_checkpoint(_FAMILY.value, _OUT.value, seed=_SEED.value,
-                             init_std=_INIT_STD.value, num_shards=_NUM_SHARDS.value, **overrides)
+  out = make_tiny_checkpoint(FLAGS.family, FLAGS.out, seed=FLAGS.seed,
+                             init_std=FLAGS.init_std, num_shards=FLAGS.num_shards, **overrides)
   print(json.dumps({"checkpoint": out, "files": sorted(os.listdir(out))}))
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -43,11 +43,16 @@ from crosspool_jax.experiments.runner import check_experiment, run_experiment
 from crosspool_jax.provenance import git_dirty, git_revision
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", os.path.join(_ROOT, "configs", "experiments", "demo.py"),
-    "Experiment config file (ml_collections).", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created); default "
-                               "workdir/<experiment>_<variant> under the repository.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines the flags; called only when the script runs as a program."""
+  config_flags.DEFINE_config_file(
+      "config", os.path.join(_ROOT, "configs", "experiments", "demo.py"),
+      "Experiment config file (ml_collections).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Output directory (created); default "
+                      "workdir/<experiment>_<variant> under the repository.")
 
 
 def _err(msg: str) -> None:
@@ -56,14 +61,14 @@ def _err(msg: str) -> None:
 
 def main(argv: Sequence[str]) -> None:
   start_script(argv)
-  config = _CONFIG.value
+  config = FLAGS.config
   try:  # a bad config fails before anything is compiled
     check_experiment(config)
   except ValueError as e:
     raise app.UsageError(str(e)) from e
   if config.num_cpu_devices:  # CPU devices only; before any JAX computation
     jax.config.update("jax_num_cpu_devices", config.num_cpu_devices)
-  workdir = _WORKDIR.value or os.path.join(_ROOT, "workdir", f"{config.name}_{config.variant}")
+  workdir = FLAGS.workdir or os.path.join(_ROOT, "workdir", f"{config.name}_{config.variant}")
   os.makedirs(workdir, exist_ok=True)
   device = jax.devices()[0]
   _err(f"experiment {config.name} ({config.variant}) on {len(jax.devices())} "
@@ -97,4 +102,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

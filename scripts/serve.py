@@ -51,10 +51,14 @@ from crosspool_jax.workloads import trace_stats, write_jsonl
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                                "configs", "serve", "demo.py")
-_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG,
-                                          "Serving config file (ml_collections).",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (created).", required=True)
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines the flags; called only when the script runs as a program."""
+  config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG,
+                                  "Serving config file (ml_collections).", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Output directory (created).", required=True)
 
 
 def _err(msg: str) -> None:
@@ -63,7 +67,7 @@ def _err(msg: str) -> None:
 
 def main(argv: Sequence[str]) -> None:
   start_script(argv)
-  config = _CONFIG.value
+  config = FLAGS.config
   if config.num_cpu_devices:  # before any JAX computation
     jax.config.update("jax_num_cpu_devices", config.num_cpu_devices)
   try:  # bad settings and trace files fail before anything is compiled
@@ -71,7 +75,7 @@ def main(argv: Sequence[str]) -> None:
     records, trace_meta = load_trace(config)
   except (ValueError, OSError) as e:
     raise app.UsageError(str(e)) from e
-  workdir = _WORKDIR.value
+  workdir = FLAGS.workdir
   os.makedirs(workdir, exist_ok=True)
   write_jsonl(os.path.join(workdir, "trace.jsonl"), records, meta=trace_meta)
   _err(f"trace: {len(records)} requests over {records[-1].arrival_s if records else 0:.1f}s "
@@ -103,4 +107,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

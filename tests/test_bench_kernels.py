@@ -1,12 +1,15 @@
-"""scripts/bench_kernels.py end to end on CPU, in subprocesses (scripts share absl flag names)."""
+"""scripts/bench_kernels.py: end to end on CPU (a subprocess), and its sweep runner."""
 
+import io
 import json
 import math
 import os
 import subprocess
 import sys
-import textwrap
 
+import jax.numpy as jnp
+
+from scripts import bench_kernels
 from tests.conftest import ROOT
 
 RECORD_KEYS = {"kernel", "impl", "dtype", "shape", "flops", "bytes", "info", "median_ms",
@@ -72,23 +75,20 @@ def test_small_sweep_writes_sane_json(tmp_path):
 
 
 def test_failing_case_is_recorded_and_the_sweep_goes_on():
-  code = textwrap.dedent("""
-      import json, jax.numpy as jnp
-      from scripts import bench_kernels as b
+  def build(shape, impl, dtype):
+    if shape["n"] == 0:
+      raise ValueError("no such shape")
+    y = jnp.ones((shape["n"], 3), dtype)
+    return bench_kernels.Case(lambda x, y: x @ y, (jnp.ones((4, 4), dtype), y), 96, 64)
 
-      def build(shape, impl, dtype):
-        if shape["n"] == 0:
-          raise ValueError("no such shape")
-        y = jnp.ones((shape["n"], 3), dtype)
-        return b.Case(lambda x, y: x @ y, (jnp.ones((4, 4), dtype), y), 96, 64)
-
-      fake = {"fake": b.KernelBench(build, {"small": [{"n": 0}, {"n": 5}, {"n": 4}]})}
-      records = b.run_benchmarks(["fake"], ["reference"], "float32", "small", iters=2,
-                                 warmup=0, peak_tflops=None, peak_gbps=None, registry=fake)
-      print(json.dumps(records))
-  """)
-  records = json.loads(_python("-c", code).stdout.strip().splitlines()[-1])
+  fake = {"fake": bench_kernels.KernelBench(build, {"small": [{"n": 0}, {"n": 5}, {"n": 4}]})}
+  log = io.StringIO()
+  records = bench_kernels.run_benchmarks(["fake"], ["reference"], "float32", "small", iters=2,
+                                         warmup=0, peak_tflops=None, peak_gbps=None,
+                                         registry=fake, log=log)
   assert [r["shape"]["n"] for r in records] == [0, 5, 4]
+  assert log.getvalue().splitlines()[0] == ("[1/3] fake reference float32 n=0: "
+                                            "ERROR ValueError: no such shape")
   assert records[0]["error"] == "ValueError: no such shape" and records[0]["median_ms"] is None
   assert records[1]["error"].startswith("TypeError: dot_general")  # fails to trace
   assert "error" not in records[2] and records[2]["median_ms"] > 0

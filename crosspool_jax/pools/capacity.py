@@ -39,7 +39,7 @@ Rules (the same page size in bytes, dtype, reserve and `max_batch` for all three
 
 A model that does not fit in an organisation is reported under `not_fit` with the reason; its
 numbers are absent there. Activations and compiler workspace are `reserve_fraction` of each
-device (same for all).
+device (same for all). `format_table` renders a result as the table `scripts/capacity.py` prints.
 """
 
 from __future__ import annotations
@@ -686,3 +686,30 @@ def measure_capacity(fleet: Sequence[ModelConfig] | Mapping[str, ModelConfig], *
     else:
       result["organisations"][org] = _colocated(f, org)
   return result
+
+
+def format_table(result: Mapping[str, Any]) -> str:
+  """A fixed-width table of a `measure_capacity` result: one row per (organisation, model)."""
+  gib = 1 << 30
+  head = (f"{'org':<10} {'W':>2} {'KV GiB':>8}  {'model':<24} {'longest':>9} {'(raw)':>10} "
+          f"{'reachable':>10} {'fleet fill':>10} {'cf ok':>5}")
+  lines = [head, "-" * len(head)]
+  for org, res in result["organisations"].items():
+    w = res.get("weights_pool", {}).get("devices")
+    w = str(len(w)) if w else "-"
+    for m, rec in res["models"].items():
+      lines.append(f"{org:<10} {w:>2} {res['kv_bytes'] / gib:>8.1f}  {m:<24} "
+                   f"{rec['longest_context']:>9} {rec['longest_context_raw']:>10} "
+                   f"{rec['kv_tokens_reachable']:>10} {res['fleet_fill'].get(m, 0):>10} "
+                   f"{'yes' if rec['closed_form_agrees'] else 'NO':>5}")
+    for m, why in res["not_fit"].items():
+      lines.append(f"{org:<10} {w:>2} {res['kv_bytes'] / gib:>8.1f}  {m:<24} does not fit: {why}")
+    extra = [f"fleet fill total {res['fleet_fill_tokens']} tokens"]
+    if "weights_pool" in res:
+      wp = res["weights_pool"]
+      extra.append(f"experts resident {wp.get('resident_fraction', 0):.3f} ({wp['rule']})")
+      if "kv_pool" in res:
+        extra.append(f"stranded {res['kv_pool']['stranded_bytes'] / gib:.2f} GiB on KV devices, "
+                     f"{wp['free_bytes_per_device'] / gib:.1f} GiB free per weights device")
+    lines.append(f"{org:<10}    " + "; ".join(extra))
+  return "\n".join(lines)

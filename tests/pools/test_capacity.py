@@ -12,6 +12,7 @@ import pytest
 
 from crosspool_jax.models.config import FAMILIES, tiny_config
 from crosspool_jax.pools.capacity import (
+  format_table,
   measure_capacity,
   param_bytes,
   param_counts,
@@ -144,9 +145,7 @@ def test_place_models_deals_spare_devices_in_fleet_order():
   assert np.array_equal([u.weights_bytes_per_device for u in units], [4, 5])
 
 
-def test_script_table():
-  from scripts.capacity import format_table
-
+def test_format_table():
   res = _run(2, num_devices=2, device_bytes=W_TOTAL + 101 * PAGE)
   table = format_table(res)
   assert "crosspool" in table and "m1-mixtral" in table and "NO" not in table
