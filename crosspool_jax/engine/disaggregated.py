@@ -59,12 +59,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crosspool_jax.engine.executor import LoadedModel, pack_batch, token_bucket
+from crosspool_jax.engine.executor import LoadedModel, blame, pack_batch, token_bucket
 from crosspool_jax.engine.scheduler import ModelBatch
 from crosspool_jax.models import layers
 from crosspool_jax.models.config import ModelConfig
 from crosspool_jax.models.paged import attention_inputs, write_and_attend
 from crosspool_jax.models.sampling import sample
+from crosspool_jax.pools.kv_buffers import allocate_kv_buffer
 from crosspool_jax.pools.kv_pool import KVPool
 from crosspool_jax.pools.weights_buffers import DeviceWeightsPool
 from pallas_kernels.expert_dispatch import expert_dispatch
@@ -306,7 +307,7 @@ class DisaggregatedExecutor:
            if not 0 <= model.group < len(kv_buffers)}
     if bad:
       raise ValueError(f"home KV device (group) out of range [0, {len(kv_buffers)}): {bad}")
-    self.models = models
+    self.models = dict(models)
     self.kv_pool = kv_pool
     self.kv_buffers = list(kv_buffers)
     self.kv_devices = [b.devices().pop() for b in kv_buffers]
@@ -349,16 +350,48 @@ class DisaggregatedExecutor:
     member shape that can join it."""
     if self.fuse_experts:
       self._make_fused_buffers()
-    for model_id, model in self.models.items():
-      for bucket in self.token_buckets:
-        empty = ModelBatch(model_id, [], [])
-        self._run_micro_batches([self._prepare(0, model, empty, bucket)], track=False)
-        self._warm.add((model_id, bucket))
-        if log:
-          log(f"compiled {model_id} tokens={bucket}")
+    for model_id in self.models:
+      self._warm_model(model_id, log)
     if self.fuse_experts:
       self._warm_fused_calls(log)
     return self.compile_count
+
+  def _warm_model(self, model_id: str, log=None) -> None:
+    model = self.models[model_id]
+    for bucket in self.token_buckets:
+      empty = ModelBatch(model_id, [], [])
+      self._run_micro_batches([self._prepare(0, model, empty, bucket)], track=False)
+      self._warm.add((model_id, bucket))
+      if log:
+        log(f"compiled {model_id} tokens={bucket}")
+
+  def add_model(self, model: LoadedModel, log=None) -> None:
+    """Serves a model registered while running (its experts already in the weights pool, its
+    params on its home KV device): warms its buckets, and the fused expert calls it may join
+    (shapes already warmed compile nothing)."""
+    self.models[model.model_id] = model
+    self._warm_model(model.model_id, log)
+    if self.fuse_experts:
+      self._make_fused_buffers()
+      self._warm_fused_calls(log)
+
+  def remove_model(self, model_id: str) -> None:
+    """Stops running a model (its experts are removed from the weights pool by the caller)."""
+    del self.models[model_id]
+    self._warm = {w for w in self._warm if w[0] != model_id}
+
+  def restore_lost_buffers(self) -> list[KVPool]:
+    """Re-allocates the KV buffers a failed step consumed (donated, never returned) and
+    rebuilds lost weights-pool buffers; returns [the KV pool] if KV pages were lost (its
+    requests must be recomputed), else []."""
+    self.wpool.restore_lost_buffers()
+    lost = []
+    for d, buf in enumerate(self.kv_buffers):
+      if buf.is_deleted():
+        self.kv_buffers[d] = allocate_kv_buffer(self.kv_pool, self.kv_devices[d],
+                                                dtype=buf.dtype)
+        lost = [self.kv_pool]
+    return lost
 
   # --- fused expert calls: buffers and warm-up ----------------------------------------------
 
@@ -430,7 +463,8 @@ class DisaggregatedExecutor:
       bucket = token_bucket(self.token_buckets, part, self.max_batch)
       if (part.model_id, bucket) not in self._warm:
         raise RuntimeError(f"bucket ({part.model_id}, {bucket}) was not compiled at start-up")
-      mbs.append(self._prepare(j, self.models[part.model_id], part, bucket))
+      with blame([part.model_id]):
+        mbs.append(self._prepare(j, self.models[part.model_id], part, bucket))
     tokens = self._run_micro_batches(mbs, track=True)
     self.steps += 1
     out = [[] for _ in batches]
@@ -449,20 +483,27 @@ class DisaggregatedExecutor:
     return _MicroBatch(index, model, batch, paged, sampling, next_pos, valid_T, valid_host, x_TD)
 
   def _run_micro_batches(self, mbs: list[_MicroBatch], *, track: bool) -> list[np.ndarray]:
+    """Raises `StepError` naming the models of the stage that raised."""
     depth = max(mb.model.cfg.num_layers for mb in mbs)
     for layer in range(depth):
       live = [mb for mb in mbs if layer < mb.model.cfg.num_layers]
       for mb in live:  # attention of this layer for every micro-batch ...
-        self._attention(mb, layer, track)
+        with blame([mb.model.model_id]):
+          self._attention(mb, layer, track)
       moe = [mb for mb in live if mb.model.cfg.moe_layers[layer]]
       if self.fuse_experts:  # ... then their expert FFNs (ping-pong between the pools)
         self._fused_ffn(moe, layer, track)
       else:
         for mb in moe:
-          self._ffn(mb, layer, track)
-    tokens = [_head_and_sample(mb.model.params, mb.x_TD, mb.paged[mb.home].cu_q_lens_S1,
-                               mb.sampling, mb.next_pos, cfg=mb.model.cfg) for mb in mbs]
-    return [np.asarray(t)[:len(mb.batch.requests)] for t, mb in zip(tokens, mbs, strict=True)]
+          with blame([mb.model.model_id]):
+            self._ffn(mb, layer, track)
+    out = []
+    for mb in mbs:
+      with blame([mb.model.model_id]):
+        tokens_S = _head_and_sample(mb.model.params, mb.x_TD, mb.paged[mb.home].cu_q_lens_S1,
+                                    mb.sampling, mb.next_pos, cfg=mb.model.cfg)
+        out.append(tokens_S)
+    return [np.asarray(t)[:len(mb.batch.requests)] for t, mb in zip(out, mbs, strict=True)]
 
   def _track(self, track, out, mbs, layer, kind, device):
     if track:
@@ -530,18 +571,24 @@ class DisaggregatedExecutor:
       key = (pool.model_class(mb.model.model_id), pool.home_device(mb.model.model_id, layer))
       groups.setdefault(key, []).append(mb)
     for (c, d), members in groups.items():
-      wdev = self.wpool.devices[d]
-      moved = {}
-      for mb in members:  # the transfers need no routing decision: issue them first
-        _, h_TD, ids_TK, weights_TK = mb.moe
-        moved[mb.index] = jax.device_put((h_TD, ids_TK, weights_TK, mb.valid_T), wdev)
-        self._track(track, moved[mb.index], mb, layer, "transfer_to_weights", wdev)
-      chosen = {mb.index: self._chosen_experts(mb) for mb in members}
-      calls = self._plan_fused_calls(members, chosen, layer)
-      if track and len(calls) > 1:
-        self.expert_splits += 1
-      for call in calls:
-        self._fused_call(call, moved, chosen, layer, c, d, track)
+      with blame([mb.model.model_id for mb in members]):
+        self._fused_group(members, layer, c, d, track)
+
+  def _fused_group(self, members: list[_MicroBatch], layer: int, c: int, d: int,
+                   track: bool) -> None:
+    """The expert FFNs of one (class, weights device) group of a layer's micro-batches."""
+    wdev = self.wpool.devices[d]
+    moved = {}
+    for mb in members:  # the transfers need no routing decision: issue them first
+      _, h_TD, ids_TK, weights_TK = mb.moe
+      moved[mb.index] = jax.device_put((h_TD, ids_TK, weights_TK, mb.valid_T), wdev)
+      self._track(track, moved[mb.index], mb, layer, "transfer_to_weights", wdev)
+    chosen = {mb.index: self._chosen_experts(mb) for mb in members}
+    calls = self._plan_fused_calls(members, chosen, layer)
+    if track and len(calls) > 1:
+      self.expert_splits += 1
+    for call in calls:
+      self._fused_call(call, moved, chosen, layer, c, d, track)
 
   def _plan_fused_calls(self, members, chosen, layer) -> list[list[_MicroBatch]]:
     """Members cut, in order, into calls whose experts fit the partition's slots together and

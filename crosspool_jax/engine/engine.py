@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 
 from crosspool_jax.engine.disaggregated import DeviceSplit, DisaggregatedExecutor
-from crosspool_jax.engine.executor import ColocatedExecutor, LoadedModel
+from crosspool_jax.engine.executor import ColocatedExecutor, LoadedModel, StepError
 from crosspool_jax.engine.metrics import request_metrics, summarize
 from crosspool_jax.engine.request import Request, Status
 from crosspool_jax.engine.scheduler import Scheduler
@@ -135,7 +135,9 @@ class Engine:
     self.steps = 0
     self.weights_pool: DeviceWeightsPool | None = None
     self.compile_count_at_start = 0
+    self.compiles_registering = 0  # XLA compilations of models registered after start()
     self._compiles_at_start = 0
+    self._last_step_idle = False
 
   # --- setup ------------------------------------------------------------------------------
 
@@ -143,7 +145,13 @@ class Engine:
                      cfg: ModelConfig | None = None, params: dict | None = None,
                      max_batch: int | None = None, max_context: int | None = None,
                      group: int = 0, dtype=None) -> None:
-    """Adds a model before `start()`: from a checkpoint dir (HF or orbax) or cfg + params.
+    """Adds a model, before or after `start()`: from a checkpoint dir (HF or orbax) or cfg +
+    params.
+
+    On a started engine (a cold model arrives) the model joins its KV pool and, under
+    crosspool, the weights pool (its experts must join an existing shape class: the pool's
+    budget was split among the classes at start), and its executables are compiled while the
+    other models' requests wait between steps, untouched. On any error nothing is registered.
 
     Args:
       model_id: unique name requests refer to.
@@ -155,8 +163,6 @@ class Engine:
         outside attention and experts; its KV pages may be on any KV device).
       dtype: param dtype when loading a checkpoint.
     """
-    if self._started:
-      raise RuntimeError("register_model must come before start()")
     if model_id in self._models:
       raise ValueError(f"model {model_id!r} is already registered")
     if (checkpoint is None) == (params is None):
@@ -169,9 +175,124 @@ class Engine:
       raise ValueError(f"group {group} is not one of the {len(self.config.devices)} KV groups")
     max_context = min(max_context or cfg.max_context, cfg.max_context)
     device = jax.devices()[self.config.devices[group]]
-    self._models[model_id] = LoadedModel(model_id, cfg, jax.device_put(params, device), group)
-    self._specs[model_id] = KVModelSpec(model_id, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim,
-                                        max_context, max_batch or self.config.max_batch)
+    model = LoadedModel(model_id, cfg, jax.device_put(params, device), group)
+    spec = KVModelSpec(model_id, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max_context,
+                       max_batch or self.config.max_batch)
+    if self._started:
+      before = _BACKEND_COMPILES[0]
+      self._add_running(model, spec)
+      self.compiles_registering += _BACKEND_COMPILES[0] - before
+    self._models[model_id] = model
+    self._specs[model_id] = spec
+
+  def _add_running(self, model: LoadedModel, spec: KVModelSpec) -> None:
+    """Joins a model to the pools, executor and scheduler of a started engine (all or none)."""
+    c = self.config
+    model_id = model.model_id
+    if c.kv_policy == "crosspool":
+      pool = self.pools[0]
+      pool.register_model(spec)
+      try:
+        stripped = self.weights_pool.register(model_id, model.cfg, model.params,
+                                              slots_per_device=c.expert_slots_per_device)
+      except Exception:
+        pool.unregister_model(model_id)
+        raise
+      model.params = jax.device_put(stripped, self.executor.kv_devices[model.group])
+      try:
+        self.executor.add_model(model, log=self.log)
+      except Exception:
+        self.weights_pool.unregister(model_id)
+        pool.unregister_model(model_id)
+        raise
+    else:
+      pool, buffer = self.pools.get(model.group), None
+      if pool is None:
+        pool = KVPool(page_elems=c.page_elems, pages_per_device=c.pages_per_device,
+                      policy=c.kv_policy)
+      pool.register_model(spec)
+      try:
+        if model.group not in self.pools:
+          buffer = allocate_kv_buffers(pool, [jax.devices()[c.devices[model.group]]],
+                                       dtype=jnp.dtype(c.kv_dtype))[0]
+        self.executor.add_model(model, pool, buffer, log=self.log)
+      except Exception:
+        pool.unregister_model(model_id)
+        raise
+      self.pools[model.group] = pool
+    self._model_pools[model_id] = pool
+    self.scheduler.add_model(model_id, pool)
+
+  def unregister_model(self, model_id: str) -> list[str]:
+    """Removes a model (a cold model retires), before or after `start()`.
+
+    Its waiting and running requests are cancelled (finish_reason "unregistered"), not
+    drained: to drain, stop submitting to it and step until it has no requests left. Its KV
+    pages (and under static its reservation) and its expert slots return to the pools; the
+    other models' requests continue untouched. Returns the cancelled request ids.
+    """
+    if model_id not in self._models:
+      raise ValueError(f"unknown model_id {model_id!r}; registered: {sorted(self._models)}")
+    cancelled = []
+    if self._started:
+      now = time.perf_counter()
+      for req in self.scheduler.remove_model(model_id):
+        req.status, req.finish_reason, req.finish_s = Status.CANCELLED, "unregistered", now
+        cancelled.append(req.request_id)
+      self.executor.remove_model(model_id)
+      if self.weights_pool is not None:
+        self.weights_pool.unregister(model_id)
+      self._model_pools.pop(model_id).unregister_model(model_id)
+    del self._models[model_id], self._specs[model_id]
+    return cancelled
+
+  def set_memory_limit(self, *, kv_pages: int | None = None, kv_bytes: int | None = None,
+                       expert_slots: int | None = None, group: int | None = None) -> dict:
+    """Changes the memory the engine may use, while serving (between steps).
+
+    KV: each KV pool (`pools`: one per KV group under static/shared, one under crosspool;
+    `group` picks one) may then hold `kv_pages` pages, or as many as fit in `kv_bytes`
+    (bytes per pool, null pages excluded). Lowering preempts requests by the pool's victim
+    rule (most recently admitted first); they go back to the queue and are recomputed later,
+    exactly. Raising lets waiting requests in again. Expert slots (crosspool only): every
+    shape class may hold `expert_slots` experts per weights device; lowering evicts by the
+    expert policy (later accesses swap them back in). The buffers keep their size: a limit
+    caps what is used of them.
+
+    Returns:
+      {"preempted": request ids, "evicted_experts": number of experts evicted}.
+    Raises:
+      ValueError: an argument out of range (nothing is changed then).
+    """
+    if not self._started:
+      raise RuntimeError("set_memory_limit: the engine has not started")
+    if kv_pages is not None and kv_bytes is not None:
+      raise ValueError("give kv_pages or kv_bytes, not both")
+    if group is not None and group not in self.pools:
+      raise ValueError(f"group {group} has no KV pool; pools: {sorted(self.pools)}")
+    pools = list(self.pools.values()) if group is None else [self.pools[group]]
+    page_bytes = self.config.page_elems * jnp.dtype(self.config.kv_dtype).itemsize
+    pages = kv_pages if kv_bytes is None else kv_bytes // page_bytes
+    if pages is not None:
+      for pool in pools:
+        if not isinstance(pages, int) or not 0 <= pages <= pool.capacity:
+          raise ValueError(f"KV limit must be an integer number of pages in [0, "
+                           f"{pool.capacity}] (pages of {page_bytes} B), got {pages!r}")
+    evicted = []
+    if expert_slots is not None:
+      if self.weights_pool is None:
+        raise ValueError(f"expert_slots: policy {self.config.kv_policy!r} has no weights pool")
+      host = self.weights_pool.pool
+      for c in range(len(host.classes)):
+        host.check_slot_limit(c, expert_slots)
+      for c in range(len(host.classes)):
+        evicted += host.set_slot_limit(c, expert_slots)
+    preempted = []
+    if pages is not None:
+      for pool in pools:
+        preempted += pool.set_limit(pages)
+    self.scheduler.requeue_evicted()
+    return {"preempted": preempted, "evicted_experts": len(evicted)}
 
   def start(self) -> None:
     """Creates the KV pools and buffers, and compiles every bucket of every model."""
@@ -325,12 +446,19 @@ class Engine:
     """One iteration: schedule, run each model's batch, sample, stream the new tokens."""
     events = []
     batches = self.scheduler.schedule()
+    self._last_step_idle = not batches
     now = time.perf_counter()
     for batch in batches:
       for r in batch.requests:
         if r.admitted_s is None:
           r.admitted_s = now
-    results = self.executor.run_many(batches) if batches else []
+    try:
+      results = self.executor.run_many(batches) if batches else []
+    except StepError as e:
+      events = self._isolate_failure(batches, e)
+      self.steps += 1
+      self._sample_pools()
+      return events
     now = time.perf_counter()
     for batch, tokens in zip(batches, results, strict=True):
       for r, n, tok in zip(batch.requests, batch.num_new, tokens, strict=True):
@@ -352,6 +480,28 @@ class Engine:
     self._sample_pools()
     return events
 
+  def _isolate_failure(self, batches: list, error: StepError) -> list[TokenEvent]:
+    """A model's step raised: its in-flight requests fail with the reason, their pages return;
+    buffers the failed call consumed are re-allocated (requests whose pages were lost with
+    them are recomputed); the other models' requests of this step simply run again next step
+    (their tokens' keys and KV positions are the same: exact)."""
+    self.log(f"step {self.steps}: {error}")
+    for pool in self.executor.restore_lost_buffers():
+      for req in self.scheduler.running():
+        if self._model_pools[req.model_id] is pool:
+          pool.release(req.request_id)
+    self.scheduler.requeue_evicted()
+    now, events = time.perf_counter(), []
+    reason = f"{type(error.cause).__name__}: {error.cause}"
+    for batch in batches:
+      if batch.model_id not in error.model_ids:
+        continue
+      for r in batch.requests:
+        self.scheduler.remove(r)
+        r.status, r.finish_reason, r.error, r.finish_s = Status.FAILED, "error", reason, now
+        events.append(TokenEvent(r.request_id, r.model_id, None, True, "error"))
+    return events
+
   def _sample_pools(self) -> None:
     t = time.perf_counter()
     for g, pool in self.pools.items():
@@ -360,11 +510,23 @@ class Engine:
                                 "utilization": pool.used_pages / max(1, pool.limit)})
 
   def run(self, max_steps: int | None = None) -> Iterator[TokenEvent]:
-    """Steps until no request is left (or max_steps), yielding every token event."""
+    """Steps until no request is left (or max_steps), yielding every token event.
+
+    Also returns when requests are left but none can run: all wait for KV pages that a
+    lowered memory limit withholds (raise it with `set_memory_limit`, then run again).
+    """
     for n in itertools.count():
       if not self.scheduler.has_work() or (max_steps is not None and n >= max_steps):
         return
       yield from self.step()
+      if self.blocked:
+        return
+
+  @property
+  def blocked(self) -> bool:
+    """Requests wait, none holds pages, and the last step could schedule none of them."""
+    return (self._last_step_idle and self.scheduler.has_work()
+            and not self.scheduler.running())
 
   def generate_all(self, max_steps: int | None = None) -> dict[str, list[int]]:
     """Runs to completion; returns every request's output."""
@@ -402,5 +564,7 @@ class Engine:
         # XLA compilations in this process since start() (any code, not only the engine's).
         "backend_compiles_since_start": (_BACKEND_COMPILES[0] - self._compiles_at_start
                                          if self._started else 0),
+        # of those, compilations of models registered after start()
+        "backend_compiles_registering": self.compiles_registering,
         "config": dataclasses.asdict(self.config),
     }

@@ -9,6 +9,7 @@ are packed into preallocated-size numpy arrays and transferred once.
 from __future__ import annotations
 
 import bisect
+import contextlib
 import dataclasses
 import functools
 
@@ -20,7 +21,29 @@ from crosspool_jax.engine.scheduler import ModelBatch
 from crosspool_jax.models.config import ModelConfig
 from crosspool_jax.models.paged import PagedBatch, forward_paged
 from crosspool_jax.models.sampling import SamplingParams, sample, stack_params
+from crosspool_jax.pools.kv_buffers import allocate_kv_buffer
 from crosspool_jax.pools.kv_pool import KVPool
+
+
+class StepError(RuntimeError):
+  """A model's part of a step raised; `model_ids` names the models whose work it was."""
+
+  def __init__(self, model_ids, cause: BaseException):
+    self.model_ids = frozenset(model_ids)
+    self.cause = cause
+    super().__init__(f"step of model(s) {sorted(self.model_ids)} failed: "
+                     f"{type(cause).__name__}: {cause}")
+
+
+@contextlib.contextmanager
+def blame(model_ids):
+  """Turns an exception raised inside into a `StepError` naming `model_ids`."""
+  try:
+    yield
+  except StepError:
+    raise
+  except Exception as e:
+    raise StepError(model_ids, e) from e
 
 
 @dataclasses.dataclass
@@ -60,9 +83,9 @@ class ColocatedExecutor:
                attn_impl: str | None = None, moe_impl: str | None = None):
     if list(token_buckets) != sorted(set(token_buckets)) or token_buckets[0] < 1:
       raise ValueError(f"token_buckets must be ascending positive ints, got {token_buckets}")
-    self.models = models
-    self.pools = pools
-    self.buffers = buffers
+    self.models = dict(models)
+    self.pools = dict(pools)
+    self.buffers = dict(buffers)
     self.token_buckets = tuple(token_buckets)
     self.max_batch = max_batch
     self.attn_impl = attn_impl
@@ -75,15 +98,48 @@ class ColocatedExecutor:
 
   def compile_all(self, log=None) -> int:
     """Compiles every (model, token bucket); returns the number of executables."""
-    for model_id, model in self.models.items():
-      for bucket in self.token_buckets:
-        args = self._abstract_args(model, bucket)
-        self._executables[model_id, bucket] = _step.lower(
-            model.params, self.buffers[model.group], *args, cfg=model.cfg,
-            attn_impl=self.attn_impl, moe_impl=self.moe_impl).compile()
-        if log:
-          log(f"compiled {model_id} tokens={bucket}")
+    for model_id in self.models:
+      self._compile_model(model_id, log)
     return self.compile_count
+
+  def _compile_model(self, model_id: str, log=None) -> None:
+    model = self.models[model_id]
+    for bucket in self.token_buckets:
+      args = self._abstract_args(model, bucket)
+      self._executables[model_id, bucket] = _step.lower(
+          model.params, self.buffers[model.group], *args, cfg=model.cfg,
+          attn_impl=self.attn_impl, moe_impl=self.moe_impl).compile()
+      if log:
+        log(f"compiled {model_id} tokens={bucket}")
+
+  def add_model(self, model: LoadedModel, pool: KVPool, buffer: jax.Array | None = None,
+                log=None) -> None:
+    """Serves a model registered while running: compiles its buckets (the others' requests
+    are not touched). `buffer`: its group's KV buffer if the group is new."""
+    if buffer is not None:
+      self.buffers[model.group] = buffer
+    self.models[model.model_id] = model
+    self.pools[model.model_id] = pool
+    self._compile_model(model.model_id, log)
+
+  def remove_model(self, model_id: str) -> None:
+    """Drops a model's executables (its group's buffer stays with the group)."""
+    del self.models[model_id], self.pools[model_id]
+    for key in [k for k in self._executables if k[0] == model_id]:
+      del self._executables[key]
+
+  def restore_lost_buffers(self) -> list[KVPool]:
+    """Re-allocates the KV buffers a failed step consumed (donated, never returned); returns
+    the pools whose pages were lost with them (their requests must be recomputed)."""
+    lost = []
+    for model_id, model in self.models.items():
+      buf = self.buffers[model.group]
+      if buf.is_deleted():
+        pool = self.pools[model_id]
+        self.buffers[model.group] = allocate_kv_buffer(pool, buf.devices().pop(),
+                                                       dtype=buf.dtype)
+        lost.append(pool)
+    return lost
 
   def _abstract_args(self, model: LoadedModel, bucket: int):
     pool = self.pools[model.model_id]
@@ -114,8 +170,16 @@ class ColocatedExecutor:
     return np.asarray(tokens_S)[:len(batch.requests)]
 
   def run_many(self, batches: list[ModelBatch]) -> list[np.ndarray]:
-    """`run` of each batch in turn (one model step after the other)."""
-    return [self.run(b) for b in batches]
+    """`run` of each batch in turn (one model step after the other).
+
+    Raises:
+      StepError: naming the model whose batch raised (the batches before it have run).
+    """
+    out = []
+    for b in batches:
+      with blame([b.model_id]):
+        out.append(self.run(b))
+    return out
 
 
 def token_bucket(buckets: tuple[int, ...], batch: ModelBatch, max_batch: int) -> int:

@@ -28,7 +28,7 @@ def request_metrics(r: Request) -> dict:
   """TTFT, every inter-token gap (TBT), end-to-end latency, queueing time, preemptions."""
   return {
       "request_id": r.request_id, "model_id": r.model_id, "status": r.status.value,
-      "finish_reason": r.finish_reason, "prompt_tokens": len(r.prompt_ids),
+      "finish_reason": r.finish_reason, "error": r.error, "prompt_tokens": len(r.prompt_ids),
       "output_tokens": len(r.output_ids), "preemptions": r.preemptions,
       "queue_s": None if r.admitted_s is None else r.admitted_s - r.arrival_s,
       "ttft_s": None if r.first_token_s is None else r.first_token_s - r.arrival_s,
@@ -48,6 +48,7 @@ def summarize(requests: Iterable[Request]) -> dict:
     return {
         "requests": len(rows), "finished": len(done),
         "cancelled": sum(m["status"] == Status.CANCELLED.value for m in rows),
+        "failed": sum(m["status"] == Status.FAILED.value for m in rows),
         "preemptions": sum(m["preemptions"] for m in rows),
         "output_tokens": sum(m["output_tokens"] for m in rows),
         "ttft_s": percentiles([m["ttft_s"] for m in done if m["ttft_s"] is not None]),

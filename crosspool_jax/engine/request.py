@@ -13,6 +13,7 @@ class Status(enum.Enum):
   RUNNING = "running"  # holds KV pages; prefilling or decoding
   FINISHED = "finished"
   CANCELLED = "cancelled"
+  FAILED = "failed"  # its model's step raised; the reason is in Request.error
 
 
 @dataclasses.dataclass(eq=False)
@@ -29,6 +30,7 @@ class Request:
     output_ids: generated so far.
     num_cached: tokens of prompt + output whose K/V are in the pool.
     status, finish_reason: lifecycle.
+    error: why it failed (Status.FAILED): the exception its model's step raised.
     arrival_s, admitted_s, first_token_s, finish_s: host clock (seconds).
     token_s: host clock of every generated token.
     preemptions: times its pages were taken and it was re-queued.
@@ -44,6 +46,7 @@ class Request:
   num_cached: int = 0
   status: Status = Status.WAITING
   finish_reason: str | None = None
+  error: str | None = None
   arrival_s: float = 0.0
   admitted_s: float | None = None
   first_token_s: float | None = None
@@ -68,4 +71,4 @@ class Request:
 
   @property
   def done(self) -> bool:
-    return self.status in (Status.FINISHED, Status.CANCELLED)
+    return self.status in (Status.FINISHED, Status.CANCELLED, Status.FAILED)

@@ -52,7 +52,7 @@ class Scheduler:
                max_tokens: int, on_preempt: Callable[[Request], None] | None = None):
     if token_budget < 1 or max_batch < 1 or max_tokens < 1:
       raise ValueError("token_budget, max_batch and max_tokens must be >= 1")
-    self.pools = pools
+    self.pools = dict(pools)
     self.token_budget = token_budget
     self.max_batch = max_batch
     self.max_tokens = max_tokens
@@ -60,20 +60,50 @@ class Scheduler:
     self.queues: dict[str, list[Request]] = {m: [] for m in pools}
     self._rotation = 0
 
+  def add_model(self, model_id: str, pool: KVPool) -> None:
+    """Serves a model registered while running (its queue starts empty)."""
+    if model_id in self.pools:
+      raise ValueError(f"model {model_id!r} is already scheduled")
+    self.pools[model_id] = pool
+    self.queues[model_id] = []
+
+  def remove_model(self, model_id: str) -> list[Request]:
+    """Stops serving a model: releases its running requests' pages; returns its queue."""
+    queue = list(self.queues[model_id])
+    for request in queue:
+      self.remove(request)
+    del self.queues[model_id], self.pools[model_id]
+    return queue
+
   def add(self, request: Request) -> None:
     self.queues[request.model_id].append(request)
 
   def remove(self, request: Request) -> None:
-    """Drops a request (finished or cancelled), returning its pages."""
-    if request.status == Status.RUNNING:
-      self.pools[request.model_id].release(request.request_id)
+    """Drops a request (finished, cancelled or failed), returning its pages."""
+    pool = self.pools[request.model_id]
+    if request.status == Status.RUNNING and pool.has_request(request.request_id):
+      pool.release(request.request_id)
     self.queues[request.model_id].remove(request)
+
+  def running(self, model_id: str | None = None) -> list[Request]:
+    """Requests holding KV pages (of one model, or of all)."""
+    models = self.queues if model_id is None else [model_id]
+    return [r for m in models for r in self.queues[m] if r.status == Status.RUNNING]
+
+  def requeue_evicted(self) -> list[Request]:
+    """Re-queues running requests whose pages their pool no longer holds (see the module
+    docstring); returns them."""
+    evicted = [r for r in self.running() if not self.pools[r.model_id].has_request(r.request_id)]
+    for request in evicted:
+      self._preempted(request)
+    return evicted
 
   def has_work(self) -> bool:
     return any(self.queues.values())
 
   def schedule(self) -> list[ModelBatch]:
     """The next iteration's batches (at most one per model)."""
+    self.requeue_evicted()
     models = [m for m in self.queues if self.queues[m]]
     if not models:
       return []

@@ -27,9 +27,16 @@ def allocate_kv_buffers(pool: KVPool, devices: Sequence[jax.Device], *, dtype=jn
   """
   if len(devices) != pool.num_devices:
     raise ValueError(f"pool has {pool.num_devices} KV devices, got {len(devices)} devices")
+  return [allocate_kv_buffer(pool, d, dtype=dtype, fill=fill) for d in devices]
+
+
+def allocate_kv_buffer(pool: KVPool, device: jax.Device, *, dtype=jnp.bfloat16,
+                       fill: float = 0.0) -> jax.Array:
+  """One page buffer of `pool` on `device` (a KV device's, or its replacement after a failed
+  step consumed it), created there directly."""
   shape = (pool.pages_per_device, pool.page_elems)
   make = jax.jit(lambda: jnp.full(shape, fill, dtype))
-  return [jax.jit(make, out_shardings=jax.sharding.SingleDeviceSharding(d))() for d in devices]
+  return jax.jit(make, out_shardings=jax.sharding.SingleDeviceSharding(device))()
 
 
 def buffer_bytes(pool: KVPool, dtype) -> int:

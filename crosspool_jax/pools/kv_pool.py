@@ -203,6 +203,10 @@ class KVPool:
     self._requests[request_id] = _Request(request_id, model_id, row, self._admissions)
     return row
 
+  def has_request(self, request_id: str) -> bool:
+    """Whether the request holds a row (and its pages) here."""
+    return request_id in self._requests
+
   def request_row(self, request_id: str) -> int:
     return self._request(request_id).row
 
@@ -316,7 +320,9 @@ class KVPool:
     """Changes how many pages may be in use; returns requests preempted to get under it.
 
     Lowering first takes free pages away (no one notices), then preempts (the victim rule)
-    until the used pages fit. Raising is capped at the physical capacity.
+    until the used pages fit. Raising is capped at the physical capacity. Safe under a running
+    engine between steps: its scheduler re-queues the preempted requests (recomputed later).
+    The device buffers keep their size: the limit caps what is allocated from them.
     """
     if not 0 <= pages <= self.capacity:
       raise ValueError(f"limit must be in [0, {self.capacity}] pages, got {pages}")

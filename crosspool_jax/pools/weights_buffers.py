@@ -186,30 +186,56 @@ class DeviceWeightsPool:
     self.models[model_id] = (cfg, pinned)
     return pinned
 
+  def unregister(self, model_id: str) -> None:
+    """Removes a model from the host pool and the store (its slots become free)."""
+    self.pool.unregister_model(model_id)
+    self.store.remove_model(model_id)
+    del self.models[model_id]
+    for key in [k for k in self._pending if k[0] == model_id]:
+      for rec in self._pending.pop(key):
+        rec.need = rec.issue  # its layer will never run: count it as needed at once
+
+  def restore_lost_buffers(self) -> list[tuple[int, int]]:
+    """Rebuilds every buffer triple a failed call consumed (donated, never returned): fresh
+    slots, then every expert the host tables say is resident there is loaded again, so the
+    device is back in step with the host pool. Returns the (class, device) pairs rebuilt."""
+    lost = [key for key, bufs in self._buffers.items() if any(b.is_deleted() for b in bufs)]
+    for c, d in lost:
+      self._allocate(c, d)
+      keys = [k for k in self.pool.resident_keys()
+              if self.pool.model_class(k[0]) == c and self.pool.residency(k)[0] == d]
+      self._perform(SwapPlan(loads=[(k, *self.pool.residency(k)) for k in keys]))
+    return lost
+
   def _ensure_buffers(self, c: int) -> None:
     if (c, 0) in self._buffers:
       return
+    for dev_i in range(len(self.devices)):
+      self._allocate(c, dev_i)
+
+  def _allocate(self, c: int, dev_i: int) -> None:
+    """A fresh buffer triple of class `c` on weights device `dev_i`, its updates compiled."""
     cls = self.pool.classes[c]
     shape: ShapeClass = cls.shape
     dtype = jnp.dtype(shape.dtype)
     s, d, f = cls.slots_per_device, shape.d_model, shape.d_ff
-    for dev_i, dev in enumerate(self.devices):
-      # Committed to `dev` (an uncommitted buffer would compile the swap a second time).
-      self._buffers[c, dev_i] = jax.device_put(
-          (np.full((s, d, f), self.fill, dtype), np.full((s, d, f), self.fill, dtype),
-           np.full((s, f, d), self.fill, dtype)), dev)
-      # Compile the update for every bucket of N now (all-padding calls write nothing), so
-      # no swap's measured time includes a compilation.
-      n = 1
-      while True:
-        pad = jax.device_put([np.arange(s, s + n, dtype=np.int32),
-                              np.zeros((n, d, f), dtype), np.zeros((n, d, f), dtype),
-                              np.zeros((n, f, d), dtype)], dev)
-        *new, _ = write_slots(*self._buffers[c, dev_i], *pad)
-        self._buffers[c, dev_i] = tuple(new)
-        if n >= s:
-          break
-        n *= 2
+    dev = self.devices[dev_i]
+    # Committed to `dev` (an uncommitted buffer would compile the swap a second time).
+    self._buffers[c, dev_i] = jax.device_put(
+        (np.full((s, d, f), self.fill, dtype), np.full((s, d, f), self.fill, dtype),
+         np.full((s, f, d), self.fill, dtype)), dev)
+    # Compile the update for every bucket of N now (all-padding calls write nothing), so
+    # no swap's measured time includes a compilation.
+    n = 1
+    while True:
+      pad = jax.device_put([np.arange(s, s + n, dtype=np.int32),
+                            np.zeros((n, d, f), dtype), np.zeros((n, d, f), dtype),
+                            np.zeros((n, f, d), dtype)], dev)
+      *new, _ = write_slots(*self._buffers[c, dev_i], *pad)
+      self._buffers[c, dev_i] = tuple(new)
+      if n >= s:
+        break
+      n *= 2
 
   def buffers(self, c: int, device: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """(w_gate_SDF, w_up_SDF, w_down_SFD) of class `c` on weights device `device`."""

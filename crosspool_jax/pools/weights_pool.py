@@ -172,12 +172,22 @@ class PoolStats:
 
 
 class _Partition:
-  """Slots of one shape class on one device."""
+  """Slots of one shape class on one device; at most `limit` of them owned at once."""
 
   def __init__(self, slots: int):
     self.owner: list[ExpertKey | None] = [None] * slots
     self.pinned = np.zeros(slots, bool)
     self.free = list(range(slots - 1, -1, -1))  # stack; pops slot 0 first
+    self.limit = slots
+
+  @property
+  def owned(self) -> int:
+    return len(self.owner) - len(self.free)
+
+  @property
+  def usable_free(self) -> int:
+    """Free slots a load may take without evicting (free and under the limit)."""
+    return max(0, min(len(self.free), self.limit - self.owned))
 
   def evictable(self, protect: set[ExpertKey]) -> list[int]:
     return [s for s, k in enumerate(self.owner)
@@ -190,6 +200,11 @@ class _Class:
   slots_per_device: int
   partitions: list[_Partition]
   next_device: int = 0  # round robin of home devices
+
+  @property
+  def limit(self) -> int:
+    """Slots per device that may be owned at once (`WeightsPool.set_slot_limit`)."""
+    return self.partitions[0].limit
 
 
 class WeightsPool:
@@ -269,7 +284,7 @@ class WeightsPool:
     if spec.model_id in self.models:
       raise ValueError(f"model {spec.model_id!r} is already registered")
     c = self.class_index(spec.shape_class)
-    slots = self.classes[c].slots_per_device if c is not None else slots_per_device
+    slots = self.classes[c].limit if c is not None else slots_per_device
     if c is None:
       if slots_per_device is None:
         raise ValueError(
@@ -280,9 +295,10 @@ class WeightsPool:
             f"model {spec.model_id!r}: expert shape {spec.shape_class} matches no shape class "
             f"and there is no room for a new one: {slots_per_device} slots x "
             f"{spec.shape_class.expert_bytes} B > {self.free_bytes()} B free per device")
-    elif slots_per_device is not None and slots_per_device != slots:
+    elif slots_per_device is not None and slots_per_device != self.classes[c].slots_per_device:
       raise ValueError(f"model {spec.model_id!r}: shape class {spec.shape_class} already has "
-                       f"{slots} slots per device, got slots_per_device={slots_per_device}")
+                       f"{self.classes[c].slots_per_device} slots per device, got "
+                       f"slots_per_device={slots_per_device}")
     if slots < spec.top_k:
       raise ValueError(f"model {spec.model_id!r}: slot budget {slots} slots per device is "
                        f"smaller than one layer's top_k={spec.top_k}")
@@ -305,6 +321,59 @@ class WeightsPool:
       for layer in spec.moe_layers:
         self.pin(spec.model_id, layer, range(spec.num_experts))
     return c
+
+  def unregister_model(self, model_id: str) -> list[ExpertKey]:
+    """Removes a model: its experts leave their slots (pinned ones too); returns them.
+
+    Its shape class and the class's slots stay (other models may join it later).
+    """
+    self._spec(model_id)
+    keys = [k for k in self._residency if k[0] == model_id]
+    for key in keys:
+      where = self._residency[key]
+      self.classes[self._class_of[model_id]].partitions[where[0]].pinned[where[1]] = False
+      self._evict(key, count=False)
+    for layer in self.models[model_id].moe_layers:
+      del self._home[model_id, layer], self._tables[model_id, layer]
+    del self.models[model_id], self._class_of[model_id]
+    return keys
+
+  def set_slot_limit(self, c: int, slots: int) -> list[ExpertKey]:
+    """Caps the slots of class `c` each device may have in use; returns the experts evicted.
+
+    Lowering evicts (the policy's victims, never pinned experts) until every partition fits;
+    raising lets later loads use the freed slots again. The device buffers keep their size.
+
+    Raises:
+      ValueError: `slots` outside [the class's largest num_experts (one layer's experts may
+        all be routed to in one call), slots_per_device], or fewer than a partition's pinned
+        experts; the pool is then unchanged.
+    """
+    self.check_slot_limit(c, slots)
+    cls = self.classes[c]
+    evicted = []
+    for part in cls.partitions:
+      part.limit = int(slots)
+      while part.owned > part.limit:
+        owners = part.evictable(set())
+        victim = self.policy.choose_victim([part.owner[s] for s in owners], self.clock)
+        self._evict(victim)
+        evicted.append(victim)
+    return evicted
+
+  def check_slot_limit(self, c: int, slots: int) -> None:
+    """Raises the ValueError `set_slot_limit(c, slots)` would raise (and changes nothing)."""
+    cls = self.classes[c]
+    need = max((m.num_experts for i, m in self.models.items() if self._class_of[i] == c),
+               default=1)
+    if not isinstance(slots, int | np.integer) or not need <= slots <= cls.slots_per_device:
+      raise ValueError(f"expert slot limit of class {cls.shape} must be an integer in "
+                       f"[{need}, {cls.slots_per_device}] (its largest num_experts, its slots "
+                       f"per device), got {slots!r}")
+    pinned = max(int(p.pinned.sum()) for p in cls.partitions)
+    if pinned > slots:
+      raise ValueError(f"expert slot limit {slots} of class {cls.shape}: a device has {pinned} "
+                       "pinned experts (pin_all pins every expert of every model)")
 
   def _plan_homes(self, spec: ExpertModelSpec, c: int | None) -> dict[int, int]:
     start = self.classes[c].next_device if c is not None else 0
@@ -412,7 +481,7 @@ class WeightsPool:
     missing = [k for k in keys if k not in self._residency]
     part = self._partition(model_id, layer)
     protect = set(keys) | set(map(tuple, protect))
-    room = len(part.free) + len(part.evictable(protect))
+    room = part.usable_free + len(part.evictable(protect))
     if len(missing) > room:
       raise PoolExhaustedError(
           f"model {model_id!r} layer {layer} needs {len(missing)} more experts resident at once "
@@ -450,7 +519,7 @@ class WeightsPool:
     (c, d), = parts
     part = self.classes[c].partitions[d]
     pinned_other = sum(1 for s, k in enumerate(part.owner) if part.pinned[s] and k not in keys)
-    return len(keys) + pinned_other <= self.classes[c].slots_per_device
+    return len(keys) + pinned_other <= part.limit
 
   def prefetch(self, model_id: str, layer: int, experts: Iterable[int], *,
                protect: Iterable[ExpertKey] = ()) -> SwapPlan:
@@ -467,7 +536,7 @@ class WeightsPool:
     for key in keys:
       if key in self._residency:
         continue
-      if not part.free and not part.evictable(protect):
+      if not part.usable_free and not part.evictable(protect):
         break
       self._load(key, protect, plan)
       self._prefetched.add(key)
@@ -484,7 +553,7 @@ class WeightsPool:
     keys = [(model_id, layer, e) for e in experts]
     part = self._partition(model_id, layer)
     missing = [k for k in keys if k not in self._residency]
-    room = len(part.free) + len(part.evictable(set(keys)))
+    room = part.usable_free + len(part.evictable(set(keys)))
     if len(missing) > room:
       raise PoolExhaustedError(f"cannot pin {len(missing)} more experts of model {model_id!r} "
                                f"layer {layer}: {room} slots free or evictable")
@@ -510,7 +579,7 @@ class WeightsPool:
     model_id, layer, expert = key
     device = self._home[model_id, layer]
     part = self._partition(model_id, layer)
-    if part.free:
+    if part.usable_free:
       slot = part.free.pop()
     else:
       owners = part.evictable(protect)
@@ -526,7 +595,7 @@ class WeightsPool:
     self.stats.bytes_swapped += self.models[model_id].shape_class.expert_bytes
     plan.loads.append((key, device, slot))
 
-  def _evict(self, key: ExpertKey) -> None:
+  def _evict(self, key: ExpertKey, *, count: bool = True) -> None:
     model_id, layer, expert = key
     _, slot = self._residency.pop(key)
     part = self._partition(model_id, layer)
@@ -536,7 +605,7 @@ class WeightsPool:
     self._tables[model_id, layer][expert] = -1
     self._prefetched.discard(key)
     self.policy.on_evict(key)
-    self.stats.evictions += 1
+    self.stats.evictions += count
 
   # --- invariants (tests, debugging) ------------------------------------------------------
 
@@ -546,6 +615,7 @@ class WeightsPool:
     for c, cls in enumerate(self.classes):
       for d, part in enumerate(cls.partitions):
         assert len(part.owner) == cls.slots_per_device
+        assert part.owned <= part.limit, "more slots owned than the limit"
         assert len(set(part.free)) == len(part.free), "slot twice in the free list"
         for s in range(cls.slots_per_device):
           key = part.owner[s]
