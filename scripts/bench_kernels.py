@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from crosspool_jax.cli import start_script
+from crosspool_jax.cli import run_script, start_script
 from crosspool_jax.provenance import git_dirty, git_revision
 from pallas_kernels._impl import IMPLS
 from pallas_kernels.expert_dispatch import expert_dispatch
@@ -436,4 +436,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  run_script(main)

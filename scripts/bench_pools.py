@@ -37,7 +37,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from crosspool_jax.cli import start_script
+from crosspool_jax.cli import run_script, start_script
 from crosspool_jax.models.config import FAMILIES, tiny_config
 from crosspool_jax.models.model import init_params
 from crosspool_jax.pools.expert_policies import POLICIES
@@ -336,4 +336,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  run_script(main)

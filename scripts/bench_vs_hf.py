@@ -43,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from crosspool_jax.cli import start_script
+from crosspool_jax.cli import run_script, start_script
 from crosspool_jax.engine.engine import Engine, EngineConfig
 from crosspool_jax.models.checkpoint import load_checkpoint
 from crosspool_jax.models.config import FAMILIES, ModelConfig
@@ -317,4 +317,4 @@ def run_all(path: str, batch_sizes: Sequence[int], cores: int) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  run_script(main)

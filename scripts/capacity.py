@@ -43,6 +43,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
+from crosspool_jax.cli import run_script
 from crosspool_jax.models.config import FAMILIES, ModelConfig, load_hf_config, tiny_config
 from crosspool_jax.pools.capacity import (
   ORGANISATIONS,
@@ -124,4 +125,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  run_script(main)

@@ -12,9 +12,9 @@ import time
 from collections.abc import Sequence
 
 import jax.numpy as jnp
-from absl import app, flags
+from absl import flags
 
-from crosspool_jax.cli import start_script
+from crosspool_jax.cli import run_script, start_script
 from crosspool_jax.models.checkpoint import load_checkpoint, save_params
 
 FLAGS = flags.FLAGS
@@ -45,4 +45,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  run_script(main)

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import jax.numpy as jnp
 from absl import app, flags
 
-from crosspool_jax.cli import start_script
+from crosspool_jax.cli import run_script, start_script
 from crosspool_jax.models.checkpoint import load_checkpoint
 from crosspool_jax.models.config import FAMILIES, tiny_config
 from crosspool_jax.models.decode import generate
@@ -100,4 +100,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  run_script(main)

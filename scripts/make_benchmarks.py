@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from crosspool_jax.cli import start_script
+from crosspool_jax.cli import run_script, start_script
 from crosspool_jax.experiments.report import benchmarks_section, vs_hf_section
 
 FLAGS = flags.FLAGS
@@ -77,4 +77,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  run_script(main)

@@ -16,6 +16,7 @@ from typing import Any
 
 from absl import app, flags
 
+from crosspool_jax.cli import run_script
 from crosspool_jax.models.config import FAMILIES, tiny_config, to_hf_config
 
 FLAGS = flags.FLAGS
@@ -98,4 +99,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  run_script(main)

@@ -33,10 +33,10 @@ import time
 from collections.abc import Sequence
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from crosspool_jax.cli import start_script
+from crosspool_jax.cli import run_script, start_script
 from crosspool_jax.experiments.plots import write_plots
 from crosspool_jax.experiments.report import comparison_table
 from crosspool_jax.experiments.runner import check_experiment, run_experiment
@@ -62,10 +62,7 @@ def _err(msg: str) -> None:
 def main(argv: Sequence[str]) -> None:
   start_script(argv)
   config = FLAGS.config
-  try:  # a bad config fails before anything is compiled
-    check_experiment(config)
-  except ValueError as e:
-    raise app.UsageError(str(e)) from e
+  check_experiment(config)  # a bad config fails before anything is compiled
   if config.num_cpu_devices:  # CPU devices only; before any JAX computation
     jax.config.update("jax_num_cpu_devices", config.num_cpu_devices)
   workdir = FLAGS.workdir or os.path.join(_ROOT, "workdir", f"{config.name}_{config.variant}")
@@ -103,4 +100,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  run_script(main)

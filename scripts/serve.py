@@ -35,10 +35,10 @@ import time
 from collections.abc import Sequence
 
 import jax
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from crosspool_jax.cli import start_script
+from crosspool_jax.cli import run_script, start_script
 from crosspool_jax.experiments.serving import (
   build_engine,
   check_config,
@@ -70,11 +70,9 @@ def main(argv: Sequence[str]) -> None:
   config = FLAGS.config
   if config.num_cpu_devices:  # before any JAX computation
     jax.config.update("jax_num_cpu_devices", config.num_cpu_devices)
-  try:  # bad settings and trace files fail before anything is compiled
-    check_config(config)
-    records, trace_meta = load_trace(config)
-  except (ValueError, OSError) as e:
-    raise app.UsageError(str(e)) from e
+  # bad settings and trace files fail before anything is compiled
+  check_config(config)
+  records, trace_meta = load_trace(config)
   workdir = FLAGS.workdir
   os.makedirs(workdir, exist_ok=True)
   write_jsonl(os.path.join(workdir, "trace.jsonl"), records, meta=trace_meta)
@@ -108,4 +106,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  run_script(main)

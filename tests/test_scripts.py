@@ -2,12 +2,14 @@
 
 import json
 import os
+import struct
 import subprocess
 import sys
+import textwrap
 
 import pytest
 
-from crosspool_jax.models.config import tiny_config
+from crosspool_jax.models.config import tiny_config, to_hf_config
 from crosspool_jax.models.decode import generate
 from crosspool_jax.models.model import init_params
 from tests.conftest import ROOT
@@ -52,3 +54,79 @@ def test_make_tiny_checkpoint_cli(tmp_path, family):
              "--override=num_layers=3")
   assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(out["files"])
   assert json.loads((tmp_path / "c" / "config.json").read_text())["num_hidden_layers"] == 3
+
+
+
+def _fails(script, *args):
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), *args],
+                        capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert proc.returncode != 0, proc.stdout[-2000:]
+  return proc.stderr
+
+
+def _write_config(checkpoint_dir, **changes):
+  hf = to_hf_config(tiny_config("mixtral")) | changes
+  (checkpoint_dir / "config.json").write_text(json.dumps(hf))
+
+
+def _empty_checkpoint(d):
+  return "generate.py", f"--checkpoint={d}", "--prompt_ids=1"
+
+
+def _truncated_safetensors(d):
+  """config.json and a model.safetensors cut short: its one tensor ends past the file's end."""
+  _write_config(d)
+  header = json.dumps({"embed": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}})
+  blob = struct.pack("<Q", len(header)) + header.encode() + bytes(8)  # 8 of the 16 data bytes
+  (d / "model.safetensors").write_bytes(blob)
+  return "generate.py", f"--checkpoint={d}", "--prompt_ids=1"
+
+
+def _unsupported_model_type(d):
+  _write_config(d, model_type="llama")
+  return "generate.py", f"--checkpoint={d}", "--prompt_ids=1"
+
+
+def _missing_serve_config(d):
+  return "serve.py", "--config=configs/serve/nope.py", f"--workdir={d}"
+
+
+@pytest.mark.parametrize("command, problem", [
+    (_empty_checkpoint, "no config.json in checkpoint directory"),
+    (_truncated_safetensors, "model.safetensors: truncated file: tensor 'embed' ends at byte"),
+    (_unsupported_model_type, "model_type 'llama' is not supported"),
+    (_missing_serve_config, "No such file or directory: 'configs/serve/nope.py'"),
+], ids=lambda c: getattr(c, "__name__", ""))
+def test_expected_error_is_one_line_and_a_traceback_with_verbosity(tmp_path, command, problem):
+  script, *args = command(tmp_path)
+  lines = _fails(script, *args).splitlines()
+  assert len(lines) == 1, lines
+  assert lines[0].startswith(f"{script}: error: ") and problem in lines[0], lines[0]
+  verbose = _fails(script, *args, "--verbosity=1")
+  assert "Traceback (most recent call last)" in verbose
+  assert verbose.splitlines()[-1] == lines[0]
+
+
+_RAISES = textwrap.dedent("""
+    import sys
+    from crosspool_jax.cli import run_script
+
+    def main(argv):
+      raise {}("the message\\nits second line")
+
+    sys.argv[0] = "prog.py"
+    run_script(main)
+""")
+
+
+@pytest.mark.parametrize("error, one_line", [("ValueError", True), ("FileNotFoundError", True),
+                                             ("KeyError", False), ("ZeroDivisionError", False)])
+def test_run_script_shortens_expected_errors_only(error, one_line):
+  proc = subprocess.run([sys.executable, "-c", _RAISES.format(error)], capture_output=True,
+                        text=True, timeout=60, cwd=ROOT)
+  assert proc.returncode == 1
+  if one_line:
+    assert proc.stderr == "prog.py: error: the message its second line\n"
+  else:  # a bug: Python's own report, traceback and all
+    assert proc.stderr.startswith("Traceback (most recent call last)")
+    assert f"\n{error}: " in proc.stderr and "prog.py: error" not in proc.stderr
