@@ -1,16 +1,22 @@
 """Plots of a results dict (`runner.run_experiment`), drawn from the data alone (matplotlib).
 
   latency_cdf.png  TTFT and TBT CDFs of every run
-  memory.png       KV pages in use over the engine steps of every run (fraction of the pool)
-  activity.png     requests arriving per model over the trace's time (the cold fleet's pulse)
+  memory.png       KV memory in use (MiB: used pages x page bytes) over serving time (wall
+                   clock: steps differ in length between policies) of every run, each run's
+                   usable KV memory as a dashed line of its colour
+  activity.png     requests arriving per model per time bin over the trace's time, one row per
+                   model (the cold fleet's pulse), the trace's burst windows shaded
   sweep.png        p99 TBT and p99 TTFT against the swept value (sweeps only)
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import numpy as np
+
+from crosspool_jax.experiments.report import run_label
 
 
 def _pyplot():
@@ -20,10 +26,6 @@ def _pyplot():
   import matplotlib.pyplot as plt
 
   return plt
-
-
-def _label(run: dict) -> str:
-  return run["name"] + ("" if run["sweep_value"] is None else f" @ {run['sweep_value']}")
 
 
 def _cdf(ax, samples_s, label):
@@ -41,8 +43,8 @@ def write_plots(results: dict, workdir: str) -> list[str]:
 
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
   for run in results["runs"]:
-    _cdf(axes[0], run["wall_clock"]["ttft_samples_s"], _label(run))
-    _cdf(axes[1], run["wall_clock"]["tbt_samples_s"], _label(run))
+    _cdf(axes[0], run["wall_clock"]["ttft_samples_s"], run_label(run))
+    _cdf(axes[1], run["wall_clock"]["tbt_samples_s"], run_label(run))
   for ax, what in zip(axes, ("TTFT", "TBT"), strict=True):
     ax.set_xscale("log")
     ax.set_xlabel(f"{what} (ms)")
@@ -52,36 +54,8 @@ def write_plots(results: dict, workdir: str) -> list[str]:
   fig.suptitle(f"{title}: latency CDFs")
   paths.append(_save(fig, plt, workdir, "latency_cdf.png"))
 
-  fig, ax = plt.subplots(figsize=(8, 4))
-  for i, run in enumerate(results["runs"]):  # line styles: runs that coincide stay visible
-    used = np.asarray(run["counts"]["kv_used_pages_per_step"], np.float64)
-    ax.plot(used / max(1, run["counts"]["kv_capacity_pages"]), label=_label(run),
-            linestyle=("-", "--", ":", "-.")[i % 4])
-  ax.set_xlabel("engine step")
-  ax.set_ylabel("KV pages in use / pool")
-  ax.set_ylim(0, 1.05)
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  ax.set_title(f"{title}: KV memory over time")
-  paths.append(_save(fig, plt, workdir, "memory.png"))
-
-  fig, ax = plt.subplots(figsize=(8, 4))
-  for key, trace in results["traces"].items():
-    arrivals = trace["arrivals"]
-    if not arrivals:
-      continue
-    end = max(t for _, t in arrivals)
-    bins = np.linspace(0, max(end, 1e-3), 41)
-    for model in sorted({m for m, _ in arrivals}):
-      times = [t for m, t in arrivals if m == model]
-      counts, _ = np.histogram(times, bins)
-      ax.step(bins[:-1], counts, where="post", label=model + (f" @ {key}" if key else ""))
-  ax.set_xlabel("trace time (s)")
-  ax.set_ylabel("requests per bin")
-  ax.grid(alpha=0.3)
-  ax.legend(fontsize=7)
-  ax.set_title(f"{title}: per-model arrivals")
-  paths.append(_save(fig, plt, workdir, "activity.png"))
+  paths.append(_memory_plot(plt, results, title, workdir))
+  paths.append(_activity_plot(plt, results, title, workdir))
 
   swept = [r for r in results["runs"] if r["sweep_value"] is not None]
   if swept:
@@ -101,6 +75,93 @@ def write_plots(results: dict, workdir: str) -> list[str]:
     fig.suptitle(f"{title}: tail latency against {results['config']['sweep']['field']}")
     paths.append(_save(fig, plt, workdir, "sweep.png"))
   return paths
+
+
+def _memory_plot(plt, results: dict, title: str, workdir: str) -> str:
+  fig, ax = plt.subplots(figsize=(9, 4.5))
+  capacities: dict[float, list[str]] = {}
+  for run in results["runs"]:
+    c = run["counts"]
+    mib = c["kv_page_bytes"] / 2**20
+    line, = ax.plot(run["wall_clock"]["kv_pool_timeline_t_s"],
+                    np.asarray(c["kv_used_pages_per_step"]) * mib, drawstyle="steps-post",
+                    label=f"{run_label(run)}: in use")
+    capacity = c["kv_capacity_pages"] * mib
+    ax.axhline(capacity, color=line.get_color(), linestyle="--", linewidth=1)
+    capacities.setdefault(capacity, []).append(run_label(run))
+  for capacity, names in capacities.items():  # runs of equal capacity share one label
+    ax.annotate(f"usable KV memory of {', '.join(names)}: {capacity:.2f} MiB", (0, capacity),
+                xycoords=("axes fraction", "data"), xytext=(4, 3), textcoords="offset points",
+                fontsize=7)
+  ax.set_xlabel("serving time (s, wall clock, from the first engine step)")
+  ax.set_ylabel("KV memory in use (MiB)")
+  ax.set_ylim(0, 1.12 * max(capacities, default=1.0))
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+  ax.set_title(f"{title}: KV memory in use (dashed: each run's usable KV memory)")
+  return _save(fig, plt, workdir, "memory.png")
+
+
+def _bin_width(span_s: float, bins: int = 40) -> float:
+  """A round bin width (1, 2 or 5 x 10^k seconds) giving about `bins` bins over span_s."""
+  raw = max(span_s, 1e-3) / bins
+  scale = 10.0 ** math.floor(math.log10(raw))
+  return next(m * scale for m in (1, 2, 5, 10) if m * scale >= raw)
+
+
+def _generated(meta: dict) -> dict:
+  """What generated a trace (workload, bursts): its metadata, or a replayed file's (or {})."""
+  return (meta.get("meta") or {}) if "replayed_from" in meta else meta
+
+
+def _bursts(meta: dict) -> list[dict]:
+  """The burst windows of a trace's metadata (generated, or replayed from a file)."""
+  return _generated(meta).get("bursts") or []
+
+
+def _activity_plot(plt, results: dict, title: str, workdir: str) -> str:
+  traces = {k: t for k, t in results["traces"].items() if t["arrivals"]}
+  models = list(dict.fromkeys(  # popularity order, then any other model that has arrivals
+      [*(m for t in traces.values()
+         for m in _generated(t["meta"]).get("workload", {}).get("model_ids", ())),
+       *(m for t in traces.values() for m, _ in t["arrivals"])]))
+  fig, axes = plt.subplots(max(1, len(models)), max(1, len(traces)), squeeze=False,
+                           sharex="col", sharey=True, figsize=(max(8, 5 * len(traces)),
+                                                 1.2 + 0.9 * max(1, len(models))))
+  field = results["config"]["sweep"]["field"]
+  shaded = False
+  for col, (key, trace) in enumerate(traces.items()):
+    bursts = _bursts(trace["meta"])
+    end = max(t for _, t in trace["arrivals"])
+    width = _bin_width(end)
+    edges = np.arange(0, end + width, width)
+    if edges.size < 2:
+      edges = np.array([0.0, width])
+    for row, model in enumerate(models):
+      ax = axes[row][col]
+      times = [t for m, t in trace["arrivals"] if m == model]
+      counts, _ = np.histogram(times, edges)
+      for b in bursts:
+        if model in b["models"]:
+          ax.axvspan(b["start_s"], b["start_s"] + b["duration_s"], color="tab:orange",
+                     alpha=0.2, label=None if shaded else "burst window")
+          shaded = True
+      ax.bar(edges[:-1], counts, width=width, align="edge", color="tab:blue", alpha=0.8)
+      ax.axhline(0, color="black", linewidth=0.6)
+      ax.set_xlim(0, max([edges[-1], *(b["start_s"] + b["duration_s"] for b in bursts)]))
+      ax.yaxis.set_major_locator(plt.MaxNLocator(integer=True))
+      ax.grid(alpha=0.3)
+      if col == 0:
+        ax.set_ylabel(f"{model}\n({len(times)})", rotation=0, ha="right", va="center",
+                      fontsize=8)
+      if row == 0 and key:
+        ax.set_title(f"{field}={key}", fontsize=9)
+      if row == len(models) - 1:
+        ax.set_xlabel(f"trace time (s); bars: arrivals per {width:g} s")
+  if shaded:
+    fig.legend(loc="upper right", fontsize=7)
+  fig.suptitle(f"{title}: arrivals per model (requests in the trace in brackets)")
+  return _save(fig, plt, workdir, "activity.png")
 
 
 def _save(fig, plt, workdir: str, name: str) -> str:

@@ -1,9 +1,20 @@
-"""Tables of results files: the terminal comparison table and BENCHMARKS.md sections.
+"""Tables and sentences of results files: the terminal comparison and BENCHMARKS.md sections.
 
-Everything here is computed from the JSON alone (a results file is data; tables are views).
+Everything here is computed from the JSON alone (a results file is data; tables and sentences
+are views): no number in the text is typed, each is read from the results. KV page counts are
+usable pages (each device's null page excluded), as everywhere in the results.
 """
 
 from __future__ import annotations
+
+import textwrap
+
+WORKSPACE_SECTION = 'WORKSPACE.md, section "What the CPU demo shows, and why"'
+
+
+def run_label(run: dict) -> str:
+  """A run's name, with its sweep point if it has one ("crosspool @ 2.0")."""
+  return run["name"] + ("" if run["sweep_value"] is None else f" @ {run['sweep_value']}")
 
 
 def latency_row(run: dict) -> dict:
@@ -16,14 +27,14 @@ def latency_row(run: dict) -> dict:
 
   hit = "-" if c["expert_hit_rate"] is None else f"{c['expert_hit_rate']:.2f}"
   return {
-      "run": run["name"] + ("" if run["sweep_value"] is None else f" @ {run['sweep_value']}"),
+      "run": run_label(run),
       "done/rej": f"{c['finished']}/{c['rejected']}",
       "preempt": str(c["preemptions"]),
       "TTFT ms p50/90/99": ms(w["ttft_s"]),
       "TBT ms p50/90/99": ms(w["tbt_s"]),
       "tok/s": f"{w['output_tokens_per_s']:.0f}",
       "goodput req/s": f"{w['goodput_requests_per_s']:.2f}",
-      "KV pages": str(c["kv_capacity_pages"]),
+      "usable KV pages": str(c["kv_capacity_pages"]),
       "KV peak": f"{100 * c['kv_peak_utilization']:.0f}%",
       "longest ctx": str(c["longest_context_served"]),
       "expert hit": hit,
@@ -32,7 +43,13 @@ def latency_row(run: dict) -> dict:
 
 
 def comparison_table(results: dict, *, markdown: bool = False) -> str:
-  """The runs side by side (text for the terminal, or a markdown table)."""
+  """The runs side by side: for the terminal, the table and what it shows; or a markdown table.
+
+  The terminal text is the table, then whether every policy gave the same tokens
+  (`agreement_sentences`), what the crosspool run won and lost and why (`summary_sentences`)
+  and where to read more. markdown=True gives the table alone (`benchmarks_section` puts the
+  sentences after the memory lines).
+  """
   rows = [latency_row(r) for r in results["runs"]]
   cols = list(rows[0])
   if markdown:
@@ -43,29 +60,189 @@ def comparison_table(results: dict, *, markdown: bool = False) -> str:
   lines = ["  ".join(c.rjust(width[c]) for c in cols)]
   lines.append("-" * len(lines[0]))
   lines += ["  ".join(r[c].rjust(width[c]) for c in cols) for r in rows]
+  lines += ["", *agreement_sentences(results)]
+  summary = summary_sentences(results)
+  if summary:
+    summary.append(f"More: {WORKSPACE_SECTION}; every experiment with its command: "
+                   "BENCHMARKS.md.")
+    lines += ["", textwrap.fill(" ".join(summary), width=100, break_on_hyphens=False)]
   return "\n".join(lines)
+
+
+def agreement_sentences(results: dict) -> list[str]:
+  """Per sweep point: did every policy give the requests they all finished the same tokens?"""
+  field = results["config"]["sweep"]["field"]
+  out = []
+  for point, a in results["outputs_agree"].items():
+    head = "Same output tokens under every policy" + (f" at {field}={point}" if point else "")
+    if not a["compared"]:
+      out.append(f"{head}: nothing to compare (no request was finished by every policy).")
+    elif a["all_same"]:
+      out.append(f"{head}: yes, for all {a['compared']} requests that every policy finished.")
+    else:
+      out.append(f"{head}: NO, only for {a['same']} of the {a['compared']} requests that every "
+                 "policy finished.")
+  return out
+
+
+def _names(names: list[str]) -> str:
+  return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def _against(values: dict[str, str]) -> str:
+  """'466 for shared and static' or '1 for shared and 3 for static' (run name -> value)."""
+  by_value: dict[str, list[str]] = {}
+  for name, v in values.items():
+    by_value.setdefault(v, []).append(name)
+  return _names([f"{v} for {_names(names)}" for v, names in by_value.items()])
+
+
+def _ratio(ours: float, theirs: list[float]) -> str:
+  """'4.3x' or '4.1-5.4x': ours over each of theirs (zeros left out)."""
+  ratios = sorted({f"{ours / t:.1f}" for t in theirs if t})
+  return "" if not ratios else (f"{ratios[0]}x" if len(ratios) == 1
+                                else f"{ratios[0]}-{ratios[-1]}x")
+
+
+def _verdict(ours: float, theirs: list[float], *, higher_is_better: bool) -> str:
+  """'won', 'lost', 'tie' or 'mixed' against every one of theirs."""
+  sign = 1 if higher_is_better else -1
+  if all(sign * (ours - t) > 0 for t in theirs):
+    return "won"
+  if all(sign * (ours - t) < 0 for t in theirs):
+    return "lost"
+  return "tie" if all(ours == t for t in theirs) else "mixed"
+
+
+def _resident_experts(run: dict) -> str:
+  """'83%' (or '80%, 83%' by shape class): the experts resident in a run's weights pool."""
+  plan = run.get("plan") or {"accounting": {}}
+  fractions = plan["accounting"].get("resident_expert_fraction") or {}
+  return ", ".join(f"{v:.0%}" for v in sorted(set(fractions.values())))
+
+
+def _memory_sentence(ours: dict, others: list[dict]) -> str:
+  """KV pages, rejections and longest context against the others', and the expert hits."""
+  c = ours["counts"]
+  clauses, verdicts = [], []
+  for key, higher, text in (
+      ("kv_capacity_pages", True, "{:,} usable KV pages"),
+      ("rejected", False, "{:,} of " + f"{c['requests']:,} requests rejected"),
+      ("longest_context_served", True, "contexts up to {:,} tokens served")):
+    theirs = {o["name"]: o["counts"][key] for o in others}
+    verdicts.append(_verdict(c[key], list(theirs.values()), higher_is_better=higher))
+    clause = (text.format(c[key]) + " against "
+              + _against({n: f"{v:,}" for n, v in theirs.items()}))
+    if key == "kv_capacity_pages":
+      ratio = _ratio(c[key], list(theirs.values()))
+      clause += f" ({ratio} as many)" if ratio else ""
+    clauses.append(clause)
+  decided = {v for v in verdicts if v != "tie"}
+  verdict = decided.pop() if len(decided) == 1 and decided <= {"won", "lost"} else "mixed"
+  run = f"{ours['name']} run"
+  head = {"won": f"The {run} won on memory: ", "lost": f"The {run} lost on memory: ",
+          "mixed": f"On memory, the {run} had "}[verdict]
+  sentence = head + "; ".join(clauses)
+  if c["expert_hit_rate"] is not None:
+    resident = _resident_experts(ours)
+    sentence += (f"; {c['expert_hit_rate']:.0%} of its expert accesses hit the weights pool"
+                 + (f" with {resident} of the experts resident" if resident else ""))
+  return sentence + "."
+
+
+def _latency_sentence(ours: dict, others: list[dict]) -> tuple[str, bool]:
+  """(sentence, whether it lost on some latency): TTFT and TBT p50 against the others'."""
+  parts: dict[str, list[str]] = {"won": [], "lost": [], "mixed": [], "tie": []}
+  for key, what in (("tbt_s", "TBT"), ("ttft_s", "TTFT")):
+    p50 = ours["wall_clock"][key]["p50"]
+    theirs = {o["name"]: o["wall_clock"][key]["p50"] for o in others
+              if o["wall_clock"][key]["p50"] is not None}
+    if p50 is None or not theirs:
+      continue
+    ratio = _ratio(p50, list(theirs.values()))
+    parts[_verdict(p50, list(theirs.values()), higher_is_better=False)].append(
+        f"{what} p50 {1000 * p50:,.0f} ms against "
+        + _against({n: f"{1000 * v:,.0f} ms" for n, v in theirs.items()})
+        + (f" ({ratio} theirs)" if ratio else ""))
+  heads = {"lost": "It lost on latency (wall clock)", "won": "It won on latency (wall clock)",
+           "mixed": "Its latency was mixed", "tie": "Its latency was the same"}
+  sentences = [f"{heads[v]}: {'; '.join(p)}." for v, p in parts.items() if p]
+  return " ".join(sentences), bool(parts["lost"])
+
+
+def _why_slower(results: dict) -> str:
+  """The known cause of a crosspool latency loss on a CPU host (the devices it emulates)."""
+  cpus = results.get("host_cpus")
+  devices = results["device"]["count"]
+  return ("The known cause on this machine: a crosspool step is many small dispatches driven "
+          "from the host (per layer and micro-batch: attention on each KV device, the merge, "
+          "the transfers, the expert call), here on "
+          + (f"{cpus} CPU cores that also emulate" if cpus else "a CPU that also emulates")
+          + f" the {devices} devices, where a colocated step is one "
+          "executable per model; the paper's latency advantage comes from KV locality and "
+          "pipelining on real accelerators, which a CPU cannot show.")
+
+
+def summary_sentences(results: dict) -> list[str]:
+  """What the results show, generated from them (no typed number).
+
+  Per sweep point, the crosspool run (the one named "crosspool", else the first with
+  kv_policy crosspool) against the colocated runs (static, shared): what it won and lost on
+  memory (usable KV pages, rejections, longest context served; its expert hit rate) and on
+  latency (TBT and TTFT p50, with ratios); then, if it lost on latency on a CPU, the known
+  cause. A claim is made only where the numbers show it. Empty without such a pair of runs.
+  """
+  field = results["config"]["sweep"]["field"]
+  points: dict = {}
+  for run in results["runs"]:
+    points.setdefault(run["sweep_value"], []).append(run)
+  out, slower = [], False
+  for point, runs in points.items():
+    pooled = [r for r in runs if r["engine"]["kv_policy"] == "crosspool"]
+    others = [r for r in runs if r["engine"]["kv_policy"] != "crosspool"]
+    if not pooled or not others:
+      continue
+    ours = next((r for r in pooled if r["name"] == "crosspool"), pooled[0])
+    latency, lost = _latency_sentence(ours, others)
+    out += [(f"At {field}={point}: " if point is not None else "") + _memory_sentence(ours, others),
+            latency]
+    slower |= lost
+  if slower and results.get("device", {}).get("platform") == "cpu":
+    out.append(_why_slower(results))
+  return [s for s in out if s]
+
+
+def _usable_pages(run: dict) -> str:
+  """'1,640 usable KV pages (2 KV device(s) x 820, null pages excluded)'."""
+  total, per_device = run["counts"]["kv_capacity_pages"], run["engine"]["pages_per_device"] - 1
+  return (f"{total:,} usable KV pages ({total // per_device} KV device(s) x {per_device:,}, "
+          "null pages excluded)")
 
 
 def _plan_line(run: dict) -> str:
   plan = run.get("plan")
   if not plan:
-    return f"- `{run['name']}`: pages per device {run['engine']['pages_per_device']} (as given)"
+    return f"- `{run['name']}`: {_usable_pages(run)}, engine.pages_per_device as given"
   a = plan["accounting"]
-  line = (f"- `{run['name']}`: {a['kv_devices']} KV device(s) x {plan['pages_per_device']} "
-          f"pages of {a['page_bytes']} B = {a['kv_bytes'] / 2**20:.2f} MiB of KV")
+  line = (f"- `{run['name']}`: {_usable_pages(run)} of {a['page_bytes']} B = "
+          f"{run['counts']['kv_capacity_pages'] * a['page_bytes'] / 2**20:.2f} MiB of KV")
   if a.get("expert_slots_per_device"):
-    fractions = ", ".join(f"{v:.0%}" for v in a["resident_expert_fraction"].values())
     line += (f"; {a['weight_devices']} weights device(s)"
              + (f" of {a['weights_device_bytes'] / 2**20:.2f} MiB"
                 if a["weights_device_bytes"] != a["device_bytes"] else "")
-             + f" x {a['expert_slots_per_device']} expert slots per shape class ({fractions} "
+             + f" x {a['expert_slots_per_device']} expert slots per shape class "
+             f"({_resident_experts(run)} "
              "of the experts resident)")
   caps = sorted(set(plan["max_context"].values()))
   return line + f"; context cap {'/'.join(map(str, caps))} tokens"
 
 
 def benchmarks_section(results: dict, *, source: str) -> str:
-  """A BENCHMARKS.md section of one results file: what ran, the command, the table."""
+  """A BENCHMARKS.md section of one results file.
+
+  What ran, the command, the table, each run's memory, whether the outputs agree, and what the
+  results show (`summary_sentences`).
+  """
   dev = results.get("device", {})
   budget = results["config"]["budget"]["device_bytes"]
   lines = [
@@ -86,11 +263,12 @@ def benchmarks_section(results: dict, *, source: str) -> str:
       "",
       *[_plan_line(r) for r in {r["name"]: r for r in results["runs"][::-1]}.values()][::-1],
       "",
-      "Requests every policy finished that got the same tokens under all of them: "
-      + ", ".join(f"{a['same']}/{a['compared']}" + (f" at {k}" if k else "")
-                  for k, a in results["outputs_agree"].items()) + ".",
+      *agreement_sentences(results),
       "",
   ]
+  summary = summary_sentences(results)
+  if summary:
+    lines += [" ".join([*summary, f"More: {WORKSPACE_SECTION}."]), ""]
   return "\n".join(lines)
 
 

@@ -8,8 +8,9 @@ sampling, loop; `crosspool_jax.experiments.serving`) plus:
              turned into engine settings by `crosspool_jax.experiments.budget`;
   policies:  run name -> overrides of the engine block (kv_policy, devices, weight_devices,
              micro_batches, expert_policy, ...) and optionally weights_device_bytes (an
-             ablation that needs a bigger weights pool says so), run in name order on the
-             same trace;
+             ablation that needs a bigger weights pool says so), run on the same trace in
+             the order of `run_names` (the baselines static, shared, then crosspool runs;
+             by name within each);
   sweep:     field (a dotted config path, e.g. "workload.total_rate") and points (its
              values): a new trace per point, every policy on each;
   slo:       ttft_s, tbt_s: a finished request meets the SLO if its TTFT and the p90 of its
@@ -18,8 +19,9 @@ sampling, loop; `crosspool_jax.experiments.serving`) plus:
 `run_experiment` returns the results dict (written as results.json): per run a `counts` block
 (a function of config and seed when arrival_mode is "logical" or "all_at_once": requests,
 rejections, preemptions, KV pages over the steps, longest context served, expert hits, compile
-counts, a digest of every output) and a `wall_clock` block (latencies, throughput, goodput,
-start-up and serving time); `without_wall_clock(results)` drops every wall-clock field.
+counts, a digest of every output; KV page counts are usable pages, each device's null page
+excluded) and a `wall_clock` block (latencies, throughput, goodput, start-up and serving time);
+`without_wall_clock(results)` drops every wall-clock field.
 """
 
 from __future__ import annotations
@@ -41,9 +43,24 @@ from crosspool_jax.experiments.serving import (
   load_trace,
   serve,
 )
+from crosspool_jax.pools.capacity import dtype_itemsize
 from crosspool_jax.workloads import trace_stats, write_jsonl
 
 WALL_CLOCK_KEYS = ("wall_clock", "created")
+RUN_ORDER = ("static", "shared", "crosspool")  # baselines first
+
+
+def run_names(config) -> list[str]:
+  """The runs of `config.policies` in the order they are served and reported.
+
+  The baselines come first (static, shared, then crosspool runs, by name within a policy), the
+  order the comparison is read in.
+  """
+  def policy(name):
+    return config.policies[name].get("kv_policy", config.engine.kv_policy)
+
+  return sorted(config.policies, key=lambda n: (RUN_ORDER.index(policy(n))
+                                                if policy(n) in RUN_ORDER else len(RUN_ORDER), n))
 
 
 def without_wall_clock(results: dict) -> dict:
@@ -149,11 +166,13 @@ def _good(row: dict, slo) -> bool:
 
 def summarize_run(metrics: dict, serve_m: dict, slo) -> dict:
   """The `counts` and `wall_clock` blocks of one run from the engine's metrics."""
+  engine = metrics["config"]
+  page_bytes = engine["page_elems"] * dtype_itemsize(engine["kv_dtype"])
   rows = metrics["requests"]
   done = [r for r in rows if r["status"] == "finished"]
   by_id = {r["request_id"]: r for r in rows}
   pool_used = [s["used_pages"] for s in metrics["pool_timeline"]]
-  limit = sum(p["capacity_pages"] - 1 for p in metrics["pools"].values())
+  usable = sum(p["capacity_pages"] for p in metrics["pools"].values())  # null pages excluded
   steps = metrics["steps"]
   kv_used_per_step = (np.asarray(pool_used, np.int64).reshape(steps, -1).sum(1).tolist()
                       if steps else [])
@@ -169,10 +188,11 @@ def summarize_run(metrics: dict, serve_m: dict, slo) -> dict:
       "preemptions": sum(r["preemptions"] for r in rows),
       "steps": steps,
       "output_tokens": sum(r["output_tokens"] for r in rows),
-      "kv_capacity_pages": limit,
+      "kv_capacity_pages": usable,
+      "kv_page_bytes": page_bytes,
       "kv_peak_pages": max(kv_used_per_step, default=0),
-      "kv_peak_utilization": max(kv_used_per_step, default=0) / max(1, limit),
-      "kv_mean_utilization": float(np.mean(kv_used_per_step)) / max(1, limit)
+      "kv_peak_utilization": max(kv_used_per_step, default=0) / max(1, usable),
+      "kv_mean_utilization": float(np.mean(kv_used_per_step)) / max(1, usable)
                              if kv_used_per_step else 0.0,
       "kv_used_pages_per_step": kv_used_per_step,
       "longest_context_served": max((by_id[r]["prompt_tokens"] + by_id[r]["output_tokens"]
@@ -230,7 +250,8 @@ def run_experiment(config, *, log: Callable[[str], None], command: str = "",
   values = list(config.sweep.points) if config.sweep.field else [None]
   runs, traces = [], {}
   t_start = time.perf_counter()
-  total = len(values) * len(config.policies)
+  names = run_names(config)
+  total = len(values) * len(names)
   for value in values:
     base = config.copy_and_resolve_references()
     base.unlock()
@@ -243,7 +264,7 @@ def run_experiment(config, *, log: Callable[[str], None], command: str = "",
                   records, meta=meta)
     traces[key] = {"stats": trace_stats(records), "meta": meta,
                    "arrivals": [[r.model_id, r.arrival_s] for r in records]}
-    for name in config.policies:
+    for name in names:
       log(f"== run {len(runs) + 1}/{total}: {name}"
           + ("" if value is None else f", {config.sweep.field}={value}")
           + f" ({len(records)} requests)")
@@ -262,9 +283,9 @@ def run_experiment(config, *, log: Callable[[str], None], command: str = "",
       served[f"{name}@{key}"] = {rid: o for rid, o in serve_m["outputs"].items() if rid in done}
       cnt = summary["counts"]
       log(f"   {name}: {cnt['finished']}/{cnt['requests']} finished, {cnt['rejected']} "
-          f"rejected, {cnt['preemptions']} preemptions, KV peak "
-          f"{100 * cnt['kv_peak_utilization']:.0f}%, {startup_s:.0f}s start-up + "
-          f"{serve_m['serve_wall_s']:.0f}s serving")
+          f"rejected, {cnt['preemptions']} preemptions, KV peak {cnt['kv_peak_pages']} of "
+          f"{cnt['kv_capacity_pages']} usable pages ({100 * cnt['kv_peak_utilization']:.0f}%), "
+          f"{startup_s:.0f}s start-up + {serve_m['serve_wall_s']:.0f}s serving")
       del engine
   return {
       "experiment": config.name,
@@ -276,6 +297,7 @@ def run_experiment(config, *, log: Callable[[str], None], command: str = "",
       "traces": traces,
       "runs": runs,
       "outputs_agree": _agreement(runs, served),
+      "host_cpus": os.cpu_count(),
       "wall_clock": {"total_s": time.perf_counter() - t_start},
   }
 

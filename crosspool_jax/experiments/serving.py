@@ -205,12 +205,17 @@ def _never_fits(engine, cfgs, config, record) -> str | None:
   need = cfgs[record.model_id].num_layers * math.ceil(tokens / pool.page_tokens(record.model_id))
   if need > pool.limit:
     return (f"context of {tokens} tokens needs {need} KV pages, more than the pool's "
-            f"{pool.limit}")
+            f"{pool.limit} usable KV pages ({pool.num_devices} KV device(s) x "
+            f"{pool.pages_per_device - 1} per device, null pages excluded)")
   return None
 
 
 class Progress:
-  """One stderr line every `interval_s`: steps, done/total, tokens/s, KV use, preemptions."""
+  """One stderr line every `interval_s`: steps, done/total, tokens/s, KV use, preemptions.
+
+  KV use is of the usable pages of every pool (each device's null page excluded), the count the
+  results' `kv_capacity_pages` and the rejection messages give.
+  """
 
   def __init__(self, engine, total: int, interval_s: float):
     self.engine, self.total, self.interval_s = engine, total, interval_s
@@ -227,7 +232,7 @@ class Progress:
     limit = sum(p.limit for p in self.engine.pools.values())
     pre = sum(p.preemptions for p in self.engine.pools.values())
     _err(f"[{now - self.t0:7.1f}s] steps {self.engine.steps:6d} | done {self.done}/{self.total}"
-         f" (rejected {self.rejected}) | {rate:7.1f} tok/s | KV {used}/{limit} pages "
+         f" (rejected {self.rejected}) | {rate:7.1f} tok/s | KV {used} of {limit} usable pages "
          f"({100 * used / max(1, limit):.0f}%) | preemptions {pre}")
     self.last, self.tokens_at_last = now, self.tokens
 
@@ -367,10 +372,10 @@ def format_table(metrics: dict) -> str:
                  f"{s['preemptions']:>5}  {lat[0]:>22}  {lat[1]:>20}  {lat[2]:>22}")
   lines.append("")
   for g, p in metrics["pools"].items():
-    lines.append(f"KV pool {g} ({p['policy']}): {p['capacity_pages']} pages of "
-                 f"{p['page_elems']} elems, peak {100 * p['peak_utilization']:.1f}%, mean "
-                 f"{100 * p['mean_utilization']:.1f}%, preemptions {p['preemptions']}, "
-                 f"used at end {p['used_pages_now']}")
+    lines.append(f"KV pool {g} ({p['policy']}): {p['capacity_pages']} usable KV pages (null "
+                 f"pages excluded) of {p['page_elems']} elems, peak "
+                 f"{100 * p['peak_utilization']:.1f}%, mean {100 * p['mean_utilization']:.1f}%, "
+                 f"preemptions {p['preemptions']}, used at end {p['used_pages_now']}")
   lines.append(f"steps {metrics['steps']}, executables {metrics['compile_count']} (compiled at "
                f"start {metrics['compile_count_at_start']}), XLA compilations after start "
                f"{metrics['backend_compiles_since_start']}")

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from crosspool_jax.experiments.runner import check_experiment, without_wall_clock
+from crosspool_jax.experiments.runner import check_experiment, run_names, without_wall_clock
 from crosspool_jax.models.config import tiny_config
 from crosspool_jax.models.decode import generate
 from crosspool_jax.models.model import init_params
@@ -16,15 +16,20 @@ from crosspool_jax.models.sampling import SamplingParams
 from crosspool_jax.workloads import prompt_ids, read_jsonl
 from tests.conftest import ROOT
 
-DEMO = os.path.join(ROOT, "configs", "experiments", "demo.py")
+CONFIGS = os.path.join(ROOT, "configs", "experiments")
+DEMO = os.path.join(CONFIGS, "demo.py")
 SMOKE = f"--config={DEMO}:smoke"
 
 
-def demo_config(arg):
-  spec = importlib.util.spec_from_file_location("demo_config", DEMO)
+def experiment_config(name, arg):
+  spec = importlib.util.spec_from_file_location(f"{name}_config", os.path.join(CONFIGS, name))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
+
+
+def demo_config(arg):
+  return experiment_config("demo.py", arg)
 
 
 def _run(script, *args, ok=True):
@@ -57,7 +62,7 @@ def test_same_seed_same_results_apart_from_wall_clock(two_runs):
 
 def test_results_hold_every_policy_and_what_it_served(two_runs):
   workdir, proc, r = two_runs[0]
-  assert [run["name"] for run in r["runs"]] == ["crosspool", "shared", "static"]
+  assert [run["name"] for run in r["runs"]] == ["static", "shared", "crosspool"]
   assert r["git_revision"] and r["seed"] == 0 and r["config"]["name"] == "demo"
   assert "run_experiment.py" in r["command"]
   by = {run["name"]: run for run in r["runs"]}
@@ -67,6 +72,11 @@ def test_results_hold_every_policy_and_what_it_served(two_runs):
     assert c["backend_compiles_after_start"] == 0
     assert len(c["kv_used_pages_per_step"]) == c["steps"] > 0
     assert c["kv_used_pages_per_step"][-1] == 0  # every page returned
+    # Usable pages: each KV device's null page excluded, the same count on every screen.
+    usable_per_device = run["engine"]["pages_per_device"] - 1
+    kv_devices = 2  # crosspool: its KV devices; static, shared: the groups of the two models
+    assert c["kv_capacity_pages"] == kv_devices * usable_per_device
+    assert f"of {c['kv_capacity_pages']} usable pages" in proc.stderr  # the progress line
     for key in ("ttft_s", "tbt_s"):
       assert 0 < w[key]["p50"] <= w[key]["p90"] <= w[key]["p99"]
     assert w["output_tokens_per_s"] > 0 and 0 <= w["slo_attainment"] <= 1
@@ -83,8 +93,14 @@ def test_results_hold_every_policy_and_what_it_served(two_runs):
   for png in ("latency_cdf.png", "memory.png", "activity.png"):
     assert os.path.getsize(workdir / png) > 1000
   assert "crosspool" in proc.stdout and "TBT ms p50/90/99" in proc.stdout
-  assert "same tokens under every policy: yes (5 of the 5" in proc.stdout
-  assert "== run 3/3: static" in proc.stderr  # progress
+  assert ("Same output tokens under every policy: yes, for all 5 requests that every policy "
+          "finished.") in proc.stdout
+  assert "The crosspool run won on memory" in proc.stdout  # the generated summary
+  shared_pages = by["shared"]["engine"]["pages_per_device"] - 1  # one device per KV group
+  rejection = by["shared"]["counts"]["rejections"][0]["reason"]
+  assert rejection.endswith(f"more than the pool's {shared_pages} usable KV pages (1 KV "
+                            f"device(s) x {shared_pages} per device, null pages excluded)")
+  assert "== run 3/3: crosspool" in proc.stderr  # progress
 
 
 def test_outputs_equal_the_reference_generation(two_runs):
@@ -135,6 +151,12 @@ def test_bad_config_fails_before_compiling(tmp_path, override, error):
   proc = _run("run_experiment.py", SMOKE, f"--workdir={tmp_path}", override, ok=False)
   assert proc.returncode != 0 and error in proc.stderr, proc.stderr[-2000:]
   assert not os.path.exists(tmp_path / "results.json")
+
+
+def test_runs_are_served_baselines_first():
+  assert run_names(demo_config("smoke")) == ["static", "shared", "crosspool"]
+  assert run_names(experiment_config("ablations.py", "cpu")) == [
+      "no_consolidation", "crosspool", "no_fusion", "no_pipeline", "no_swapping"]
 
 
 def test_unknown_engine_field_in_a_policy_is_named():

@@ -1,0 +1,197 @@
+"""report.py and plots.py on hand-made results: every sentence states what the numbers show."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from crosspool_jax.experiments import plots, report
+
+
+def _p(p50):
+  return {"p50": p50, "p90": p50, "p99": p50}
+
+
+def _run(name, policy, *, pages, rejected, longest, tbt, ttft, hit=None, sweep=None,
+         devices=4):
+  return {
+      "name": name, "sweep_value": sweep, "plan": None,
+      "engine": {"kv_policy": policy, "pages_per_device": pages // devices + 1},
+      "counts": {"requests": 60, "finished": 60 - rejected, "rejected": rejected,
+                 "preemptions": 0, "kv_capacity_pages": pages, "kv_page_bytes": 2048,
+                 "kv_peak_utilization": 0.5, "longest_context_served": longest,
+                 "expert_hit_rate": hit, "backend_compiles_after_start": 0,
+                 "kv_used_pages_per_step": [0, pages // 2, 0]},
+      "wall_clock": {"ttft_s": _p(ttft), "tbt_s": _p(tbt), "output_tokens_per_s": 100.0,
+                     "goodput_requests_per_s": 1.0, "ttft_samples_s": [ttft],
+                     "tbt_samples_s": [tbt], "kv_pool_timeline_t_s": [0.0, 0.1, 0.2]},
+  }
+
+
+def _results(runs, *, platform="cpu", field="", agree=None):
+  return {
+      "experiment": "demo", "variant": "cpu", "description": "a demo", "command": "python x",
+      "seed": 0, "created": "now", "host_cpus": 2,
+      "device": {"platform": platform, "device_kind": platform, "count": 4},
+      "config": {"sweep": {"field": field}, "budget": {"device_bytes": 0},
+                 "arrival_mode": "logical"},
+      "traces": {"": {"arrivals": [["a", 0.0], ["b", 0.5], ["a", 1.0]],
+                      "meta": {"bursts": [{"models": ["b"], "start_s": 0.4,
+                                           "duration_s": 0.2, "factor": 4.0}]}}},
+      "runs": runs,
+      "outputs_agree": agree or {"": {"compared": 56, "same": 56, "all_same": True}},
+  }
+
+
+def demo_results(**kw):
+  """The demo's shape: crosspool holds more KV and rejects nothing but is slower."""
+  return _results([
+      _run("static", "static", pages=932, rejected=4, longest=169, tbt=0.012, ttft=0.081),
+      _run("shared", "shared", pages=932, rejected=4, longest=169, tbt=0.009, ttft=0.067),
+      _run("crosspool", "crosspool", pages=1640, rejected=0, longest=1793, tbt=0.049,
+           ttft=0.582, hit=0.98, devices=2),
+  ], **kw)
+
+
+def test_summary_states_what_crosspool_won_with_ratios_from_the_results():
+  memory, latency, why = report.summary_sentences(demo_results())
+  assert memory.startswith("The crosspool run won on memory: ")
+  assert f"1,640 usable KV pages against 932 for static and shared ({1640 / 932:.1f}x as many)" \
+      in memory
+  assert "0 of 60 requests rejected against 4 for static and shared" in memory
+  assert "contexts up to 1,793 tokens served against 169 for static and shared" in memory
+  assert "98% of its expert accesses hit the weights pool" in memory
+  assert latency.startswith("It lost on latency (wall clock): ")
+  assert (f"TBT p50 49 ms against 12 ms for static and 9 ms for shared "
+          f"({0.049 / 0.012:.1f}-{0.049 / 0.009:.1f}x theirs)") in latency
+  assert "TTFT p50 582 ms against 81 ms for static and 67 ms for shared" in latency
+  assert why.startswith("The known cause on this machine: ")
+  assert "2 CPU cores that also emulate the 4 devices" in why
+
+
+def test_no_latency_loss_claimed_when_there_is_none():
+  r = demo_results()
+  r["runs"][2]["wall_clock"] |= {"tbt_s": _p(0.005), "ttft_s": _p(0.040)}
+  sentences = report.summary_sentences(r)
+  text = " ".join(sentences)
+  assert "lost on latency" not in text and "known cause" not in text
+  assert sentences[1].startswith("It won on latency (wall clock): TBT p50 5 ms")
+  r["runs"][2]["wall_clock"]["tbt_s"] = _p(0.010)  # between shared's 9 and static's 12 ms
+  text = " ".join(report.summary_sentences(r))
+  assert "Its latency was mixed: TBT p50 10 ms" in text and "known cause" not in text
+  assert "It won on latency (wall clock): TTFT p50 40 ms" in text
+
+
+def test_the_cpu_cause_is_stated_only_on_a_cpu():
+  text = " ".join(report.summary_sentences(demo_results(platform="gpu")))
+  assert "It lost on latency" in text and "known cause" not in text
+
+
+def test_memory_verdict_follows_the_numbers():
+  r = demo_results()
+  r["runs"][2]["counts"] |= {"kv_capacity_pages": 500, "rejected": 6, "longest_context_served": 100}
+  memory = report.summary_sentences(r)[0]
+  assert memory.startswith("The crosspool run lost on memory: 500 usable KV pages against 932")
+  assert "won" not in memory
+  r["runs"][2]["counts"]["rejected"] = 0  # fewer rejections, less memory: mixed
+  assert report.summary_sentences(r)[0].startswith("On memory, the crosspool run had 500 usable")
+
+
+def test_no_summary_without_a_crosspool_run_and_a_baseline():
+  r = demo_results()
+  assert report.summary_sentences(r | {"runs": r["runs"][:2]}) == []
+  assert report.summary_sentences(r | {"runs": r["runs"][2:]}) == []
+
+
+def test_a_sweep_is_summarised_per_point():
+  runs = []
+  for rate in (2.0, 4.0):
+    for run in demo_results()["runs"]:
+      runs.append(run | {"sweep_value": rate})
+  runs[5]["counts"] = runs[5]["counts"] | {"rejected": 1}
+  sentences = report.summary_sentences(_results(runs, field="workload.total_rate"))
+  assert sentences[0].startswith("At workload.total_rate=2.0: The crosspool run won on memory")
+  assert "0 of 60 requests rejected" in sentences[0]
+  assert sentences[2].startswith("At workload.total_rate=4.0: The crosspool run won on memory")
+  assert "1 of 60 requests rejected against 4 for static and shared" in sentences[2]
+  assert sum(s.startswith("The known cause") for s in sentences) == 1
+
+
+@pytest.mark.parametrize("agree, field, want", [
+    ({"": {"compared": 56, "same": 56, "all_same": True}}, "",
+     ["Same output tokens under every policy: yes, for all 56 requests that every policy "
+      "finished."]),
+    ({"": {"compared": 5, "same": 4, "all_same": False}}, "",
+     ["Same output tokens under every policy: NO, only for 4 of the 5 requests that every "
+      "policy finished."]),
+    ({"2.0": {"compared": 0, "same": 0, "all_same": True},
+      "4.0": {"compared": 3, "same": 3, "all_same": True}}, "workload.total_rate",
+     ["Same output tokens under every policy at workload.total_rate=2.0: nothing to compare (no "
+      "request was finished by every policy).",
+      "Same output tokens under every policy at workload.total_rate=4.0: yes, for all 3 requests "
+      "that every policy finished."]),
+])
+def test_agreement_sentences(agree, field, want):
+  assert report.agreement_sentences(_results([], field=field, agree=agree)) == want
+
+
+def test_terminal_table_is_followed_by_agreement_and_summary_markdown_is_the_table():
+  r = demo_results()
+  text = report.comparison_table(r)
+  rows = [line.split()[0] for line in text.splitlines()[2:5]]
+  assert rows == ["static", "shared", "crosspool"]  # the order of the runs
+  flat = " ".join(text.split())
+  assert report.agreement_sentences(r)[0] in text
+  for sentence in report.summary_sentences(r):
+    assert sentence in flat
+  assert "BENCHMARKS.md" in flat and "WORKSPACE.md" in flat
+  md = report.comparison_table(r, markdown=True)
+  assert md.splitlines()[0].startswith("| run |") and "known cause" not in md
+  assert "| crosspool | 60/0 |" in md and "| 1640 |" in md
+
+
+def test_benchmarks_memory_lines_count_usable_pages_per_device():
+  r = demo_results()
+  r["runs"][2]["plan"] = {"max_context": {"a": 2048}, "accounting": {
+      "page_bytes": 2048, "device_bytes": 5 * 2**19, "expert_slots_per_device": 53,
+      "weight_devices": 2, "weights_device_bytes": 5 * 2**19,
+      "resident_expert_fraction": {"class": 0.83}}}
+  r["config"]["budget"]["device_bytes"] = 5 * 2**19
+  text = report.benchmarks_section(r, source="results.json")
+  assert ("- `crosspool`: 1,640 usable KV pages (2 KV device(s) x 820, null pages excluded) of "
+          f"2048 B = {1640 * 2048 / 2**20:.2f} MiB of KV; 2 weights device(s) x 53 expert slots "
+          "per shape class (83% of the experts resident)") in text
+  assert "- `shared`: 932 usable KV pages (4 KV device(s) x 233, null pages excluded)" in text
+  assert "Same output tokens under every policy: yes, for all 56 requests" in text
+  assert " ".join(report.summary_sentences(r)) in text
+  assert "WORKSPACE.md" in text
+
+
+def test_bin_width_is_round_and_near_the_bin_count():
+  assert plots._bin_width(10.0) == 0.5  # 10 / 40 = 0.25 -> 0.5
+  assert plots._bin_width(4.0) == 0.1
+  assert plots._bin_width(0.29) == 0.01  # 0.29 / 40 = 0.00725 -> 0.01
+  assert plots._bin_width(80.0) == 2.0
+
+
+def test_bursts_of_generated_and_replayed_traces():
+  burst = {"models": ["b"], "start_s": 1.0, "duration_s": 2.0, "factor": 4.0}
+  assert plots._bursts({"workload": {}, "bursts": [burst]}) == [burst]
+  assert plots._bursts({"replayed_from": "t.jsonl", "meta": {"bursts": [burst]}}) == [burst]
+  assert plots._bursts({"replayed_from": "t.jsonl", "meta": None}) == []
+
+
+def test_plots_are_written_for_a_plain_and_a_swept_experiment(tmp_path):
+  r = demo_results()
+  names = [p.rsplit("/", 1)[-1] for p in plots.write_plots(r, str(tmp_path))]
+  assert names == ["latency_cdf.png", "memory.png", "activity.png"]
+  swept = copy.deepcopy(r)
+  swept["config"]["sweep"] |= {"field": "workload.total_rate"}
+  swept["traces"] = {"2.0": r["traces"][""], "4.0": r["traces"][""]}
+  swept["runs"] = [run | {"sweep_value": v} for v in (2.0, 4.0) for run in r["runs"]]
+  out = tmp_path / "swept"
+  out.mkdir()
+  assert len(plots.write_plots(swept, str(out))) == 4
+  for name in [*names, "sweep.png"]:
+    assert (out / name).stat().st_size > 1000
