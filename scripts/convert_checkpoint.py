@@ -16,6 +16,7 @@ from absl import flags
 
 from crosspool_jax.cli import run_script, start_script
 from crosspool_jax.models.checkpoint import load_checkpoint, save_params
+from crosspool_jax.models.tokenizer import TOKENIZER_FILE
 
 FLAGS = flags.FLAGS
 
@@ -33,7 +34,7 @@ def main(argv: Sequence[str]) -> None:
   start = time.perf_counter()
   cfg, params = load_checkpoint(FLAGS.checkpoint, dtype=jnp.dtype(FLAGS.dtype))
   out = save_params(FLAGS.out, cfg, params, overwrite=FLAGS.overwrite)
-  for extra in ("tokenizer.json",):
+  for extra in (TOKENIZER_FILE,):
     src = f"{FLAGS.checkpoint}/{extra}"
     try:
       shutil.copy(src, f"{out}/{extra}")

@@ -2,8 +2,10 @@ r"""Generates tokens from one prompt with the reference (contiguous-cache) decod
 
 Prints one JSON object: {"tokens": [generated ids], "text": "..." (when a tokenizer exists)}.
 
-  # No checkpoint: a seeded tiny random model of --family (no torch needed).
+  # No checkpoint: a seeded tiny random model of --family (no torch needed), whose tokenizer is
+  # the byte-level one of crosspool_jax.models.tokenizer:
   python scripts/generate.py --family=mixtral --prompt_ids=1,2,3 --max_new_tokens=16
+  python scripts/generate.py --family=mixtral --prompt="Hello"
   # An HF checkpoint directory (config.json + *.safetensors [+ tokenizer.json]) or an orbax
   # directory written by scripts/convert_checkpoint.py:
   python scripts/generate.py --checkpoint=/path/to/ckpt --prompt="Hello" --temperature=0.8 \
@@ -13,7 +15,6 @@ Prints one JSON object: {"tokens": [generated ids], "text": "..." (when a tokeni
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -27,6 +28,7 @@ from crosspool_jax.models.config import FAMILIES, tiny_config
 from crosspool_jax.models.decode import generate
 from crosspool_jax.models.model import init_params
 from crosspool_jax.models.sampling import SamplingParams
+from crosspool_jax.models.tokenizer import TOKENIZER_FILE, byte_level_tokenizer, load_tokenizer
 
 FLAGS = flags.FLAGS
 
@@ -39,7 +41,7 @@ def define_flags() -> None:
                     "(only without --checkpoint).")
   flags.DEFINE_string("prompt_ids", None, "Comma-separated prompt token ids.")
   flags.DEFINE_string("prompt", None, "Prompt text (needs tokenizer.json in the "
-                      "checkpoint directory).")
+                      "checkpoint directory; the random model has a byte-level tokenizer).")
   flags.DEFINE_integer("max_new_tokens", 32, "Tokens to generate.")
   flags.DEFINE_float("temperature", 0.0, "0 = greedy.")
   flags.DEFINE_integer("top_k", 0, "Keep the k most likely tokens (0 = off).")
@@ -49,32 +51,24 @@ def define_flags() -> None:
   flags.DEFINE_bool("stop_at_eos", True, "Stop at the config's eos token.")
 
 
-def _load_tokenizer(checkpoint: str | None):
-  path = os.path.join(checkpoint, "tokenizer.json") if checkpoint else None
-  if path is None or not os.path.exists(path):
-    return None
-  from tokenizers import Tokenizer
-
-  return Tokenizer.from_file(path)
-
-
 def main(argv: Sequence[str]) -> None:
   start_script(argv)
+  if (FLAGS.prompt is None) == (FLAGS.prompt_ids is None):
+    raise app.UsageError("give exactly one of --prompt_ids and --prompt")
   dtype = jnp.dtype(FLAGS.dtype)
   start = time.perf_counter()
   if FLAGS.checkpoint:
     cfg, params = load_checkpoint(FLAGS.checkpoint, dtype=dtype)
+    tokenizer = load_tokenizer(FLAGS.checkpoint)
   else:
     cfg = tiny_config(FLAGS.family)
     params = init_params(cfg, seed=FLAGS.seed, dtype=dtype)
+    tokenizer = byte_level_tokenizer(cfg.vocab_size)
   load_s = time.perf_counter() - start
-  tokenizer = _load_tokenizer(FLAGS.checkpoint)
-  if (FLAGS.prompt is None) == (FLAGS.prompt_ids is None):
-    raise app.UsageError("give exactly one of --prompt_ids and --prompt")
   if FLAGS.prompt is not None:
     if tokenizer is None:
-      raise app.UsageError("--prompt needs tokenizer.json in the --checkpoint directory; "
-                           "use --prompt_ids")
+      raise app.UsageError(f"--prompt needs {TOKENIZER_FILE} in the --checkpoint directory "
+                           f"{FLAGS.checkpoint}, which has none; use --prompt_ids")
     prompt = tokenizer.encode(FLAGS.prompt).ids
   else:
     try:

@@ -18,6 +18,7 @@ from absl import app, flags
 
 from crosspool_jax.cli import run_script
 from crosspool_jax.models.config import FAMILIES, tiny_config, to_hf_config
+from crosspool_jax.models.tokenizer import MIN_VOCAB_SIZE, byte_level_tokenizer, save_tokenizer
 
 FLAGS = flags.FLAGS
 
@@ -34,30 +35,9 @@ def define_flags() -> None:
                             "JSON), e.g. num_layers=4.")
 
 
-SPECIAL_TOKENS = ("<pad>", "<s>", "</s>")
-
-
-def write_tokenizer(out_dir: str, vocab_size: int) -> None:
-  """A byte-level tokenizer: 3 special tokens then the 256 bytes (no merges)."""
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-  if vocab_size < len(SPECIAL_TOKENS) + 256:
-    raise ValueError(f"vocab_size {vocab_size} cannot hold the byte-level tokenizer "
-                     f"({len(SPECIAL_TOKENS) + 256} tokens)")
-  byte_chars = pre_tokenizers.ByteLevel.alphabet()
-  vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
-  for ch in sorted(byte_chars):
-    vocab[ch] = len(vocab)
-  tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-  tok.decoder = decoders.ByteLevel()
-  tok.add_special_tokens(list(SPECIAL_TOKENS))
-  tok.save(os.path.join(out_dir, "tokenizer.json"))
-
-
 def make_tiny_checkpoint(family: str, out_dir: str, *, seed: int = 0, init_std: float = 0.05,
                          num_shards: int = 1, **overrides: Any) -> str:
-  """Writes the tiny `family` checkpoint to `out_dir` and returns `out_dir`."""
+  """Writes the tiny `family` checkpoint (and its byte-level tokenizer) to `out_dir`; returns it."""
   import torch
   import transformers
 
@@ -70,8 +50,8 @@ def make_tiny_checkpoint(family: str, out_dir: str, *, seed: int = 0, init_std: 
   total = sum(p.numel() * p.element_size() for p in model.parameters())
   shard = f"{max(1, total // num_shards // 1000 + 1)}KB" if num_shards > 1 else "10GB"
   model.save_pretrained(out_dir, max_shard_size=shard)
-  if cfg.vocab_size >= len(SPECIAL_TOKENS) + 256:
-    write_tokenizer(out_dir, cfg.vocab_size)
+  if cfg.vocab_size >= MIN_VOCAB_SIZE:
+    save_tokenizer(byte_level_tokenizer(cfg.vocab_size), out_dir)
   return out_dir
 
 
