@@ -59,8 +59,15 @@ def ragged_paged_attention(q_TNH: jax.Array, pool_PE: jax.Array, page_table_SP: 
   page page_table_SP[s, j // page_tokens] at slot j % page_tokens (its K/V already written).
   Page-table entries equal to 0 are skipped (contribute nothing): a device holding only some of
   a sequence's pages computes its partial attention with the others set to 0, and partials
-  merge exactly with `merge_attention`. Pages not in a live sequence's table are never read
-  into the result (they may hold NaN).
+  merge exactly with `merge_attention`. Pages not in a live sequence's table, and slots a token
+  does not see (past its position or its sequence's kv_len), never reach the result (they may
+  hold NaN). Corruption in what a token does see surfaces instead of passing for "no key": for
+  every token that sees a live K entry holding NaN or inf, out and lse are NaN in the query
+  heads of that kv head; a NaN (inf) in a live V entry makes that head dim of out NaN (inf or
+  NaN) and leaves lse as it was (lse depends on the scores only). Tokens before the corrupted
+  position (same sequence) stay exact, except that the kernels may give them NaN from a
+  corrupted V (a page's V enters one matmul for all query rows of a work item). Other
+  sequences are never affected.
 
   Args:
     q_TNH: [T, N, H] queries of all sequences packed along T (float; N = kv_heads * G, query
@@ -83,7 +90,7 @@ def ragged_paged_attention(q_TNH: jax.Array, pool_PE: jax.Array, page_table_SP: 
 
   Returns:
     (out_TNH in q's dtype, lse_TN float32 natural-log sum-exp of the scaled scores). Padding
-    tokens and tokens that see no key get out 0 and lse -inf.
+    tokens and tokens that see no key get out 0 and lse -inf; NaN as above.
   """
   page_tokens = _check_shapes(q_TNH, pool_PE, page_table_SP, cu_q_lens_S1, kv_lens_S, num_seqs,
                               kv_heads, head_dim)

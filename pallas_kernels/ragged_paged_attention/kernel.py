@@ -8,7 +8,9 @@ kv head's query rows form one [R, H] matrix; outputs come back in the same layou
 gathered to [T, N, H]. The packing and un-packing are plain gathers of q / out (small next to the
 KV traffic). Each item runs flash-decoding style online softmax (f32) over the pages its last
 token needs, skipping pages whose table entry is 0 (the null page) and masking keys after the
-token's position (causal) and past kv_len (so garbage in a page tail is never used).
+token's position (causal) and past kv_len (so garbage in a page tail is never used); a NaN in
+a key or value the token does see is never masked, so it surfaces (the masking and the
+finalisation are the reference's `mask_scores` and `finalize`).
 
 TPU: grid (items, page blocks); `pages_per_block` pages per grid step, each page its own
 BlockSpec whose index map reads the page table through scalar prefetch
@@ -33,7 +35,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 from jax.experimental.pallas import triton as pltriton
 
-from pallas_kernels.ragged_paged_attention.reference import NEG_INF, token_metadata
+from pallas_kernels.ragged_paged_attention.reference import (
+  NEG_INF,
+  finalize,
+  mask_scores,
+  token_metadata,
+)
 
 
 class BlockSizes(NamedTuple):
@@ -164,9 +171,11 @@ def _online_update(q_RH, k_TH, v_TH, m_R1, l_R1, acc_RH, *, kpos_T1, qpos_R1, li
   s_RT = jax.lax.dot_general(q_RH, k_TH, (((1,), (1,)), ((), ())),
                              preferred_element_type=jnp.float32) * sm_scale
   kpos_1T = kpos_T1.reshape(1, -1)
-  seen_RT = (kpos_1T <= qpos_R1) & live_R1
-  s_RT = jnp.where(seen_RT, s_RT, NEG_INF)
+  s_RT = mask_scores(s_RT, (kpos_1T <= qpos_R1) & live_R1)
   m_new_R1 = jnp.maximum(m_R1, jnp.max(s_RT, axis=1, keepdims=True))
+  # Only "no key yet" (-inf) is guarded. A NaN score reaches l and acc through p whether or not
+  # the platform's max propagates it (Triton lowers max to maxnumf, which drops NaN), and
+  # `finalize` keeps it. Unseen scores give exp(-inf - m_safe) = 0 exactly.
   m_safe_R1 = jnp.where(m_new_R1 == NEG_INF, 0.0, m_new_R1)
   p_RT = jnp.exp(s_RT - m_safe_R1)
   alpha_R1 = jnp.exp(m_R1 - m_safe_R1)
@@ -175,14 +184,6 @@ def _online_update(q_RH, k_TH, v_TH, m_R1, l_R1, acc_RH, *, kpos_T1, qpos_R1, li
   pv_RH = jax.lax.dot_general(p_RT.astype(v_TH.dtype), v_TH, (((1,), (0,)), ((), ())),
                               preferred_element_type=jnp.float32)
   return m_new_R1, l_new_R1, alpha_R1 * acc_RH + pv_RH
-
-
-def _finalize(m_R1, l_R1, acc_RH):
-  has_R1 = l_R1 > 0
-  l_safe_R1 = jnp.where(has_R1, l_R1, 1.0)
-  out_RH = jnp.where(has_R1, acc_RH / l_safe_R1, 0.0)
-  lse_R1 = jnp.where(has_R1, m_R1 + jnp.log(l_safe_R1), NEG_INF)
-  return out_RH, lse_R1
 
 
 def _row_positions(R: int, group: int, pos0, rows):
@@ -233,7 +234,7 @@ def _tpu_kernel(tbl_ref, seq_ref, rows_ref, pos0_ref, npages_ref, kvl_ref, q_ref
   @pl.when(pb == pl.num_programs(1) - 1)
   def _():
     for h in range(K):
-      out_RH, lse_R1 = _finalize(m_sc[h], l_sc[h], acc_sc[h])
+      out_RH, lse_R1 = finalize(m_sc[h], l_sc[h], acc_sc[h])
       o_ref[h] = out_RH.astype(o_ref.dtype)
       lse_ref[h] = lse_R1
 
@@ -330,7 +331,7 @@ def _gpu_kernel(tbl_ref, seq_ref, rows_ref, pos0_ref, npages_ref, kvl_ref, q_ref
   init = (jnp.full((R, 1), NEG_INF, jnp.float32), jnp.zeros((R, 1), jnp.float32),
           jnp.zeros((R, H), jnp.float32))
   m, l, acc = jax.lax.fori_loop(0, npages_ref[w], body, init)
-  out_RH, lse_R1 = _finalize(m, l, acc)
+  out_RH, lse_R1 = finalize(m, l, acc)
   o_ref[...] = out_RH.astype(o_ref.dtype)
   lse_ref[...] = lse_R1.reshape(R)
 

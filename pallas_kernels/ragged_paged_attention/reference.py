@@ -7,6 +7,11 @@ L = P * page_tokens key positions of a sequence. Query head n reads kv head n //
 Vectorised over tokens: each token gathers the pages of its own sequence with index arrays
 (`pages[page_table[seq]]`), never a dynamic slice of the pool, and attends causally, a chunk of
 pages at a time with an online softmax, for as many chunks as the batch's longest sequence.
+
+NaN safety, both ways: a position a token does not see (another sequence's page, a skipped page,
+a slot past its position) never reaches a result, whatever it holds (its score is selected to
+-inf, its V row to 0, never multiplied by 0); a position it sees is never masked, so a NaN or inf
+there surfaces in the result (NaN; an inf in V may give inf) instead of passing for "no key".
 """
 
 from __future__ import annotations
@@ -15,6 +20,35 @@ import jax
 import jax.numpy as jnp
 
 NEG_INF = float("-inf")
+
+
+def mask_scores(s, seen):
+  """Scores of unseen positions -> -inf; a seen score of -inf (an inf in K) -> NaN.
+
+  A score of finite q and K is -inf only if q.k overflows float32, so a seen -inf comes from
+  corrupted K (an inf, or a value near the float limit): as NaN it surfaces in the output
+  instead of silently weighing 0.
+  """
+  return jnp.where(seen, jnp.where(s == NEG_INF, jnp.nan, s), NEG_INF)
+
+
+def finalize(m, l, acc):
+  """Output and LSE of an online softmax from its running max, sum and accumulator.
+
+  Only l == 0 means "saw no key" (out 0, since acc is 0 then, and lse -inf, since m is): a
+  NaN that a seen score left in m or l stays NaN instead of passing for empty (a NaN value
+  leaves m and l finite and makes acc, so out, NaN).
+
+  Args:
+    m: [..., 1] running max of the scores (-inf while no key was seen).
+    l: [..., 1] running sum of exp(score - m).
+    acc: [..., H] running sum of exp(score - m) * v.
+
+  Returns:
+    (out [..., H] = acc / l, lse [..., 1] = m + log(l)), float32.
+  """
+  l_safe = jnp.where(l == 0, 1.0, l)
+  return acc / l_safe, m + jnp.log(l_safe)
 
 
 def token_metadata(cu_q_lens_S1: jax.Array, kv_lens_S: jax.Array, num_seqs: jax.Array,
@@ -94,16 +128,18 @@ def ragged_paged_attention_reference(q_TNH: jax.Array, pages_P2TKH: jax.Array,
     l_L = c * CL + jnp.arange(CL, dtype=jnp.int32)
     seen_TL = ((l_L[None] <= pos_T[:, None]) & (jnp.repeat(pids_TC, page_tokens, axis=1) != 0)
                & valid_T[:, None])
-    # Zero what is not seen so garbage (NaN) in unowned slots never reaches a product.
-    k_TLKH = jnp.where(seen_TL[..., None, None], k_TLKH.astype(jnp.float32), 0.0)
+    # Garbage (NaN) in unseen slots: its scores are selected to -inf and its V rows to 0, so it
+    # never reaches a product (p = 0 would not cancel a NaN V).
     v_TLKH = jnp.where(seen_TL[..., None, None], v_TLKH.astype(jnp.float32), 0.0)
-    s_TKGL = jnp.einsum("tkgh,tlkh->tkgl", q_TKGH, k_TLKH, precision="highest") * sm_scale
-    seen_T11L = seen_TL[:, None, None, :]
-    s_TKGL = jnp.where(seen_T11L, s_TKGL, NEG_INF)
+    s_TKGL = jnp.einsum("tkgh,tlkh->tkgl", q_TKGH, k_TLKH.astype(jnp.float32),
+                        precision="highest") * sm_scale
+    s_TKGL = mask_scores(s_TKGL, seen_TL[:, None, None, :])
     m_new_TKG = jnp.maximum(m_TKG, jnp.max(s_TKGL, axis=-1))
-    m_safe_TKG = jnp.where(jnp.isfinite(m_new_TKG), m_new_TKG, 0.0)
-    p_TKGL = jnp.where(seen_T11L, jnp.exp(s_TKGL - m_safe_TKG[..., None]), 0.0)
-    alpha_TKG = jnp.where(jnp.isfinite(m_TKG), jnp.exp(m_TKG - m_safe_TKG), 0.0)
+    # Only "no key yet" (-inf) is guarded: a NaN max stays NaN and poisons the row. Unseen
+    # scores give exp(-inf - m_safe) = 0 exactly, as does alpha while m was -inf.
+    m_safe_TKG = jnp.where(m_new_TKG == NEG_INF, 0.0, m_new_TKG)
+    p_TKGL = jnp.exp(s_TKGL - m_safe_TKG[..., None])
+    alpha_TKG = jnp.exp(m_TKG - m_safe_TKG)
     l_TKG = alpha_TKG * l_TKG + jnp.sum(p_TKGL, axis=-1)
     acc_TKGH = alpha_TKG[..., None] * acc_TKGH + jnp.einsum(
         "tkgl,tlkh->tkgh", p_TKGL, v_TLKH, precision="highest")
@@ -112,21 +148,20 @@ def ragged_paged_attention_reference(q_TNH: jax.Array, pages_P2TKH: jax.Array,
   init = (jnp.full((T, K, G), NEG_INF, jnp.float32), jnp.zeros((T, K, G), jnp.float32),
           jnp.zeros((T, K, G, H), jnp.float32))
   m_TKG, l_TKG, acc_TKGH = jax.lax.fori_loop(0, trips, chunk, init)
-  has_TKG = l_TKG > 0
-  l_safe_TKG = jnp.where(has_TKG, l_TKG, 1.0)
-  out_TKGH = jnp.where(has_TKG[..., None], acc_TKGH / l_safe_TKG[..., None], 0.0)
-  m_safe_TKG = jnp.where(jnp.isfinite(m_TKG), m_TKG, 0.0)
-  lse_TKG = jnp.where(has_TKG, m_safe_TKG + jnp.log(l_safe_TKG), NEG_INF)
-  return out_TKGH.reshape(T, N, H).astype(q_TNH.dtype), lse_TKG.reshape(T, N)
+  out_TKGH, lse_TKG1 = finalize(m_TKG[..., None], l_TKG[..., None], acc_TKGH)
+  return out_TKGH.reshape(T, N, H).astype(q_TNH.dtype), lse_TKG1.reshape(T, N)
 
 
 def merge_attention(outs, lses):
   """Exact merge of attention partials computed over disjoint key sets.
 
+  A partial with lse -inf saw no key and weighs exactly nothing (its out is ignored, even if
+  NaN). Every other partial is weighed, so a NaN in its out or lse (a corrupted key or value it
+  saw) makes the merged out NaN, even where its weight underflows to 0.
+
   Args:
     outs: [M, T, N, H] (or a list of M arrays [T, N, H]) normalised partial outputs.
-    lses: [M, T, N] (or a list) float32 log-sum-exp of each partial; -inf = saw no key (its
-      out is ignored, even if NaN).
+    lses: [M, T, N] (or a list) float32 log-sum-exp of each partial; -inf = saw no key.
 
   Returns:
     (out [T, N, H] in the partials' dtype, lse [T, N] float32); out 0 / lse -inf where no
@@ -139,12 +174,9 @@ def merge_attention(outs, lses):
                      "(want [M, T, N, H] and [M, T, N])")
   lses_M = lses_M.astype(jnp.float32)
   m = jnp.max(lses_M, axis=0)
-  m_safe = jnp.where(jnp.isfinite(m), m, 0.0)
-  w_M = jnp.exp(lses_M - m_safe)  # exp(-inf) = 0: empty partials weigh nothing
+  w_M = jnp.exp(lses_M - jnp.where(m == NEG_INF, 0.0, m))  # exp(-inf) = 0: empty weigh nothing
   w_sum = jnp.sum(w_M, axis=0)
-  has = w_sum > 0
-  w_M = w_M / jnp.where(has, w_sum, 1.0)
-  parts = jnp.where((w_M > 0)[..., None], outs_M.astype(jnp.float32), 0.0)
-  out = jnp.sum(w_M[..., None] * parts, axis=0)
-  lse = jnp.where(has, m_safe + jnp.log(jnp.where(has, w_sum, 1.0)), NEG_INF)
-  return out.astype(outs_M.dtype), lse
+  w_sum_safe = jnp.where(w_sum == 0, 1.0, w_sum)  # 0 only if every partial is empty
+  parts = jnp.where((lses_M == NEG_INF)[..., None], 0.0, outs_M.astype(jnp.float32))
+  out = jnp.sum((w_M / w_sum_safe)[..., None] * parts, axis=0)
+  return out.astype(outs_M.dtype), m + jnp.log(w_sum_safe)

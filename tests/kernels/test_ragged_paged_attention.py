@@ -264,6 +264,128 @@ def test_split_and_merge_equals_full():
   assert_attention_close(merged, full, jnp.float32, info["num_live_tokens"])
 
 
+def _corrupt(args, kv_heads, seq, pos, kind, value, kv_head=1, dim=5):
+  """The batch with one live entry of `seq` at position `pos` set; kind "K" or "V"."""
+  q, pool, table = args[:3]
+  pages = np.array(view_pages(pool, kv_heads=kv_heads, head_dim=q.shape[-1]))
+  Tp = pages.shape[2]
+  pages[np.asarray(table)[seq, pos // Tp], "KV".index(kind), pos % Tp, kv_head, dim] = value
+  return (q, jnp.asarray(unview_pages(pages)), *args[2:])
+
+
+reference_chunks_of_1 = jax.jit(
+    functools.partial(ragged_paged_attention_reference, chunk_pages=1),
+    static_argnames="sm_scale")
+
+
+def _run(impl, args, kv_heads):
+  if impl == "gpu_interpret":
+    return run_gpu_kernel(args, kv_heads)
+  if impl == "reference_chunks_of_1":  # a page per chunk: the online softmax's carry is used
+    q, pool, *rest = args
+    H = q.shape[-1]
+    return reference_chunks_of_1(q, view_pages(pool, kv_heads=kv_heads, head_dim=H), *rest,
+                                 sm_scale=H ** -0.5)
+  return attn(*args, kv_heads=kv_heads, impl=impl, block_sizes=(4, 2))
+
+
+def _assert_only_poisoned(got, clean, bad_out, bad_lse, value):
+  """out / lse are non-finite where marked (NaN for a NaN value) and bit-equal elsewhere."""
+  out, lse = np.asarray(got[0]), np.asarray(got[1])
+  clean_out, clean_lse = np.asarray(clean[0]), np.asarray(clean[1])
+  assert bad_out.any()
+  assert (np.isnan(out[bad_out]) if np.isnan(value) else ~np.isfinite(out[bad_out])).all()
+  assert np.isnan(lse[bad_lse]).all()
+  np.testing.assert_array_equal(out[~bad_out], clean_out[~bad_out])
+  np.testing.assert_array_equal(lse[~bad_lse], clean_lse[~bad_lse])
+
+
+# (q_lens, kv_lens): sequence 1's 4 new tokens sit at positions 19..22 over 19 cached ones.
+LIVE_NAN_BATCH = ([1, 4, 1], [40, 23, 17])
+
+
+@pytest.mark.parametrize("impl", ["reference", "reference_chunks_of_1", "interpret",
+                                  "gpu_interpret"])
+# (seq, pos): a key in sequence 1's cached prefix (page 0, seen by all its new tokens) and
+# sequence 0's own new decode token (its last page).
+@pytest.mark.parametrize("seq,pos", [(1, 5), (0, 39)])
+@pytest.mark.parametrize("kind,value", [("K", np.nan), ("K", -np.inf), ("V", np.nan),
+                                        ("V", np.inf)])
+def test_corrupt_live_entry_surfaces_and_spares_other_sequences(impl, seq, pos, kind, value):
+  """A NaN / inf in a live K or V entry is not taken for "no key": every token that sees it gets
+  a non-finite out in the heads reading that kv head (the whole row and a NaN lse for K, which
+  corrupts the scores; that head dim for V, lse untouched); every other value is bit-equal to
+  the clean run."""
+  args, _ = make_batch(11, *LIVE_NAN_BATCH, kv_heads=2, group=2, head_dim=64, page_tokens=16,
+                       pages_per_seq=3)
+  clean = _run(impl, args, 2)
+  got = _run(impl, _corrupt(args, 2, seq, pos, kind, value, kv_head=1, dim=5), 2)
+  cu = np.asarray(args[3])
+  bad_lse = np.zeros(got[1].shape, bool)
+  bad_lse[cu[seq]:cu[seq + 1], 2:4] = True  # kv head 1 = query heads 2, 3
+  bad_out = np.repeat(bad_lse[..., None], 64, axis=-1)
+  if kind == "V":
+    bad_out[..., :5] = bad_out[..., 6:] = False
+    bad_lse[:] = False
+  _assert_only_poisoned(got, clean, bad_out, bad_lse, value)
+
+
+@pytest.mark.parametrize("impl", ["reference", "interpret"])
+def test_merge_surfaces_a_nan_partial_and_keeps_empty_partials_exact(impl):
+  """Pages over two devices: a NaN key on device 0 poisons its sequence's merged result only;
+  a sequence with no page on device 1 (lse -inf there) merges to its device-0 partial exactly."""
+  args, _ = make_batch(12, *LIVE_NAN_BATCH, kv_heads=2, group=2, head_dim=64, page_tokens=16,
+                       pages_per_seq=3)
+  table = np.asarray(args[2])
+  on_dev0 = np.zeros(table.shape, bool)
+  on_dev0[0, 1] = on_dev0[1, 0] = True
+  on_dev0[2] = True  # sequence 2: all its pages on device 0, none on device 1
+  halves = [jnp.asarray(np.where(on_dev0, table, 0)), jnp.asarray(np.where(on_dev0, 0, table))]
+
+  def merged(batch):
+    parts = [_run(impl, (*batch[:2], h, *batch[3:]), 2) for h in halves]
+    return merge_attention([p[0] for p in parts], [p[1] for p in parts]), parts
+
+  clean, clean_parts = merged(args)
+  got, _ = merged(_corrupt(args, 2, 1, 5, "K", np.nan, kv_head=1))  # page 0 of seq 1: device 0
+  cu = np.asarray(args[3])
+  bad_lse = np.zeros(got[1].shape, bool)
+  bad_lse[cu[1]:cu[2], 2:4] = True
+  _assert_only_poisoned(got, clean, np.repeat(bad_lse[..., None], 64, axis=-1), bad_lse, np.nan)
+  seq2 = slice(cu[2], cu[3])
+  assert np.isneginf(np.asarray(clean_parts[1][1])[seq2]).all()
+  np.testing.assert_array_equal(np.asarray(clean[0])[seq2], np.asarray(clean_parts[0][0])[seq2])
+  np.testing.assert_array_equal(np.asarray(clean[1])[seq2], np.asarray(clean_parts[0][1])[seq2])
+
+
+def test_merge_attention_against_logaddexp():
+  """Hand oracle (float64): weights exp(lse_i - logaddexp(lse)); an empty partial (lse -inf,
+  out NaN) weighs nothing; a NaN out surfaces even when its weight underflows to 0."""
+  rng = np.random.default_rng(13)
+  outs = rng.standard_normal((2, 3, 2, 4)).astype(np.float32)
+  lses = rng.standard_normal((2, 3, 2)).astype(np.float32)
+  lses[1, 0] = -np.inf  # token 0: partial 1 saw no key
+  outs[1, 0] = np.nan
+  lses[1, 1, 0] -= 1000.0  # token 1 head 0: partial 1's weight underflows
+  lses[:, 2, 1] = -np.inf  # token 2 head 1: no partial saw a key
+  lse64 = np.logaddexp(*lses.astype(np.float64))
+  with np.errstate(invalid="ignore"):
+    w = np.exp(lses - lse64)
+  expected = np.nansum(w[..., None] * np.where(np.isneginf(lses)[..., None], 0, outs), axis=0)
+  out, lse = (np.asarray(a) for a in merge_attention(jnp.asarray(outs), jnp.asarray(lses)))
+  np.testing.assert_allclose(out, expected, atol=1e-6, rtol=1e-6)
+  np.testing.assert_allclose(lse, lse64, atol=1e-6, rtol=1e-6)
+  np.testing.assert_array_equal(out[0], outs[0, 0])  # an empty partial changes nothing
+  np.testing.assert_array_equal(lse[0], lses[0, 0])
+  assert (out[2, 1] == 0).all() and np.isneginf(lse[2, 1])
+  outs[1, 1, 0, 2] = np.nan
+  out, lse = (np.asarray(a) for a in merge_attention(jnp.asarray(outs), jnp.asarray(lses)))
+  assert np.isnan(out[1, 0, 2]) and np.isfinite(lse[1, 0])
+  nan_at = np.zeros(out.shape, bool)
+  nan_at[1, 0, 2] = True
+  np.testing.assert_allclose(out[~nan_at], expected[~nan_at], atol=1e-6, rtol=1e-6)
+
+
 def test_sequence_without_pages_gives_zero_and_neg_inf():
   args, _ = make_batch(4, [3, 1], [10, 5], kv_heads=1, group=2, head_dim=64, page_tokens=8,
                           pages_per_seq=2)
