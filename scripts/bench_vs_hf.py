@@ -90,7 +90,7 @@ def progress(msg: str) -> None:
 
 
 def make_checkpoint(family: str, out_dir: str, overrides: Sequence[str]) -> str:
-  """Runs make_tiny_checkpoint.py in a subprocess (a script run as a program cannot import it)."""
+  """Writes a tiny random `family` checkpoint to `out_dir` with make_tiny_checkpoint.py."""
   script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "make_tiny_checkpoint.py")
   proc = subprocess.run([sys.executable, script, f"--family={family}", f"--out={out_dir}",
                          *(f"--override={o}" for o in overrides)],
