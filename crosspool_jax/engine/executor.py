@@ -86,6 +86,7 @@ class ColocatedExecutor:
     self.models = dict(models)
     self.pools = dict(pools)
     self.buffers = dict(buffers)
+    self._devices = {g: b.devices().pop() for g, b in buffers.items()}  # outlives a lost buffer
     self.token_buckets = tuple(token_buckets)
     self.max_batch = max_batch
     self.attn_impl = attn_impl
@@ -118,6 +119,7 @@ class ColocatedExecutor:
     are not touched). `buffer`: its group's KV buffer if the group is new."""
     if buffer is not None:
       self.buffers[model.group] = buffer
+      self._devices[model.group] = buffer.devices().pop()
     self.models[model.model_id] = model
     self.pools[model.model_id] = pool
     self._compile_model(model.model_id, log)
@@ -136,7 +138,7 @@ class ColocatedExecutor:
       buf = self.buffers[model.group]
       if buf.is_deleted():
         pool = self.pools[model_id]
-        self.buffers[model.group] = allocate_kv_buffer(pool, buf.devices().pop(),
+        self.buffers[model.group] = allocate_kv_buffer(pool, self._devices[model.group],
                                                        dtype=buf.dtype)
         lost.append(pool)
     return lost
@@ -163,7 +165,7 @@ class ColocatedExecutor:
       raise RuntimeError(f"bucket ({batch.model_id}, {bucket}) was not compiled at start-up")
     paged, sampling, next_pos = pack_batch(self.pools[model.model_id], batch, bucket,
                                            self.max_batch)
-    device = self.buffers[model.group].devices().pop()
+    device = self._devices[model.group]
     paged, sampling, next_pos = jax.device_put((paged[0], sampling, next_pos), device)
     tokens_S, self.buffers[model.group] = exe(model.params, self.buffers[model.group], paged,
                                               sampling, next_pos)
