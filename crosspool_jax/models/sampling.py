@@ -14,6 +14,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+INVALID_TOKEN = -1  # sampled from non-finite logits
+
 
 @dataclasses.dataclass(frozen=True)
 class SamplingParams:
@@ -63,7 +65,8 @@ def sample(logits_BV: jax.Array, positions_B: jax.Array, *, temperature_B: jax.A
     temperature_B, top_k_B, top_p_B, seed_B: per-row sampling params (`stack_params`).
 
   Returns:
-    int32 token ids [B].
+    int32 token ids [B]; `INVALID_TOKEN` for a row whose logits are not all finite (corrupted
+    KV or weights upstream: the engine fails that request instead of emitting a token).
   """
   logits_BV = logits_BV.astype(jnp.float32)
   greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
@@ -87,4 +90,5 @@ def sample(logits_BV: jax.Array, positions_B: jax.Array, *, temperature_B: jax.A
     return jax.random.categorical(key, row_V)
 
   sampled_B = jax.vmap(draw)(seed_B, positions_B, masked_BV).astype(jnp.int32)
-  return jnp.where(temperature_B > 0, sampled_B, greedy_B)
+  token_B = jnp.where(temperature_B > 0, sampled_B, greedy_B)
+  return jnp.where(jnp.isfinite(logits_BV).all(axis=-1), token_B, INVALID_TOKEN)

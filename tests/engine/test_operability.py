@@ -194,3 +194,19 @@ def test_soak_small(policy):
   assert result["sample_equal"] == result["sample_checked"] > 0
   assert result["compiles_after_start"] == result["compiles_registering"] > 0
   assert result["pages_in_use_at_end"] == 0 and result["slots_of_retired_model"] == 0
+
+
+def test_nan_in_a_live_page_fails_that_request_only():
+  eng = _engine("shared", ("mixtral", "qwen3_moe"))
+  work = [("mixtral", [5, 6, 7], 6), ("qwen3_moe", [5, 6, 7], 6), ("mixtral", [9, 9], 6)]
+  rids = [eng.submit(model_id=m, prompt_ids=p, max_new_tokens=n) for m, p, n in work]
+  eng.step()  # prefill: every request holds pages now
+  pool = eng.pools[0]
+  page = int(pool.tables("mixtral", [rids[0]])[0, 0, 0])  # layer 0, its first page
+  buffers = eng.executor.buffers
+  buffers[0] = buffers[0].at[page].set(jnp.nan)
+  out = eng.generate_all()
+  assert eng.status(rids[0]) == Status.FAILED
+  assert "non-finite logits" in eng._requests[rids[0]].error
+  assert [out[r] for r in rids[1:]] == _references(work[1:2]) + _references(work[2:])
+  _check_drained(eng)
