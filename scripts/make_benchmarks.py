@@ -65,8 +65,9 @@ def main(argv: Sequence[str]) -> None:
       "Columns: requests finished / rejected (with the reason in results.json); preemptions;",
       "time to first token and time between tokens (wall clock, ms); output tokens per second;",
       "goodput = finished requests per second within config.slo (TTFT and the p90 of the",
-      "request's gaps); KV pages = the pool over all KV devices; KV peak = most pages holding",
-      "tokens at once, of the pool; longest ctx = longest prompt + output finished; expert hit",
+      "request's gaps); usable KV pages = pages that can hold tokens, over all KV devices",
+      "(each device's null page excluded); KV peak = most pages holding tokens at once, of the",
+      "usable pages; longest ctx = longest prompt + output finished; expert hit",
       "= weights-pool hit rate (crosspool); XLA compilations after start-up.",
       "",
   ]

@@ -39,7 +39,7 @@ from ml_collections import config_flags
 from crosspool_jax.cli import run_script, start_script
 from crosspool_jax.experiments.plots import write_plots
 from crosspool_jax.experiments.report import comparison_table
-from crosspool_jax.experiments.runner import check_experiment, run_experiment
+from crosspool_jax.experiments.runner import check_experiment, run_experiment, run_names
 from crosspool_jax.provenance import git_dirty, git_revision
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -69,7 +69,7 @@ def main(argv: Sequence[str]) -> None:
   os.makedirs(workdir, exist_ok=True)
   device = jax.devices()[0]
   _err(f"experiment {config.name} ({config.variant}) on {len(jax.devices())} "
-       f"{device.platform} device(s): runs {', '.join(config.policies.keys())}"
+       f"{device.platform} device(s): runs {', '.join(run_names(config))}"
        + (f" x {config.sweep.field} in {tuple(config.sweep.points)}" if config.sweep.field
           else ""))
   start = time.perf_counter()
@@ -90,10 +90,6 @@ def main(argv: Sequence[str]) -> None:
   plots = write_plots(results, workdir)
   print(f"\n{config.name} ({config.variant}): {results['description']}")
   print(comparison_table(results))
-  for point, a in results["outputs_agree"].items():
-    print(f"same tokens under every policy{f' at {point}' if point else ''}: "
-          f"{'yes' if a['all_same'] else 'NO'} ({a['same']} of the {a['compared']} requests "
-          "all of them finished)")
   print(f"wrote {workdir}/results.json and {len(plots)} plots in "
         f"{time.perf_counter() - start:.0f}s")
 
