@@ -33,7 +33,7 @@ from crosspool_jax.engine.request import Request, Status
 from crosspool_jax.engine.scheduler import Scheduler
 from crosspool_jax.models.checkpoint import load_checkpoint
 from crosspool_jax.models.config import ModelConfig
-from crosspool_jax.models.sampling import INVALID_TOKEN, SamplingParams
+from crosspool_jax.models.sampling import SamplingParams
 from crosspool_jax.pools.kv_buffers import allocate_kv_buffers
 from crosspool_jax.pools.kv_pool import POLICIES, KVModelSpec, KVPool
 from crosspool_jax.pools.weights_buffers import DeviceWeightsPool
@@ -461,28 +461,8 @@ class Engine:
       return events
     now = time.perf_counter()
     for batch, tokens in zip(batches, results, strict=True):
-      for r, n, tok in zip(batch.requests, batch.num_new, tokens, strict=True):
-        r.num_cached += n
-        if r.num_pending > 0:  # mid-prefill (or mid-recompute): no token yet
-          continue
-        tok = int(tok)
-        if tok == INVALID_TOKEN:
-          self.scheduler.remove(r)
-          r.status, r.finish_reason, r.finish_s = Status.FAILED, "error", now
-          r.error = (f"non-finite logits at position {r.num_tokens}: corrupted KV pages or "
-                     "weights of this request's model")
-          events.append(TokenEvent(r.request_id, r.model_id, None, True, "error"))
-          continue
-        r.output_ids.append(tok)
-        r.token_s.append(now)
-        if r.first_token_s is None:
-          r.first_token_s = now
-        reason = ("stop" if tok in r.stop_ids else
-                  "length" if len(r.output_ids) >= r.max_new_tokens else None)
+      for r, tok, reason in self.scheduler.commit(batch, tokens, now):
         events.append(TokenEvent(r.request_id, r.model_id, tok, reason is not None, reason))
-        if reason:
-          self.scheduler.remove(r)
-          r.status, r.finish_reason, r.finish_s = Status.FINISHED, reason, now
     self.steps += 1
     self._sample_pools()
     return events

@@ -21,6 +21,7 @@ import dataclasses
 from collections.abc import Callable
 
 from crosspool_jax.engine.request import Request, Status
+from crosspool_jax.models.sampling import INVALID_TOKEN
 from crosspool_jax.pools.kv_pool import KVPool, PoolExhaustedError
 
 
@@ -97,6 +98,41 @@ class Scheduler:
     for request in evicted:
       self._preempted(request)
     return evicted
+
+  def commit(self, batch: ModelBatch, tokens_B, now: float
+             ) -> list[tuple[Request, int | None, str | None]]:
+    """Records what a batch computed: every request's fed tokens are now cached; a request
+    that has fed all it had gets its sampled token, and finishes on a stop id or at
+    max_new_tokens (its pages return). A token sampled from non-finite logits
+    (`INVALID_TOKEN`) fails its request instead.
+
+    Returns:
+      (request, its new token or None if it failed, finish reason or None) per new token.
+    """
+    out = []
+    for r, n, tok in zip(batch.requests, batch.num_new, tokens_B, strict=True):
+      r.num_cached += n
+      if r.num_pending > 0:  # mid-prefill (or mid-recompute): no token yet
+        continue
+      tok = int(tok)
+      if tok == INVALID_TOKEN:
+        self.remove(r)
+        r.status, r.finish_reason, r.finish_s = Status.FAILED, "error", now
+        r.error = (f"non-finite logits at position {r.num_tokens}: corrupted KV pages or "
+                   "weights of this request's model")
+        out.append((r, None, "error"))
+        continue
+      r.output_ids.append(tok)
+      r.token_s.append(now)
+      if r.first_token_s is None:
+        r.first_token_s = now
+      reason = ("stop" if tok in r.stop_ids else
+                "length" if len(r.output_ids) >= r.max_new_tokens else None)
+      out.append((r, tok, reason))
+      if reason:
+        self.remove(r)
+        r.status, r.finish_reason, r.finish_s = Status.FINISHED, reason, now
+    return out
 
   def has_work(self) -> bool:
     return any(self.queues.values())

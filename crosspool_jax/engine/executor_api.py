@@ -1,0 +1,69 @@
+"""What the engine needs of an executor, and a fake one whose tokens are known by hand.
+
+Invariant: an executor only runs the batches the scheduler built; it never admits, preempts
+or frees anything (the scheduler and the pools do), so the scheduler can be tested on the fake.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import numpy as np
+
+from crosspool_jax.engine.scheduler import ModelBatch
+from crosspool_jax.pools.kv_pool import KVPool
+
+
+class Executor(Protocol):
+  """Runs each iteration's model batches (the colocated and the CrossPool executors)."""
+
+  @property
+  def compile_count(self) -> int:
+    """Executables (or warmed shapes) prepared so far."""
+
+  def compile_all(self, log: Callable[[str], None] | None = None) -> int:
+    """Prepares every shape a step can take, before serving; returns `compile_count`."""
+
+  def run_many(self, batches: list[ModelBatch]) -> list[np.ndarray]:
+    """Feeds every batch; returns, per batch, the token sampled after each request's fed
+    tokens. Raises `StepError` naming the models whose work failed."""
+
+  def restore_lost_buffers(self) -> list[KVPool]:
+    """After a failed step: re-creates buffers the failure consumed; returns the KV pools
+    whose pages were lost with them."""
+
+  def remove_model(self, model_id: str) -> None:
+    """Stops running a model (the engine returns its pages and slots)."""
+
+
+class FakeExecutor:
+  """An executor with no model: the token sampled after a request's fed tokens is
+  `fake_token(position)` of the position it will occupy, so every output is known by hand
+  and a recomputed (preempted) request must reproduce it. Records every batch it ran."""
+
+  def __init__(self, vocab_size: int = 97):
+    self.vocab_size = vocab_size
+    self.batches: list[list[ModelBatch]] = []
+
+  def fake_token(self, position: int) -> int:
+    return position % self.vocab_size
+
+  @property
+  def compile_count(self) -> int:
+    return 0
+
+  def compile_all(self, log=None) -> int:
+    return 0
+
+  def run_many(self, batches: list[ModelBatch]) -> list[np.ndarray]:
+    self.batches.append([ModelBatch(b.model_id, list(b.requests), list(b.num_new))
+                         for b in batches])
+    return [np.array([self.fake_token(r.num_cached + n) for r, n in
+                      zip(b.requests, b.num_new, strict=True)], np.int32) for b in batches]
+
+  def restore_lost_buffers(self) -> list[KVPool]:
+    return []
+
+  def remove_model(self, model_id: str) -> None:
+    del model_id

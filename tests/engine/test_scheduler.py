@@ -1,0 +1,137 @@
+"""The scheduler on the fake executor (no model): fairness, chunked prefill, preemption order,
+out-of-band eviction, all checked by hand; tokens are fake_token(position), so a preempted
+and recomputed request must still produce exactly the hand-computed output."""
+
+import pytest
+
+from crosspool_jax.engine.executor_api import FakeExecutor
+from crosspool_jax.engine.request import Request, Status
+from crosspool_jax.engine.scheduler import Scheduler
+from crosspool_jax.models.sampling import INVALID_TOKEN, SamplingParams
+from crosspool_jax.pools.kv_pool import KVModelSpec, KVPool
+
+# page_elems 64 with 2 KV heads x 16 dims: 1 token per page per layer; 1 layer.
+PAGE_ELEMS = 64
+
+
+def _setup(models=("a", "b", "c"), pages=200, token_budget=12, max_batch=4, max_tokens=64):
+  pool = KVPool(page_elems=PAGE_ELEMS, pages_per_device=pages, policy="shared")
+  for m in models:
+    pool.register_model(KVModelSpec(m, num_layers=1, kv_heads=2, head_dim=16, max_context=64,
+                                    max_batch=max_batch))
+  sched = Scheduler({m: pool for m in models}, token_budget=token_budget, max_batch=max_batch,
+                    max_tokens=max_tokens)
+  return sched, pool, FakeExecutor()
+
+
+def _request(rid, model, prompt_len, max_new, arrival):
+  return Request(rid, model, list(range(1, prompt_len + 1)), SamplingParams(), max_new,
+                 arrival_s=arrival)
+
+
+def _step(sched, executor):
+  batches = sched.schedule()
+  results = executor.run_many(batches) if batches else []
+  for batch, tokens in zip(batches, results, strict=True):
+    sched.commit(batch, tokens, now=0.0)
+  return batches
+
+
+def _drain(sched, executor, limit=200):
+  for _ in range(limit):
+    if not sched.has_work():
+      return
+    _step(sched, executor)
+  raise AssertionError("the scheduler did not finish")
+
+
+def test_fair_shares_rotate_over_models():
+  sched, _, ex = _setup(token_budget=12)
+  for i, m in enumerate("abc"):
+    for j in range(3):
+      sched.add(_request(f"{m}{j}", m, prompt_len=20, max_new=1, arrival=i * 3 + j))
+  first = _step(sched, ex)
+  # every model gets a third of the budget: 4 prompt tokens of its oldest request
+  assert [(b.model_id, [r.request_id for r in b.requests], b.num_new) for b in first] == [
+      ("a", ["a0"], [4]), ("b", ["b0"], [4]), ("c", ["c0"], [4])]
+  second = _step(sched, ex)
+  assert [b.model_id for b in second] == ["b", "c", "a"]  # the round robin starts one further
+
+
+def test_idle_models_share_goes_to_the_others():
+  sched, _, ex = _setup(token_budget=12)
+  sched.add(_request("a0", "a", prompt_len=30, max_new=1, arrival=0))
+  sched.add(_request("b0", "b", prompt_len=30, max_new=1, arrival=1))
+  batches = _step(sched, ex)
+  assert sorted((b.model_id, b.num_new) for b in batches) == [("a", [6]), ("b", [6])]
+
+
+def test_chunked_prefill_then_decode_gives_the_hand_computed_tokens():
+  sched, pool, ex = _setup(models=("a",), token_budget=4)
+  req = _request("r", "a", prompt_len=10, max_new=3, arrival=0)
+  sched.add(req)
+  fed = [_step(sched, ex)[0].num_new for _ in range(5)]
+  assert fed == [[4], [4], [2], [1], [1]]
+  assert not sched.has_work()
+  assert req.output_ids == [ex.fake_token(p) for p in (10, 11, 12)]
+  assert req.status == Status.FINISHED and req.finish_reason == "length"
+  assert pool.used_pages == 0
+
+
+def test_preempted_requests_are_recomputed_exactly():
+  # 8 usable pages, 1 token per page: two requests of 3 + 4 tokens cannot both finish.
+  sched, pool, ex = _setup(models=("a", "b"), pages=9, token_budget=16)
+  old = _request("old", "a", prompt_len=3, max_new=4, arrival=0)
+  new = _request("new", "b", prompt_len=3, max_new=4, arrival=1)
+  sched.add(old)
+  sched.add(new)
+  _step(sched, ex)  # both prefilled: 6 pages
+  assert old.status == new.status == Status.RUNNING
+  _drain(sched, ex)
+  assert old.preemptions + new.preemptions >= 1
+  for r in (old, new):
+    assert r.output_ids == [ex.fake_token(p) for p in range(3, 7)]
+  pool.check_invariants()
+  assert pool.used_pages == 0
+
+
+def test_pages_taken_between_steps_are_requeued_not_lost():
+  sched, pool, ex = _setup(models=("a",), token_budget=16)
+  reqs = [_request(f"r{i}", "a", prompt_len=4, max_new=3, arrival=i) for i in range(3)]
+  for r in reqs:
+    sched.add(r)
+  _step(sched, ex)
+  victims = pool.set_limit(8)  # out of band: the scheduler is not told
+  assert victims == ["r2"]
+  assert [r.request_id for r in sched.requeue_evicted()] == ["r2"]
+  assert reqs[2].status == Status.WAITING and reqs[2].num_cached == 0
+  pool.set_limit(pool.capacity)
+  _drain(sched, ex)
+  assert all(r.output_ids == [ex.fake_token(p) for p in (4, 5, 6)] for r in reqs)
+
+
+def test_an_invalid_token_fails_its_request_only():
+  sched, pool, ex = _setup(models=("a",))
+  good = _request("good", "a", prompt_len=2, max_new=2, arrival=0)
+  bad = _request("bad", "a", prompt_len=2, max_new=2, arrival=1)
+  sched.add(good)
+  sched.add(bad)
+  (batch,) = sched.schedule()
+  out = sched.commit(batch, [ex.fake_token(2), INVALID_TOKEN], now=1.0)
+  assert [(r.request_id, tok, reason) for r, tok, reason in out] == [
+      ("good", 2, None), ("bad", None, "error")]
+  assert bad.status == Status.FAILED and "non-finite logits at position 2" in bad.error
+  assert not pool.has_request("bad") and pool.has_request("good")
+
+
+def test_remove_model_returns_its_queue_and_pages():
+  sched, pool, ex = _setup(models=("a", "b"))
+  for i in range(3):
+    sched.add(_request(f"a{i}", "a", prompt_len=5, max_new=2, arrival=i))
+  sched.add(_request("b0", "b", prompt_len=5, max_new=2, arrival=9))
+  _step(sched, ex)
+  gone = sched.remove_model("a")
+  assert [r.request_id for r in gone] == ["a0", "a1", "a2"]
+  assert pool.requests == ["b0"]
+  with pytest.raises(ValueError, match="already scheduled"):
+    sched.add_model("b", pool)
