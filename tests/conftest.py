@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 
@@ -17,6 +18,17 @@ if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops JAX's compilation caches after each test module. Every XLA:CPU executable keeps a
+  few memory mappings of its code, and the whole suite in one process (`-p no:xdist`) would
+  otherwise pass the kernel's map-count limit (vm.max_map_count, 65530 by default) and crash
+  inside a compilation."""
+  yield
+  jax.clear_caches()
+  gc.collect()
 
 
 @pytest.fixture(scope="session")
