@@ -10,8 +10,7 @@ from crosspool_jax.models.config import tiny_config
 from crosspool_jax.models.model import init_params
 from crosspool_jax.models.paged import PagedBatch, forward_paged, write_and_attend
 from crosspool_jax.pools.kv_buffers import allocate_kv_buffers, buffer_bytes
-from crosspool_jax.pools.kv_pool import KVPool
-from tests.paged_harness import kv_spec
+from crosspool_jax.pools.kv_pool import KVModelSpec, KVPool
 
 CFG = tiny_config("mixtral")  # K*H = 32: 8 tokens per 512-element page
 PAGES = 1031  # a distinctive dimension to find the pool in HLO text
@@ -19,7 +18,8 @@ PAGES = 1031  # a distinctive dimension to find the pool in HLO text
 
 def _setup(pages=PAGES):
   pool = KVPool(page_elems=512, pages_per_device=pages)
-  pool.register_model(kv_spec("m", CFG, max_context=64, max_batch=2))
+  pool.register_model(KVModelSpec("m", CFG.num_layers, CFG.num_kv_heads, CFG.head_dim,
+                                  max_context=64, max_batch=2))
   pool.add_request("m", "r")
   pool.grow("r", 5)
   (buf,) = allocate_kv_buffers(pool, jax.devices()[:1], dtype=jnp.float32)
