@@ -2,7 +2,8 @@
 executor) vs its contiguous-cache reference.
 
 The KV buffers start NaN-filled, so any read of a page (or slot) a sequence does not own shows
-up. A sequence spread over several KV devices: tests/engine/test_crosspool.py.
+up. A sequence spread over several KV devices: tests/models/test_stages.py (the stages) and
+tests/engine/test_crosspool.py (end to end).
 """
 
 import jax.numpy as jnp
