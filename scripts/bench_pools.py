@@ -38,6 +38,7 @@ import numpy as np
 from absl import app, flags
 
 from crosspool_jax.cli import run_script, start_script
+from crosspool_jax.engine.weights_generate import generate_pooled
 from crosspool_jax.models.config import FAMILIES, tiny_config
 from crosspool_jax.models.model import init_params
 from crosspool_jax.pools.expert_policies import POLICIES
@@ -49,7 +50,6 @@ from crosspool_jax.pools.expert_trace import (
   write_jsonl,
 )
 from crosspool_jax.pools.weights_buffers import DeviceWeightsPool
-from crosspool_jax.pools.weights_generate import generate_pooled
 from crosspool_jax.pools.weights_pool import (
   ExpertModelSpec,
   ShapeClass,

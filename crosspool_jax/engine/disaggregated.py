@@ -4,14 +4,14 @@ Every model has a home KV device (`LoadedModel.group`, an index into the KV devi
 without the routed experts (attention, embeddings, norms, routers, shared experts, dense MLPs)
 live there. The one KV pool still spans all KV devices (a sequence's pages may be on any).
 
-Per layer of a micro-batch: on the KV devices, the embedding lookup (first layer) and q/k/v on
-the model's home KV device, then on EVERY KV device the KV write and the attention over that
-device's local pages (`paged.write_and_attend`), the partials merged exactly by their LSE on the
-home device, the residual, the FFN norm, the router and (pinned with the model) the shared
-expert or dense MLP; then the hidden states cross to the weights device that holds the layer's
-expert slots, the experts the router chose are made resident (`DeviceWeightsPool.access`: hit
-or swap-in), the expert dispatch runs there, and the result crosses back to the home device
-(shared expert added there); after the last layer the head and sampling run at home.
+Per layer of a micro-batch, each step one dispatch of a stage of `models/stages.py`: on the
+model's home KV device the embedding (first layer) and `attention_inputs`; on EVERY KV device
+`write_and_attend_paged` over that device's local pages; at home `post_attention` (the partials
+merged exactly by their LSE, residual, FFN norm, then the router or, pinned with the model, the
+dense MLP); then the hidden states cross to the weights device that holds the layer's expert
+slots, the experts the router chose are made resident (`DeviceWeightsPool.access`: hit or
+swap-in), `routed_experts` runs there, and the result crosses back to the home device for
+`combine` (shared expert added there); after the last layer `head_and_sample` runs at home.
 
 Fused expert calls (`fuse_experts=True`): after a layer's attentions, the micro-batches whose
 MoE layer at this index has the same shape class and home weights device (different models of
@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import functools
 import itertools
 import queue
 import threading
@@ -61,15 +60,10 @@ import numpy as np
 
 from crosspool_jax.engine.executor import LoadedModel, blame, pack_batch, token_bucket
 from crosspool_jax.engine.scheduler import ModelBatch
-from crosspool_jax.models import layers
-from crosspool_jax.models.config import ModelConfig
-from crosspool_jax.models.paged import attention_inputs, write_and_attend
-from crosspool_jax.models.sampling import sample
+from crosspool_jax.models import stages
 from crosspool_jax.pools.kv_buffers import allocate_kv_buffer
 from crosspool_jax.pools.kv_pool import KVPool
 from crosspool_jax.pools.weights_buffers import DeviceWeightsPool
-from pallas_kernels.expert_dispatch import expert_dispatch
-from pallas_kernels.ragged_paged_attention import merge_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -168,29 +162,6 @@ class Timeline:
             "overlap_s": overlapped, "transfers_concurrent_with_compute": concurrent}
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "layer"))
-def _post_attention(p, x_TD, outs_MTNH, lses_MTN, *, cfg: ModelConfig, layer: int):
-  """Merge + output projection + residual; then the FFN norm and the router (MoE layer) or the
-  whole dense MLP (dense layer, pinned with the model).
-
-  Returns (x_TD, h_TD, ids_TK, weights_TK) for a MoE layer, (x_TD,) for a dense one.
-  """
-  o_TNH, _ = merge_attention(outs_MTNH, lses_MTN)
-  x_TD = x_TD + layers.attention_out(p["attn"], o_TNH.astype(x_TD.dtype))
-  h_TD = layers.rms_norm(x_TD, p["ffn_norm_D"], cfg.rms_eps)
-  if not cfg.moe_layers[layer]:
-    return (x_TD + layers.ffn_block(p["ffn"], h_TD, cfg, layer),)
-  ids_TK, weights_TK = layers.route(p["ffn"]["w_router_DE"], h_TD, cfg)
-  return x_TD, h_TD, ids_TK, weights_TK
-
-
-@functools.partial(jax.jit, static_argnames=("impl",))
-def _experts(h_TD, ids_TK, weights_TK, valid_T, slot_table_E, w_gate_SDF, w_up_SDF, w_down_SFD,
-             *, impl):
-  return expert_dispatch(h_TD, ids_TK, weights_TK, slot_table_E, w_gate_SDF, w_up_SDF,
-                         w_down_SFD, valid_T=valid_T, impl=impl)
-
-
 @jax.jit
 def _stage(x_UD, slots_UK, weights_UK, valid_U, h_TD, ids_TK, weights_TK, valid_T, slot_table_E,
            offset):
@@ -228,25 +199,6 @@ def _unstage(y_UD, valid_T, offset):
   """A member's expert output [T, D] cut from the fused one (padding rows zero, as unfused)."""
   rows_T = jnp.where(valid_T, offset + jnp.cumsum(valid_T.astype(jnp.int32)) - 1, 0)
   return jnp.where(valid_T[:, None], y_UD[rows_T], jnp.zeros((), y_UD.dtype))
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _combine(p_ffn, x_TD, h_TD, y_TD, *, cfg: ModelConfig):
-  """x + (routed experts + shared expert), as `layers.moe_block` adds them."""
-  return x_TD + layers.add_shared_expert(p_ffn, h_TD, y_TD, cfg)
-
-
-@jax.jit
-def _embed(embed_VD, tokens_T, positions_T):
-  """The micro-batch's token embeddings and its valid-token mask (padding has position -1)."""
-  return embed_VD[tokens_T], positions_T >= 0
-
-
-@functools.partial(jax.jit, static_argnames=("cfg",))
-def _head_and_sample(params, x_TD, cu_q_lens_S1, sampling, next_positions_S, *, cfg):
-  last_S = jnp.maximum(cu_q_lens_S1[1:] - 1, 0)
-  logits_SV = layers.lm_head(params, x_TD[last_S], cfg)
-  return sample(logits_SV, next_positions_S, **sampling)
 
 
 @dataclasses.dataclass
@@ -435,8 +387,8 @@ class DisaggregatedExecutor:
               dev)
           staged = _stage(*self._fused_zeros[c, d, fused], h, ids, w, valid, table,
                           np.int32(0))
-          y = _experts(*staged, self._identity[c, d], *self.wpool.buffers(c, d),
-                       impl=self.moe_impl)
+          y = stages.routed_experts(*staged, self._identity[c, d], *self.wpool.buffers(c, d),
+                                    impl=self.moe_impl)
           jax.block_until_ready(_unstage(y, valid, np.int32(0)))
         self._warm_fused.add((c, d, fused))
         if log:
@@ -479,7 +431,7 @@ class DisaggregatedExecutor:
     paged = [jax.device_put(b, d) for b, d in zip(paged, self.kv_devices, strict=True)]
     home = paged[model.group]
     sampling, next_pos = jax.device_put((sampling, next_pos), self.kv_devices[model.group])
-    x_TD, valid_T = _embed(model.params["embed_VD"], home.tokens_T, home.positions_T)
+    x_TD, valid_T = stages.embed(model.params["embed_VD"], home.tokens_T, home.positions_T)
     return _MicroBatch(index, model, batch, paged, sampling, next_pos, valid_T, valid_host, x_TD)
 
   def _run_micro_batches(self, mbs: list[_MicroBatch], *, track: bool) -> list[np.ndarray]:
@@ -500,8 +452,9 @@ class DisaggregatedExecutor:
     out = []
     for mb in mbs:
       with blame([mb.model.model_id]):
-        tokens_S = _head_and_sample(mb.model.params, mb.x_TD, mb.paged[mb.home].cu_q_lens_S1,
-                                    mb.sampling, mb.next_pos, cfg=mb.model.cfg)
+        tokens_S = stages.head_and_sample(mb.model.params, mb.x_TD,
+                                          mb.paged[mb.home].cu_q_lens_S1, mb.sampling,
+                                          mb.next_pos, cfg=mb.model.cfg)
         out.append(tokens_S)
     return [np.asarray(t)[:len(mb.batch.requests)] for t, mb in zip(out, mbs, strict=True)]
 
@@ -516,11 +469,11 @@ class DisaggregatedExecutor:
   def _attention(self, mb: _MicroBatch, layer: int, track: bool) -> None:
     cfg, p = mb.model.cfg, mb.model.params["layers"][layer]
     home = self.kv_devices[mb.home]
-    q, k, v = attention_inputs(p, mb.x_TD, mb.paged[mb.home].positions_T, cfg=cfg)
+    q, k, v = stages.attention_inputs(p, mb.x_TD, mb.paged[mb.home].positions_T, cfg=cfg)
     outs, lses = [], []
     for d, (b, dev) in enumerate(zip(mb.paged, self.kv_devices, strict=True)):
       on_home = d == mb.home  # no transfer (and no dispatch of one) to the home device itself
-      o, lse, self.kv_buffers[d] = write_and_attend(
+      o, lse, self.kv_buffers[d] = stages.write_and_attend_paged(
           self.kv_buffers[d], *((q, k, v) if on_home else jax.device_put((q, k, v), dev)), b,
           layer, cfg=cfg, impl=self.attn_impl)
       self._track(track, o, mb, layer, "attention", dev)
@@ -528,7 +481,7 @@ class DisaggregatedExecutor:
         o, lse = jax.device_put((o, lse), home)
       outs.append(o)
       lses.append(lse)
-    result = _post_attention(p, mb.x_TD, outs, lses, cfg=cfg, layer=layer)
+    result = stages.post_attention(p, mb.x_TD, outs, lses, cfg=cfg, moe=cfg.moe_layers[layer])
     self._track(track, result, mb, layer, "merge_router", home)
     if cfg.moe_layers[layer]:
       mb.moe = result
@@ -552,11 +505,12 @@ class DisaggregatedExecutor:
     wdev = slot_table_E.devices().pop()
     moved = jax.device_put((h_TD, ids_TK, weights_TK, mb.valid_T), wdev)
     self._track(track, moved, mb, layer, "transfer_to_weights", wdev)
-    y_TD = _experts(*moved, slot_table_E, *buffers, impl=self.moe_impl)
+    y_TD = stages.routed_experts(*moved, slot_table_E, *buffers, impl=self.moe_impl)
     self._track(track, y_TD, mb, layer, "experts", wdev)
     y_TD = jax.device_put(y_TD, self.kv_devices[mb.home])
     self._track(track, y_TD, mb, layer, "transfer_back", self.kv_devices[mb.home])
-    mb.x_TD = _combine(mb.model.params["layers"][layer]["ffn"], x_TD, h_TD, y_TD, cfg=cfg)
+    mb.x_TD = stages.combine(mb.model.params["layers"][layer]["ffn"], x_TD, h_TD, y_TD,
+                             cfg=cfg)
     mb.moe = None
     if track:
       self.expert_calls += 1
@@ -623,16 +577,16 @@ class DisaggregatedExecutor:
       staged = _stage(*staged, *moved[mb.index], table, np.int32(offset))
       offsets.append(offset)
       offset += mb.num_tokens
-    y_UD = _experts(*staged, self._identity[c, d], *self.wpool.buffers(c, d),
-                    impl=self.moe_impl)
+    y_UD = stages.routed_experts(*staged, self._identity[c, d], *self.wpool.buffers(c, d),
+                                 impl=self.moe_impl)
     self._track(track, y_UD, call, layer, "experts", wdev)
     for mb, offset in zip(call, offsets, strict=True):
       home = self.kv_devices[mb.home]
       y_TD = jax.device_put(_unstage(y_UD, moved[mb.index][3], np.int32(offset)), home)
       self._track(track, y_TD, mb, layer, "transfer_back", home)
       x_TD, h_TD, _, _ = mb.moe
-      mb.x_TD = _combine(mb.model.params["layers"][layer]["ffn"], x_TD, h_TD, y_TD,
-                         cfg=mb.model.cfg)
+      mb.x_TD = stages.combine(mb.model.params["layers"][layer]["ffn"], x_TD, h_TD, y_TD,
+                               cfg=mb.model.cfg)
       mb.moe = None
     if track:
       self.expert_calls += 1

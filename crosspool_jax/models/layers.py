@@ -1,12 +1,11 @@
-"""Pure functions of (params, arrays) that make up the MoE transformer.
+"""Pure functions of (params, arrays): the math the per-layer stages (`stages.py`) are made of.
 
-Params are plain dicts of arrays (`nnx.to_pure_dict` of the NNX modules in `model.py`), so
-an executor can run the attention block and the MoE block on different devices and feed
-them page tables or slot tables explicitly.
+Params are plain dicts of arrays (`nnx.to_pure_dict` of the NNX modules in `model.py`).
 
 Glossary of shape suffixes: B batch, T tokens (flattened batch x time where it says so),
 S cache positions, D d_model, N query heads, K kv heads (or top-k in routing arrays: `_TK`),
-H head dim, E experts, F FFN hidden dim, V vocab, L layers.
+H head dim, E experts, F FFN hidden dim, V vocab, L layers, M attention partials (one
+per KV store), P pages, U rows of a fused expert call.
 """
 
 from __future__ import annotations
@@ -15,7 +14,6 @@ import jax
 import jax.numpy as jnp
 
 from crosspool_jax.models.config import ModelConfig
-from pallas_kernels.expert_dispatch import expert_dispatch
 
 Params = dict
 
@@ -91,32 +89,6 @@ def route(w_router_DE: jax.Array, x_TD: jax.Array, cfg: ModelConfig):
   return ids_TK.astype(jnp.int32), weights_TK
 
 
-def moe_block(p: Params, x_TD: jax.Array, cfg: ModelConfig, *,
-              slot_table_E: jax.Array | None = None, expert_weights=None,
-              valid_T: jax.Array | None = None, impl: str | None = None) -> jax.Array:
-  """The MoE FFN of one layer on a flat token batch x [T, D].
-
-  Args:
-    p: the layer's MoE params (router, and the experts unless `expert_weights` is given;
-      shared expert if the family has one).
-    x_TD: normed residual.
-    cfg: model config.
-    slot_table_E: expert id -> slot in the expert buffers; identity if None.
-    expert_weights: (w_gate_SDF, w_up_SDF, w_down_SFD) pooled buffers to read the experts
-      from through `slot_table_E`; the layer's own `w_*_E..` params if None.
-    valid_T: optional bool [T]; padding tokens (False) are not dispatched to experts.
-    impl: expert dispatch implementation ("pallas" | "interpret" | "reference" | None).
-  """
-  ids_TK, weights_TK = route(p["w_router_DE"], x_TD, cfg)
-  if expert_weights is None:
-    expert_weights = (p["w_gate_EDF"], p["w_up_EDF"], p["w_down_EFD"])
-  if slot_table_E is None:
-    slot_table_E = jnp.arange(cfg.num_experts, dtype=jnp.int32)
-  y_TD = expert_dispatch(x_TD, ids_TK, weights_TK, slot_table_E, *expert_weights,
-                         valid_T=valid_T, impl=impl)
-  return add_shared_expert(p, x_TD, y_TD, cfg)
-
-
 def add_shared_expert(p: Params, x_TD: jax.Array, y_TD: jax.Array, cfg: ModelConfig):
   """y + sigmoid(x @ gate) * SwiGLU_shared(x) if the family has a shared expert, else y."""
   if not cfg.d_ff_shared:
@@ -124,13 +96,6 @@ def add_shared_expert(p: Params, x_TD: jax.Array, y_TD: jax.Array, cfg: ModelCon
   gate_T1 = jax.nn.sigmoid((x_TD @ p["shared_gate_D1"]).astype(jnp.float32))
   shared_TD = swiglu(x_TD, p["shared_w_gate_DF"], p["shared_w_up_DF"], p["shared_w_down_FD"])
   return y_TD + (gate_T1 * shared_TD).astype(y_TD.dtype)
-
-
-def ffn_block(p: Params, x_TD: jax.Array, cfg: ModelConfig, layer: int, **moe_kwargs):
-  """The FFN of layer `layer`: MoE block or dense SwiGLU MLP, as the family interleaves them."""
-  if cfg.moe_layers[layer]:
-    return moe_block(p, x_TD, cfg, **moe_kwargs)
-  return swiglu(x_TD, p["w_gate_DF"], p["w_up_DF"], p["w_down_FD"])
 
 
 def attend_contiguous(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,

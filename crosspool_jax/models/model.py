@@ -2,7 +2,7 @@
 
 The NNX modules define the parameters (names, shapes, initialisers). Hot paths never call
 the modules: `nnx.split` once, `nnx.to_pure_dict` the state, and pass that dict to the pure
-functions below under a plain `jax.jit` (see `layers.py`).
+stages (`stages.py`) under a plain `jax.jit`; `forward` composes them over a `KVCache`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from crosspool_jax.models import layers
+from crosspool_jax.models import stages
 from crosspool_jax.models.config import ModelConfig
 
 
@@ -131,15 +131,6 @@ class KVCache:
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
 
-def write_cache(cache_LBSKH, layer: int, new_BTKH, positions_BT):
-  """Writes one layer's new K or V at their positions; negative positions are dropped."""
-  s = cache_LBSKH.shape[2]
-  pos_BT = jnp.where(positions_BT < 0, s, positions_BT)
-  b_BT = jnp.broadcast_to(jnp.arange(cache_LBSKH.shape[1])[:, None], pos_BT.shape)
-  new_BTKH = new_BTKH.astype(cache_LBSKH.dtype)
-  return cache_LBSKH.at[layer, b_BT, pos_BT].set(new_BTKH, mode="drop")
-
-
 @functools.partial(jax.jit, static_argnames=("cfg", "moe_impl"), donate_argnames=("cache",))
 def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache, *,
             cfg: ModelConfig, moe_impl: str | None = None) -> tuple[jax.Array, KVCache]:
@@ -157,18 +148,16 @@ def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array, cache: 
   Returns:
     (logits_BTV f32, updated cache).
   """
-  x_BTD = params["embed_VD"][tokens_BT]
-  b, t, d = x_BTD.shape
+  b, t = tokens_BT.shape
+  positions_T = positions_BT.reshape(-1)
+  x_TD, valid_T = stages.embed(params["embed_VD"], tokens_BT.reshape(-1), positions_T)
   k_LBSKH, v_LBSKH = cache.k_LBSKH, cache.v_LBSKH
   for i in range(cfg.num_layers):
     p = params["layers"][i]
-    h_BTD = layers.rms_norm(x_BTD, p["attn_norm_D"], cfg.rms_eps)
-    q_BTNH, k_BTKH, v_BTKH = layers.attention_qkv(p["attn"], h_BTD, positions_BT, cfg)
-    k_LBSKH = write_cache(k_LBSKH, i, k_BTKH, positions_BT)
-    v_LBSKH = write_cache(v_LBSKH, i, v_BTKH, positions_BT)
-    o_BTNH = layers.attend_contiguous(q_BTNH, k_LBSKH[i], v_LBSKH[i], positions_BT)
-    x_BTD = x_BTD + layers.attention_out(p["attn"], o_BTNH)
-    h_TD = layers.rms_norm(x_BTD, p["ffn_norm_D"], cfg.rms_eps).reshape(b * t, d)
-    x_BTD = x_BTD + layers.ffn_block(p["ffn"], h_TD, cfg, i, impl=moe_impl).reshape(b, t, d)
-  logits_BTV = layers.lm_head(params, x_BTD, cfg)
+    q_TNH, k_TKH, v_TKH = stages.attention_inputs(p, x_TD, positions_T, cfg=cfg)
+    o_TNH, k_LBSKH, v_LBSKH = stages.write_and_attend_contiguous(
+        k_LBSKH, v_LBSKH, q_TNH, k_TKH, v_TKH, positions_BT, i)
+    x_TD = stages.finish_layer(p, x_TD, [o_TNH], None, valid_T, cfg=cfg,
+                               moe=cfg.moe_layers[i], impl=moe_impl)
+  logits_BTV = stages.head(params, x_TD, None, cfg=cfg).reshape(b, t, -1)
   return logits_BTV, KVCache(k_LBSKH, v_LBSKH)

@@ -2,7 +2,7 @@
 
 Host-side only (numpy, no JAX device call), so the same pool runs under trace replay and the
 cost-model simulator. The device buffers it plans for, and the swap-ins themselves, are in
-`weights_buffers.py`; the layer-wise generation path that drives it is `weights_generate.py`.
+`weights_buffers.py`; the layer-wise generation path that drives it is `engine/weights_generate.py`.
 
 Vocabulary:
   * shape class (d_model, d_ff, dtype): experts of that shape share slots. One buffer triple

@@ -7,9 +7,10 @@ import jax
 import numpy as np
 import pytest
 
-from crosspool_jax.engine.disaggregated import _experts, _stage, _unstage
+from crosspool_jax.engine.disaggregated import _stage, _unstage
 from crosspool_jax.models.config import tiny_config
 from crosspool_jax.models.model import init_params
+from crosspool_jax.models.stages import routed_experts
 from crosspool_jax.pools.weights_buffers import DeviceWeightsPool
 from crosspool_jax.pools.weights_pool import (
     ExpertModelSpec,
@@ -47,11 +48,11 @@ def test_fused_call_equals_each_members_own_call(impl):
   for m, off in zip(members, offsets, strict=True):
     fused = _stage(*fused, *m, np.int32(off))
   assert int(np.asarray(fused[3]).sum()) == 7  # 4 + 3 valid rows packed, the rest padding
-  y_fused = _experts(*fused, np.arange(S, dtype=np.int32), *buffers, impl=impl)
+  y_fused = routed_experts(*fused, np.arange(S, dtype=np.int32), *buffers, impl=impl)
   for m, off in zip(members, offsets, strict=True):
     h, ids, w, v, table = m
     got = np.asarray(_unstage(y_fused, v, np.int32(off)))
-    want = np.asarray(_experts(h, ids, w, v, table, *buffers, impl=impl))
+    want = np.asarray(routed_experts(h, ids, w, v, table, *buffers, impl=impl))
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     assert (got[~v] == 0).all()

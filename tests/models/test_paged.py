@@ -1,20 +1,21 @@
-"""The model on the paged KV pool through the kernels vs its contiguous-cache reference.
+"""The model step on the paged KV pool (`forward_paged`, run by the engine's colocated
+executor) vs its contiguous-cache reference.
 
-The pool starts NaN-filled, so any read of a page (or slot) a sequence does not own shows up.
+The KV buffers start NaN-filled, so any read of a page (or slot) a sequence does not own shows
+up. A sequence spread over several KV devices: tests/models/test_stages.py (the stages) and
+tests/engine/test_crosspool.py (end to end).
 """
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from crosspool_jax.engine import Engine, EngineConfig
 from crosspool_jax.models.config import tiny_config
 from crosspool_jax.models.decode import generate
 from crosspool_jax.models.model import init_params
-from crosspool_jax.pools.kv_pool import KVPool
-from tests.paged_harness import Req, kv_spec, run_paged
+from crosspool_jax.pools.kv_buffers import allocate_kv_buffer
 
-PAGE_ELEMS = 512  # 8 tokens/page for K*H = 32, 4 tokens/page for K*H = 64
 MAX_CONTEXT = 40
 
 
@@ -30,38 +31,47 @@ MODELS = _models()
 
 
 def _requests(names, n_per_model=2, max_new=8):
+  """(model, prompt, max_new, arrival step) of each request."""
   rng = np.random.default_rng(0)
-  reqs = []
-  for m in names:
-    vocab = MODELS[m][0].vocab_size
-    for j in range(n_per_model):
-      prompt = rng.integers(0, vocab, size=int(rng.integers(1, 19))).tolist()
-      reqs.append(Req(f"{m}{j}", m, prompt, max_new, arrival=2 * j))
-  return reqs
+  return [(m, rng.integers(0, MODELS[m][0].vocab_size, size=int(rng.integers(1, 19))).tolist(),
+           max_new, 2 * j) for m in names for j in range(n_per_model)]
 
 
 def _reference(reqs):
   """Each model's requests as one batch of the contiguous-cache reference generation."""
-  out = {}
-  for m in {r.model for r in reqs}:
-    mine = [r for r in reqs if r.model == m]
+  out = [None] * len(reqs)
+  for m in {r[0] for r in reqs}:
+    idx = [i for i, r in enumerate(reqs) if r[0] == m]
     cfg, params = MODELS[m]
-    tokens = generate(params, cfg, [r.prompt for r in mine], max_new_tokens=mine[0].max_new)
-    out |= {r.rid: t for r, t in zip(mine, tokens, strict=True)}
+    tokens = generate(params, cfg, [reqs[i][1] for i in idx], max_new_tokens=reqs[idx[0]][2])
+    for i, t in zip(idx, tokens, strict=True):
+      out[i] = t
   return out
 
 
-def _serve(names, pages, impl, reqs, devices=1):
-  pool = KVPool(page_elems=PAGE_ELEMS, pages_per_device=pages, num_devices=devices)
+def _serve(names, pages, impl, reqs):
+  """Serves `reqs` (each submitted at its arrival step) on a NaN-filled shared pool."""
+  eng = Engine(EngineConfig(kv_policy="shared", page_elems=512, pages_per_device=pages,
+                            token_budget=40, token_buckets=(40,), max_batch=2,
+                            attn_impl=impl, moe_impl=impl))
   for m in names:
-    pool.register_model(kv_spec(m, MODELS[m][0], max_context=MAX_CONTEXT, max_batch=2))
-  pools = [jax.device_put(jnp.full((pages, PAGE_ELEMS), jnp.nan, jnp.float32), d)
-           for d in jax.devices()[:devices]]
-  out, pools, stats = run_paged({m: MODELS[m] for m in names}, reqs, pool, pools,
-                                max_batch=2, max_tokens=40, impl=impl)
+    eng.register_model(m, cfg=MODELS[m][0], params=MODELS[m][1], max_context=MAX_CONTEXT,
+                       max_batch=2)
+  eng.start()
+  (pool,) = eng.pools.values()
+  device = eng.executor.buffers[0].devices().pop()
+  eng.executor.buffers[0] = allocate_kv_buffer(pool, device, dtype=jnp.float32,
+                                               fill=float("nan"))
+  rids = [None] * len(reqs)
+  for step in range(max(r[3] for r in reqs) + 1):
+    for i, (m, p, n, arrival) in enumerate(reqs):
+      if arrival == step:
+        rids[i] = eng.submit(model_id=m, prompt_ids=p, max_new_tokens=n)
+    eng.step()
+  out = eng.generate_all()
   assert pool.used_pages == 0 and not pool.requests  # every page returned
   pool.check_invariants()
-  return out, stats
+  return [out[r] for r in rids], sum(eng._requests[r].preemptions for r in rids)
 
 
 @pytest.mark.parametrize("impl", ["reference", "interpret"])
@@ -71,28 +81,9 @@ def test_paged_greedy_equals_contiguous_reference(impl):
   assert out == _reference(reqs)
 
 
-def test_models_of_different_shapes_share_one_pool():
-  names = ["mix", "q3", "olmo"]
-  reqs = _requests(names)
-  out, stats = _serve(names, pages=96, impl="reference", reqs=reqs)
-  assert stats["preempted"] == 0
-  assert out == _reference(reqs)
-
-
-def test_forced_preemption_recomputes_to_the_same_tokens():
+def test_models_of_different_shapes_share_one_pool_with_forced_preemption():
   names = ["mix", "q3", "olmo"]
   reqs = _requests(names, max_new=10)
-  out, stats = _serve(names, pages=21, impl="reference", reqs=reqs)
-  assert stats["preempted"] > 0
-  assert out == _reference(reqs)
-
-
-def test_long_sequence_spreads_over_two_kv_devices():
-  # 9 pages per device (8 usable): a 36-token mixtral request holds 5 pages x 2 layers = 10.
-  assert len(jax.devices()) >= 2, "tests/conftest.py asks for several CPU devices"
-  rng = np.random.default_rng(1)
-  reqs = [Req("long", "mix", rng.integers(0, 512, size=28).tolist(), max_new=8),
-          Req("short", "mix", rng.integers(0, 512, size=5).tolist(), max_new=8, arrival=1)]
-  out, stats = _serve(["mix"], pages=9, impl="reference", reqs=reqs, devices=2)
-  assert stats["spread"] >= 1
+  out, preemptions = _serve(names, pages=21, impl="reference", reqs=reqs)
+  assert preemptions > 0
   assert out == _reference(reqs)

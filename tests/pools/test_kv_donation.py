@@ -8,10 +8,10 @@ import numpy as np
 
 from crosspool_jax.models.config import tiny_config
 from crosspool_jax.models.model import init_params
-from crosspool_jax.models.paged import PagedBatch, forward_paged, write_and_attend
+from crosspool_jax.models.paged import PagedBatch, forward_paged
+from crosspool_jax.models.stages import write_and_attend_paged
 from crosspool_jax.pools.kv_buffers import allocate_kv_buffers, buffer_bytes
-from crosspool_jax.pools.kv_pool import KVPool
-from tests.paged_harness import kv_spec
+from crosspool_jax.pools.kv_pool import KVModelSpec, KVPool
 
 CFG = tiny_config("mixtral")  # K*H = 32: 8 tokens per 512-element page
 PAGES = 1031  # a distinctive dimension to find the pool in HLO text
@@ -19,7 +19,8 @@ PAGES = 1031  # a distinctive dimension to find the pool in HLO text
 
 def _setup(pages=PAGES):
   pool = KVPool(page_elems=512, pages_per_device=pages)
-  pool.register_model(kv_spec("m", CFG, max_context=64, max_batch=2))
+  pool.register_model(KVModelSpec("m", CFG.num_layers, CFG.num_kv_heads, CFG.head_dim,
+                                  max_context=64, max_batch=2))
   pool.add_request("m", "r")
   pool.grow("r", 5)
   (buf,) = allocate_kv_buffers(pool, jax.devices()[:1], dtype=jnp.float32)
@@ -54,12 +55,13 @@ def test_model_step_updates_the_pool_in_place():
   assert _pool_copies(hlo, PAGES) == []
 
 
-def test_write_and_attend_has_no_pool_copy_for_any_impl():
+def test_write_and_attend_paged_has_no_pool_copy_for_any_impl():
   q = jnp.zeros((8, CFG.num_heads, CFG.head_dim))
   k = jnp.zeros((8, CFG.num_kv_heads, CFG.head_dim))
   buf, batch = _setup()
   for impl in ("reference", "interpret"):
-    hlo = write_and_attend.lower(buf, q, k, k, batch, 0, cfg=CFG, impl=impl).compile().as_text()
+    hlo = write_and_attend_paged.lower(buf, q, k, k, batch, 0, cfg=CFG, impl=impl
+                                       ).compile().as_text()
     assert _pool_copies(hlo, PAGES) == [], impl
 
 

@@ -9,12 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from crosspool_jax.engine.weights_generate import generate_pooled
 from crosspool_jax.models.config import tiny_config
 from crosspool_jax.models.decode import generate
 from crosspool_jax.models.model import init_params
 from crosspool_jax.pools.expert_trace import belady_stats, replay
 from crosspool_jax.pools.weights_buffers import DeviceWeightsPool, write_slots
-from crosspool_jax.pools.weights_generate import generate_pooled
 from crosspool_jax.pools.weights_pool import ExpertModelSpec, WeightsPool
 
 PROMPTS = [[5, 6, 7, 8, 9], [300, 11, 12]]

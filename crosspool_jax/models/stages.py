@@ -1,0 +1,220 @@
+"""The per-layer stages of the MoE transformer: every forward path composes these.
+
+A layer is `attention_inputs`, a KV write + attention over a store (`write_and_attend_paged`:
+one device's page pool, a partial with its LSE; `write_and_attend_contiguous`: the reference's
+contiguous cache), `post_attention` (LSE merge of several partials, output projection,
+residual, FFN norm, then the router of a MoE layer or the whole dense MLP) and, for a MoE
+layer, `routed_experts` (through a slot table) and `combine`; `finish_layer` is that tail with
+the layer's own experts. Around the layers: `embed`, `head`, `head_and_sample`. Invariant: no
+layer math outside this module and `layers.py`. Each stage is jitted with its config static:
+an executor dispatches a stage on its own, a one-jit forward pass inlines it. Shape suffixes as
+in `layers.py`; arrays are flat over tokens (T), the contiguous cache reshapes to [B, T].
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+
+from crosspool_jax.models import layers
+from crosspool_jax.models.config import ModelConfig
+from crosspool_jax.models.sampling import sample
+from pallas_kernels.expert_dispatch import expert_dispatch
+from pallas_kernels.kv_write import write_kv
+from pallas_kernels.ragged_paged_attention import merge_attention, ragged_paged_attention
+
+if TYPE_CHECKING:
+  from crosspool_jax.models.paged import PagedBatch
+
+
+@jax.jit
+def embed(embed_VD: jax.Array, tokens_T: jax.Array, positions_T: jax.Array):
+  """Token embeddings [T, D] and the valid-token mask [T] (padding has a negative position)."""
+  return embed_VD[tokens_T], positions_T >= 0
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def attention_inputs(p: layers.Params, x_TD: jax.Array, positions_T: jax.Array, *,
+                     cfg: ModelConfig):
+  """Attention norm and rotated q [T, N, H], k [T, K, H], v [T, K, H] of one layer.
+
+  Args:
+    p: the layer's params.
+    x_TD: residual stream.
+    positions_T: int32 position of each token (rotary angle).
+    cfg: model config.
+  """
+  h_TD = layers.rms_norm(x_TD, p["attn_norm_D"], cfg.rms_eps)
+  return layers.attention_qkv(p["attn"], h_TD, positions_T, cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "impl"), donate_argnames=("pool_PE",))
+def write_and_attend_paged(pool_PE: jax.Array, q_TNH: jax.Array, k_TKH: jax.Array,
+                           v_TKH: jax.Array, batch: PagedBatch, layer, *, cfg: ModelConfig,
+                           impl: str | None = None):
+  """One layer's KV write and attention on ONE device's page pool (donated, updated in place).
+
+  `batch` is that device's copy of the step's inputs; `layer` (an int, traced: one executable
+  serves every layer) picks its slot mapping and page table inside the jit, so a layer-by-layer
+  caller dispatches no slicing of its own. With a device-local table (pages elsewhere = 0) the
+  result is the partial attention over this device's pages; `post_attention` merges the
+  partials of several devices.
+
+  Returns:
+    (out_TNH in the pool dtype, lse_TN f32, updated pool).
+  """
+  slots_T = jax.lax.dynamic_index_in_dim(batch.slot_mapping_LT, layer, keepdims=False)
+  table_SP = jax.lax.dynamic_index_in_dim(batch.page_tables_LSP, layer, keepdims=False)
+  dtype = pool_PE.dtype
+  pool_PE = write_kv(pool_PE, k_TKH.astype(dtype), v_TKH.astype(dtype), slots_T, impl=impl)
+  o_TNH, lse_TN = ragged_paged_attention(
+      q_TNH.astype(dtype), pool_PE, table_SP, batch.cu_q_lens_S1, batch.kv_lens_S,
+      batch.num_seqs_1, kv_heads=cfg.num_kv_heads, head_dim=cfg.head_dim, impl=impl)
+  return o_TNH, lse_TN, pool_PE
+
+
+@functools.partial(jax.jit, donate_argnames=("k_LBSKH", "v_LBSKH"))
+def write_and_attend_contiguous(k_LBSKH: jax.Array, v_LBSKH: jax.Array, q_TNH: jax.Array,
+                                k_TKH: jax.Array, v_TKH: jax.Array, positions_BT: jax.Array,
+                                layer):
+  """One layer's KV write and attention on the contiguous cache (the reference's store).
+
+  Args:
+    k_LBSKH, v_LBSKH: the cache (donated, returned updated).
+    q_TNH, k_TKH, v_TKH: the layer's rotated q/k/v, T = B x T' flattened.
+    positions_BT: int32 [B, T'] positions; negative = padding (its K/V is not written).
+    layer: the layer (an int, traced).
+
+  Returns:
+    (out_TNH in the cache dtype, updated k_LBSKH, updated v_LBSKH).
+  """
+  bt = positions_BT.shape
+  k_LBSKH = _write_cache(k_LBSKH, layer, k_TKH.reshape(*bt, *k_TKH.shape[1:]), positions_BT)
+  v_LBSKH = _write_cache(v_LBSKH, layer, v_TKH.reshape(*bt, *v_TKH.shape[1:]), positions_BT)
+  o_BTNH = layers.attend_contiguous(q_TNH.reshape(*bt, *q_TNH.shape[1:]), k_LBSKH[layer],
+                                    v_LBSKH[layer], positions_BT)
+  return o_BTNH.reshape(q_TNH.shape), k_LBSKH, v_LBSKH
+
+
+def _write_cache(cache_LBSKH, layer, new_BTKH, positions_BT):
+  """Writes one layer's new K or V at their positions; negative positions are dropped."""
+  s = cache_LBSKH.shape[2]
+  pos_BT = jnp.where(positions_BT < 0, s, positions_BT)
+  b_BT = jnp.broadcast_to(jnp.arange(cache_LBSKH.shape[1])[:, None], pos_BT.shape)
+  new_BTKH = new_BTKH.astype(cache_LBSKH.dtype)
+  return cache_LBSKH.at[layer, b_BT, pos_BT].set(new_BTKH, mode="drop")
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def ffn_route(p: layers.Params, x_TD: jax.Array, *, cfg: ModelConfig):
+  """FFN norm and router of a MoE layer: (h_TD normed, ids_TK int32, weights_TK f32)."""
+  h_TD = layers.rms_norm(x_TD, p["ffn_norm_D"], cfg.rms_eps)
+  return (h_TD, *layers.route(p["ffn"]["w_router_DE"], h_TD, cfg))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "moe"))
+def post_attention(p: layers.Params, x_TD: jax.Array, outs_MTNH, lses_MTN, *,
+                   cfg: ModelConfig, moe: bool):
+  """The layer after its attention, up to the routed experts.
+
+  Args:
+    p: the layer's params (routed experts not needed).
+    x_TD: residual stream before the attention.
+    outs_MTNH: the attention output of each KV store holding pages of the batch (a list).
+    lses_MTN: their f32 LSEs; read only to merge several partials (None with one).
+    cfg: model config.
+    moe: the layer is a MoE layer (else dense).
+
+  Returns:
+    MoE layer: (x_TD after attention, h_TD normed FFN input, ids_TK, weights_TK);
+    dense layer: (x_TD after the whole layer,).
+  """
+  if len(outs_MTNH) == 1:
+    o_TNH = outs_MTNH[0]
+  else:
+    o_TNH, _ = merge_attention(outs_MTNH, lses_MTN)
+  x_TD = x_TD + layers.attention_out(p["attn"], o_TNH.astype(x_TD.dtype))
+  if moe:
+    return (x_TD, *ffn_route(p, x_TD, cfg=cfg))
+  h_TD = layers.rms_norm(x_TD, p["ffn_norm_D"], cfg.rms_eps)
+  f = p["ffn"]
+  return (x_TD + layers.swiglu(h_TD, f["w_gate_DF"], f["w_up_DF"], f["w_down_FD"]),)
+
+
+@functools.partial(jax.jit, static_argnames=("impl",))
+def routed_experts(h_TD: jax.Array, ids_TK: jax.Array, weights_TK: jax.Array,
+                   valid_T: jax.Array, slot_table_E: jax.Array, w_gate_SDF: jax.Array,
+                   w_up_SDF: jax.Array, w_down_SFD: jax.Array, *, impl: str | None = None):
+  """The routed experts' weighted sum [T, D], read from expert buffers through a slot table.
+
+  Args:
+    h_TD: normed FFN input.
+    ids_TK, weights_TK: the router's choices.
+    valid_T: bool; padding tokens (False) are not dispatched, their rows are zero.
+    slot_table_E: int32 expert id -> slot of the buffers.
+    w_gate_SDF, w_up_SDF, w_down_SFD: the expert buffers (a layer's own [E, ...] params with
+      the identity table, or the weights pool's slots).
+    impl: expert dispatch implementation.
+  """
+  return expert_dispatch(h_TD, ids_TK, weights_TK, slot_table_E, w_gate_SDF, w_up_SDF,
+                         w_down_SFD, valid_T=valid_T, impl=impl)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def combine(p_ffn: layers.Params, x_TD: jax.Array, h_TD: jax.Array, y_TD: jax.Array, *,
+            cfg: ModelConfig):
+  """Residual + routed experts `y_TD` + the shared expert of `h_TD` (if the family has one)."""
+  return x_TD + layers.add_shared_expert(p_ffn, h_TD, y_TD, cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "moe", "impl"))
+def finish_layer(p: layers.Params, x_TD: jax.Array, outs_MTNH, lses_MTN, valid_T: jax.Array, *,
+                 cfg: ModelConfig, moe: bool, impl: str | None = None):
+  """`post_attention`, then for a MoE layer `routed_experts` over the layer's own experts
+  (identity slot table) and `combine`: the layer's tail where its experts are its params.
+
+  Returns x_TD after the layer.
+  """
+  out = post_attention(p, x_TD, outs_MTNH, lses_MTN, cfg=cfg, moe=moe)
+  if not moe:
+    return out[0]
+  x_TD, h_TD, ids_TK, weights_TK = out
+  f = p["ffn"]
+  identity_E = jnp.arange(cfg.num_experts, dtype=jnp.int32)
+  y_TD = routed_experts(h_TD, ids_TK, weights_TK, valid_T, identity_E, f["w_gate_EDF"],
+                        f["w_up_EDF"], f["w_down_EFD"], impl=impl)
+  return combine(f, x_TD, h_TD, y_TD, cfg=cfg)
+
+
+def last_token_rows(cu_q_lens_S1: jax.Array) -> jax.Array:
+  """Row in T of each packed sequence's last token (0 for padding sequences)."""
+  return jnp.maximum(cu_q_lens_S1[1:] - 1, 0)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def head(params: layers.Params, x_TD: jax.Array, rows_S: jax.Array | None, *,
+         cfg: ModelConfig) -> jax.Array:
+  """Final norm and LM head: f32 logits [S, V] of the rows `rows_S` (every row if None)."""
+  if rows_S is not None:
+    x_TD = x_TD[rows_S]
+  return layers.lm_head(params, x_TD, cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def head_and_sample(params: layers.Params, x_TD: jax.Array, cu_q_lens_S1: jax.Array,
+                    sampling: dict, next_positions_S: jax.Array, *, cfg: ModelConfig):
+  """`head` of each packed sequence's last token, then the token sampled there [S] int32.
+
+  Args:
+    params: the model's params (embedding / LM head, final norm).
+    x_TD: residual stream after the last layer.
+    cu_q_lens_S1: int32 [S + 1] start of each sequence's tokens in T.
+    sampling: stacked sampling arrays [S] (`sampling.stack_params`).
+    next_positions_S: int32 position of each sampled token (its random key).
+    cfg: model config.
+  """
+  logits_SV = head(params, x_TD, last_token_rows(cu_q_lens_S1), cfg=cfg)
+  return sample(logits_SV, next_positions_S, **sampling)
