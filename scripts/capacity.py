@@ -1,10 +1,11 @@
-r"""KV capacity at an equal memory budget: static vs shared (kvcached-like) vs CrossPool.
+r"""KV capacity at an equal memory budget under every memory policy (static, shared, CrossPool).
 
 Builds, for one fleet on D devices of --device_gib each, the host-side pools of each memory
-organisation (`crosspool_jax.pools.capacity.measure_capacity`: the rules are in its docstring)
-and probes them: the longest context one request of each model can reach (grown until the pool
-is exhausted; capped by the model's max_context, the raw capacity reported too), the KV tokens
-each model can reach when it alone is active, and the tokens held with every model active.
+policy's plan (`crosspool_jax.capacity.measure_capacity`; the rules are the policies',
+`crosspool_jax/engine/policies/`) and probes them: the longest context one request of each
+model can reach (grown until the pool is exhausted; capped by the model's max_context, the raw
+capacity reported too), the KV tokens each model can reach when it alone is active, and the
+tokens held with every model active.
 Writes JSON (with the git revision) to --out and prints a table.
 
   # 8 Qwen1.5-MoE-A2.7B-shaped models (public config values) on 8 x 80 GiB, bf16, 256 KiB pages:
@@ -43,15 +44,15 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from crosspool_jax.cli import run_script
-from crosspool_jax.models.config import FAMILIES, ModelConfig, load_hf_config, tiny_config
-from crosspool_jax.pools.capacity import (
+from crosspool_jax.capacity import (
   ORGANISATIONS,
   REFERENCE_HF_CONFIGS,
   format_table,
   measure_capacity,
   reference_config,
 )
+from crosspool_jax.cli import run_script
+from crosspool_jax.models.config import FAMILIES, ModelConfig, load_hf_config, tiny_config
 from crosspool_jax.provenance import git_dirty, git_revision
 
 FLAGS = flags.FLAGS
