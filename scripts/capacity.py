@@ -27,7 +27,8 @@ Table for the first command (closed forms agree with every probe):
   shared     -   426.7  qwen1.5-moe-a2.7b-0     8192     291264     291264      291264
   crosspool  3   365.4  qwen1.5-moe-a2.7b-0     8192    1995424    1995424      253952
 
-(one row per model; all 8 alike. Fleet fill totals: static 1048576, shared 2330112, crosspool
+(one row per model; all 8 alike; crosspool_partitioned's rows equal crosspool's: every expert
+is resident either way. Fleet fill totals: static 1048576, shared 2330112, crosspool
 1995424 tokens. Static reserves max_batch x max_context per model, so most of its partition
 idles; CrossPool leaves 18.1 GiB free on each of its 3 weights devices (185.6 GiB of experts)
 and strands 6.9 GiB on its 5 KV devices, so its pool is smaller, but one request can use all of

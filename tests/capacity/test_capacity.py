@@ -113,6 +113,19 @@ def test_crosspool_partial_residency_is_measured():
   assert res["organisations"]["crosspool"]["kv_pages"] == 2
 
 
+def test_partitioned_weights_pool_gives_each_model_its_own_slots():
+  # The budget above without consolidation: one class per model, so a slot costs 2 x 24576 B
+  # per device and 733184 B hold 14 per model (28 experts resident, not 29 in one shared pool).
+  res = _run(2, num_devices=2, device_bytes=2 * W_NON_EXPERT + 3 * PAGE,
+             organisations=("crosspool", "crosspool_partitioned"), crosspool_weight_devices=1)
+  _all_agree(res)
+  shared, own = (res["organisations"][o]["weights_pool"]
+                 for o in ("crosspool", "crosspool_partitioned"))
+  assert (shared["classes"], shared["slots_per_device"], shared["resident_experts"]) == (1, 29, 29)
+  assert (own["classes"], own["slots_per_device"], own["resident_experts"]) == (2, 14, 28)
+  assert own["resident_experts_closed_form"] == 28
+
+
 def test_budget_too_small_is_reported_not_raised():
   res = _run(2, num_devices=2, device_bytes=100_000)
   for org, out in res["organisations"].items():

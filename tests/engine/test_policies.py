@@ -15,19 +15,19 @@ from crosspool_jax.models.config import tiny_config
 
 
 def test_registry_order_is_baselines_first():
-  assert list(POLICIES) == ["static", "shared", "crosspool"]
+  assert list(POLICIES) == ["static", "shared", "crosspool", "crosspool_partitioned"]
   assert all(get_policy(name).name == name for name in POLICIES)
-  assert [get_policy(n).pools_experts for n in POLICIES] == [False, False, True]
+  assert [get_policy(n).pools_experts for n in POLICIES] == [False, False, True, True]
 
 
 @pytest.mark.parametrize("kwargs, error", [
-    (dict(kv_policy="paged"), r"kv_policy must be one of \('static', 'shared', 'crosspool'\), "
-                              r"got 'paged'"),
+    (dict(kv_policy="paged"), r"kv_policy must be one of \('static', 'shared', 'crosspool', "
+                              r"'crosspool_partitioned'\), got 'paged'"),
     (dict(kv_policy="shared", weight_devices=(1,)),
      r"a shared engine has no weights devices, got weight_devices=\(1,\)"),
     (dict(kv_policy="static", devices=(0, 1), weight_devices=(2, 3)),
      "a static engine has no weights devices"),
-    (dict(kv_policy="crosspool", weight_devices=(1,), expert_policy="mru"),
+    (dict(kv_policy="crosspool_partitioned", weight_devices=(1,), expert_policy="mru"),
      "unknown policy 'mru'"),
 ])
 def test_engine_config_is_validated_by_its_policy(kwargs, error):

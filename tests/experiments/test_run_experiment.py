@@ -157,7 +157,8 @@ def test_bad_config_fails_before_compiling(tmp_path, override, error):
 def test_runs_are_served_baselines_first():
   assert run_names(demo_config("smoke")) == ["static", "shared", "crosspool"]
   assert run_names(experiment_config("ablations.py", "cpu")) == [
-      "no_consolidation", "crosspool", "no_fusion", "no_pipeline", "no_swapping"]
+      "no_weights_pool", "crosspool", "no_fusion", "no_pipeline", "no_swapping",
+      "no_consolidation"]
 
 
 def test_unknown_engine_field_in_a_policy_is_named():

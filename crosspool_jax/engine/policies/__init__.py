@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from crosspool_jax.engine.policies.base import Budget, FleetModel, MemoryPolicy, Plan, Runtime
 from crosspool_jax.engine.policies.crosspool import CrossPoolPolicy
+from crosspool_jax.engine.policies.crosspool_partitioned import PartitionedCrossPoolPolicy
 from crosspool_jax.engine.policies.shared import SharedPolicy
 from crosspool_jax.engine.policies.static import StaticPolicy
 
 POLICIES: dict[str, type[MemoryPolicy]] = {
     cls.name: cls
-    for cls in (StaticPolicy, SharedPolicy, CrossPoolPolicy)}
+    for cls in (StaticPolicy, SharedPolicy, CrossPoolPolicy, PartitionedCrossPoolPolicy)}
 
 
 def get_policy(name: str) -> MemoryPolicy:
