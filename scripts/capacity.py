@@ -1,10 +1,11 @@
-r"""KV capacity at an equal memory budget: static vs shared (kvcached-like) vs CrossPool.
+r"""KV capacity at an equal memory budget under every memory policy (static, shared, CrossPool).
 
 Builds, for one fleet on D devices of --device_gib each, the host-side pools of each memory
-organisation (`crosspool_jax.pools.capacity.measure_capacity`: the rules are in its docstring)
-and probes them: the longest context one request of each model can reach (grown until the pool
-is exhausted; capped by the model's max_context, the raw capacity reported too), the KV tokens
-each model can reach when it alone is active, and the tokens held with every model active.
+policy's plan (`crosspool_jax.capacity.measure_capacity`; the rules are the policies',
+`crosspool_jax/engine/policies/`) and probes them: the longest context one request of each
+model can reach (grown until the pool is exhausted; capped by the model's max_context, the raw
+capacity reported too), the KV tokens each model can reach when it alone is active, and the
+tokens held with every model active.
 Writes JSON (with the git revision) to --out and prints a table.
 
   # 8 Qwen1.5-MoE-A2.7B-shaped models (public config values) on 8 x 80 GiB, bf16, 256 KiB pages:
@@ -26,7 +27,8 @@ Table for the first command (closed forms agree with every probe):
   shared     -   426.7  qwen1.5-moe-a2.7b-0     8192     291264     291264      291264
   crosspool  3   365.4  qwen1.5-moe-a2.7b-0     8192    1995424    1995424      253952
 
-(one row per model; all 8 alike. Fleet fill totals: static 1048576, shared 2330112, crosspool
+(one row per model; all 8 alike; crosspool_partitioned's rows equal crosspool's: every expert
+is resident either way. Fleet fill totals: static 1048576, shared 2330112, crosspool
 1995424 tokens. Static reserves max_batch x max_context per model, so most of its partition
 idles; CrossPool leaves 18.1 GiB free on each of its 3 weights devices (185.6 GiB of experts)
 and strands 6.9 GiB on its 5 KV devices, so its pool is smaller, but one request can use all of
@@ -43,15 +45,15 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from crosspool_jax.cli import run_script
-from crosspool_jax.models.config import FAMILIES, ModelConfig, load_hf_config, tiny_config
-from crosspool_jax.pools.capacity import (
+from crosspool_jax.capacity import (
   ORGANISATIONS,
   REFERENCE_HF_CONFIGS,
   format_table,
   measure_capacity,
   reference_config,
 )
+from crosspool_jax.cli import run_script
+from crosspool_jax.models.config import FAMILIES, ModelConfig, load_hf_config, tiny_config
 from crosspool_jax.provenance import git_dirty, git_revision
 
 FLAGS = flags.FLAGS

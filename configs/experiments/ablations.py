@@ -12,8 +12,14 @@ Runs (same trace, same per-device budget unless said):
   no_swapping            pin_all: every expert resident; its weights devices get the bytes
                          all experts need (3.5 MiB instead of 2.5 on cpu; the KV devices keep
                          the common budget): the memory that swapping saves
-  no_consolidation       `shared`: no weights pool at all, each model's whole weights on
-                         its device (KV still pooled per device)
+  no_consolidation       `crosspool_partitioned`: the weights pool partitioned per model (each
+                         model's own expert slots, never another's, no expert call shared by
+                         two models); a partition holds at least one layer's experts per
+                         weights device, 16 slots per model here, so its weights devices get
+                         3 MiB on cpu (2.5 MiB holds 13 per model): the memory consolidation
+                         saves
+  no_weights_pool        `shared`: no weights pool at all, each model's whole weights on its
+                         device (KV still pooled per device)
 """
 
 from __future__ import annotations
@@ -41,18 +47,23 @@ def get_config(arg: str | None = None):
   c = _demo().get_config("cpu")
   c.name, c.variant = "ablations", variant
   c.description = ("CrossPool without its pipeline, without fused expert calls, without expert "
-                   "swapping, without a weights pool")
+                   "swapping, without consolidation of the weights pool, without a weights "
+                   "pool")
   if variant == "full":
     cl.full_scale(c)
   crosspool = c.policies.crosspool.to_dict()
-  # cpu: 3.5 MiB weights devices hold all 128 experts; full: 8 Qwen1.5-MoE fit on 3 x 80 GiB
-  # already (see scripts/capacity.py), so pin_all costs no extra memory there.
-  no_swap = dict(weights_device_bytes=7 * 2**19) if variant == "cpu" else {}
+  # cpu: 3.5 MiB weights devices hold all 128 experts, 3 MiB the smallest per-model
+  # partitions; full: 8 Qwen1.5-MoE fit on 3 x 80 GiB already, consolidated or not (see
+  # scripts/capacity.py), so neither costs extra memory there.
+  cpu = variant == "cpu"
+  no_swap = dict(weights_device_bytes=7 * 2**19) if cpu else {}
+  partitioned = dict(weights_device_bytes=6 * 2**19) if cpu else {}
   c.policies = ml_collections.ConfigDict(dict(
       crosspool=crosspool,
       no_pipeline=crosspool | dict(micro_batches=1),
       no_fusion=crosspool | dict(fuse_experts=False),
       no_swapping=crosspool | dict(expert_policy="pin_all", **no_swap),
-      no_consolidation=c.policies.shared.to_dict(),
+      no_consolidation=crosspool | dict(kv_policy="crosspool_partitioned", **partitioned),
+      no_weights_pool=c.policies.shared.to_dict(),
   ))
   return c

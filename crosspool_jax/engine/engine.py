@@ -1,10 +1,9 @@
 """The multi-model serving engine: register cold MoE models, submit requests, step, stream.
 
-One engine serves every model under one memory organisation chosen by `EngineConfig.kv_policy`
-("static": each model reserves max_context x max_batch pages of its own; "shared": every model
-of a device group allocates from one pool, kvcached-like; "crosspool": attention and one KV pool
-over the KV devices, every model's routed experts in the weights pool on the weights devices —
-`disaggregated.py`), with the same scheduler, kernels and budget.
+One engine serves every model under one memory organisation, the policy object that
+`EngineConfig.kv_policy` names (`engine/policies/`; "static", "shared", "crosspool", ...), which
+builds its pools and executor; scheduling, sampling, limits and fault isolation are the same for
+all of them.
 
   engine = Engine(EngineConfig(kv_policy="shared"))
   engine.register_model("mix", checkpoint="/path/to/hf_or_orbax", max_batch=8)
@@ -26,20 +25,17 @@ from collections.abc import Callable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 
-from crosspool_jax.engine.disaggregated import DeviceSplit, DisaggregatedExecutor
+from crosspool_jax.engine.disaggregated import DisaggregatedExecutor
 from crosspool_jax.engine.executor import ColocatedExecutor, LoadedModel, StepError
 from crosspool_jax.engine.metrics import request_metrics, summarize
+from crosspool_jax.engine.policies import Runtime, get_policy
 from crosspool_jax.engine.request import Request, Status
 from crosspool_jax.engine.scheduler import Scheduler
 from crosspool_jax.models.checkpoint import load_checkpoint
 from crosspool_jax.models.config import ModelConfig
 from crosspool_jax.models.sampling import SamplingParams
-from crosspool_jax.pools.kv_buffers import allocate_kv_buffers
-from crosspool_jax.pools.kv_pool import POLICIES, KVModelSpec, KVPool
+from crosspool_jax.pools.kv_pool import KVModelSpec, KVPool
 from crosspool_jax.pools.weights_buffers import DeviceWeightsPool
-from crosspool_jax.pools.weights_pool import ExpertModelSpec, WeightsPool
-
-ENGINE_POLICIES = (*POLICIES, "crosspool")
 
 _BACKEND_COMPILES = [0]  # process-wide count of XLA backend compilations
 
@@ -58,7 +54,8 @@ class EngineConfig:
   """Engine settings (the `serve.py` config's `engine` block).
 
   Attributes:
-    kv_policy: "static", "shared" or "crosspool".
+    kv_policy: the memory policy, a name of `engine.policies.POLICIES` ("static", "shared",
+      "crosspool", ...); it validates the rest of the config.
     page_elems: elements per KV page (every model's 2 * kv_heads * head_dim must divide it).
     pages_per_device: pages of each KV group's buffer, the null page included.
     kv_dtype: dtype of the KV pages.
@@ -67,13 +64,13 @@ class EngineConfig:
     max_batch: sequences per model step.
     attn_impl, moe_impl: kernel implementations (None: Pallas on GPU/TPU, jnp on CPU).
     devices: device index of each KV group (models are placed in groups at registration);
-      under "crosspool", the KV-pool devices (one pool spanning all of them).
-    weight_devices: "crosspool" only: the weights-pool devices.
-    micro_batches: "crosspool" only: micro-batches of the layer-wise pipeline (1 = none).
-    expert_slots_per_device: "crosspool" only: expert slots of each shape class per weights
+      under a weights-pool policy (crosspool*), the KV-pool devices (one pool over them all).
+    weight_devices: crosspool* only: the weights-pool devices.
+    micro_batches: crosspool* only: micro-batches of the layer-wise pipeline (1 = none).
+    expert_slots_per_device: crosspool* only: expert slots of each shape class per weights
       device (fewer than the fleet's experts: the hot ones stay, the rest are swapped in).
-    expert_policy: "crosspool" only: "pin_all", "lru", "lfu" or "activation_aware".
-    fuse_experts: "crosspool" only: per layer, the micro-batches whose MoE layer has the same
+    expert_policy: crosspool* only: "pin_all", "lru", "lfu" or "activation_aware".
+    fuse_experts: crosspool* only: per layer, the micro-batches whose MoE layer has the same
       expert shape class and home weights device share one expert-dispatch call (False: one
       call per micro-batch, the ablation).
   """
@@ -95,13 +92,12 @@ class EngineConfig:
   fuse_experts: bool = True
 
   def __post_init__(self):
-    if self.kv_policy not in ENGINE_POLICIES:
-      raise ValueError(f"kv_policy must be one of {ENGINE_POLICIES}, got {self.kv_policy!r}")
     if self.token_budget < 1 or self.max_batch < 1:
       raise ValueError(f"token_budget and max_batch must be >= 1, got {self.token_budget}, "
                        f"{self.max_batch}")
     if not self.devices:
       raise ValueError("devices must name at least one KV group device")
+    get_policy(self.kv_policy).validate(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,23 +117,35 @@ class Engine:
   def __init__(self, config: EngineConfig | None = None, *,
                log: Callable[[str], None] | None = None):
     self.config = config or EngineConfig()
+    self.policy = get_policy(self.config.kv_policy)
     self.log = log or (lambda msg: None)
     self._models: dict[str, LoadedModel] = {}
     self._specs: dict[str, KVModelSpec] = {}
     self._requests: dict[str, Request] = {}
     self._ids = itertools.count()
     self._started = False
-    self._model_pools: dict[str, KVPool] = {}
-    self.pools: dict[int, KVPool] = {}
-    self.executor: ColocatedExecutor | None = None
+    self._runtime: Runtime | None = None
     self.scheduler: Scheduler | None = None
     self.pool_samples: list[dict] = []
     self.steps = 0
-    self.weights_pool: DeviceWeightsPool | None = None
     self.compile_count_at_start = 0
     self.compiles_registering = 0  # XLA compilations of models registered after start()
     self._compiles_at_start = 0
     self._last_step_idle = False
+
+  @property
+  def pools(self) -> dict[int, KVPool]:
+    """The KV pools by KV group (one per group when colocated, one under 0 for crosspool*)."""
+    return self._runtime.pools if self._runtime else {}
+
+  @property
+  def executor(self) -> ColocatedExecutor | DisaggregatedExecutor | None:
+    return self._runtime.executor if self._runtime else None
+
+  @property
+  def weights_pool(self) -> DeviceWeightsPool | None:
+    """The device weights pool (None before start and under a policy without one)."""
+    return self._runtime.weights_pool if self._runtime else None
 
   # --- setup ------------------------------------------------------------------------------
 
@@ -187,41 +195,8 @@ class Engine:
 
   def _add_running(self, model: LoadedModel, spec: KVModelSpec) -> None:
     """Joins a model to the pools, executor and scheduler of a started engine (all or none)."""
-    c = self.config
-    model_id = model.model_id
-    if c.kv_policy == "crosspool":
-      pool = self.pools[0]
-      pool.register_model(spec)
-      try:
-        stripped = self.weights_pool.register(model_id, model.cfg, model.params,
-                                              slots_per_device=c.expert_slots_per_device)
-      except Exception:
-        pool.unregister_model(model_id)
-        raise
-      model.params = jax.device_put(stripped, self.executor.kv_devices[model.group])
-      try:
-        self.executor.add_model(model, log=self.log)
-      except Exception:
-        self.weights_pool.unregister(model_id)
-        pool.unregister_model(model_id)
-        raise
-    else:
-      pool, buffer = self.pools.get(model.group), None
-      if pool is None:
-        pool = KVPool(page_elems=c.page_elems, pages_per_device=c.pages_per_device,
-                      policy=c.kv_policy)
-      pool.register_model(spec)
-      try:
-        if model.group not in self.pools:
-          buffer = allocate_kv_buffers(pool, [jax.devices()[c.devices[model.group]]],
-                                       dtype=jnp.dtype(c.kv_dtype))[0]
-        self.executor.add_model(model, pool, buffer, log=self.log)
-      except Exception:
-        pool.unregister_model(model_id)
-        raise
-      self.pools[model.group] = pool
-    self._model_pools[model_id] = pool
-    self.scheduler.add_model(model_id, pool)
+    self.policy.add_model(self._runtime, self.config, model, spec, log=self.log)
+    self.scheduler.add_model(model.model_id, self._runtime.model_pools[model.model_id])
 
   def unregister_model(self, model_id: str) -> list[str]:
     """Removes a model (a cold model retires), before or after `start()`.
@@ -242,7 +217,7 @@ class Engine:
       self.executor.remove_model(model_id)
       if self.weights_pool is not None:
         self.weights_pool.unregister(model_id)
-      self._model_pools.pop(model_id).unregister_model(model_id)
+      self._runtime.model_pools.pop(model_id).unregister_model(model_id)
     del self._models[model_id], self._specs[model_id]
     return cancelled
 
@@ -301,68 +276,15 @@ class Engine:
     if not self._models:
       raise RuntimeError("register at least one model before start()")
     c = self.config
-    if c.kv_policy == "crosspool":
-      model_pools = self._start_crosspool()
-    else:
-      model_pools = self._start_colocated()
-    self._model_pools = model_pools
-    self.scheduler = Scheduler(model_pools, token_budget=c.token_budget, max_batch=c.max_batch,
-                               max_tokens=c.token_buckets[-1])
+    self._runtime = self.policy.start(c, self._models, self._specs)
+    self.scheduler = Scheduler(self._runtime.model_pools, token_budget=c.token_budget,
+                               max_batch=c.max_batch, max_tokens=c.token_buckets[-1])
     start = time.perf_counter()
     self.compile_count_at_start = self.executor.compile_all(log=self.log)
     self.log(f"compiled {self.compile_count_at_start} executables in "
              f"{time.perf_counter() - start:.1f}s")
     self._compiles_at_start = _BACKEND_COMPILES[0]
     self._started = True
-
-  def _start_colocated(self) -> dict[str, KVPool]:
-    c = self.config
-    model_pools = {}
-    for g in sorted({m.group for m in self._models.values()}):
-      pool = KVPool(page_elems=c.page_elems, pages_per_device=c.pages_per_device,
-                    policy=c.kv_policy)
-      for model_id, m in self._models.items():
-        if m.group == g:
-          pool.register_model(self._specs[model_id])
-          model_pools[model_id] = pool
-      self.pools[g] = pool
-    buffers = {g: allocate_kv_buffers(p, [jax.devices()[c.devices[g]]],
-                                      dtype=jnp.dtype(c.kv_dtype))[0]
-               for g, p in self.pools.items()}
-    self.executor = ColocatedExecutor(self._models, model_pools, buffers,
-                                      token_buckets=c.token_buckets, max_batch=c.max_batch,
-                                      attn_impl=c.attn_impl, moe_impl=c.moe_impl)
-    return model_pools
-
-  def _start_crosspool(self) -> dict[str, KVPool]:
-    """One KV pool over the KV devices; every model's routed experts in the weights pool."""
-    c = self.config
-    kv_devices, weight_devices = DeviceSplit(c.devices, c.weight_devices).resolve()
-    pool = KVPool(page_elems=c.page_elems, pages_per_device=c.pages_per_device,
-                  num_devices=len(kv_devices), policy="shared")
-    for model_id in self._models:
-      pool.register_model(self._specs[model_id])
-    self.pools[0] = pool
-    buffers = allocate_kv_buffers(pool, kv_devices, dtype=jnp.dtype(c.kv_dtype))
-    classes = {}
-    for model_id, m in self._models.items():
-      dtype = jax.tree.leaves(m.params)[0].dtype.name
-      shape = ExpertModelSpec.from_config(model_id, m.cfg, dtype).shape_class
-      classes[shape] = shape.expert_bytes * c.expert_slots_per_device
-    self.weights_pool = DeviceWeightsPool(
-        WeightsPool(device_bytes=sum(classes.values()), num_devices=len(weight_devices),
-                    policy=c.expert_policy), devices=weight_devices)
-    for model_id, m in self._models.items():
-      stripped = self.weights_pool.register(model_id, m.cfg, m.params,
-                                            slots_per_device=c.expert_slots_per_device)
-      m.params = jax.device_put(stripped, kv_devices[m.group])
-    # A fused expert call holds one iteration's tokens at most (the scheduler's token budget).
-    fused_buckets = tuple(sorted({*c.token_buckets, max(c.token_budget, c.token_buckets[-1])}))
-    self.executor = DisaggregatedExecutor(
-        self._models, pool, buffers, self.weights_pool, token_buckets=c.token_buckets,
-        max_batch=c.max_batch, micro_batches=c.micro_batches, attn_impl=c.attn_impl,
-        moe_impl=c.moe_impl, fuse_experts=c.fuse_experts, fused_token_buckets=fused_buckets)
-    return {model_id: pool for model_id in self._models}
 
   # --- requests ---------------------------------------------------------------------------
 
@@ -433,9 +355,9 @@ class Engine:
     """The KV pool a registered model's requests draw pages from (after `start()`)."""
     if not self._started:
       raise RuntimeError("kv_pool: the engine has not started")
-    if model_id not in self._model_pools:
+    if model_id not in self._runtime.model_pools:
       raise ValueError(f"unknown model_id {model_id!r}")
-    return self._model_pools[model_id]
+    return self._runtime.model_pools[model_id]
 
   def status(self, request_id: str) -> Status:
     return self._get(request_id).status
@@ -475,7 +397,7 @@ class Engine:
     self.log(f"step {self.steps}: {error}")
     for pool in self.executor.restore_lost_buffers():
       for req in self.scheduler.running():
-        if self._model_pools[req.model_id] is pool:
+        if self._runtime.model_pools[req.model_id] is pool:
           pool.release(req.request_id)
     self.scheduler.requeue_evicted()
     now, events = time.perf_counter(), []

@@ -37,7 +37,7 @@ def length_dist(kind: str = "lognormal", **kw):
 def engine_block(**kw):
   """`crosspool_jax.engine.EngineConfig`'s fields as a config block."""
   base = dict(
-      kv_policy="shared",
+      kv_policy="shared",         # a memory policy: crosspool_jax.engine.policies.POLICIES
       page_elems=512,
       pages_per_device=129,
       kv_dtype="float32",
@@ -47,7 +47,7 @@ def engine_block(**kw):
       attn_impl=config_dict.placeholder(str),  # None: Pallas on GPU/TPU, jnp on CPU
       moe_impl=config_dict.placeholder(str),
       devices=(0,),
-      # kv_policy="crosspool" only: devices is then the KV pool, these the weights pool.
+      # crosspool policies only: devices is then the KV pool, these the weights pool.
       weight_devices=(),
       micro_batches=2,            # layer-wise ping-pong (1 = no pipeline)
       expert_slots_per_device=8,  # per shape class and weights device (< fleet experts: swap)

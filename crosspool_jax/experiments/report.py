@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import textwrap
 
+from crosspool_jax.engine.policies import get_policy
+
 WORKSPACE_SECTION = 'WORKSPACE.md, section "What the CPU demo shows, and why"'
 
 
@@ -187,10 +189,11 @@ def summary_sentences(results: dict) -> list[str]:
   """What the results show, generated from them (no typed number).
 
   Per sweep point, the crosspool run (the one named "crosspool", else the first with
-  kv_policy crosspool) against the colocated runs (static, shared): what it won and lost on
-  memory (usable KV pages, rejections, longest context served; its expert hit rate) and on
-  latency (TBT and TTFT p50, with ratios); then, if it lost on latency on a CPU, the known
-  cause. A claim is made only where the numbers show it. Empty without such a pair of runs.
+  kv_policy crosspool) against the colocated runs (policies without a weights pool: static,
+  shared): what it won and lost on memory (usable KV pages, rejections, longest context
+  served; its expert hit rate) and on latency (TBT and TTFT p50, with ratios); then, if it lost
+  on latency on a CPU, the known cause. A claim is made only where the numbers show it. Empty
+  without such a pair of runs.
   """
   field = results["config"]["sweep"]["field"]
   points: dict = {}
@@ -199,7 +202,7 @@ def summary_sentences(results: dict) -> list[str]:
   out, slower = [], False
   for point, runs in points.items():
     pooled = [r for r in runs if r["engine"]["kv_policy"] == "crosspool"]
-    others = [r for r in runs if r["engine"]["kv_policy"] != "crosspool"]
+    others = [r for r in runs if not get_policy(r["engine"]["kv_policy"]).pools_experts]
     if not pooled or not others:
       continue
     ours = next((r for r in pooled if r["name"] == "crosspool"), pooled[0])

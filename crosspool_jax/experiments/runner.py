@@ -9,8 +9,8 @@ sampling, loop; `crosspool_jax.experiments.serving`) plus:
   policies:  run name -> overrides of the engine block (kv_policy, devices, weight_devices,
              micro_batches, expert_policy, ...) and optionally weights_device_bytes (an
              ablation that needs a bigger weights pool says so), run on the same trace in
-             the order of `run_names` (the baselines static, shared, then crosspool runs;
-             by name within each);
+             the order of `run_names` (by policy in the registry's order: the baselines
+             static, shared, then crosspool runs; by name within each);
   sweep:     field (a dotted config path, e.g. "workload.total_rate") and points (its
              values): a new trace per point, every policy on each;
   slo:       ttft_s, tbt_s: a finished request meets the SLO if its TTFT and the p90 of its
@@ -35,32 +35,35 @@ from collections.abc import Callable
 
 import numpy as np
 
+from crosspool_jax.engine.policies import POLICIES
+from crosspool_jax.engine.policies.sizes import dtype_itemsize
 from crosspool_jax.experiments import budget as budget_lib
 from crosspool_jax.experiments.serving import (
   build_engine,
   check_config,
+  engine_config,
   fleet_model_config,
   load_trace,
   serve,
 )
-from crosspool_jax.pools.capacity import dtype_itemsize
 from crosspool_jax.workloads import trace_stats, write_jsonl
 
 WALL_CLOCK_KEYS = ("wall_clock", "created")
-RUN_ORDER = ("static", "shared", "crosspool")  # baselines first
 
 
 def run_names(config) -> list[str]:
   """The runs of `config.policies` in the order they are served and reported.
 
-  The baselines come first (static, shared, then crosspool runs, by name within a policy), the
-  order the comparison is read in.
+  By policy in the registry's order (the baselines first: static, shared, then the crosspool
+  runs), by name within a policy: the order the comparison is read in.
   """
+  order = list(POLICIES)
+
   def policy(name):
     return config.policies[name].get("kv_policy", config.engine.kv_policy)
 
-  return sorted(config.policies, key=lambda n: (RUN_ORDER.index(policy(n))
-                                                if policy(n) in RUN_ORDER else len(RUN_ORDER), n))
+  return sorted(config.policies, key=lambda n: (order.index(policy(n))
+                                                if policy(n) in order else len(order), n))
 
 
 def without_wall_clock(results: dict) -> dict:
@@ -96,11 +99,6 @@ def check_experiment(config) -> None:
     unknown = sorted(set(overrides.keys()) - known)
     if unknown:
       raise ValueError(f"config.policies.{name} overrides unknown engine fields {unknown}")
-    policy = overrides.get("kv_policy", config.engine.kv_policy)
-    weights = overrides.get("weight_devices", config.engine.weight_devices)
-    if policy in budget_lib.COLOCATED and weights:
-      raise ValueError(f"config.policies.{name}: a {policy} run has no weights devices, got "
-                       f"weight_devices={tuple(weights)}")
   if config.get("require_checkpoints"):
     missing = [m for m, e in config.fleet.items() if not e.checkpoint]
     if missing:
@@ -116,9 +114,9 @@ def check_experiment(config) -> None:
   for key in ("ttft_s", "tbt_s"):
     if not config.slo[key] > 0:
       raise ValueError(f"config.slo.{key} must be > 0, got {config.slo[key]}")
-  for name in config.policies:  # every budget plan, before the first run compiles
+  for name in config.policies:  # every engine config and plan, before the first run compiles
     try:
-      run_config(config, name)
+      engine_config(run_config(config, name)[0].engine)
     except ValueError as e:
       raise ValueError(f"config.policies.{name}: {e}") from e
 

@@ -64,29 +64,6 @@ class KVModelSpec:
         raise ValueError(f"KVModelSpec.{name} must be > 0, got {getattr(self, name)}")
 
 
-def plan_pages_per_device(*, device_bytes: int, resident_bytes: int, page_bytes: int,
-                          reserve_fraction: float = 0.0) -> int:
-  """Pages that fit on one KV device after its resident weights (the planner's capacity rule).
-
-  Args:
-    device_bytes: memory budget of the device.
-    resident_bytes: what already lives there (attention weights, activations, workspace).
-    page_bytes: bytes per page.
-    reserve_fraction: fraction of device_bytes kept free (fragmentation, compiler scratch).
-  """
-  if page_bytes <= 0:
-    raise ValueError(f"page_bytes must be > 0, got {page_bytes}")
-  if not 0 <= reserve_fraction < 1:
-    raise ValueError(f"reserve_fraction must be in [0, 1), got {reserve_fraction}")
-  free = device_bytes * (1 - reserve_fraction) - resident_bytes
-  pages = int(free // page_bytes)
-  if pages < 2:
-    raise ValueError(f"no room for KV pages: budget {device_bytes} B, resident "
-                     f"{resident_bytes} B, page {page_bytes} B leave {max(pages, 0)} page(s); "
-                     "need at least the null page and one more")
-  return pages
-
-
 @dataclasses.dataclass
 class _Request:
   request_id: str

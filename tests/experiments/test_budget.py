@@ -76,19 +76,54 @@ def test_crosspool_keeps_non_expert_weights_on_kv_devices_and_experts_in_slots()
       512, 2 * (plan.pages_per_device - 1) // 2 * 8)
 
 
-def test_weights_pool_budget_below_top_k_is_refused():
-  # Experts of 3 x 64 x 4096 x 4 B = 3 MiB: a 4 MiB device holds one, top_k is 2.
+def test_partitioned_slots_are_per_model():
+  fleet, _ = _fleet()
+  expert = 3 * 64 * 32 * 4
+  # One weights device with room for 20 slots of each of the 3 models' own classes.
+  kw = dict(kv_devices=2, weight_devices=1, device_bytes=2 * 2**20, page_elems=PAGE_ELEMS,
+            kv_dtype="float32", weights_device_bytes=20 * 3 * expert)
+  plan = plan_policy(fleet, policy="crosspool_partitioned", **kw)
+  assert plan.expert_slots_per_device == 20
+  assert plan.accounting["expert_bytes_per_weights_device"] == 20 * 3 * expert
+  # Both MoE layers of each model on the one weights device: 16, 16 and 32 experts.
+  assert sorted(plan.accounting["resident_expert_fraction"].values()) == [20 / 32, 1.0, 1.0]
+  assert plan.accounting["resident_experts"] == 16 + 16 + 20
+  consolidated = plan_policy(fleet, policy="crosspool", **kw)
+  assert consolidated.expert_slots_per_device == 60  # one class shared by the 64 experts
+  assert consolidated.accounting["resident_experts"] == 60
+  assert consolidated.groups == plan.groups  # the same placement rule
+  assert consolidated.pages_per_device == plan.pages_per_device
+
+
+def test_weights_pool_smaller_than_one_layers_experts_is_refused():
+  # Experts of 3 x 64 x 4096 x 4 B = 3 MiB: a 4 MiB device holds one, a layer has 8.
   fleet = {"big": FleetModel(tiny_config("mixtral", d_ff_expert=4096), "float32", 2, 512)}
-  with pytest.raises(ValueError, match="holds 1 slot.* fewer than top_k=2"):
+  with pytest.raises(ValueError, match=r"budget: crosspool: model 'big' does not fit: a weights "
+                                       r"device of 4194304 B holds 1 slot\(s\) per shape class, "
+                                       r"fewer than num_experts=8"):
     plan_policy(fleet, policy="crosspool", kv_devices=1, weight_devices=1,
                 device_bytes=4 * 2**20, page_elems=PAGE_ELEMS, kv_dtype="float32")
 
 
-@pytest.mark.parametrize("policy", ["static", "shared", "crosspool"])
-def test_budget_smaller_than_the_weights_names_the_device(policy):
-  fleet, _ = _fleet()
-  with pytest.raises(ValueError, match=r"budget: KV device 0: no room for KV pages"):
+@pytest.mark.parametrize("policy", ["static", "shared", "crosspool", "crosspool_partitioned"])
+def test_budget_smaller_than_the_weights_names_the_model(policy):
+  fleet, cfgs = _fleet()
+  total, experts = _bytes(cfgs["a"])
+  resident = total if policy in ("static", "shared") else total - experts
+  where = "all 2 devices" if policy in ("static", "shared") else "one device"
+  with pytest.raises(ValueError, match=rf"budget: {policy}: model 'a' does not fit: weights "
+                                       rf"{resident} B do not fit on {where} of 262144 B"):
     plan_policy(fleet, policy=policy, kv_devices=2, weight_devices=1, device_bytes=2**18,
+                page_elems=PAGE_ELEMS, kv_dtype="float32")
+
+
+def test_weights_that_need_two_devices_are_not_served():
+  fleet, cfgs = _fleet()
+  total = _bytes(cfgs["a"])[0]
+  # a's weights fit two devices (split) with pages to spare, not one: the engine has no
+  # tensor parallelism, the plan says so.
+  with pytest.raises(ValueError, match="model 'a' needs its weights split over 2 devices"):
+    plan_policy({"a": fleet["a"]}, policy="shared", kv_devices=2, device_bytes=total // 2 + 2**14,
                 page_elems=PAGE_ELEMS, kv_dtype="float32")
 
 

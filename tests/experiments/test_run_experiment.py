@@ -142,10 +142,11 @@ def test_benchmarks_md_is_generated_from_the_results(two_runs, tmp_path):
 
 
 @pytest.mark.parametrize("override, error", [
-    ("--config.policies.shared.weight_devices=2,3", "a shared run has no weights devices"),
+    ("--config.policies.shared.weight_devices=2,3", "a shared engine has no weights devices"),
     ("--config.sweep.field=workload.total_rate", "config.sweep.points is empty"),
     ("--config.budget.device_bytes=100000",
-     "config.policies.crosspool: budget: KV device 0: no room for KV pages"),
+     "config.policies.crosspool: budget: crosspool: model 'mixtral_0' does not fit: weights "
+     "369920 B do not fit on one device of 100000 B"),
 ])
 def test_bad_config_fails_before_compiling(tmp_path, override, error):
   proc = _run("run_experiment.py", SMOKE, f"--workdir={tmp_path}", override, ok=False)
@@ -156,7 +157,8 @@ def test_bad_config_fails_before_compiling(tmp_path, override, error):
 def test_runs_are_served_baselines_first():
   assert run_names(demo_config("smoke")) == ["static", "shared", "crosspool"]
   assert run_names(experiment_config("ablations.py", "cpu")) == [
-      "no_consolidation", "crosspool", "no_fusion", "no_pipeline", "no_swapping"]
+      "no_weights_pool", "crosspool", "no_fusion", "no_pipeline", "no_swapping",
+      "no_consolidation"]
 
 
 def test_unknown_engine_field_in_a_policy_is_named():

@@ -14,12 +14,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from crosspool_jax.pools.kv_pool import (
-    KVModelSpec,
-    KVPool,
-    PoolExhaustedError,
-    plan_pages_per_device,
-)
+from crosspool_jax.pools.kv_pool import KVModelSpec, KVPool, PoolExhaustedError
 
 # Three models of different shapes sharing one page size of 256 elements.
 SPECS = (
@@ -223,11 +218,3 @@ def test_bad_input_is_named():
     pool.grow("r", 41)
   with pytest.raises(ValueError, match="policy must be one of"):
     KVPool(page_elems=256, pages_per_device=4, policy="lru")
-
-
-def test_planner_capacity_rule():
-  assert plan_pages_per_device(device_bytes=10_000, resident_bytes=2_000, page_bytes=1_000) == 8
-  assert plan_pages_per_device(device_bytes=10_000, resident_bytes=0, page_bytes=1_000,
-                               reserve_fraction=0.25) == 7
-  with pytest.raises(ValueError, match="no room for KV pages"):
-    plan_pages_per_device(device_bytes=10_000, resident_bytes=9_500, page_bytes=1_000)

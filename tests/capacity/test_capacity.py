@@ -1,4 +1,4 @@
-"""KV capacity under static / shared / crosspool: hand-computed tiny cases, ordering, bad input.
+"""KV capacity under each memory policy: hand-computed tiny cases, ordering, bad input.
 
 Tiny mixtral (float32): 189760 params = 759040 B, of which routed experts 98304 params (16
 experts of 24576 B) and the rest 91456 params = 365824 B. With 512 B pages (128 elements) and
@@ -7,18 +7,11 @@ experts of 24576 B) and the rest 91456 params = 365824 B. With 512 B pages (128 
 
 import math
 
-import numpy as np
 import pytest
 
+from crosspool_jax.capacity import format_table, measure_capacity, reference_config
+from crosspool_jax.engine.policies.sizes import param_bytes, param_counts
 from crosspool_jax.models.config import FAMILIES, tiny_config
-from crosspool_jax.pools.capacity import (
-  format_table,
-  measure_capacity,
-  param_bytes,
-  param_counts,
-  place_models,
-  reference_config,
-)
 
 MIX = tiny_config("mixtral")
 W_TOTAL, W_NON_EXPERT, EXPERT = 759040, 365824, 24576
@@ -114,19 +107,33 @@ def test_crosspool_partial_residency_is_measured():
   res = _run(2, num_devices=2, device_bytes=2 * W_NON_EXPERT + 3 * PAGE,
              organisations=("crosspool",), crosspool_weight_devices=1)
   wp = res["organisations"]["crosspool"]["weights_pool"]
-  assert wp["slots_per_device"] == {"64x32:float32": 29}
-  assert wp["resident_experts"] == 29 and wp["resident_fraction"] == pytest.approx(29 / 32)
+  assert wp["slots_per_device"] == 29 and wp["classes"] == 1
+  assert wp["resident_experts"] == wp["resident_experts_closed_form"] == 29
+  assert wp["resident_fraction"] == pytest.approx(29 / 32)
   assert res["organisations"]["crosspool"]["kv_pages"] == 2
+
+
+def test_partitioned_weights_pool_gives_each_model_its_own_slots():
+  # The budget above without consolidation: one class per model, so a slot costs 2 x 24576 B
+  # per device and 733184 B hold 14 per model (28 experts resident, not 29 in one shared pool).
+  res = _run(2, num_devices=2, device_bytes=2 * W_NON_EXPERT + 3 * PAGE,
+             organisations=("crosspool", "crosspool_partitioned"), crosspool_weight_devices=1)
+  _all_agree(res)
+  shared, own = (res["organisations"][o]["weights_pool"]
+                 for o in ("crosspool", "crosspool_partitioned"))
+  assert (shared["classes"], shared["slots_per_device"], shared["resident_experts"]) == (1, 29, 29)
+  assert (own["classes"], own["slots_per_device"], own["resident_experts"]) == (2, 14, 28)
+  assert own["resident_experts_closed_form"] == 28
 
 
 def test_budget_too_small_is_reported_not_raised():
   res = _run(2, num_devices=2, device_bytes=100_000)
-  for org in ("static", "shared", "crosspool"):
-    out = res["organisations"][org]
+  for org, out in res["organisations"].items():
     assert set(out["not_fit"]) == {"m0-mixtral", "m1-mixtral"}, org
     assert out["models"] == {} and out["fleet_fill_tokens"] == 0
   assert "do not fit" in res["organisations"]["static"]["not_fit"]["m0-mixtral"]
-  assert "experts" in res["organisations"]["crosspool"]["not_fit"]["m0-mixtral"]
+  assert res["organisations"]["crosspool"]["not_fit"]["m0-mixtral"].startswith(
+      f"weights {W_NON_EXPERT} B do not fit on one device")  # its non-expert weights
   # a page that no model's heads divide: a reason, not a crash
   odd = measure_capacity([MIX], num_devices=2, device_bytes=10 * W_TOTAL, page_bytes=100,
                          dtype="float32", max_batch=1)
@@ -136,13 +143,6 @@ def test_budget_too_small_is_reported_not_raised():
   with pytest.raises(ValueError, match="page_bytes"):
     measure_capacity([MIX], num_devices=1, device_bytes=W_TOTAL, page_bytes=0, dtype="float32",
                      max_batch=1)
-
-
-def test_place_models_deals_spare_devices_in_fleet_order():
-  units, not_fit = place_models({"a": 10, "b": 10}, num_devices=5, device_bytes=100,
-                                page_bytes=1)
-  assert not not_fit and [u.devices for u in units] == [[0, 1, 2], [3, 4]]
-  assert np.array_equal([u.weights_bytes_per_device for u in units], [4, 5])
 
 
 def test_format_table():

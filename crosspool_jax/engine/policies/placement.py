@@ -1,0 +1,208 @@
+"""The one placement rule, and the page arithmetic every memory policy plans with.
+
+`place` puts each model's resident weights (the policy says which: all of them, or all but the
+routed experts) on devices of one byte budget:
+
+  1. a model needs the fewest devices that hold its weights, split evenly, with room for two
+     KV pages on each (more than one only where the policy allows a split: tensor parallel);
+  2. the models that need several devices take fresh devices first, in fleet order;
+  3. every other model, in fleet order, goes to the device holding the fewest resident bytes
+     (ties: the lowest index); one that does not fit there fits nowhere.
+
+Fleet order, not heaviest first: a one-device model's place depends only on the models before
+it, so appending such a model (a cold model arriving) never moves the ones already placed. KV
+buffers are equal on every KV device (`lay_out_kv`): the most loaded device sets them, the
+excess elsewhere is reported as stranded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+
+from crosspool_jax.models.config import ModelConfig
+
+
+def usable_bytes(device_bytes: int, reserve_fraction: float) -> float:
+  """What a device of `device_bytes` may hold with `reserve_fraction` of it kept free."""
+  if not 0 <= reserve_fraction < 1:
+    raise ValueError(f"reserve_fraction must be in [0, 1), got {reserve_fraction}")
+  return device_bytes * (1 - reserve_fraction)
+
+
+def pages_that_fit(*, device_bytes: int, resident_bytes: int, page_bytes: int,
+                   reserve_fraction: float = 0.0) -> int:
+  """KV pages (the null page among them) that fit on a device next to `resident_bytes`.
+
+  Args:
+    device_bytes: memory budget of the device.
+    resident_bytes: what already lives there (weights).
+    page_bytes: bytes per page.
+    reserve_fraction: fraction of device_bytes kept free (activations, compiler scratch).
+  """
+  if page_bytes <= 0:
+    raise ValueError(f"page_bytes must be > 0, got {page_bytes}")
+  free = usable_bytes(device_bytes, reserve_fraction) - resident_bytes
+  return max(0, int(free // page_bytes))
+
+
+def heads_per_rank(cfg: ModelConfig, tp: int) -> int:
+  """KV heads each of `tp` tensor-parallel ranks holds (replicated when K < tp)."""
+  return math.ceil(cfg.num_kv_heads / tp)
+
+
+def page_tokens(cfg: ModelConfig, page_elems: int, tp: int = 1) -> int:
+  """Tokens of one layer a page holds for `cfg` (per rank under tensor parallelism).
+
+  Raises:
+    ValueError: the page is not a whole number of the model's per-token K and V.
+  """
+  per_token = 2 * heads_per_rank(cfg, tp) * cfg.head_dim
+  if page_elems % per_token:
+    raise ValueError(f"page_elems={page_elems} is not a multiple of 2 x kv_heads x head_dim = "
+                     f"{per_token} of a {cfg.family} model"
+                     + (f" ({heads_per_rank(cfg, tp)} KV heads per rank of {tp})" if tp > 1
+                        else ""))
+  return page_elems // per_token
+
+
+def fill_closed_form(pages: int, layers: int, page_tokens: int, cap: int,
+                     rows: int | None = None) -> int:
+  """Tokens that requests of one model (each up to `cap`, at most `rows` of them, None: no
+  limit) hold in `pages` pages."""
+  per_req = math.ceil(cap / page_tokens)
+  full = pages // (layers * per_req)
+  if rows is not None and full >= rows:
+    return rows * cap
+  rest = (pages - full * layers * per_req) // layers
+  return full * cap + min(rest * page_tokens, cap)
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+  """Where `place` put each model.
+
+  Attributes:
+    device: model -> its device (the first of its devices when split), fleet order.
+    tp: model -> devices its weights are split over (1: one device).
+    resident: resident bytes on each device.
+    not_fit: model -> why it has no place.
+  """
+
+  device: dict[str, int]
+  tp: dict[str, int]
+  resident: list[int]
+  not_fit: dict[str, str]
+
+
+def place(weights: Mapping[str, int], *, num_devices: int, device_bytes: int, page_bytes: int,
+          reserve_fraction: float = 0.0, split: bool = False) -> Placement:
+  """Places the models' resident weights on `num_devices` devices (the module's rule).
+
+  Args:
+    weights: resident bytes of each model, in fleet order.
+    num_devices: devices of `device_bytes` each.
+    page_bytes: one KV page; two must fit next to the weights on every device used.
+    reserve_fraction: kept free on every device.
+    split: a model may be split over several devices (tensor parallel).
+  """
+  room = usable_bytes(device_bytes, reserve_fraction) - 2 * page_bytes
+  need: dict[str, int] = {}
+  not_fit: dict[str, str] = {}
+  for m, w in weights.items():
+    most = num_devices if split else 1
+    n = next((n for n in range(1, most + 1) if w / n <= room), None)
+    if n is None:
+      where = f"all {num_devices} devices" if split else "one device"
+      not_fit[m] = (f"weights {w} B do not fit on {where} of {device_bytes} B with 2 KV pages "
+                    "each")
+    else:
+      need[m] = n
+  resident = [0] * num_devices
+  device: dict[str, int] = {}
+  tp: dict[str, int] = {}
+  fresh = 0
+  for m in [m for m in need if need[m] > 1]:
+    if fresh + need[m] > num_devices:
+      not_fit[m] = (f"needs {need[m]} devices for its weights, only {num_devices - fresh} left "
+                    "after the models before it")
+      continue
+    device[m], tp[m] = fresh, need[m]
+    for d in range(fresh, fresh + need[m]):
+      resident[d] = math.ceil(weights[m] / need[m])
+    fresh += need[m]
+  singles = range(fresh, num_devices)
+  for m in [m for m in need if need[m] == 1]:
+    if not singles:
+      not_fit[m] = "no device left for it"
+      continue
+    d = min(singles, key=lambda x: (resident[x], x))
+    if resident[d] + weights[m] > room:
+      not_fit[m] = (f"weights {weights[m]} B do not fit next to {resident[d]} B on the emptiest "
+                    f"device (of {device_bytes} B, 2 KV pages kept)")
+      continue
+    device[m], tp[m] = d, 1
+    resident[d] += weights[m]
+  order = [m for m in weights if m in device]
+  return Placement({m: device[m] for m in order}, {m: tp[m] for m in order}, resident,
+                   {m: not_fit[m] for m in weights if m in not_fit})
+
+
+@dataclasses.dataclass(frozen=True)
+class KVLayout:
+  """Placement plus the equal KV buffers of the KV devices.
+
+  Attributes:
+    placement: the `place` result.
+    pages_per_device: KV pages of every buffer, the null page included.
+    page_tokens: tokens per page of each placed model whose KV shape divides the page.
+    not_fit: the placement's, plus models whose KV shape does not divide the page.
+    accounting: bytes per device (resident, KV, stranded), what a results file reports.
+  """
+
+  placement: Placement
+  pages_per_device: int
+  page_tokens: dict[str, int]
+  not_fit: dict[str, str]
+  accounting: dict
+
+
+def lay_out_kv(cfgs: Mapping[str, ModelConfig], weights: Mapping[str, int], *, num_devices: int,
+               device_bytes: int, page_elems: int, page_bytes: int,
+               reserve_fraction: float = 0.0, split: bool = False,
+               buffers_everywhere: bool = False) -> KVLayout:
+  """Places the models (`place`) and sizes the KV buffers: the most loaded device sets them.
+
+  Args:
+    cfgs: the fleet's configs, in fleet order.
+    weights: resident bytes of each model.
+    num_devices: the KV devices.
+    device_bytes, page_elems, page_bytes, reserve_fraction, split: as `place`.
+    buffers_everywhere: every KV device holds a buffer (one pool over all of them), not only
+      those a model was placed on.
+  """
+  placement = place(weights, num_devices=num_devices, device_bytes=device_bytes,
+                    page_bytes=page_bytes, reserve_fraction=reserve_fraction, split=split)
+  used = sorted({d + i for m, d in placement.device.items() for i in range(placement.tp[m])})
+  with_buffer = list(range(num_devices)) if buffers_everywhere else used
+  fit = {d: pages_that_fit(device_bytes=device_bytes, resident_bytes=placement.resident[d],
+                           page_bytes=page_bytes, reserve_fraction=reserve_fraction)
+         for d in with_buffer}
+  pages = min(fit.values(), default=0)
+  not_fit = dict(placement.not_fit)
+  tokens = {}
+  for m in placement.device:
+    try:
+      tokens[m] = page_tokens(cfgs[m], page_elems, placement.tp[m])
+    except ValueError as e:
+      not_fit[m] = str(e)
+  accounting = {
+      "device_bytes": device_bytes, "page_elems": page_elems, "page_bytes": page_bytes,
+      "kv_devices": num_devices,
+      "kv_buffer_devices": with_buffer,
+      "resident_bytes_per_kv_device": placement.resident,
+      "kv_bytes": len(with_buffer) * max(0, pages - 1) * page_bytes,
+      "stranded_bytes": sum((n - pages) * page_bytes for n in fit.values()),
+  }
+  return KVLayout(placement, pages, tokens, not_fit, accounting)

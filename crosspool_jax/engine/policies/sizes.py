@@ -1,0 +1,66 @@
+"""Bytes of a model's parameters by where they live, and of its KV per token.
+
+Counted from the `ModelConfig` alone (no arrays), so the policies plan paper-scale fleets from
+their public config.json; `tests/capacity` checks the counts against real parameter trees.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from crosspool_jax.models.config import ModelConfig
+
+
+def dtype_itemsize(dtype: str) -> int:
+  """Bytes per element of a dtype name ("bfloat16", "float32", "float8_e4m3fn", ...)."""
+  try:
+    return np.dtype(dtype).itemsize
+  except TypeError:
+    import ml_dtypes  # registers bfloat16 / float8 names with numpy
+
+    return np.dtype(getattr(ml_dtypes, dtype)).itemsize
+
+
+def param_counts(cfg: ModelConfig) -> dict[str, int]:
+  """Parameter counts of a model by where they live.
+
+  Returns:
+    {"attention": q/k/v/o (+ biases, q/k norms) and the two RMSNorms of every layer,
+     "embedding": embedding, LM head (unless tied), final norm,
+     "router": routers of the MoE layers,
+     "dense_ffn": shared experts (+ their gates) and the MLPs of dense layers,
+     "routed_experts": the routed experts,
+     "non_expert": all but the routed experts, "total"}.
+  """
+  d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+  attn = 2 * d * n * h + 2 * d * k * h + 2 * d
+  if cfg.qkv_bias:
+    attn += n * h + 2 * k * h
+  if cfg.qk_norm == "per_head":
+    attn += 2 * h
+  elif cfg.qk_norm == "full":
+    attn += (n + k) * h
+  moe = sum(cfg.moe_layers)
+  dense = cfg.num_layers - moe
+  out = {
+      "attention": cfg.num_layers * attn,
+      "embedding": cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2) + d,
+      "router": moe * d * cfg.num_experts,
+      "dense_ffn": (moe * (3 * d * cfg.d_ff_shared + d) if cfg.d_ff_shared else 0)
+                   + dense * 3 * d * cfg.d_ff_dense,
+      "routed_experts": moe * cfg.num_experts * 3 * d * cfg.d_ff_expert,
+  }
+  out["non_expert"] = out["attention"] + out["embedding"] + out["router"] + out["dense_ffn"]
+  out["total"] = out["non_expert"] + out["routed_experts"]
+  return out
+
+
+def param_bytes(cfg: ModelConfig, dtype: str) -> dict[str, int]:
+  """`param_counts` in bytes of `dtype`."""
+  size = dtype_itemsize(dtype)
+  return {key: v * size for key, v in param_counts(cfg).items()}
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype: str) -> int:
+  """K and V of one token over all layers."""
+  return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype_itemsize(dtype)
