@@ -1,48 +1,13 @@
 """The CrossPool executor: attention on the KV-pool devices, routed experts on the weights pool.
 
-Every model has a home KV device (`LoadedModel.group`, an index into the KV devices): its params
-without the routed experts (attention, embeddings, norms, routers, shared experts, dense MLPs)
-live there. The one KV pool still spans all KV devices (a sequence's pages may be on any).
-
-Per layer of a micro-batch, each step one dispatch of a stage of `models/stages.py`: on the
-model's home KV device the embedding (first layer) and `attention_inputs`; on EVERY KV device
-`write_and_attend_paged` over that device's local pages; at home `post_attention` (the partials
-merged exactly by their LSE, residual, FFN norm, then the router or, pinned with the model, the
-dense MLP); then the hidden states cross to the weights device that holds the layer's expert
-slots, the experts the router chose are made resident (`DeviceWeightsPool.access`: hit or
-swap-in), `routed_experts` runs there, and the result crosses back to the home device for
-`combine` (shared expert added there); after the last layer `head_and_sample` runs at home.
-
-Fused expert calls (`fuse_experts=True`): after a layer's attentions, the micro-batches whose
-MoE layer at this index has the same shape class and home weights device (different models of
-one architecture, or two micro-batches of one model) share ONE expert-dispatch call. All their
-chosen experts are made resident together (`DeviceWeightsPool.access_many`: no member's access
-evicts another's experts; members whose union does not fit the partition's slots go to a
-further call, `WeightsPool.can_hold`). Since every chosen expert is then resident in a slot of
-that one class buffer, each member's top-k expert ids become slot ids on the device
-(`slot_table_E[ids_TK]`), its valid tokens are packed at an offset into a fused token bucket
-(`_stage`), and the call reads the buffer through the identity slot table `arange(S)`
-(injective, E = S, as the kernel requires); each member's rows are cut back out (`_unstage`).
-Fused buckets are a fixed list (the token buckets, and the token budget if larger), all warmed
-by `compile_all`, so no shape is compiled after start-up. Members with a smaller top_k than the
-class's largest are padded with weight-0 repeats of their first choice (an exact no-op).
-`fuse_experts=False` runs one call per micro-batch through its own slot table (the ablation).
-Shape suffixes as in `models/layers.py`; U: the rows (token bucket) of a fused call.
-
-Pipeline: the iteration's batches are cut into micro-batches (each model's sequences split in
-`micro_batches` parts, and different models' batches are micro-batches of their own); stages
-are issued in ping-pong order — attention of layer l for every micro-batch, then the expert
-FFN of layer l for every micro-batch (or fused group) — so while the host waits for one
-micro-batch's routing (it must know the experts before swapping them in), the other's
-attention is already queued on the KV devices, and while one micro-batch's experts run on the
-weights devices the next attention runs on the KV devices. JAX dispatch is asynchronous; each
-device runs its queue.
-
-Timeline: every stage records its host issue time and, from a watcher thread, the time its
-output was ready; the interval is "in flight" (queued or running), not device execution time.
-A fused expert call is one stage listing its member micro-batches. On 2 CPU cores the devices
-cannot run concurrently (PLATFORM.md), so the timeline shows what was in flight at once, not a
-speedup.
+Each model's params without its routed experts live on its home KV device, the one KV pool spans
+every KV device, the routed experts live in the weights pool. A step dispatches the stages of
+`models/stages.py` per layer and micro-batch in ping-pong order, expert calls fused across
+micro-batches of one shape class and home weights device (`fuse_experts`); `Timeline` records
+each stage's in-flight interval. Invariant: a stage runs where its data lives (attention on the
+devices of its pages, experts on the weights device holding their slots, made resident before
+the call) and no shape is compiled after `compile_all`. How: WORKSPACE.md, "The CrossPool
+executor". Shape suffixes as in `models/layers.py`.
 """
 
 from __future__ import annotations

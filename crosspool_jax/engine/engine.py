@@ -2,16 +2,8 @@
 
 One engine serves every model under one memory organisation, the policy object that
 `EngineConfig.kv_policy` names (`engine/policies/`; "static", "shared", "crosspool", ...), which
-builds its pools and executor; scheduling, sampling, limits and fault isolation are the same for
-all of them.
-
-  engine = Engine(EngineConfig(kv_policy="shared"))
-  engine.register_model("mix", checkpoint="/path/to/hf_or_orbax", max_batch=8)
-  engine.start()                                  # allocates KV buffers, compiles buckets
-  rid = engine.submit(model_id="mix", prompt_ids=[1, 2, 3], max_new_tokens=32)
-  for event in engine.run():                     # or engine.step() in your own loop
-    print(event.request_id, event.token)
-  print(engine.metrics())
+builds its pools and executor. Invariant: scheduling, sampling, limits and fault isolation are
+the same for every policy. Usage: WORKSPACE.md, "The engine and its memory policies".
 """
 
 from __future__ import annotations

@@ -1,18 +1,11 @@
 """Iteration-level scheduler over every model (host side, no device calls).
 
-Each iteration it builds, per model, a batch of (request, tokens to feed) under one token
-budget shared by all models:
-
-  * fairness: models are visited in round-robin order, starting one further each iteration,
-    and each visited model may take at most its fair share of the budget left (budget left /
-    models left to visit) — no model starves, and an idle model's share goes to the others;
-  * within a model: running requests first (decodes, then unfinished prefill chunks), then
-    waiting requests in arrival order (preempted ones keep their original arrival);
-  * chunked prefill: a prompt longer than the share is fed over several iterations;
-  * admission: a request's chunk is scheduled only if the KV pool can give its pages; a running
-    request that cannot grow preempts others by the pool's victim rule (most recently
-    admitted), and if that is impossible it is preempted itself; preempted requests lose their
-    pages and are recomputed later from prompt + generated tokens.
+Each iteration it builds, per model, a batch of (request, tokens to feed) under one token budget
+shared by all models: round-robin fair shares, running requests before waiting ones, chunked
+prefill, admission and preemption through the KV pool. Invariant: no model starves (each visited
+model takes at most its fair share of the budget left), and a preempted request loses its pages
+and is recomputed from prompt + generated tokens. The rules: WORKSPACE.md, "The engine and its
+memory policies".
 """
 
 from __future__ import annotations

@@ -1,27 +1,11 @@
 """One trace, every memory organisation: the experiment behind `scripts/run_experiment.py`.
 
-An experiment config (see `configs/experiments/`) is a serving config (fleet, engine, workload,
-sampling, loop; `crosspool_jax.experiments.serving`) plus:
-
-  budget:    device_bytes per device (0: take engine.pages_per_device and the fleet's groups as
-             given), reserve_fraction; every policy gets the same bytes on the same devices,
-             turned into engine settings by `crosspool_jax.experiments.budget`;
-  policies:  run name -> overrides of the engine block (kv_policy, devices, weight_devices,
-             micro_batches, expert_policy, ...) and optionally weights_device_bytes (an
-             ablation that needs a bigger weights pool says so), run on the same trace in
-             the order of `run_names` (by policy in the registry's order: the baselines
-             static, shared, then crosspool runs; by name within each);
-  sweep:     field (a dotted config path, e.g. "workload.total_rate") and points (its
-             values): a new trace per point, every policy on each;
-  slo:       ttft_s, tbt_s: a finished request meets the SLO if its TTFT and the p90 of its
-             inter-token gaps are within them (goodput = such requests per second).
-
-`run_experiment` returns the results dict (written as results.json): per run a `counts` block
-(a function of config and seed when arrival_mode is "logical" or "all_at_once": requests,
-rejections, preemptions, KV pages over the steps, longest context served, expert hits, compile
-counts, a digest of every output; KV page counts are usable pages, each device's null page
-excluded) and a `wall_clock` block (latencies, throughput, goodput, start-up and serving time);
-`without_wall_clock(results)` drops every wall-clock field.
+An experiment config is a serving config (`experiments/serving.py`) plus the blocks `budget`,
+`policies`, `sweep` and `slo`; `run_experiment` serves one trace per sweep point under each run
+of `policies`, every run from the same per-device byte budget, and returns the results dict
+(results.json). Invariant: a run's `counts` block is a function of config and seed (arrival
+modes "logical" and "all_at_once"); what the wall clock measures is in its `wall_clock` block,
+which `without_wall_clock` drops. The blocks and fields: WORKSPACE.md, "Configs and results".
 """
 
 from __future__ import annotations

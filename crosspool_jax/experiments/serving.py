@@ -1,23 +1,11 @@
 """Serving a fleet from an ml_collections config under a request trace (the loop of the scripts).
 
 `scripts/serve.py` serves one engine; `crosspool_jax.experiments.runner` serves the same trace
-under each memory organisation. The config blocks (see `configs/serve/demo.py`):
-
-  fleet:     model id -> {family, seed, overrides, checkpoint, dtype, max_batch, max_context,
-             group}: a seeded tiny model of `family` (`tiny_config(family, **overrides)`, our
-             own init, no torch) or an HF/orbax checkpoint directory;
-  engine:    `EngineConfig`'s fields (any subset);
-  workload:  `WorkloadConfig`'s fields, or `trace` = a JSONL file to replay;
-  sampling:  temperature, top_k, top_p (each request's seed comes from the trace);
-  the loop:  arrival_mode, replay_speed, logical_step_s, max_wall_s, progress_interval_s,
-             stop_at_eos.
-
-Arrival modes: "trace" submits a request once its arrival time has come on the wall clock
-(arrival_s / replay_speed): the realistic mode, but which requests share a step then depends on
-the machine's speed. "logical" advances a clock by `logical_step_s` per engine step (jumping
-over idle gaps), so the schedule, and every count derived from it, is a function of the trace
-and the seed only; latencies are still measured on the wall clock. "all_at_once" submits the
-whole trace before the first step.
+under each memory organisation. The config has the blocks `fleet`, `engine`, `workload`,
+`sampling` and the loop's fields (see `configs/serve/demo.py`). Invariant: under the arrival
+modes "logical" and "all_at_once" the schedule, and every count derived from it, is a function
+of trace and seed only; latencies are always wall-clock. The blocks and arrival modes:
+WORKSPACE.md, "Experiments".
 """
 
 from __future__ import annotations

@@ -1,29 +1,10 @@
 """Replacement policies of the weights pool, and Belady's MIN (the offline bound).
 
-Host-side only (plain Python / numpy, no JAX), so the same policies run under the simulator
-and in trace replay.
-
-Interface (`ExpertPolicy`): the pool calls `on_insert` when an expert is loaded into a slot,
-`on_access` when a layer reads it, `on_evict` when it leaves, and `choose_victim` to pick which
-of the evictable resident experts to drop (the candidates never include pinned experts nor the
-experts the running layer needs). `now` is the pool's logical clock (one tick per layer access).
-
-Policies:
-  * `PinAllPolicy` ("pin_all"): every expert of every model is pinned at registration; a model
-    that does not fit is refused. Never evicts.
-  * `LRUPolicy` ("lru"): least recently accessed first (never-accessed prefetches are oldest).
-  * `LFUPolicy` ("lfu"): fewest accesses over the whole run (counts survive eviction), ties by
-    LRU.
-  * `ActivationAwarePolicy` ("activation_aware"): per-model routing statistics — an
-    exponentially decayed count of how often the router chose each (model, layer, expert),
-    half-life `half_life` accesses — decide the victim (lowest decayed frequency first, ties by
-    LRU); and it prefetches: the executor passes the experts the NEXT layer's router picks from
-    the current hidden state (`WeightsPool.prefetch`), which are loaded before that layer runs
-    and protected until it has run.
-
-`belady_min` is Belady's MIN on a flattened access sequence: the most hits any demand-fetching
-policy of that capacity can have, and (by the classic argument) a lower bound on the fetches of
-any policy, prefetching ones included.
+Host-side only (plain Python / numpy, no JAX). The pool calls an `ExpertPolicy`'s `on_insert`,
+`on_access`, `on_evict` and `choose_victim`; `now` is the pool's logical clock (one tick per
+layer access). Invariant: `choose_victim` picks among the candidates it is given, which never
+include pinned experts nor the experts the running layer needs. The policies (`pin_all`, `lru`,
+`lfu`, `activation_aware`) and `belady_min`: WORKSPACE.md, "The pools".
 """
 
 from __future__ import annotations

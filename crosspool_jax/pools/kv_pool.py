@@ -1,25 +1,11 @@
 """The KV-cache pool: one shared paged pool for the KV of every request of every model.
 
-Host-side only (numpy): no JAX device call lives here, so the same pool runs under the
-cost-model simulator. The device buffers it manages are in `kv_buffers.py`.
-
-Vocabulary:
-  * page: a fixed number of bytes (`page_elems` elements of the pool dtype) on one device.
-    A model's page holds `page_tokens` tokens of ONE layer's K and V, with
-    page_tokens = page_elems / (2 * kv_heads * head_dim); models of different shapes share
-    the pool with no per-model reservation.
-  * global page id g = device * pages_per_device + local id. Local page 0 of every device is
-    the null page: never allocated, 0 in a page table means "no page here".
-  * virtualizer: each model's logical block tables `tables_LRP[layer, row, logical page]`
-    (global ids) — row r is one request of that model. The kernels read, per device, the
-    local view of those tables (`local_tables`), where pages of other devices read as 0 and
-    are skipped, so partial attentions from several devices merge exactly by their LSE.
-  * policy: `static` (each model reserves max_context x max_batch of pages up front) or
-    `shared` (every model allocates from the one pool).
-
-Preemption victim rule: the most recently admitted request among those whose pages would
-help (any model under `shared`, the same model under `static`), never the requester; its
-pages are freed now and it is recomputed later by its owner (the engine).
+Host-side only (numpy, no JAX device call); the device buffers it manages are in
+`kv_buffers.py`. Pages have global ids over the KV devices, each model's block tables map its
+requests' logical pages to them, and the `static` / `shared` policy decides admission and the
+preemption victim (the most recently admitted). Invariant: local page 0 of every device is the
+null page, never allocated, so 0 in a page table means "no page here" (a device's local view
+reads other devices' pages as 0). Vocabulary and the victim rule: WORKSPACE.md, "The pools".
 """
 
 from __future__ import annotations

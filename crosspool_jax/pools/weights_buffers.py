@@ -1,27 +1,11 @@
 """Device side of the weights pool: slot buffers, the host expert store, swap-in and its timing.
 
-* `ExpertStore`: host (numpy) copy of every routed expert of every registered model, taken from
-  its param dict (`params["layers"][i]["ffn"]["w_gate_EDF"]` etc. of the MoE layers).
-* `write_slots`: the jitted in-place slot update. The three pool buffers are donated; the
-  experts to write come as [N, ...] stacks with an int32 index ARRAY of slots (N padded to a
-  power of two with distinct out-of-range slots, dropped), so several experts go in one call
-  and XLA updates the buffers in place (a scalar index / dynamic_update_slice here would make
-  it copy the whole pool).
-* `DeviceWeightsPool`: one buffer triple (w_gate_SDF, w_up_SDF, w_down_SFD) per shape class per
-  weights device, driven by a host `WeightsPool`: `access` / `prefetch` plan on the host and
-  perform the loads here. Free slots start as NaN, so a read of a slot the layer does not own
-  shows up.
-
-Swap timing (hidden vs exposed), measured from timestamps: every update call records its issue
-time (host clock when dispatched, after the host->device transfer of its experts was started)
-and its done time (a watcher thread blocks on a small output of the call and stamps when it is
-ready). Each call also gets a need time: for a demand swap its issue time (the layer waits for
-it); for a prefetch, the moment the layer it was issued for is about to run (`access` of that
-layer). Then hidden = max(0, min(done, need) - issue) and exposed = max(0, done - max(need,
-issue)); a prefetch whose layer never runs counts as unused. So a swap is hidden when it was
-issued before the layer that needs it started and finished before that layer's compute was
-needed. On a small CPU host this shows the order of events, not a speedup (the copy and the
-compute share the cores).
+`ExpertStore` (host copies of every routed expert), `write_slots` (the jitted slot update),
+`DeviceWeightsPool` (one buffer triple per shape class per weights device, performing the loads
+its host `WeightsPool` plans) and the hidden / exposed swap timing. Invariant: a swap-in updates
+the donated pool buffers in place through an index array (never a copy of the pool), and free
+slots hold NaN, so a read of a slot the layer does not own shows up. Details and the timing
+method: WORKSPACE.md, "The pools".
 """
 
 from __future__ import annotations

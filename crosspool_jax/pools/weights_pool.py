@@ -1,30 +1,11 @@
 """The weights pool (host side): expert slots per shape class, residency, swap planning.
 
-Host-side only (numpy, no JAX device call), so the same pool runs under trace replay and the
-cost-model simulator. The device buffers it plans for, and the swap-ins themselves, are in
-`weights_buffers.py`; the layer-wise generation path that drives it is `engine/weights_generate.py`.
-
-Vocabulary:
-  * shape class (d_model, d_ff, dtype): experts of that shape share slots. One buffer triple
-    (w_gate_SDF, w_up_SDF, w_down_SFD) of `slots_per_device` slots per class per weights
-    device. Models of one architecture (fine-tunes of one base: the common cold fleet) share a
-    class and so share slots.
-  * partition: one class on one device; eviction and Belady's bound are per partition.
-  * home device: each MoE layer of a model is assigned one weights device at registration
-    (round robin); its experts are only ever resident there, so one kernel call reads one
-    buffer. (Expert parallelism is across layers, not inside one.)
-  * residency table: (model, layer, expert) -> (device, slot). Per (model, layer) the pool keeps
-    the host copy of the slot table the expert-dispatch kernel reads (`slot_table`).
-  * pinned: a resident expert that is never evicted (`pin`, or the pin-all policy). Shared
-    experts and the dense MLP layers are not in the pool at all: they stay in the model's own
-    params (pinned in that sense), as do attention, embeddings and routers.
-
-Swap-in: `access` (a layer is about to run with the experts its router chose) and `prefetch`
-(experts predicted for a later layer) update the tables at once and return a `SwapPlan`: the
-(key, device, slot) loads the device side must perform before the layer runs. Victims come from
-the policy (`expert_policies.py`); the experts of the running layer are never victims, nor the
-keys passed as `protect` (the other layers of one fused kernel call; `can_hold` says whether
-such a set of experts fits its partition at once).
+Host-side only (numpy, no JAX device call); the device buffers and swap-ins it plans are in
+`weights_buffers.py`. `access` / `prefetch` update the residency table and the per-layer slot
+tables at once and return a `SwapPlan`, the loads the device side must perform before the layer
+runs. Invariant: a MoE layer's experts are resident only on its home weights device, and the
+experts of the running layer (and the keys passed as `protect`) are never victims. Vocabulary
+(shape class, partition, home device, pinned): WORKSPACE.md, "The pools".
 """
 
 from __future__ import annotations

@@ -1,23 +1,12 @@
 """Seeded synthetic traces of a cold multi-model fleet: skewed popularity, bursty arrivals,
 long-context tails.
 
-The model of the traffic:
-  * popularity: the model of rank r (1 = most popular) gets the share r^-s / sum_k k^-s of the
-    fleet's total request rate (Zipf, exponent `zipf_exponent`; 0 = uniform);
-  * arrivals: each model is an independent Gamma renewal process with its rate and a common
-    coefficient of variation `cv` of the inter-arrival times (cv = 1 is Poisson, cv > 1 is
-    bursty, cv < 1 more regular): gaps ~ Gamma(shape 1/cv^2, scale cv^2/rate). Each process
-    starts afresh at t = 0 (an ordinary renewal process);
-  * correlated bursts (`Burst`): a group of models runs `factor` times faster during a window.
-    Each model's process is drawn in its own "operational time" tau(t) = integral of its rate
-    multiplier, so inside a window the gaps keep their CV and shrink by the factor;
-  * lengths (`LengthDist`): a body (constant, uniform or lognormal) plus, with probability
-    `tail_fraction`, a long-context tail drawn log-uniformly from [tail_low, tail_high].
-
-Every draw comes from one `np.random.Generator` seeded by `seed`, split into independent
-child streams (arrivals per model, bursts, lengths, seeds), so the same arguments give the
-same trace, and changing e.g. the length distribution leaves the arrival times unchanged.
-numpy only (no JAX): the simulator and the scripts share it.
+Zipf popularity, per-model Gamma renewal arrivals with a common CV, correlated bursts (`Burst`),
+body + long-tail lengths (`LengthDist`); numpy only (no JAX). Invariant: every draw comes from one
+`np.random.Generator` seeded by `seed`, split into independent child streams (arrivals per
+model, bursts, lengths, seeds), so the same arguments give the same trace, and changing e.g. the
+length distribution leaves the arrival times unchanged. The traffic model: WORKSPACE.md,
+"Workloads".
 """
 
 from __future__ import annotations

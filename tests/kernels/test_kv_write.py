@@ -1,6 +1,6 @@
 """write_kv: reference (scatter) and Pallas kernels (interpret) vs numpy; in place with donation.
 
-The compiled HLO must not copy the pool (the PLATFORM.md trap: a scalar index / dynamic slice in
+The compiled HLO must not copy the pool (the trap: a scalar index / dynamic slice in
 a donated jit copies the whole pool), the donated input must be deleted, and the kernels must
 lower for TPU (Mosaic) and cuda (Triton).
 """

@@ -1,18 +1,10 @@
 """The one placement rule, and the page arithmetic every memory policy plans with.
 
 `place` puts each model's resident weights (the policy says which: all of them, or all but the
-routed experts) on devices of one byte budget:
-
-  1. a model needs the fewest devices that hold its weights, split evenly, with room for two
-     KV pages on each (more than one only where the policy allows a split: tensor parallel);
-  2. the models that need several devices take fresh devices first, in fleet order;
-  3. every other model, in fleet order, goes to the device holding the fewest resident bytes
-     (ties: the lowest index); one that does not fit there fits nowhere.
-
-Fleet order, not heaviest first: a one-device model's place depends only on the models before
-it, so appending such a model (a cold model arriving) never moves the ones already placed. KV
-buffers are equal on every KV device (`lay_out_kv`): the most loaded device sets them, the
-excess elsewhere is reported as stranded.
+routed experts) on devices of one byte budget; `lay_out_kv` makes the KV buffers equal on every
+KV device (the most loaded device sets them, the excess elsewhere is stranded). Invariant: fleet
+order, so appending a one-device model (a cold model arriving) never moves the ones already
+placed. The rule's steps and why: WORKSPACE.md, "The engine and its memory policies".
 """
 
 from __future__ import annotations
