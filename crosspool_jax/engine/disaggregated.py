@@ -7,7 +7,7 @@ micro-batches of one shape class and home weights device (`fuse_experts`); `Time
 each stage's in-flight interval. Invariant: a stage runs where its data lives (attention on the
 devices of its pages, experts on the weights device holding their slots, made resident before
 the call) and no shape is compiled after `compile_all`. How: WORKSPACE.md, "The CrossPool
-executor". Shape suffixes as in `models/layers.py`.
+executor". Shape suffixes: WORKSPACE.md.
 """
 
 from __future__ import annotations

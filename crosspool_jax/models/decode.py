@@ -25,17 +25,17 @@ def _decode_loop(params, cache, first_B, lengths_B, sampling, *, cfg: ModelConfi
                  num_steps: int, moe_impl: str | None):
   """Feeds back `num_steps` tokens; returns (generated ids [B, num_steps + 1], cache)."""
   b = first_B.shape[0]
-  out_BN = jnp.zeros((b, num_steps + 1), jnp.int32).at[:, 0].set(first_B)
+  out_BT = jnp.zeros((b, num_steps + 1), jnp.int32).at[:, 0].set(first_B)
 
   def step(i, carry):
-    cache, out_BN = carry
+    cache, out_BT = carry
     positions_B = lengths_B + i
-    logits_B1V, cache = forward(params, out_BN[:, i, None], positions_B[:, None], cache,
+    logits_B1V, cache = forward(params, out_BT[:, i, None], positions_B[:, None], cache,
                                 cfg=cfg, moe_impl=moe_impl)
     nxt_B = sample(logits_B1V[:, 0], positions_B + 1, **sampling)
-    return cache, out_BN.at[:, i + 1].set(nxt_B)
+    return cache, out_BT.at[:, i + 1].set(nxt_B)
 
-  return jax.lax.fori_loop(0, num_steps, step, (cache, out_BN))[::-1]
+  return jax.lax.fori_loop(0, num_steps, step, (cache, out_BT))[::-1]
 
 
 def prepare_prompts(cfg: ModelConfig, prompts: Sequence[Sequence[int]], *,
@@ -117,6 +117,6 @@ def generate(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *
                               cfg=cfg, moe_impl=moe_impl)
   last_BV = logits_BTV[jnp.arange(b), jnp.asarray(lengths_B - 1)]
   first_B = sample(last_BV, jnp.asarray(lengths_B), **sampling_arrays)
-  out_BN, _ = _decode_loop(params, cache, first_B, jnp.asarray(lengths_B), sampling_arrays,
+  out_BT, _ = _decode_loop(params, cache, first_B, jnp.asarray(lengths_B), sampling_arrays,
                            cfg=cfg, num_steps=max_new_tokens - 1, moe_impl=moe_impl)
-  return truncate_at_stop(np.asarray(out_BN).tolist(), stop_ids)
+  return truncate_at_stop(np.asarray(out_BT).tolist(), stop_ids)

@@ -2,10 +2,8 @@
 
 Params are plain dicts of arrays (`nnx.to_pure_dict` of the NNX modules in `model.py`).
 
-Glossary of shape suffixes: B batch, T tokens (flattened batch x time where it says so),
-S cache positions, D d_model, N query heads, K kv heads (or top-k in routing arrays: `_TK`),
-H head dim, E experts, F FFN hidden dim, V vocab, L layers, M attention partials (one
-per KV store), P pages, U rows of a fused expert call.
+Names end in their axes, one letter each (`x_TD`: [tokens, d_model]); the glossary of every
+letter, with the letters that current names use twice, is in WORKSPACE.md, "Shape suffixes".
 """
 
 from __future__ import annotations

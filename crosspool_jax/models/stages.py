@@ -7,8 +7,8 @@ residual, FFN norm, then the router of a MoE layer or the whole dense MLP) and, 
 layer, `routed_experts` (through a slot table) and `combine`; `finish_layer` is that tail with
 the layer's own experts. Around the layers: `embed`, `head`, `head_and_sample`. Invariant: no
 layer math outside this module and `layers.py`. Each stage is jitted with its config static:
-an executor dispatches a stage on its own, a one-jit forward pass inlines it. Shape suffixes as
-in `layers.py`; arrays are flat over tokens (T), the contiguous cache reshapes to [B, T].
+an executor dispatches a stage on its own, a one-jit forward pass inlines it. Shape suffixes:
+WORKSPACE.md; arrays are flat over tokens (T), the contiguous cache reshapes to [B, T].
 """
 
 from __future__ import annotations
