@@ -11,7 +11,6 @@ memory policies".
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 from crosspool_jax.engine.request import Request, Status
 from crosspool_jax.models.sampling import INVALID_TOKEN
@@ -39,18 +38,16 @@ class Scheduler:
     token_budget: tokens fed per iteration over all models.
     max_batch: sequences per model per iteration (the executor's sequence bucket).
     max_tokens: tokens per model per iteration (the executor's largest token bucket).
-    on_preempt: called with each preempted request.
   """
 
   def __init__(self, pools: dict[str, KVPool], *, token_budget: int, max_batch: int,
-               max_tokens: int, on_preempt: Callable[[Request], None] | None = None):
+               max_tokens: int):
     if token_budget < 1 or max_batch < 1 or max_tokens < 1:
       raise ValueError("token_budget, max_batch and max_tokens must be >= 1")
     self.pools = dict(pools)
     self.token_budget = token_budget
     self.max_batch = max_batch
     self.max_tokens = max_tokens
-    self.on_preempt = on_preempt
     self.queues: dict[str, list[Request]] = {m: [] for m in pools}
     self._rotation = 0
 
@@ -194,5 +191,3 @@ class Scheduler:
     req.status = Status.WAITING
     req.num_cached = 0
     req.preemptions += 1
-    if self.on_preempt is not None:
-      self.on_preempt(req)

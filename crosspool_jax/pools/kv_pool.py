@@ -170,9 +170,6 @@ class KVPool:
     """Whether the request holds a row (and its pages) here."""
     return request_id in self._requests
 
-  def request_row(self, request_id: str) -> int:
-    return self._request(request_id).row
-
   def request_pages(self, request_id: str) -> int:
     """Logical pages held per layer."""
     return self._request(request_id).pages
