@@ -29,7 +29,8 @@ from crosspool_jax.models.sampling import SamplingParams
 from crosspool_jax.pools.kv_pool import KVModelSpec, KVPool
 from crosspool_jax.pools.weights_buffers import DeviceWeightsPool
 
-_BACKEND_COMPILES = [0]  # process-wide count of XLA backend compilations
+_BACKEND_COMPILES = [0]  # process-wide count of XLA backend compilations since the first start()
+_counting_compiles = False  # whether `_count_compiles` listens (registered by the first start())
 
 
 def _count_compiles(event: str, duration_s: float, **kwargs) -> None:
@@ -38,7 +39,12 @@ def _count_compiles(event: str, duration_s: float, **kwargs) -> None:
     _BACKEND_COMPILES[0] += 1
 
 
-jax.monitoring.register_event_duration_secs_listener(_count_compiles)
+def _start_counting_compiles() -> None:
+  """Registers the process-wide compile counter with `jax.monitoring`, once."""
+  global _counting_compiles
+  if not _counting_compiles:
+    jax.monitoring.register_event_duration_secs_listener(_count_compiles)
+    _counting_compiles = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,6 +273,7 @@ class Engine:
       raise RuntimeError("engine already started")
     if not self._models:
       raise RuntimeError("register at least one model before start()")
+    _start_counting_compiles()
     c = self.config
     self._runtime = self.policy.start(c, self._models, self._specs)
     self.scheduler = Scheduler(self._runtime.model_pools, token_budget=c.token_budget,
