@@ -159,8 +159,10 @@ def ragged_paged_attention_reference(q_TNH: jax.Array, pages_P2TKH: jax.Array,
   by the tokens at or after it. The prefix runs an online softmax over chunks of
   `chunk_pages` pages, for as many chunks as the longest prefix needs (a `fori_loop` with a
   traced trip count: the cost follows the batch's longest context, not the page table's width,
-  max_context); the diagonal (at most q_block keys) is one last update with a per-token mask,
-  so a token never multiplies a value it does not see, even by a zero weight.
+  max_context; a table of one chunk needs no loop); the diagonal (at most q_block keys) is one
+  last update with a per-token mask, so a token never multiplies a value it does not see, even
+  by a zero weight. An item of one token (q_block 1, decode) has its own position in the
+  prefix and no diagonal step.
 
   Args:
     q_TNH: [T, N, H] queries.
@@ -196,7 +198,9 @@ def ragged_paged_attention_reference(q_TNH: jax.Array, pages_P2TKH: jax.Array,
   tok_WB = jnp.clip(items.tok0_W[:, None] + b_B, 0, T - 1)
   q_WBKGH = jnp.where(live_WB[..., None, None], q_TNH[tok_WB].astype(jnp.float32), 0.0)
   q_WBKGH = q_WBKGH.reshape(W, B, K, G, H)
-  prefix_W = jnp.where(items.rows_W > 0, items.pos0_W, 0)  # keys every token of the item sees
+  # Keys every token of the item sees: those before its first token, and for an item of one
+  # token (decode) its own as well, so that the diagonal step below is not needed.
+  prefix_W = jnp.where(items.rows_W > 0, items.pos0_W + (B == 1), 0)
 
   def scores_update(m_WKGB, l_WKGB, k_WLKH, seen_WBL):
     """Online-softmax step over keys [W, L]: (new max, new sum, alpha, weights p_WKGBL)."""
@@ -227,23 +231,30 @@ def ragged_paged_attention_reference(q_TNH: jax.Array, pages_P2TKH: jax.Array,
         "wkgbl,wlkh->wkgbh", p_WKGBL, v_WLKH, precision="highest")
     return m_WKGB, l_WKGB, acc_WKGBH
 
+  def diagonal(m_WKGB, l_WKGB, acc_WKGBH):
+    """The item's own positions: key j (position pos0 + j) is seen by its rows b >= j."""
+    pos_WJ = items.pos0_W[:, None] + b_B
+    pids_WJ = jnp.take_along_axis(table_WP, jnp.clip(pos_WJ // page_tokens, 0, P - 1), axis=1)
+    seen_WBJ = ((b_B[None, None, :] <= b_B[None, :, None]) & live_WB[..., None]
+                & (pids_WJ != 0)[:, None, :])
+    slot_WJ = pos_WJ % page_tokens
+    k_WJKH = pages_P2TKH[pids_WJ, 0, slot_WJ]
+    v_WBJKH = jnp.where(seen_WBJ[..., None, None],
+                        pages_P2TKH[pids_WJ, 1, slot_WJ].astype(jnp.float32)[:, None], 0.0)
+    m_WKGB, l_WKGB, alpha_WKGB, p_WKGBJ = scores_update(m_WKGB, l_WKGB, k_WJKH, seen_WBJ)
+    acc_WKGBH = alpha_WKGB[..., None] * acc_WKGBH + jnp.einsum(
+        "wkgbj,wbjkh->wkgbh", p_WKGBJ, v_WBJKH, precision="highest")
+    return m_WKGB, l_WKGB, acc_WKGBH
+
   init = (jnp.full((W, K, G, B), NEG_INF, jnp.float32), jnp.zeros((W, K, G, B), jnp.float32),
           jnp.zeros((W, K, G, B, H), jnp.float32))
-  trips = jnp.minimum(-(-jnp.max(prefix_W) // CL), chunks)
-  m_WKGB, l_WKGB, acc_WKGBH = jax.lax.fori_loop(0, trips, prefix_chunk, init)
-
-  # The diagonal: key j of item w sits at position pos0 + j and is seen by its rows b >= j.
-  pos_WJ = items.pos0_W[:, None] + b_B
-  pids_WJ = jnp.take_along_axis(table_WP, jnp.clip(pos_WJ // page_tokens, 0, P - 1), axis=1)
-  seen_WBJ = ((b_B[None, None, :] <= b_B[None, :, None]) & live_WB[..., None]
-              & (pids_WJ != 0)[:, None, :])
-  slot_WJ = pos_WJ % page_tokens
-  k_WJKH = pages_P2TKH[pids_WJ, 0, slot_WJ]
-  v_WBJKH = jnp.where(seen_WBJ[..., None, None],
-                      pages_P2TKH[pids_WJ, 1, slot_WJ].astype(jnp.float32)[:, None], 0.0)
-  m_WKGB, l_WKGB, alpha_WKGB, p_WKGBJ = scores_update(m_WKGB, l_WKGB, k_WJKH, seen_WBJ)
-  acc_WKGBH = alpha_WKGB[..., None] * acc_WKGBH + jnp.einsum(
-      "wkgbj,wbjkh->wkgbh", p_WKGBJ, v_WBJKH, precision="highest")
+  if chunks == 1:  # the whole table in one chunk: no loop (a chunk seeing nothing is a no-op)
+    m_WKGB, l_WKGB, acc_WKGBH = prefix_chunk(0, init)
+  else:
+    trips = jnp.minimum(-(-jnp.max(prefix_W) // CL), chunks)
+    m_WKGB, l_WKGB, acc_WKGBH = jax.lax.fori_loop(0, trips, prefix_chunk, init)
+  if B > 1:
+    m_WKGB, l_WKGB, acc_WKGBH = diagonal(m_WKGB, l_WKGB, acc_WKGBH)
   out_WKGBH, lse_WKGB1 = finalize(m_WKGB[..., None], l_WKGB[..., None], acc_WKGBH)
   item_T, row_T, valid_T = items.tok_item_T, items.tok_row_T, items.tok_valid_T
   out_TKGH = out_WKGBH.transpose(0, 3, 1, 2, 4)[item_T, row_T]
