@@ -12,6 +12,12 @@ Writes JSON (a header with the jax version, device, git revision and flags, and 
   python scripts/bench_kernels.py --sweep=full --dtype=bfloat16 --iters=20 --warmup=3 \
       --out=workdir/bench/full_bf16.json
 
+Roofline (`crosspool_jax.roofline`): each record's fraction of the device's peak FLOP/s and
+bandwidth, and of its roofline, max(FLOPs / peak FLOP/s, bytes / peak bandwidth) over the
+measured time. The peaks: vendor datasheets on GPU/TPU (dense bf16 whatever --dtype is); on CPU
+an f32 matmul and a memory stream measured at the start of the run; --peak_tflops /
+--peak_gbps override either.
+
 Adding a kernel: write a builder `(shape, impl, dtype) -> Case(fn, args, flops, bytes)` and a
 sweep (name -> list of shape dicts), and add one `KernelBench` entry to `KERNELS`.
 """
@@ -33,6 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from crosspool_jax import roofline
 from crosspool_jax.cli import run_script, start_script
 from crosspool_jax.provenance import git_dirty, git_revision
 from pallas_kernels._impl import IMPLS
@@ -41,6 +48,12 @@ from pallas_kernels.kv_write import write_kv
 from pallas_kernels.ragged_paged_attention import ragged_paged_attention
 
 _ACCELERATORS = ("gpu", "tpu")
+# What the peaks of each source are (recorded in the header).
+PEAK_BASIS = {
+    "datasheet": "dense bf16 TFLOP/s and HBM GB/s (vendor datasheets) whatever the dtype",
+    "measured": "f32 matmul FLOP/s and memory read bandwidth measured at the start of the run "
+                "(the fastest of a few calls)",
+}
 
 FLAGS = flags.FLAGS
 
@@ -59,38 +72,10 @@ def define_flags() -> None:
   flags.DEFINE_integer("warmup", 3, "Untimed calls after compiling.", lower_bound=0)
   flags.DEFINE_string("out", None, "JSON output path (directories are created); unset: "
                       "table only.")
-  flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of the device; overrides the PEAKS "
-                     "table.")
-  flags.DEFINE_float("peak_gbps", None, "Peak memory GB/s of the device; overrides the PEAKS "
-                     "table.")
-
-
-# device_kind -> (dense bf16 TFLOP/s, HBM GB/s), vendor datasheet figures (dense, i.e. without
-# the 2:4 sparsity factor NVIDIA quotes first). Fractions of peak are against these whatever
-# --dtype is. Sources:
-#   NVIDIA H100 Tensor Core GPU datasheet: SXM 989 TFLOP/s bf16 dense, 3.35 TB/s HBM3;
-#     PCIe 756 TFLOP/s, 2.0 TB/s.
-#   NVIDIA H200 Tensor Core GPU datasheet: SXM 989 TFLOP/s, 4.8 TB/s HBM3e (the H200 NVL is
-#     835 TFLOP/s, same device_kind: pass --peak_tflops there).
-#   NVIDIA A100 Tensor Core GPU datasheet: 312 TFLOP/s bf16 dense; HBM2 1,555 GB/s (40GB),
-#     HBM2e 2,039 GB/s (80GB SXM) / 1,935 GB/s (80GB PCIe).
-#   Google Cloud TPU system-architecture pages: v5e 197 TFLOP/s, 819 GB/s; v5p 459 TFLOP/s,
-#     2,765 GB/s; v6e (Trillium) 918 TFLOP/s, 1,640 GB/s.
-PEAKS: dict[str, tuple[float, float]] = {
-    "NVIDIA H100 80GB HBM3": (989.0, 3350.0),
-    "NVIDIA H100 PCIe": (756.0, 2000.0),
-    "NVIDIA H200": (989.0, 4800.0),
-    "NVIDIA A100-SXM4-80GB": (312.0, 2039.0),
-    "NVIDIA A100-SXM4-40GB": (312.0, 1555.0),
-    "NVIDIA A100-PCIE-40GB": (312.0, 1555.0),
-    "NVIDIA A100 80GB PCIe": (312.0, 1935.0),
-    "TPU v5 lite": (197.0, 819.0),  # v5e
-    "TPU v5e": (197.0, 819.0),
-    "TPU v5": (459.0, 2765.0),  # v5p
-    "TPU v5p": (459.0, 2765.0),
-    "TPU v6 lite": (918.0, 1640.0),  # v6e
-    "TPU v6e": (918.0, 1640.0),
-}
+  flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of the device; overrides the "
+                     "datasheet (GPU/TPU) or measured (CPU) figure.")
+  flags.DEFINE_float("peak_gbps", None, "Peak memory GB/s of the device; overrides the "
+                     "datasheet (GPU/TPU) or measured (CPU) figure.")
 
 
 class Case(NamedTuple):
@@ -293,14 +278,6 @@ KERNELS: dict[str, KernelBench] = {
 # Timing and reporting
 
 
-def device_peaks(device_kind: str, peak_tflops: float | None = None,
-                 peak_gbps: float | None = None) -> tuple[float | None, float | None]:
-  """(TFLOP/s, GB/s) of the device: the overrides, else PEAKS, else None (e.g. CPU)."""
-  tflops, gbps = PEAKS.get(device_kind, (None, None))
-  return (peak_tflops if peak_tflops is not None else tflops,
-          peak_gbps if peak_gbps is not None else gbps)
-
-
 def time_case(case: Case, iters: int, warmup: int) -> dict[str, Any]:
   """Compiles once, warms up, then times `iters` calls each followed by block_until_ready."""
   start = time.perf_counter()
@@ -333,11 +310,13 @@ def _shape_str(shape: Mapping[str, int]) -> str:
 
 
 def run_benchmarks(kernels: Sequence[str], impls: Sequence[str], dtype, sweep: str, *,
-                   iters: int, warmup: int, peak_tflops: float | None,
-                   peak_gbps: float | None,
+                   iters: int, warmup: int, peaks: roofline.Peaks,
                    registry: Mapping[str, KernelBench] = KERNELS,
                    log=sys.stderr) -> list[dict[str, Any]]:
-  """Times every (kernel, shape, impl); returns one record each (see the module docstring)."""
+  """Times every (kernel, shape, impl); returns one record each (see the module docstring).
+
+  `peaks` gives the fractions of peak and of the roofline (None where a peak is unknown).
+  """
   dtype = jnp.dtype(dtype)
   todo = [(k, s, i) for k in kernels for s in registry[k].sweeps[sweep] for i in impls]
   records = []
@@ -346,7 +325,8 @@ def run_benchmarks(kernels: Sequence[str], impls: Sequence[str], dtype, sweep: s
         "kernel": kernel, "impl": impl, "dtype": dtype.name, "shape": dict(shape),
         "flops": None, "bytes": None, "info": None, "median_ms": None, "p90_ms": None,
         "tflops": None, "gbps": None, "frac_peak_flops": None, "frac_peak_bw": None,
-        "compile_s": None, "finite": None, "iters": iters}
+        "roofline_ms": None, "frac_roofline": None, "compile_s": None, "finite": None,
+        "iters": iters}
     try:
       case = registry[kernel].build(shape, impl, dtype)
       record.update(flops=int(case.flops), bytes=int(case.bytes),
@@ -354,11 +334,15 @@ def run_benchmarks(kernels: Sequence[str], impls: Sequence[str], dtype, sweep: s
       timing = time_case(case, iters, warmup)
       del case
       median_s = timing["median_s"]
-      tflops, gbps = record["flops"] / median_s / 1e12, record["bytes"] / median_s / 1e9
+      flops_s, bytes_s = record["flops"] / median_s, record["bytes"] / median_s
+      roofline_s = roofline.Cost(record["flops"], record["bytes"]).time_s(peaks)
       record.update(
-          median_ms=median_s * 1e3, p90_ms=timing["p90_s"] * 1e3, tflops=tflops, gbps=gbps,
-          frac_peak_flops=tflops / peak_tflops if peak_tflops else None,
-          frac_peak_bw=gbps / peak_gbps if peak_gbps else None,
+          median_ms=median_s * 1e3, p90_ms=timing["p90_s"] * 1e3, tflops=flops_s / 1e12,
+          gbps=bytes_s / 1e9,
+          frac_peak_flops=flops_s / peaks.flops_per_s if peaks.flops_per_s else None,
+          frac_peak_bw=bytes_s / peaks.bytes_per_s if peaks.bytes_per_s else None,
+          roofline_ms=None if roofline_s is None else roofline_s * 1e3,
+          frac_roofline=None if roofline_s is None else roofline_s / median_s,
           compile_s=timing["compile_s"], finite=timing["finite"])
       msg = f"{record['median_ms']:.3f} ms"
     except Exception as e:  # one failing (impl, shape) must not stop the sweep
@@ -377,14 +361,16 @@ def format_table(records: Sequence[Mapping[str, Any]]) -> str:
     return "-" if v is None else format(v, fmt)
 
   rows = [("kernel", "impl", "dtype", "shape", "med ms", "p90 ms", "TFLOP/s", "GB/s",
-           "%pk F", "%pk BW", "note")]
+           "%pk F", "%pk BW", "roof ms", "%roof", "note")]
+  fracs = ("frac_peak_flops", "frac_peak_bw", "frac_roofline")
   for r in records:
     note = r["error"].splitlines()[0][:60] if "error" in r else (
         "" if r["finite"] else "non-finite output")
-    pct = [None if r[k] is None else 100 * r[k] for k in ("frac_peak_flops", "frac_peak_bw")]
+    pct = [None if r[k] is None else 100 * r[k] for k in fracs]
     rows.append((r["kernel"], r["impl"], r["dtype"], _shape_str(r["shape"]),
                  num(r["median_ms"], ".3f"), num(r["p90_ms"], ".3f"), num(r["tflops"], ".3g"),
-                 num(r["gbps"], ".3g"), num(pct[0], ".1f"), num(pct[1], ".1f"), note))
+                 num(r["gbps"], ".3g"), num(pct[0], ".1f"), num(pct[1], ".1f"),
+                 num(r["roofline_ms"], ".3f"), num(pct[2], ".1f"), note))
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
                    for row in rows)
@@ -405,7 +391,8 @@ def main(argv: Sequence[str]) -> None:
     if i not in IMPLS:
       raise app.UsageError(f"--impls: unknown impl {i!r}; known: {', '.join(IMPLS)}")
   device_kind = jax.devices()[0].device_kind
-  peak_tflops, peak_gbps = device_peaks(device_kind, FLAGS.peak_tflops, FLAGS.peak_gbps)
+  peaks = roofline.device_peaks(device_kind, backend, peak_tflops=FLAGS.peak_tflops,
+                                peak_gbps=FLAGS.peak_gbps)
   header = {
       "jax_version": jax.__version__,
       "backend": backend,
@@ -417,15 +404,18 @@ def main(argv: Sequence[str]) -> None:
           "kernels", "impls", "dtype", "sweep", "iters", "warmup", "out", "peak_tflops",
           "peak_gbps")},
       "resolved": {"impls": impls, "sweep": sweep},
-      "peak_tflops": peak_tflops,
-      "peak_gbps": peak_gbps,
-      "peak_basis": "dense bf16 TFLOP/s and HBM GB/s (vendor datasheets) whatever the dtype",
+      "peak_tflops": None if peaks.flops_per_s is None else peaks.flops_per_s / 1e12,
+      "peak_gbps": None if peaks.bytes_per_s is None else peaks.bytes_per_s / 1e9,
+      "peak_source": peaks.source,
+      "peak_measurement": peaks.measurement,
+      "peak_basis": PEAK_BASIS.get(peaks.source.split("+")[0], "given by the flags"),
       "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
   }
   print(f"{backend} ({device_kind} x{jax.device_count()}): {', '.join(kernels)} "
-        f"{sweep} sweep, impls {','.join(impls)}, {FLAGS.dtype}", file=sys.stderr)
+        f"{sweep} sweep, impls {','.join(impls)}, {FLAGS.dtype}; peaks ({peaks.source}) "
+        f"{header['peak_tflops']} TFLOP/s, {header['peak_gbps']} GB/s", file=sys.stderr)
   records = run_benchmarks(kernels, impls, FLAGS.dtype, sweep, iters=FLAGS.iters,
-                           warmup=FLAGS.warmup, peak_tflops=peak_tflops, peak_gbps=peak_gbps)
+                           warmup=FLAGS.warmup, peaks=peaks)
   if FLAGS.out:
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     with open(FLAGS.out, "w") as f:

@@ -1,9 +1,9 @@
 r"""Peer benchmark: one tiny MoE checkpoint decoded by HF transformers and by crosspool_jax.
 
 The same HF-format checkpoint (made by scripts/make_tiny_checkpoint.py unless --checkpoint is
-given) and the same prompts (seeded random ids, all --prompt_len long) are decoded greedily,
---max_new_tokens per row with eos disabled (every row generates exactly that many), at each of
---batch_sizes, by
+given: --family with --override fields, or a named --preset, see PRESETS) and the same
+prompts (seeded random ids, all --prompt_len long) are decoded greedily, --max_new_tokens per
+row with eos disabled (every row generates exactly that many), at each of --batch_sizes, by
   hf        transformers `model.generate` (torch CPU, f32, --torch_threads threads, OpenMP
             threads waiting passively: see --omp_wait_policy);
   generate  `crosspool_jax.models.decode.generate` (contiguous KV cache, one jitted decode loop);
@@ -18,11 +18,20 @@ hits them alike). Reported: median / p90 wall seconds, output tokens/s = batch *
 median, the ratios crosspool / HF tokens/s, and greedy agreement: the fraction of rows whose
 tokens equal HF's (expected 1.0 in f32 on tiny models; recorded, not asserted).
 
+Roofline (`crosspool_jax.roofline`): per batch size, before its timed rounds, the machine's
+peaks (measured on CPU: f32 matmul FLOP/s and memory read bandwidth; datasheet on GPU/TPU; or
+--peak_tflops / --peak_gbps), and the run's roofline time from the model config (one prefill
+step and new_tokens - 1 decode steps, each max(FLOPs / peak, bytes / bandwidth); weights read
+once per step, routed experts as touched, K/V read). Each runner's roofline fraction is that
+time over its median time; the roofline's tokens/s is batch * new tokens / that time.
+
 Writes JSON (a header with the config, jax / torch / transformers versions, git revision,
 device kind, torch threads, load average; one record per batch size) to --out, prints a table
 to stdout and progress to stderr. Needs the `hf` extra (torch, transformers).
 
   python scripts/bench_vs_hf.py --batch_sizes=1,8,32 --out=workdir/bench/vs_hf.json
+  python scripts/bench_vs_hf.py --preset=qwen3_moe_small --batch_sizes=1,8,32 --iters=5 \
+      --torch_threads=2 --out=workdir/bench/vs_hf_qwen3_moe_small.json
 """
 
 from __future__ import annotations
@@ -43,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
+from crosspool_jax import roofline
 from crosspool_jax.cli import run_script, start_script
 from crosspool_jax.engine.engine import Engine, EngineConfig
 from crosspool_jax.models.checkpoint import load_checkpoint
@@ -52,6 +62,14 @@ from crosspool_jax.provenance import git_dirty, git_revision
 
 RUNNERS = ("hf", "generate", "engine")
 PAGE_TOKENS = 16  # tokens per KV page of the engine
+# Named tiny random checkpoints: preset -> (family, make_tiny_checkpoint.py overrides).
+PRESETS: dict[str, tuple[str, tuple[str, ...]]] = {
+    # Shaped like a small real MoE (Qwen3-MoE layout: q/k norm, GQA, 16 experts top-4, routed
+    # experts ~80 % of the parameters), ~8 M parameters (32 MB in f32).
+    "qwen3_moe_small": ("qwen3_moe", (
+        "vocab_size=2048", "d_model=256", "num_layers=4", "num_heads=8", "num_kv_heads=2",
+        "head_dim=32", "num_experts=16", "top_k=4", "d_ff_expert=128")),
+}
 
 FLAGS = flags.FLAGS
 
@@ -59,7 +77,9 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """Defines the flags; called only when the script runs as a program."""
   flags.DEFINE_enum("family", "mixtral", FAMILIES, "Family of the tiny random checkpoint "
-                    "made when --checkpoint is unset.")
+                    "made when --checkpoint and --preset are unset.")
+  flags.DEFINE_enum("preset", None, list(PRESETS), "A named tiny random checkpoint (family "
+                    "and overrides, see PRESETS); --override fields apply on top.")
   flags.DEFINE_string("checkpoint", None, "HF checkpoint directory (config.json + "
                       "safetensors); unset: a tiny random one of --family.")
   flags.DEFINE_multi_string("override", [], "ModelConfig field=value passed to "
@@ -83,6 +103,10 @@ def define_flags() -> None:
   flags.DEFINE_integer("seed", 0, "Seed of the prompts.")
   flags.DEFINE_string("out", None, "JSON output path (directories are created); unset: "
                       "table only.")
+  flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of the roofline; overrides the "
+                     "measured (CPU) or datasheet (GPU/TPU) figure.")
+  flags.DEFINE_float("peak_gbps", None, "Peak memory GB/s of the roofline; overrides the "
+                     "measured (CPU) or datasheet (GPU/TPU) figure.")
 
 
 def progress(msg: str) -> None:
@@ -160,9 +184,37 @@ def agreement(rows: list[list[int]], reference: list[list[int]]) -> float:
   return sum(a == b for a, b in zip(rows, reference, strict=True)) / len(reference)
 
 
+def roofline_record(cfg: ModelConfig, peaks: roofline.Peaks, *, batch: int, prompt_len: int,
+                    new_tokens: int) -> dict[str, Any]:
+  """The run's FLOPs, bytes and roofline time at `peaks` (f32 weights and KV)."""
+  costs = roofline.generation_costs(cfg, batch=batch, prompt_len=prompt_len,
+                                    new_tokens=new_tokens, weight_bytes=4, kv_bytes=4)
+  time_s = roofline.roofline_s(costs, peaks)
+
+  def steps(cs):  # the mean step of `cs`
+    n = max(len(cs), 1)
+    t = roofline.roofline_s(cs, peaks)
+    return {"steps": len(cs), "flops": roofline.total(cs).flops / n,
+            "bytes": roofline.total(cs).bytes / n, "time_s": None if t is None else t / n}
+
+  run = roofline.total(costs)
+  return {
+      "peaks": peaks.to_json(), "flops": run.flops, "bytes": run.bytes, "time_s": time_s,
+      "tokens_per_s": batch * new_tokens / time_s if time_s else None,
+      "prefill_step": steps(costs[:1]), "decode_step": steps(costs[1:]),
+      "experts_touched_per_decode_step": roofline.expected_experts_touched(
+          cfg.num_experts, cfg.top_k, batch),
+  }
+
+
 def bench_batch(hf_model, params: dict, cfg: ModelConfig, batch: int, *, prompt_len: int,
-                new_tokens: int, iters: int, warmup: int, seed: int) -> dict[str, Any]:
-  """Times the three runners at one batch size; returns the batch's record."""
+                new_tokens: int, iters: int, warmup: int, seed: int,
+                peaks_fn: Callable[[], roofline.Peaks]) -> dict[str, Any]:
+  """Times the three runners at one batch size; returns the batch's record.
+
+  `peaks_fn` gives the roofline's peaks; it is called after the warm-up, before the timed
+  rounds (on CPU it measures the machine as it is loaded then).
+  """
   prompts = make_prompts(cfg, batch, prompt_len, seed)
   runs: dict[str, dict[str, Any]] = {name: {} for name in RUNNERS}
   start = time.perf_counter()
@@ -181,6 +233,7 @@ def bench_batch(hf_model, params: dict, cfg: ModelConfig, batch: int, *, prompt_
         runs[name]["first_call_s"] = time.perf_counter() - start
   progress(f"batch {batch}: warmed up (first calls: " + ", ".join(
       f"{n} {runs[n]['first_call_s']:.2f}s" for n in RUNNERS) + ")")
+  peaks = peaks_fn()
   times: dict[str, list[float]] = {name: [] for name in RUNNERS}
   steps_before = engine.steps
   compiles_before = engine.metrics()["backend_compiles_since_start"]
@@ -204,9 +257,14 @@ def bench_batch(hf_model, params: dict, cfg: ModelConfig, batch: int, *, prompt_
     lengths = {len(row) for o in outputs[name] for row in o}
     runs[name]["all_rows_full_length"] = lengths == {new_tokens}
   runs["generate"]["compile_s"] = runs["generate"]["first_call_s"] - runs["generate"]["median_s"]
+  roof = roofline_record(cfg, peaks, batch=batch, prompt_len=prompt_len, new_tokens=new_tokens)
+  for name in RUNNERS:
+    runs[name]["roofline_fraction"] = (roof["time_s"] / runs[name]["median_s"]
+                                       if roof["time_s"] else None)
   hf_tokens = outputs["hf"][0]
   return {
       "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "runs": runs,
+      "roofline": roof, "loadavg": list(os.getloadavg()),
       "jax_compiles_in_timed_rounds": jax_compiles,
       "ratio_generate_vs_hf": runs["generate"]["tokens_per_s"] / runs["hf"]["tokens_per_s"],
       "ratio_engine_vs_hf": runs["engine"]["tokens_per_s"] / runs["hf"]["tokens_per_s"],
@@ -219,12 +277,18 @@ def bench_batch(hf_model, params: dict, cfg: ModelConfig, batch: int, *, prompt_
 
 def format_table(records: Sequence[dict[str, Any]]) -> str:
   """Fixed-width table of the records (the JSON is the result)."""
+  def frac(v):
+    return "-" if v is None else f"{v:.3f}"
+
   rows = [("batch", "HF tok/s", "generate tok/s", "engine tok/s", "gen/HF", "eng/HF",
-           "agree gen", "agree eng", "gen compile s", "eng compile s")]
+           "roof tok/s", "HF roof", "gen roof", "eng roof", "agree gen", "agree eng",
+           "gen compile s", "eng compile s")]
   for r in records:
-    runs = r["runs"]
+    runs, roof_tps = r["runs"], r["roofline"]["tokens_per_s"]
     rows.append((str(r["batch"]), *(f"{runs[n]['tokens_per_s']:.1f}" for n in RUNNERS),
                  f"{r['ratio_generate_vs_hf']:.2f}", f"{r['ratio_engine_vs_hf']:.2f}",
+                 "-" if roof_tps is None else f"{roof_tps:.0f}",
+                 *(frac(runs[n]["roofline_fraction"]) for n in RUNNERS),
                  f"{r['agreement']['generate_vs_hf']:.3f}",
                  f"{r['agreement']['engine_vs_hf']:.3f}",
                  f"{runs['generate']['compile_s']:.1f}",
@@ -244,6 +308,9 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"--batch_sizes must be positive, got {batch_sizes}")
   if FLAGS.override and FLAGS.checkpoint:
     raise app.UsageError("--override only applies without --checkpoint")
+  if FLAGS.preset and (FLAGS.checkpoint or FLAGS["family"].present):
+    raise app.UsageError("--preset names a family and a shape: give it without --checkpoint "
+                         "and --family")
   if FLAGS.omp_wait_policy != "env":
     if "torch" in sys.modules:
       progress("warning: torch was imported before main(); --omp_wait_policy has no effect")
@@ -259,8 +326,10 @@ def main(argv: Sequence[str]) -> None:
     if FLAGS.checkpoint:
       path = FLAGS.checkpoint
     else:
-      progress(f"making a tiny random {FLAGS.family} checkpoint")
-      path = make_checkpoint(FLAGS.family, tmp, FLAGS.override)
+      family, overrides = PRESETS[FLAGS.preset] if FLAGS.preset else (FLAGS.family, ())
+      progress(f"making a tiny random {family} checkpoint"
+               + (f" (preset {FLAGS.preset})" if FLAGS.preset else ""))
+      path = make_checkpoint(family, tmp, [*overrides, *FLAGS.override])
     run_all(path, batch_sizes, cores)
 
 
@@ -287,11 +356,15 @@ def run_all(path: str, batch_sizes: Sequence[int], cores: int) -> None:
       "git_revision": git_revision(),
       "git_dirty": git_dirty(),
       "flags": {name: FLAGS[name].value for name in (
-          "family", "checkpoint", "override", "prompt_len", "max_new_tokens", "batch_sizes",
-          "iters", "warmup", "torch_threads", "omp_wait_policy", "seed", "out")},
+          "family", "preset", "checkpoint", "override", "prompt_len", "max_new_tokens",
+          "batch_sizes", "iters", "warmup", "torch_threads", "omp_wait_policy", "seed", "out",
+          "peak_tflops", "peak_gbps")},
       "model": {"family": cfg.family, "vocab_size": cfg.vocab_size, "d_model": cfg.d_model,
-                "num_layers": cfg.num_layers, "num_experts": cfg.num_experts,
-                "top_k": cfg.top_k, "params": int(sum(x.size for x in jax.tree.leaves(params)))},
+                "num_layers": cfg.num_layers, "num_heads": cfg.num_heads,
+                "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
+                "num_experts": cfg.num_experts, "top_k": cfg.top_k,
+                "d_ff_expert": cfg.d_ff_expert,
+                "params": int(sum(x.size for x in jax.tree.leaves(params)))},
       "dtype": "float32",
       "engine": {"kv_policy": "shared", "page_tokens": PAGE_TOKENS,
                  "max_batch": "= batch", "token_buckets": "(batch, batch * prompt_len)"},
@@ -301,11 +374,21 @@ def run_all(path: str, batch_sizes: Sequence[int], cores: int) -> None:
   progress(f"{cfg.family} ({header['model']['params']} params), prompt {FLAGS.prompt_len}, "
            f"{FLAGS.max_new_tokens} new tokens, batches {batch_sizes}, torch threads "
            f"{header['torch_threads']}")
+  device = jax.devices()[0]
+
+  def peaks_fn():
+    peaks = roofline.device_peaks(device.device_kind, jax.default_backend(),
+                                  peak_tflops=FLAGS.peak_tflops, peak_gbps=FLAGS.peak_gbps)
+    progress(f"roofline peaks ({peaks.source}): "
+             + ", ".join("-" if v is None else f"{v / 1e9:.1f} {unit}" for v, unit in
+                         ((peaks.flops_per_s, "GFLOP/s"), (peaks.bytes_per_s, "GB/s"))))
+    return peaks
+
   records = []
   for batch in batch_sizes:
     records.append(bench_batch(hf_model, params, cfg, batch, prompt_len=FLAGS.prompt_len,
                                new_tokens=FLAGS.max_new_tokens, iters=FLAGS.iters,
-                               warmup=FLAGS.warmup, seed=FLAGS.seed))
+                               warmup=FLAGS.warmup, seed=FLAGS.seed, peaks_fn=peaks_fn))
   header["loadavg_end"] = list(os.getloadavg())
   if FLAGS.out:
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)

@@ -9,14 +9,15 @@ import sys
 
 import jax.numpy as jnp
 
+from crosspool_jax import roofline
 from scripts import bench_kernels
 from tests.conftest import ROOT
 
 RECORD_KEYS = {"kernel", "impl", "dtype", "shape", "flops", "bytes", "info", "median_ms",
-               "p90_ms", "tflops", "gbps", "frac_peak_flops", "frac_peak_bw", "compile_s",
-               "finite", "iters"}
+               "p90_ms", "tflops", "gbps", "frac_peak_flops", "frac_peak_bw", "roofline_ms",
+               "frac_roofline", "compile_s", "finite", "iters"}
 HEADER_KEYS = {"jax_version", "backend", "device_kind", "device_count", "git_revision", "flags",
-               "peak_tflops", "peak_gbps", "date"}
+               "peak_tflops", "peak_gbps", "peak_source", "peak_measurement", "date"}
 
 
 def _python(*args, timeout=120):
@@ -36,6 +37,7 @@ def test_small_sweep_writes_sane_json(tmp_path):
   assert HEADER_KEYS <= set(header)
   assert header["backend"] == "cpu" and header["device_count"] >= 1
   assert header["flags"]["iters"] == 2 and header["peak_tflops"] == 100.0
+  assert header["peak_source"] == "override" and header["peak_measurement"] is None
   assert len(records) == 14 and {r["impl"] for r in records} == {"reference", "interpret"}
   assert {r["kernel"] for r in records} == {"expert_dispatch", "ragged_paged_attention",
                                             "kv_write"}
@@ -51,6 +53,9 @@ def test_small_sweep_writes_sane_json(tmp_path):
     assert math.isclose(r["tflops"], r["flops"] / (r["median_ms"] * 1e-3) / 1e12)
     assert math.isclose(r["frac_peak_flops"], r["tflops"] / 100)
     assert math.isclose(r["frac_peak_bw"], r["gbps"] / 1000)
+    # The roofline: the slower of the FLOPs at 100 TFLOP/s and the bytes at 1000 GB/s.
+    assert math.isclose(r["roofline_ms"], max(r["flops"] / 100e12, r["bytes"] / 1000e9) * 1e3)
+    assert math.isclose(r["frac_roofline"], r["roofline_ms"] / r["median_ms"])
 
   attn = {(r["shape"]["prefill"], r["impl"]): r for r in records
           if r["kernel"] == "ragged_paged_attention"}
@@ -84,7 +89,7 @@ def test_failing_case_is_recorded_and_the_sweep_goes_on():
   fake = {"fake": bench_kernels.KernelBench(build, {"small": [{"n": 0}, {"n": 5}, {"n": 4}]})}
   log = io.StringIO()
   records = bench_kernels.run_benchmarks(["fake"], ["reference"], "float32", "small", iters=2,
-                                         warmup=0, peak_tflops=None, peak_gbps=None,
+                                         warmup=0, peaks=roofline.Peaks(None, None, "unknown"),
                                          registry=fake, log=log)
   assert [r["shape"]["n"] for r in records] == [0, 5, 4]
   assert log.getvalue().splitlines()[0] == ("[1/3] fake reference float32 n=0: "
@@ -93,3 +98,4 @@ def test_failing_case_is_recorded_and_the_sweep_goes_on():
   assert records[1]["error"].startswith("TypeError: dot_general")  # fails to trace
   assert "error" not in records[2] and records[2]["median_ms"] > 0
   assert records[2]["frac_peak_flops"] is None and records[2]["tflops"] > 0
+  assert records[2]["frac_roofline"] is None and records[2]["roofline_ms"] is None

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from tests.conftest import ROOT
@@ -18,7 +19,7 @@ HEADER_KEYS = {"jax_version", "torch_version", "transformers_version", "backend"
                "cpu_cores", "torch_threads", "omp_wait_policy", "git_revision", "git_dirty",
                "flags", "model", "dtype", "engine", "loadavg_start", "loadavg_end", "date"}
 RUN_KEYS = {"first_call_s", "median_s", "p90_s", "tokens_per_s", "times_s", "deterministic",
-            "all_rows_full_length"}
+            "all_rows_full_length", "roofline_fraction"}
 
 
 def test_tiny_run_writes_sane_json_and_agrees_with_hf(tmp_path):
@@ -55,6 +56,22 @@ def test_tiny_run_writes_sane_json_and_agrees_with_hf(tmp_path):
                         runs["generate"]["tokens_per_s"] / runs["hf"]["tokens_per_s"])
     assert math.isclose(r["ratio_engine_vs_hf"],
                         runs["engine"]["tokens_per_s"] / runs["hf"]["tokens_per_s"])
+    # The roofline: measured peaks (this is a CPU), one prefill and new_tokens - 1 decode steps.
+    roof = r["roofline"]
+    peaks = roof["peaks"]
+    assert peaks["source"] == "measured" and peaks["measurement"]["matmul_dim"] == 1024
+    assert peaks["flops_per_s"] > 0 and peaks["bytes_per_s"] > 0
+    assert roof["prefill_step"]["steps"] == 1 and roof["decode_step"]["steps"] == new_tokens - 1
+    assert math.isclose(roof["flops"], roof["prefill_step"]["flops"]
+                        + (new_tokens - 1) * roof["decode_step"]["flops"])
+    for step in ("prefill_step", "decode_step"):
+      s = roof[step]
+      assert math.isclose(s["time_s"], max(s["flops"] / peaks["flops_per_s"],
+                                           s["bytes"] / peaks["bytes_per_s"]), rel_tol=1e-6)
+    assert math.isclose(roof["tokens_per_s"], batch * new_tokens / roof["time_s"])
+    for name in RUNNERS:
+      assert math.isclose(runs[name]["roofline_fraction"],
+                          roof["time_s"] / runs[name]["median_s"])
     # The oracle: greedy f32 tokens of both crosspool_jax paths equal HF transformers'.
     assert r["agreement"] == {"generate_vs_hf": 1.0, "engine_vs_hf": 1.0,
                               "engine_vs_generate": 1.0}, r["agreement"]
@@ -67,6 +84,7 @@ def test_tiny_run_writes_sane_json_and_agrees_with_hf(tmp_path):
 
   table = proc.stdout.strip().splitlines()
   assert table[0].split()[:4] == ["batch", "HF", "tok/s", "generate"] and len(table) == 3
+  assert "eng roof" in table[0]
   assert "batch 2: round 1/1" in proc.stderr
 
   # BENCHMARKS.md renders the same figures.
@@ -80,3 +98,28 @@ def test_tiny_run_writes_sane_json_and_agrees_with_hf(tmp_path):
   for r in records:
     assert (f"| {r['batch']} | {r['runs']['hf']['tokens_per_s']:.0f} | "
             f"{r['runs']['generate']['tokens_per_s']:.0f} |") in text
+
+
+def test_preset_qwen3_moe_small_is_the_anchor_shape():
+  """The preset's overrides make the small Qwen3-MoE of the roofline issue (~8 M params)."""
+  from crosspool_jax.models.config import tiny_config
+  from crosspool_jax.models.model import abstract_params
+  from scripts import bench_vs_hf
+
+  family, overrides = bench_vs_hf.PRESETS["qwen3_moe_small"]
+  cfg = tiny_config(family, **{k: int(v) for k, v in (o.split("=") for o in overrides)})
+  assert (cfg.family, cfg.vocab_size, cfg.d_model, cfg.num_layers, cfg.num_heads,
+          cfg.num_kv_heads, cfg.head_dim, cfg.num_experts, cfg.top_k, cfg.d_ff_expert) == (
+              "qwen3_moe", 2048, 256, 4, 8, 2, 32, 16, 4, 128)
+  params = sum(x.size for x in jax.tree.leaves(abstract_params(cfg)))
+  assert 7.9e6 < params < 8.1e6
+
+
+def test_preset_rejects_a_family_or_checkpoint():
+  for extra in ("--family=mixtral", "--checkpoint=nowhere"):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "scripts", "bench_vs_hf.py"),
+         "--preset=qwen3_moe_small", extra], capture_output=True, text=True, timeout=120,
+        cwd=ROOT)
+    assert proc.returncode != 0
+    assert "--preset names a family and a shape" in proc.stderr

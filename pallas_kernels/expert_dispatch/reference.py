@@ -16,10 +16,15 @@ slots this (a) multiplies by every slot of the pool, so a NaN/Inf in any slot th
 reference (a free slot, another model's expert, a slot being swapped in) poisons every output
 row (0 * NaN == NaN), (b) costs S / E times the flops of the layer and a copy of the whole pool
 per call. `grouped_matmul_ragged_dot` below keeps that formulation for comparison (the tests
-pin the NaN behaviour); the production CPU path is `grouped_matmul`, which loops over the G
-groups and, inside a group, over row tiles, indexing the pool by slot: it reads only the slots
-in the slot table, never multiplies by an unreferenced slot, and never gathers the weights of
-all experts into a new array (one [K, N] slot slice at a time, the working set of any kernel).
+pin the NaN behaviour). The production CPU path is `grouped_swiglu`: one loop over the groups
+that received rows (a traced trip count), each slicing its slot's gate, up and down weights out
+of the pool once, and inside a group a loop over row tiles computing gate, up, SwiGLU and down
+on the tile. It reads only the slots of groups with rows, never multiplies by an unreferenced
+slot, and never gathers the weights of several experts into a new array. The tile has about
+the mean group size (`tile_rows`): measured at T=32, K=4, E=16, D=256, F=128 (decode of a
+batch of 32), a fixed 128-row tile costs ~10x the time of an 8-row one, since every group
+computes a whole tile whatever its size. `grouped_matmul` is the same walk for one matmul (the
+oracle of the kernels' grouped matmuls).
 """
 
 from __future__ import annotations
@@ -75,44 +80,56 @@ def route(topk_ids_TK: jax.Array, slot_table_E: jax.Array,
   return Routing(order_M, slot_table_E[experts_by_slot_G], group_sizes_G)
 
 
-def grouped_matmul(lhs_MK: jax.Array, w_SKN: jax.Array, group_slots_G: jax.Array,
-                   group_sizes_G: jax.Array, *, out_dtype=jnp.float32,
-                   block_m: int = 128) -> jax.Array:
-  """NaN-safe grouped matmul on the pool: rows of group g times the slot group_slots_G[g].
+def tile_rows(num_rows: int, num_groups: int) -> int:
+  """Rows per tile of the CPU grouped matmuls: about the mean group size.
 
-  Loops over groups and, inside a group, over row tiles of `block_m` rows, so the cost is about
-  (M + G * block_m) * K * N multiply-adds and only referenced slots are read.
+  The mean group size rounded up to a power of two, clamped to [4, 64], and at most
+  `num_rows`. Measured on CPU (D=256, F=128): a [tm, 256] x [256, 128] matmul in the loop costs
+  about 5 us plus 0.8 us a row, so tiles near the group size waste least; past 64 rows a tile
+  is no faster per row.
+  """
+  mean = -(-num_rows // max(num_groups, 1))
+  return max(1, min(num_rows, 64, max(4, 1 << (mean - 1).bit_length())))
+
+
+def _grouped_tiles(lhs_MK: jax.Array, weights_SXY: tuple[jax.Array, ...],
+                   group_slots_G: jax.Array, group_sizes_G: jax.Array, num_cols: int,
+                   tile_fn, block_m: int | None) -> jax.Array:
+  """Runs `tile_fn` on every row tile of every group with rows, reading its slot's weights.
 
   Args:
-    lhs_MK: [M, K] rows sorted by group; group g owns rows
-      [sum(group_sizes_G[:g]), sum(group_sizes_G[:g + 1])).
-    w_SKN: [S, K, N] the weights pool.
-    group_slots_G: int32 [G], slot of each group.
-    group_sizes_G: int32 [G], rows of each group; rows past their sum are left zero.
-    out_dtype: dtype of the result (the products accumulate in f32).
-    block_m: rows per tile.
+    lhs_MK: [M, K] rows sorted by group (see `grouped_matmul`).
+    weights_SXY: pools indexed by slot on axis 0.
+    group_slots_G, group_sizes_G: int32 [G], slot and row count of each group.
+    num_cols: N, columns of tile_fn's result.
+    tile_fn: (rows [tm, K], weights of the group's slot) -> f32 [tm, N].
+    block_m: rows per tile; None: `tile_rows(M, G)`.
 
   Returns:
-    [M, N] in `out_dtype`; rows past sum(group_sizes_G) are zero.
+    f32 [M, N]: row m holds tile_fn of its group; rows past sum(group_sizes_G) are zero.
   """
   group_slots_G = jnp.asarray(group_slots_G, jnp.int32)
   group_sizes_G = jnp.asarray(group_sizes_G, jnp.int32)
   M = lhs_MK.shape[0]
-  N = w_SKN.shape[2]
-  tm = min(block_m, M)
+  G = group_sizes_G.shape[0]
+  tm = min(block_m or tile_rows(M, G), M)
   ends_G = jnp.cumsum(group_sizes_G)
   starts_G = ends_G - group_sizes_G
+  # Groups with rows first: empty groups are never visited, so their slots are never read.
+  busy_G = jnp.argsort(group_sizes_G == 0, stable=True).astype(jnp.int32)
   row_iota = jnp.arange(tm, dtype=jnp.int32)[:, None]
 
-  def group_body(g, out_MN):
+  def group_body(j, out_MN):
+    g = busy_G[j]
     start, size = starts_G[g], group_sizes_G[g]
-    w_KN = jax.lax.dynamic_index_in_dim(w_SKN, group_slots_G[g], axis=0, keepdims=False)
+    w_XY = tuple(jax.lax.dynamic_index_in_dim(w, group_slots_G[g], axis=0, keepdims=False)
+                 for w in weights_SXY)
 
     def tile_body(i, out_MN):
       row0 = start + i * tm
       row0c = jnp.minimum(row0, M - tm)  # keep the window in bounds; mask the overlap
       rows_tK = jax.lax.dynamic_slice_in_dim(lhs_MK, row0c, tm, axis=0)
-      y_tN = jnp.dot(rows_tK, w_KN, preferred_element_type=jnp.float32)
+      y_tN = tile_fn(rows_tK, *w_XY)
       r = row_iota + row0c
       mask = (r >= row0) & (r < start + size)
       cur_tN = jax.lax.dynamic_slice_in_dim(out_MN, row0c, tm, axis=0)
@@ -121,9 +138,65 @@ def grouped_matmul(lhs_MK: jax.Array, w_SKN: jax.Array, group_slots_G: jax.Array
 
     return jax.lax.fori_loop(0, (size + tm - 1) // tm, tile_body, out_MN)
 
-  out_MN = jax.lax.fori_loop(0, group_sizes_G.shape[0], group_body,
-                             jnp.zeros((M, N), jnp.float32))
+  return jax.lax.fori_loop(0, jnp.sum(group_sizes_G > 0), group_body,
+                           jnp.zeros((M, num_cols), jnp.float32))
+
+
+def grouped_matmul(lhs_MK: jax.Array, w_SKN: jax.Array, group_slots_G: jax.Array,
+                   group_sizes_G: jax.Array, *, out_dtype=jnp.float32,
+                   block_m: int | None = None) -> jax.Array:
+  """NaN-safe grouped matmul on the pool: rows of group g times the slot group_slots_G[g].
+
+  Loops over the groups with rows and, inside a group, over row tiles of `block_m` rows, so
+  the cost is about (M + G * block_m) * K * N multiply-adds and only referenced slots are read.
+
+  Args:
+    lhs_MK: [M, K] rows sorted by group; group g owns rows
+      [sum(group_sizes_G[:g]), sum(group_sizes_G[:g + 1])).
+    w_SKN: [S, K, N] the weights pool.
+    group_slots_G: int32 [G], slot of each group.
+    group_sizes_G: int32 [G], rows of each group; rows past their sum are left zero.
+    out_dtype: dtype of the result (the products accumulate in f32).
+    block_m: rows per tile; None: `tile_rows(M, G)`.
+
+  Returns:
+    [M, N] in `out_dtype`; rows past sum(group_sizes_G) are zero.
+  """
+
+  def tile_fn(rows_tK, w_KN):
+    return jnp.dot(rows_tK, w_KN, preferred_element_type=jnp.float32)
+
+  out_MN = _grouped_tiles(lhs_MK, (w_SKN,), group_slots_G, group_sizes_G, w_SKN.shape[2],
+                          tile_fn, block_m)
   return out_MN.astype(out_dtype)
+
+
+def grouped_swiglu(x_MD: jax.Array, w_gate_SDF: jax.Array, w_up_SDF: jax.Array,
+                   w_down_SFD: jax.Array, group_slots_G: jax.Array, group_sizes_G: jax.Array,
+                   *, block_m: int | None = None) -> jax.Array:
+  """The SwiGLU experts on rows sorted by group, fused per row tile (the CPU path).
+
+  Per tile of group g (slot s = group_slots_G[g]): silu(x @ w_gate[s]) * (x @ w_up[s]) in f32,
+  rounded to x's dtype, then @ w_down[s] — what `grouped_matmul` thrice computes, in one walk.
+
+  Args:
+    x_MD: [M, D] rows sorted by group (as `grouped_matmul`'s lhs).
+    w_gate_SDF, w_up_SDF: [S, D, F] pools. w_down_SFD: [S, F, D] pool.
+    group_slots_G, group_sizes_G: int32 [G], slot and row count of each group.
+    block_m: rows per tile; None: `tile_rows(M, G)`.
+
+  Returns:
+    f32 [M, D]; rows past sum(group_sizes_G) are zero.
+  """
+
+  def tile_fn(x_tD, w_gate_DF, w_up_DF, w_down_FD):
+    gate_tF = jnp.dot(x_tD, w_gate_DF, preferred_element_type=jnp.float32)
+    up_tF = jnp.dot(x_tD, w_up_DF, preferred_element_type=jnp.float32)
+    h_tF = swiglu(gate_tF, up_tF).astype(x_MD.dtype)
+    return jnp.dot(h_tF, w_down_FD, preferred_element_type=jnp.float32)
+
+  return _grouped_tiles(x_MD, (w_gate_SDF, w_up_SDF, w_down_SFD), group_slots_G,
+                        group_sizes_G, w_down_SFD.shape[2], tile_fn, block_m)
 
 
 def grouped_matmul_ragged_dot(lhs_MK: jax.Array, w_SKN: jax.Array, group_slots_G: jax.Array,
@@ -176,16 +249,18 @@ def expert_dispatch_reference(x_TD, topk_ids_TK, topk_weights_TK, slot_table_E, 
                               w_up_SDF, w_down_SFD, *, valid_T=None, use_ragged_dot=False):
   """SwiGLU experts over the pool in plain jnp; see `expert_dispatch` for the arguments.
 
-  use_ragged_dot: use `grouped_matmul_ragged_dot` (not NaN-safe on CPU) instead of the
-    NaN-safe `grouped_matmul`.
+  use_ragged_dot: three `grouped_matmul_ragged_dot` calls (not NaN-safe on CPU) instead of
+    the NaN-safe `grouped_swiglu`.
   """
   K = topk_ids_TK.shape[1]
-  gmm = grouped_matmul_ragged_dot if use_ragged_dot else grouped_matmul
   routing = route(topk_ids_TK, slot_table_E, valid_T)
   x_MD = x_TD[routing.order_M // K]
-  args = (routing.group_slots_G, routing.group_sizes_G)
-  gate_MF = gmm(x_MD, w_gate_SDF, *args)
-  up_MF = gmm(x_MD, w_up_SDF, *args)
-  h_MF = swiglu(gate_MF, up_MF).astype(x_TD.dtype)
-  y_MD = gmm(h_MF, w_down_SFD, *args)
+  groups = (routing.group_slots_G, routing.group_sizes_G)
+  if use_ragged_dot:
+    gate_MF = grouped_matmul_ragged_dot(x_MD, w_gate_SDF, *groups)
+    up_MF = grouped_matmul_ragged_dot(x_MD, w_up_SDF, *groups)
+    h_MF = swiglu(gate_MF, up_MF).astype(x_TD.dtype)
+    y_MD = grouped_matmul_ragged_dot(h_MF, w_down_SFD, *groups)
+  else:
+    y_MD = grouped_swiglu(x_MD, w_gate_SDF, w_up_SDF, w_down_SFD, *groups)
   return combine(y_MD, routing, topk_weights_TK, valid_T, x_TD.dtype)

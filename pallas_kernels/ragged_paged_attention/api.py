@@ -110,9 +110,9 @@ def ragged_paged_attention(q_TNH: jax.Array, pool_PE: jax.Array, page_table_SP: 
       bs = _kernel.BlockSizes(*block_sizes)
       _need(bs.q_block >= 1 and bs.pages_per_block >= 1,
             f"block_sizes must be positive, got {tuple(bs)}")
-    items = _kernel.work_items(cu_q_lens_S1, kv_lens_S, num_seqs, num_tokens=q_TNH.shape[0],
-                               q_block=bs.q_block, page_tokens=page_tokens,
-                               pages_per_seq=page_table_SP.shape[1])
+    items = _reference.work_items(cu_q_lens_S1, kv_lens_S, num_seqs,
+                                  num_tokens=q_TNH.shape[0], q_block=bs.q_block,
+                                  page_tokens=page_tokens, pages_per_seq=page_table_SP.shape[1])
     q_WKRH = _kernel.pack_queries(q_TNH, items, kv_heads, bs.q_block)
     common = dict(page_tokens=page_tokens, group=G, sm_scale=sm_scale)
     if backend == "gpu":

@@ -37,9 +37,9 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.ragged_paged_attention.reference import (
   NEG_INF,
+  WorkItems,
   finalize,
   mask_scores,
-  token_metadata,
 )
 
 
@@ -84,57 +84,6 @@ def default_block_sizes(backend: str, head_dim: int, page_tokens: int, group: in
   if backend == "gpu":  # Triton dot: R = q_block * G >= 16
     q_block = max(q_block, -(-16 // group))
   return BlockSizes(q_block, entry.pages_per_block)
-
-
-class WorkItems(NamedTuple):
-  """Per work item (W of them) and per token (T) metadata; all int32 except tok_valid_T."""
-
-  seq_W: jax.Array  # sequence of the item
-  rows_W: jax.Array  # real query tokens in the item (0 for padding items)
-  pos0_W: jax.Array  # absolute position of the item's first token
-  npages_W: jax.Array  # pages the item visits: ceil((last position + 1) / page_tokens)
-  tok0_W: jax.Array  # index in T of the item's first token
-  tok_item_T: jax.Array  # item of each token
-  tok_row_T: jax.Array  # row (token index) of each token inside its item
-  tok_valid_T: jax.Array  # bool, False for padding tokens
-
-
-def num_work_items(num_tokens: int, max_seqs: int, q_block: int) -> int:
-  """Static bound W on the work items of a batch."""
-  return max(1, min(num_tokens, -(-num_tokens // q_block) + max_seqs))
-
-
-def work_items(cu_q_lens_S1, kv_lens_S, num_seqs, *, num_tokens: int, q_block: int,
-               page_tokens: int, pages_per_seq: int) -> WorkItems:
-  """Cuts each sequence's query tokens into items of q_block tokens (vectorised jnp)."""
-  S = kv_lens_S.shape[0]
-  W = num_work_items(num_tokens, S, q_block)
-  n = jnp.clip(num_seqs.reshape(()).astype(jnp.int32), 0, S)
-  cu_S1 = cu_q_lens_S1.astype(jnp.int32)
-  live_S = jnp.arange(S) < n
-  q_len_S = jnp.where(live_S, cu_S1[1:] - cu_S1[:-1], 0)
-  kv_len_S = kv_lens_S.astype(jnp.int32)
-  blocks_S = (q_len_S + q_block - 1) // q_block
-  end_S = jnp.cumsum(blocks_S)
-  start_S = end_S - blocks_S
-  w_W = jnp.arange(W, dtype=jnp.int32)
-  seq_W = jnp.clip(jnp.searchsorted(end_S, w_W, side="right"), 0, S - 1).astype(jnp.int32)
-  real_W = w_W < end_S[-1]
-  j_W = w_W - start_S[seq_W]
-  rows_W = jnp.where(real_W, jnp.clip(q_len_S[seq_W] - j_W * q_block, 0, q_block), 0)
-  pos0_W = kv_len_S[seq_W] - q_len_S[seq_W] + j_W * q_block
-  last_W = pos0_W + rows_W - 1
-  npages_W = jnp.where(rows_W > 0,
-                       jnp.clip((last_W + page_tokens) // page_tokens, 0, pages_per_seq), 0)
-  tok0_W = cu_S1[seq_W] + j_W * q_block
-  # Tokens -> (item, row).
-  seq_T, _, tok_valid_T = token_metadata(cu_q_lens_S1, kv_lens_S, num_seqs, num_tokens)
-  off_T = jnp.arange(num_tokens, dtype=jnp.int32) - cu_S1[seq_T]
-  tok_item_T = jnp.clip(start_S[seq_T] + off_T // q_block, 0, W - 1)
-  tok_row_T = jnp.clip(off_T % q_block, 0, q_block - 1)
-  as32 = lambda a: a.astype(jnp.int32)  # noqa: E731
-  return WorkItems(as32(seq_W), as32(rows_W), as32(pos0_W), as32(npages_W), as32(tok0_W),
-                   as32(tok_item_T), as32(tok_row_T), tok_valid_T)
 
 
 def pack_queries(q_TNH, items: WorkItems, kv_heads: int, q_block: int):

@@ -4,9 +4,11 @@ Glossary: T query tokens (packed over sequences), N query heads, K kv heads, G =
 heads per kv head, H head dim, S sequences (max_seqs), P pages per sequence in a page table,
 L = P * page_tokens key positions of a sequence. Query head n reads kv head n // G.
 
-Vectorised over tokens: each token gathers the pages of its own sequence with index arrays
-(`pages[page_table[seq]]`), never a dynamic slice of the pool, and attends causally, a chunk of
-pages at a time with an online softmax, for as many chunks as the batch's longest sequence.
+Vectorised over work items (`work_items`: up to q_block consecutive query tokens of one
+sequence; a decode token is an item of its own): each item gathers the pages of its own
+sequence with index arrays (`pages[page_table[seq]]`), never a dynamic slice of the pool, and
+attends causally, a chunk of pages at a time with an online softmax, for as many chunks as the
+batch's longest sequence. The Pallas kernels walk the same work items.
 
 NaN safety, both ways: a position a token does not see (another sequence's page, a skipped page,
 a slot past its position) never reaches a result, whatever it holds (its score is selected to
@@ -15,6 +17,8 @@ there surfaces in the result (NaN; an inf in V may give inf) instead of passing 
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -80,15 +84,85 @@ def token_metadata(cu_q_lens_S1: jax.Array, kv_lens_S: jax.Array, num_seqs: jax.
   return seq_T, pos_T, valid_T
 
 
+class WorkItems(NamedTuple):
+  """Per work item (W of them) and per token (T) metadata; all int32 except tok_valid_T."""
+
+  seq_W: jax.Array  # sequence of the item
+  rows_W: jax.Array  # real query tokens in the item (0 for padding items)
+  pos0_W: jax.Array  # absolute position of the item's first token
+  npages_W: jax.Array  # pages the item visits: ceil((last position + 1) / page_tokens)
+  tok0_W: jax.Array  # index in T of the item's first token
+  tok_item_T: jax.Array  # item of each token
+  tok_row_T: jax.Array  # row (token index) of each token inside its item
+  tok_valid_T: jax.Array  # bool, False for padding tokens
+
+
+def num_work_items(num_tokens: int, max_seqs: int, q_block: int) -> int:
+  """Static bound W on the work items of a batch."""
+  return max(1, min(num_tokens, -(-num_tokens // q_block) + max_seqs))
+
+
+def work_items(cu_q_lens_S1, kv_lens_S, num_seqs, *, num_tokens: int, q_block: int,
+               page_tokens: int, pages_per_seq: int) -> WorkItems:
+  """Cuts each sequence's query tokens into items of q_block tokens (vectorised jnp)."""
+  S = kv_lens_S.shape[0]
+  W = num_work_items(num_tokens, S, q_block)
+  n = jnp.clip(num_seqs.reshape(()).astype(jnp.int32), 0, S)
+  cu_S1 = cu_q_lens_S1.astype(jnp.int32)
+  live_S = jnp.arange(S) < n
+  q_len_S = jnp.where(live_S, cu_S1[1:] - cu_S1[:-1], 0)
+  kv_len_S = kv_lens_S.astype(jnp.int32)
+  blocks_S = (q_len_S + q_block - 1) // q_block
+  end_S = jnp.cumsum(blocks_S)
+  start_S = end_S - blocks_S
+  w_W = jnp.arange(W, dtype=jnp.int32)
+  seq_W = jnp.clip(jnp.searchsorted(end_S, w_W, side="right"), 0, S - 1).astype(jnp.int32)
+  real_W = w_W < end_S[-1]
+  j_W = w_W - start_S[seq_W]
+  rows_W = jnp.where(real_W, jnp.clip(q_len_S[seq_W] - j_W * q_block, 0, q_block), 0)
+  pos0_W = kv_len_S[seq_W] - q_len_S[seq_W] + j_W * q_block
+  last_W = pos0_W + rows_W - 1
+  npages_W = jnp.where(rows_W > 0,
+                       jnp.clip((last_W + page_tokens) // page_tokens, 0, pages_per_seq), 0)
+  tok0_W = cu_S1[seq_W] + j_W * q_block
+  # Tokens -> (item, row).
+  seq_T, _, tok_valid_T = token_metadata(cu_q_lens_S1, kv_lens_S, num_seqs, num_tokens)
+  off_T = jnp.arange(num_tokens, dtype=jnp.int32) - cu_S1[seq_T]
+  tok_item_T = jnp.clip(start_S[seq_T] + off_T // q_block, 0, W - 1)
+  tok_row_T = jnp.clip(off_T % q_block, 0, q_block - 1)
+  as32 = lambda a: a.astype(jnp.int32)  # noqa: E731
+  return WorkItems(as32(seq_W), as32(rows_W), as32(pos0_W), as32(npages_W), as32(tok0_W),
+                   as32(tok_item_T), as32(tok_row_T), tok_valid_T)
+
+
+def default_q_block(num_tokens: int, max_seqs: int) -> int:
+  """Query tokens per work item of the reference: 1 for decode, up to 8 for prefill chunks.
+
+  The mean query tokens per sequence rounded up to a power of two, at most 8 (measured on
+  CPU: 8-token items beat 16 and 32 on a batch of 32-token prefill chunks).
+  """
+  mean = -(-num_tokens // max(max_seqs, 1))
+  return min(8, 1 << (mean - 1).bit_length())
+
+
 def ragged_paged_attention_reference(q_TNH: jax.Array, pages_P2TKH: jax.Array,
                                      page_table_SP: jax.Array, cu_q_lens_S1: jax.Array,
                                      kv_lens_S: jax.Array, num_seqs: jax.Array, *,
-                                     sm_scale: float, chunk_pages: int = 8):
+                                     sm_scale: float, chunk_pages: int = 8,
+                                     q_block: int | None = None):
   """Ragged paged attention, plain jnp (see `api.ragged_paged_attention` for the contract).
 
-  Online softmax over chunks of `chunk_pages` pages of every token's page table, for as many
-  chunks as the longest real sequence needs (a `fori_loop` with a traced trip count): the cost
-  follows the batch's longest context, not the page table's width (max_context).
+  Work items of `q_block` consecutive query tokens of one sequence (`work_items`) gather their
+  sequence's pages once for all their tokens (a prefill chunk does not gather its context once
+  per token). An item's keys fall in two sets: the *prefix*, positions before its first token,
+  which every token of the item sees, and the *diagonal*, its own tokens' positions, each seen
+  by the tokens at or after it. The prefix runs an online softmax over chunks of
+  `chunk_pages` pages, for as many chunks as the longest prefix needs (a `fori_loop` with a
+  traced trip count: the cost follows the batch's longest context, not the page table's width,
+  max_context; a table of one chunk needs no loop); the diagonal (at most q_block keys) is one
+  last update with a per-token mask, so a token never multiplies a value it does not see, even
+  by a zero weight. An item of one token (q_block 1, decode) has its own position in the
+  prefix and no diagonal step.
 
   Args:
     q_TNH: [T, N, H] queries.
@@ -98,7 +172,9 @@ def ragged_paged_attention_reference(q_TNH: jax.Array, pages_P2TKH: jax.Array,
     kv_lens_S: int32 [S] context lengths including the new tokens.
     num_seqs: int32 [1] real sequences.
     sm_scale: softmax scale.
-    chunk_pages: pages per step of the loop (memory: T * chunk_pages * page_tokens * K * H).
+    chunk_pages: pages per step of the prefix loop (memory: W * chunk_pages * page_tokens * K *
+      H for W work items).
+    q_block: query tokens per work item; None: `default_q_block(T, S)`.
 
   Returns:
     (out_TNH in q's dtype, lse_TN float32); padding tokens and tokens that see no key give
@@ -108,48 +184,84 @@ def ragged_paged_attention_reference(q_TNH: jax.Array, pages_P2TKH: jax.Array,
   _, _, page_tokens, K, _ = pages_P2TKH.shape
   G = N // K
   S, P = page_table_SP.shape
+  B = q_block or default_q_block(T, S)
   C = max(1, min(chunk_pages, P))
   chunks = -(-P // C)
-  seq_T, pos_T, valid_T = token_metadata(cu_q_lens_S1, kv_lens_S, num_seqs, T)
-  table_SP = jnp.pad(page_table_SP.astype(jnp.int32), ((0, 0), (0, chunks * C - P)))
-  table_TP = table_SP[seq_T]
-  n = jnp.clip(num_seqs.reshape(()).astype(jnp.int32), 0, S)
-  longest = jnp.max(jnp.where(jnp.arange(S) < n, kv_lens_S.astype(jnp.int32), 0))
-  trips = jnp.minimum(-(-longest // (C * page_tokens)), chunks)
-  q_TKGH = q_TNH.astype(jnp.float32).reshape(T, K, G, H)
   CL = C * page_tokens
+  items = work_items(cu_q_lens_S1, kv_lens_S, num_seqs, num_tokens=T, q_block=B,
+                     page_tokens=page_tokens, pages_per_seq=P)
+  W = items.seq_W.shape[0]
+  table_SP = jnp.pad(page_table_SP.astype(jnp.int32), ((0, 0), (0, chunks * C - P)))
+  table_WP = table_SP[items.seq_W]
+  b_B = jnp.arange(B, dtype=jnp.int32)
+  live_WB = b_B < items.rows_W[:, None]
+  tok_WB = jnp.clip(items.tok0_W[:, None] + b_B, 0, T - 1)
+  q_WBKGH = jnp.where(live_WB[..., None, None], q_TNH[tok_WB].astype(jnp.float32), 0.0)
+  q_WBKGH = q_WBKGH.reshape(W, B, K, G, H)
+  # Keys every token of the item sees: those before its first token, and for an item of one
+  # token (decode) its own as well, so that the diagonal step below is not needed.
+  prefix_W = jnp.where(items.rows_W > 0, items.pos0_W + (B == 1), 0)
 
-  def chunk(c, carry):
-    m_TKG, l_TKG, acc_TKGH = carry
-    pids_TC = jax.lax.dynamic_slice_in_dim(table_TP, c * C, C, axis=1)
-    kv_TC2LKH = pages_P2TKH[pids_TC]
-    k_TLKH = kv_TC2LKH[:, :, 0].reshape(T, CL, K, H)
-    v_TLKH = kv_TC2LKH[:, :, 1].reshape(T, CL, K, H)
-    l_L = c * CL + jnp.arange(CL, dtype=jnp.int32)
-    seen_TL = ((l_L[None] <= pos_T[:, None]) & (jnp.repeat(pids_TC, page_tokens, axis=1) != 0)
-               & valid_T[:, None])
-    # Garbage (NaN) in unseen slots: its scores are selected to -inf and its V rows to 0, so it
-    # never reaches a product (p = 0 would not cancel a NaN V).
-    v_TLKH = jnp.where(seen_TL[..., None, None], v_TLKH.astype(jnp.float32), 0.0)
-    s_TKGL = jnp.einsum("tkgh,tlkh->tkgl", q_TKGH, k_TLKH.astype(jnp.float32),
-                        precision="highest") * sm_scale
-    s_TKGL = mask_scores(s_TKGL, seen_TL[:, None, None, :])
-    m_new_TKG = jnp.maximum(m_TKG, jnp.max(s_TKGL, axis=-1))
+  def scores_update(m_WKGB, l_WKGB, k_WLKH, seen_WBL):
+    """Online-softmax step over keys [W, L]: (new max, new sum, alpha, weights p_WKGBL)."""
+    s_WKGBL = jnp.einsum("wbkgh,wlkh->wkgbl", q_WBKGH, k_WLKH.astype(jnp.float32),
+                         precision="highest") * sm_scale
+    s_WKGBL = mask_scores(s_WKGBL, seen_WBL[:, None, None])
+    m_new_WKGB = jnp.maximum(m_WKGB, jnp.max(s_WKGBL, axis=-1))
     # Only "no key yet" (-inf) is guarded: a NaN max stays NaN and poisons the row. Unseen
     # scores give exp(-inf - m_safe) = 0 exactly, as does alpha while m was -inf.
-    m_safe_TKG = jnp.where(m_new_TKG == NEG_INF, 0.0, m_new_TKG)
-    p_TKGL = jnp.exp(s_TKGL - m_safe_TKG[..., None])
-    alpha_TKG = jnp.exp(m_TKG - m_safe_TKG)
-    l_TKG = alpha_TKG * l_TKG + jnp.sum(p_TKGL, axis=-1)
-    acc_TKGH = alpha_TKG[..., None] * acc_TKGH + jnp.einsum(
-        "tkgl,tlkh->tkgh", p_TKGL, v_TLKH, precision="highest")
-    return m_new_TKG, l_TKG, acc_TKGH
+    m_safe_WKGB = jnp.where(m_new_WKGB == NEG_INF, 0.0, m_new_WKGB)
+    p_WKGBL = jnp.exp(s_WKGBL - m_safe_WKGB[..., None])
+    alpha_WKGB = jnp.exp(m_WKGB - m_safe_WKGB)
+    return m_new_WKGB, alpha_WKGB * l_WKGB + jnp.sum(p_WKGBL, axis=-1), alpha_WKGB, p_WKGBL
 
-  init = (jnp.full((T, K, G), NEG_INF, jnp.float32), jnp.zeros((T, K, G), jnp.float32),
-          jnp.zeros((T, K, G, H), jnp.float32))
-  m_TKG, l_TKG, acc_TKGH = jax.lax.fori_loop(0, trips, chunk, init)
-  out_TKGH, lse_TKG1 = finalize(m_TKG[..., None], l_TKG[..., None], acc_TKGH)
-  return out_TKGH.reshape(T, N, H).astype(q_TNH.dtype), lse_TKG1.reshape(T, N)
+  def prefix_chunk(c, carry):
+    m_WKGB, l_WKGB, acc_WKGBH = carry
+    pids_WC = jax.lax.dynamic_slice_in_dim(table_WP, c * C, C, axis=1)
+    l_L = c * CL + jnp.arange(CL, dtype=jnp.int32)
+    seen_WL = (l_L[None] < prefix_W[:, None]) & jnp.repeat(pids_WC != 0, page_tokens, axis=1)
+    k_WLKH = pages_P2TKH[pids_WC, 0].reshape(W, CL, K, H)
+    # Garbage (NaN) in unseen slots: its scores are selected to -inf and its V rows to 0, so
+    # it never reaches a product (p = 0 would not cancel a NaN V).
+    v_WLKH = jnp.where(seen_WL[..., None, None],
+                       pages_P2TKH[pids_WC, 1].reshape(W, CL, K, H).astype(jnp.float32), 0.0)
+    m_WKGB, l_WKGB, alpha_WKGB, p_WKGBL = scores_update(
+        m_WKGB, l_WKGB, k_WLKH, seen_WL[:, None] & live_WB[..., None])
+    acc_WKGBH = alpha_WKGB[..., None] * acc_WKGBH + jnp.einsum(
+        "wkgbl,wlkh->wkgbh", p_WKGBL, v_WLKH, precision="highest")
+    return m_WKGB, l_WKGB, acc_WKGBH
+
+  def diagonal(m_WKGB, l_WKGB, acc_WKGBH):
+    """The item's own positions: key j (position pos0 + j) is seen by its rows b >= j."""
+    pos_WJ = items.pos0_W[:, None] + b_B
+    pids_WJ = jnp.take_along_axis(table_WP, jnp.clip(pos_WJ // page_tokens, 0, P - 1), axis=1)
+    seen_WBJ = ((b_B[None, None, :] <= b_B[None, :, None]) & live_WB[..., None]
+                & (pids_WJ != 0)[:, None, :])
+    slot_WJ = pos_WJ % page_tokens
+    k_WJKH = pages_P2TKH[pids_WJ, 0, slot_WJ]
+    v_WBJKH = jnp.where(seen_WBJ[..., None, None],
+                        pages_P2TKH[pids_WJ, 1, slot_WJ].astype(jnp.float32)[:, None], 0.0)
+    m_WKGB, l_WKGB, alpha_WKGB, p_WKGBJ = scores_update(m_WKGB, l_WKGB, k_WJKH, seen_WBJ)
+    acc_WKGBH = alpha_WKGB[..., None] * acc_WKGBH + jnp.einsum(
+        "wkgbj,wbjkh->wkgbh", p_WKGBJ, v_WBJKH, precision="highest")
+    return m_WKGB, l_WKGB, acc_WKGBH
+
+  init = (jnp.full((W, K, G, B), NEG_INF, jnp.float32), jnp.zeros((W, K, G, B), jnp.float32),
+          jnp.zeros((W, K, G, B, H), jnp.float32))
+  if chunks == 1:  # the whole table in one chunk: no loop (a chunk seeing nothing is a no-op)
+    m_WKGB, l_WKGB, acc_WKGBH = prefix_chunk(0, init)
+  else:
+    trips = jnp.minimum(-(-jnp.max(prefix_W) // CL), chunks)
+    m_WKGB, l_WKGB, acc_WKGBH = jax.lax.fori_loop(0, trips, prefix_chunk, init)
+  if B > 1:
+    m_WKGB, l_WKGB, acc_WKGBH = diagonal(m_WKGB, l_WKGB, acc_WKGBH)
+  out_WKGBH, lse_WKGB1 = finalize(m_WKGB[..., None], l_WKGB[..., None], acc_WKGBH)
+  item_T, row_T, valid_T = items.tok_item_T, items.tok_row_T, items.tok_valid_T
+  out_TKGH = out_WKGBH.transpose(0, 3, 1, 2, 4)[item_T, row_T]
+  lse_TKG = lse_WKGB1[..., 0].transpose(0, 3, 1, 2)[item_T, row_T]
+  out_TNH = jnp.where(valid_T[:, None, None], out_TKGH.reshape(T, N, H), 0.0)
+  lse_TN = jnp.where(valid_T[:, None], lse_TKG.reshape(T, N), NEG_INF)
+  return out_TNH.astype(q_TNH.dtype), lse_TN
 
 
 def merge_attention(outs, lses):

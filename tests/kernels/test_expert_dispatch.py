@@ -189,6 +189,53 @@ def test_gpu_kernel_fused_swiglu_interpret():
   np.testing.assert_allclose(ours, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_tile_rows_follows_the_mean_group_size():
+  tile_rows = reference_lib.tile_rows
+  assert tile_rows(4, 16) == 4  # decode of one token, top-4: never more rows than there are
+  assert tile_rows(32, 16) == 4  # mean 2: at least 4
+  assert tile_rows(128, 16) == 8  # mean 8
+  assert tile_rows(96, 8) == 16  # mean 12 -> 16
+  assert tile_rows(4096, 16) == 64  # mean 256: at most 64
+  assert tile_rows(1, 8) == 1
+
+
+@pytest.mark.parametrize("block_m", [None, 1, 3, 8, 64])
+def test_grouped_swiglu_tiles_match_float64_oracle(block_m):
+  """Groups of 0 to 33 rows over tiles of every size (a group spanning tiles, the last window
+  clamped to the rows); empty groups' slots and every unused slot hold NaN; rows of no group
+  come out zero."""
+  rng = np.random.default_rng(16)
+  M, D, F, S = 64, 16, 32, 11
+  slots = np.asarray([9, 1, 4, 6, 2], np.int32)
+  sizes = np.asarray([7, 0, 33, 0, 20], np.int32)  # 60 of 64 rows
+  x = rng.standard_normal((M, D)).astype(np.float32)
+  pools = [rng.standard_normal(shape).astype(np.float32) / np.sqrt(shape[1])
+           for shape in ((S, D, F), (S, D, F), (S, F, D))]
+  for p in pools:  # slots 1 and 6 belong to the empty groups
+    p[np.setdiff1d(np.arange(S), slots[sizes > 0])] = np.nan
+  y = reference_lib.grouped_swiglu(jnp.asarray(x), *map(jnp.asarray, pools), jnp.asarray(slots),
+                                   jnp.asarray(sizes), block_m=block_m)
+  wg, wu, wd = (p.astype(np.float64) for p in pools)
+  expected = np.zeros((M, D))
+  row = 0
+  for slot, size in zip(slots, sizes, strict=True):
+    xs = x[row:row + size].astype(np.float64)
+    gate, up = xs @ wg[slot], xs @ wu[slot]
+    expected[row:row + size] = (gate / (1.0 + np.exp(-gate)) * up) @ wd[slot]
+    row += size
+  assert_close(y, expected, jnp.float32)
+
+
+def test_experts_without_tokens_are_never_read():
+  """An expert of the layer that no token picked may hold NaN (say, being swapped in)."""
+  x, _, w, table, *pools = make_case(17, T=T, K=2, E=E, S=S)
+  ids = jnp.asarray(np.random.default_rng(17).choice([1, 5], size=(T, 2)), jnp.int32)
+  expected = loop_oracle(x, ids, w, table, *pools)
+  idle = np.asarray(table)[np.setdiff1d(np.arange(E), [1, 5])]
+  pools = [p.at[idle].set(jnp.nan) for p in pools]
+  assert_close(dispatch(x, ids, w, table, *pools, impl="reference"), expected, jnp.float32)
+
+
 def test_visit_metadata_covers_every_row_once():
   sizes = jnp.asarray([0, 5, 0, 0, 27, 16, 0], jnp.int32)
   offsets, groups, tiles = kernel_lib.visit_metadata(sizes, 64, 16)

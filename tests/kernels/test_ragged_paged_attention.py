@@ -28,6 +28,7 @@ from pallas_kernels.ragged_paged_attention import (
   validate_inputs,
   view_pages,
 )
+from pallas_kernels.ragged_paged_attention import reference as reference_lib
 
 # Tolerances, stated once: (atol, rtol) by dtype. Inputs are drawn in f32 and rounded to the
 # dtype; reference and kernels see the same rounded values. bf16: the kernel feeds bf16
@@ -105,9 +106,9 @@ def run_gpu_kernel(args, kv_heads, block_sizes=GPU_BLOCKS, sm_scale=None):
   H = q_TNH.shape[-1]
   G = q_TNH.shape[1] // kv_heads
   Tp = page_tokens_of(pool_PE.shape[1], kv_heads, H)
-  items = kernel_lib.work_items(cu, kv_lens, num_seqs, num_tokens=q_TNH.shape[0],
-                                q_block=block_sizes.q_block, page_tokens=Tp,
-                                pages_per_seq=table.shape[1])
+  items = reference_lib.work_items(cu, kv_lens, num_seqs, num_tokens=q_TNH.shape[0],
+                                   q_block=block_sizes.q_block, page_tokens=Tp,
+                                   pages_per_seq=table.shape[1])
   q_WKRH = kernel_lib.pack_queries(q_TNH, items, kv_heads, block_sizes.q_block)
   out, lse = kernel_lib.attention_gpu(q_WKRH, pool_PE, table, items, kv_lens, page_tokens=Tp,
                                       group=G, sm_scale=sm_scale or H ** -0.5, interpret=True)
@@ -177,8 +178,10 @@ def test_random_ragged_batches(data):
                           max_seqs=FIXED_S, spare_pages=24 - sum(-(-k // FIXED_TP)
                                                                 for k in kv_lens))
   validate_inputs(*args, kv_heads=2)
+  expected = dense_oracle(args, 2, 64 ** -0.5)
   ref = attn(*args, kv_heads=2, impl="reference")
   got = attn(*args, kv_heads=2, impl="interpret", block_sizes=(4, 2))
+  assert_attention_close(ref, expected, jnp.float32, info["num_live_tokens"])
   assert_attention_close(got, ref, jnp.float32, info["num_live_tokens"])
 
 
@@ -240,6 +243,29 @@ def test_reference_chunks_over_a_wide_table_match_the_float64_oracle(chunk_pages
   got = ragged_paged_attention_reference(q, pool.reshape(pool.shape[0], 2, 4, 2, 64), *rest,
                                          sm_scale=0.125, chunk_pages=chunk_pages)
   assert_attention_close(got, expected, jnp.float32, info["num_live_tokens"])
+
+
+def test_default_q_block():
+  assert reference_lib.default_q_block(32, 32) == 1  # decode: an item per token
+  assert reference_lib.default_q_block(63, 32) == 2
+  assert reference_lib.default_q_block(1024, 32) == 8  # 32-token prefill chunks: 8 at most
+  assert reference_lib.default_q_block(5, 1) == 8
+
+
+@pytest.mark.parametrize("q_block", [1, 3, 8])
+def test_reference_work_items_match_the_float64_oracle(q_block):
+  """Items of 1, 3 and 8 tokens: prefill chunks cut into several items (the last one short),
+  prefixes over a skipped page, decodes; with one page per prefix chunk the carry is used."""
+  args, info = make_batch(5, *MIXED, kv_heads=2, group=2, head_dim=64, page_tokens=8,
+                          pages_per_seq=6)
+  args = _skip_page(args, 0, 2)
+  expected = dense_oracle(args, 2, 0.125)
+  q, pool, *rest = args
+  for chunk_pages in (1, 8):
+    got = ragged_paged_attention_reference(q, pool.reshape(pool.shape[0], 2, 8, 2, 64), *rest,
+                                           sm_scale=0.125, chunk_pages=chunk_pages,
+                                           q_block=q_block)
+    assert_attention_close(got, expected, jnp.float32, info["num_live_tokens"])
 
 
 def test_split_and_merge_equals_full():
@@ -323,6 +349,32 @@ def test_corrupt_live_entry_surfaces_and_spares_other_sequences(impl, seq, pos, 
   cu = np.asarray(args[3])
   bad_lse = np.zeros(got[1].shape, bool)
   bad_lse[cu[seq]:cu[seq + 1], 2:4] = True  # kv head 1 = query heads 2, 3
+  bad_out = np.repeat(bad_lse[..., None], 64, axis=-1)
+  if kind == "V":
+    bad_out[..., :5] = bad_out[..., 6:] = False
+    bad_lse[:] = False
+  _assert_only_poisoned(got, clean, bad_out, bad_lse, value)
+
+
+@pytest.mark.parametrize("q_block", [None, 1, 4])
+@pytest.mark.parametrize("kind,value", [("K", np.nan), ("V", np.nan), ("V", np.inf)])
+def test_reference_spares_tokens_before_a_corrupt_new_entry(q_block, kind, value):
+  """A corrupt K/V at a prefill chunk's own position 21 (its tokens sit at 19..22): only the
+  tokens at 21 and 22 see it; the reference keeps the earlier ones of the same work item exact
+  (bit-equal), which the kernels do not promise for V."""
+  args, _ = make_batch(13, *LIVE_NAN_BATCH, kv_heads=2, group=2, head_dim=64, page_tokens=16,
+                       pages_per_seq=3)
+
+  def run(batch):
+    q, pool, *rest = batch
+    return ragged_paged_attention_reference(q, view_pages(pool, kv_heads=2, head_dim=64), *rest,
+                                            sm_scale=0.125, q_block=q_block)
+
+  clean = run(args)
+  got = run(_corrupt(args, 2, 1, 21, kind, value, kv_head=1, dim=5))
+  cu = np.asarray(args[3])
+  bad_lse = np.zeros(got[1].shape, bool)
+  bad_lse[cu[1] + 2:cu[2], 2:4] = True  # the tokens at positions 21 and 22, kv head 1
   bad_out = np.repeat(bad_lse[..., None], 64, axis=-1)
   if kind == "V":
     bad_out[..., :5] = bad_out[..., 6:] = False
