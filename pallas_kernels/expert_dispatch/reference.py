@@ -21,10 +21,10 @@ that received rows (a traced trip count), each slicing its slot's gate, up and d
 of the pool once, and inside a group a loop over row tiles computing gate, up, SwiGLU and down
 on the tile. It reads only the slots of groups with rows, never multiplies by an unreferenced
 slot, and never gathers the weights of several experts into a new array. The tile has about
-the mean group size (`tile_rows`): measured at T=32, K=4, E=16, D=256, F=128 (decode of a
-batch of 32), a fixed 128-row tile costs ~10x the time of an 8-row one, since every group
-computes a whole tile whatever its size. `grouped_matmul` is the same walk for one matmul (the
-oracle of the kernels' grouped matmuls).
+the mean group size (`tile_rows`), since every group computes whole tiles whatever its size:
+at T=32, K=4, E=16 (decode of a batch of 32) a fixed 128-row tile computes 16 x 128 rows for
+128 real ones. `grouped_matmul` is the same walk for one matmul (the oracle of the kernels'
+grouped matmuls).
 """
 
 from __future__ import annotations
