@@ -8,6 +8,7 @@ start-up except the arriving model, and a sample of the finished requests' token
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from collections.abc import Callable
@@ -88,6 +89,7 @@ def run_soak(config: SoakConfig, log: Callable[[str], None] = lambda msg: None) 
   serving = list(FLEET)
   work: dict[str, tuple[str, list[int], int]] = {}
   unregistered: list[str] = []
+  recent: collections.deque[str] = collections.deque(maxlen=4 * config.arrivals_per_step)
   limit_changes = steps = 0
   start = time.perf_counter()
   while len(work) < config.requests or eng.scheduler.has_work():
@@ -95,8 +97,9 @@ def run_soak(config: SoakConfig, log: Callable[[str], None] = lambda msg: None) 
       model = serving[int(rng.integers(len(serving)))]
       prompt = rng.integers(0, 512, size=int(rng.integers(1, config.max_prompt + 1))).tolist()
       new = int(rng.integers(1, config.max_new + 1))
-      work[eng.submit(model_id=model, prompt_ids=prompt, max_new_tokens=new)] = (
-          model, prompt, new)
+      rid = eng.submit(model_id=model, prompt_ids=prompt, max_new_tokens=new)
+      work[rid] = (model, prompt, new)
+      recent.append(rid)
       if len(work) == config.requests // 3:
         eng.register_model(ARRIVING, cfg=models[ARRIVING][0], params=models[ARRIVING][1],
                            max_context=MAX_CONTEXT, group=1 if config.policy == "crosspool"
@@ -108,7 +111,6 @@ def run_soak(config: SoakConfig, log: Callable[[str], None] = lambda msg: None) 
         serving.remove(RETIRING)
         log(f"unregistered {RETIRING} after {len(work)} requests ({len(unregistered)} of its "
             "requests cancelled)")
-    recent = list(work)[-4 * config.arrivals_per_step:]
     for rid in recent:  # each request is recent for about 4 steps
       if (eng.status(rid) in (Status.WAITING, Status.RUNNING)
           and rng.random() < config.cancel_fraction / 4):
