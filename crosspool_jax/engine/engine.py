@@ -17,8 +17,9 @@ from collections.abc import Callable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 
-from crosspool_jax.engine.disaggregated import DisaggregatedExecutor
-from crosspool_jax.engine.executor import ColocatedExecutor, LoadedModel, StepError
+from crosspool_jax.engine.executors.api import LoadedModel, StepError
+from crosspool_jax.engine.executors.colocated import ColocatedExecutor
+from crosspool_jax.engine.executors.crosspool import DisaggregatedExecutor
 from crosspool_jax.engine.metrics import request_metrics, summarize
 from crosspool_jax.engine.policies import Runtime, get_policy
 from crosspool_jax.engine.request import Request, Status

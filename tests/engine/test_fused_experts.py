@@ -7,7 +7,7 @@ import jax
 import numpy as np
 import pytest
 
-from crosspool_jax.engine.disaggregated import _stage, _unstage
+from crosspool_jax.engine.executors.crosspool import _stage, _unstage
 from crosspool_jax.models.config import tiny_config
 from crosspool_jax.models.model import init_params
 from crosspool_jax.models.stages import routed_experts

@@ -4,7 +4,7 @@ and recomputed request must still produce exactly the hand-computed output."""
 
 import pytest
 
-from crosspool_jax.engine.executor_api import FakeExecutor
+from crosspool_jax.engine.executors.api import FakeExecutor
 from crosspool_jax.engine.request import Request, Status
 from crosspool_jax.engine.scheduler import Scheduler
 from crosspool_jax.models.sampling import INVALID_TOKEN, SamplingParams

@@ -16,7 +16,8 @@ import dataclasses
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, ClassVar
 
-from crosspool_jax.engine.executor import ColocatedExecutor, LoadedModel
+from crosspool_jax.engine.executors.api import LoadedModel
+from crosspool_jax.engine.executors.colocated import ColocatedExecutor
 from crosspool_jax.engine.policies.placement import fill_closed_form, page_tokens
 from crosspool_jax.engine.policies.sizes import dtype_itemsize
 from crosspool_jax.models.config import ModelConfig
@@ -24,8 +25,8 @@ from crosspool_jax.pools.kv_pool import KVModelSpec, KVPool
 from crosspool_jax.pools.weights_buffers import DeviceWeightsPool
 
 if TYPE_CHECKING:
-  from crosspool_jax.engine.disaggregated import DisaggregatedExecutor
   from crosspool_jax.engine.engine import EngineConfig
+  from crosspool_jax.engine.executors.crosspool import DisaggregatedExecutor
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,8 +18,8 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from crosspool_jax.engine.disaggregated import DeviceSplit, DisaggregatedExecutor
-from crosspool_jax.engine.executor import LoadedModel
+from crosspool_jax.engine.executors.api import LoadedModel
+from crosspool_jax.engine.executors.crosspool import DeviceSplit, DisaggregatedExecutor
 from crosspool_jax.engine.policies.base import Budget, FleetModel, MemoryPolicy, Plan, Runtime
 from crosspool_jax.engine.policies.placement import lay_out_kv, usable_bytes
 from crosspool_jax.engine.policies.sizes import param_bytes

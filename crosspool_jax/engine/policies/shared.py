@@ -13,7 +13,8 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from crosspool_jax.engine.executor import ColocatedExecutor, LoadedModel
+from crosspool_jax.engine.executors.api import LoadedModel
+from crosspool_jax.engine.executors.colocated import ColocatedExecutor
 from crosspool_jax.engine.policies.base import Budget, FleetModel, MemoryPolicy, Plan, Runtime
 from crosspool_jax.engine.policies.placement import KVLayout, lay_out_kv
 from crosspool_jax.engine.policies.sizes import param_bytes

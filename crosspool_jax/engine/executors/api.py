@@ -1,4 +1,5 @@
-"""What the engine needs of an executor, and a fake one whose tokens are known by hand.
+"""What the engine needs of an executor (and the types both share), and a fake executor whose
+tokens are known by hand.
 
 Invariant: an executor only runs the batches the scheduler built; it never admits, preempts
 or frees anything (the scheduler and the pools do), so the scheduler can be tested on the fake.
@@ -6,13 +7,47 @@ or frees anything (the scheduler and the pools do), so the scheduler can be test
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
 
 from crosspool_jax.engine.scheduler import ModelBatch
+from crosspool_jax.models.config import ModelConfig
 from crosspool_jax.pools.kv_pool import KVPool
+
+
+class StepError(RuntimeError):
+  """A model's part of a step raised; `model_ids` names the models whose work it was."""
+
+  def __init__(self, model_ids, cause: BaseException):
+    self.model_ids = frozenset(model_ids)
+    self.cause = cause
+    super().__init__(f"step of model(s) {sorted(self.model_ids)} failed: "
+                     f"{type(cause).__name__}: {cause}")
+
+
+@contextlib.contextmanager
+def blame(model_ids):
+  """Turns an exception raised inside into a `StepError` naming `model_ids`."""
+  try:
+    yield
+  except StepError:
+    raise
+  except Exception as e:
+    raise StepError(model_ids, e) from e
+
+
+@dataclasses.dataclass
+class LoadedModel:
+  """A registered model: config, params (on its group's device) and KV group."""
+
+  model_id: str
+  cfg: ModelConfig
+  params: dict
+  group: int
 
 
 class Executor(Protocol):

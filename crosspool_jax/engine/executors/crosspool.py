@@ -23,7 +23,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crosspool_jax.engine.executor import LoadedModel, blame, pack_batch, token_bucket
+from crosspool_jax.engine.executors.api import LoadedModel, blame
+from crosspool_jax.engine.executors.batching import pack_batch, token_bucket
 from crosspool_jax.engine.scheduler import ModelBatch
 from crosspool_jax.models import stages
 from crosspool_jax.pools.kv_buffers import allocate_kv_buffer

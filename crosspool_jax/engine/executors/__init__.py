@@ -1,0 +1,1 @@
+"""The executors: what runs a step's model batches on the devices (`api.Executor`)."""
