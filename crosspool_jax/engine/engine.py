@@ -469,6 +469,8 @@ class Engine:
         "pool_timeline": self.pool_samples,
         "steps": self.steps,
         "compile_count": self.executor.compile_count if self.executor else 0,
+        # the host's control cost: dispatches, transfers, blocking reads per step, µs per token
+        "host": self.executor.counters.summary() if self.executor else {},
         "compile_count_at_start": self.compile_count_at_start,
         # XLA compilations in this process since start() (any code, not only the engine's).
         "backend_compiles_since_start": (_BACKEND_COMPILES[0] - self._compiles_at_start

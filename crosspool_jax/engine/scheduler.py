@@ -29,6 +29,11 @@ class ModelBatch:
   def num_tokens(self) -> int:
     return sum(self.num_new)
 
+  @property
+  def num_sampled(self) -> int:
+    """Requests that feed all they have left, so the step generates a token for them."""
+    return sum(n == r.num_pending for r, n in zip(self.requests, self.num_new, strict=True))
+
 
 class Scheduler:
   """Builds each iteration's per-model batches and keeps the KV pool in step with them.

@@ -50,8 +50,38 @@ class LoadedModel:
   group: int
 
 
+@dataclasses.dataclass
+class HostCounters:
+  """What the host did for the steps an executor ran (its control cost, per step and token).
+
+  Counted where the executor issues work: `dispatches`, jitted programs enqueued; `transfers`,
+  host-to-device arrays it put explicitly (the tests run steps under JAX's transfer guards, so
+  no implicit transfer hides beside them); `blocking_reads`, device-to-host reads the host
+  waited on (the sampled tokens included); `host_s`, wall time inside `run_many` minus the
+  time blocked in those reads; `tokens`, tokens returned.
+  """
+
+  steps: int = 0
+  dispatches: int = 0
+  transfers: int = 0
+  blocking_reads: int = 0
+  host_s: float = 0.0
+  tokens: int = 0
+
+  def summary(self) -> dict:
+    """Per-step means and host microseconds per generated token."""
+    per = max(1, self.steps)
+    return {"steps": self.steps, "dispatches_per_step": self.dispatches / per,
+            "transfers_per_step": self.transfers / per,
+            "blocking_reads_per_step": self.blocking_reads / per,
+            "host_us_per_token": 1e6 * self.host_s / self.tokens if self.tokens else 0.0,
+            "tokens": self.tokens}
+
+
 class Executor(Protocol):
   """Runs each iteration's model batches (the colocated and the CrossPool executors)."""
+
+  counters: HostCounters  # the host's control cost of the steps run so far
 
   @property
   def compile_count(self) -> int:
@@ -80,6 +110,7 @@ class FakeExecutor:
   def __init__(self, vocab_size: int = 97):
     self.vocab_size = vocab_size
     self.batches: list[list[ModelBatch]] = []
+    self.counters = HostCounters()
 
   def fake_token(self, position: int) -> int:
     return position % self.vocab_size

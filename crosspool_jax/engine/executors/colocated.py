@@ -9,12 +9,13 @@ are packed into preallocated-size numpy arrays and transferred once.
 from __future__ import annotations
 
 import functools
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crosspool_jax.engine.executors.api import LoadedModel, blame
+from crosspool_jax.engine.executors.api import HostCounters, LoadedModel, blame
 from crosspool_jax.engine.executors.batching import pack_batch, stack_params_padded, token_bucket
 from crosspool_jax.engine.scheduler import ModelBatch
 from crosspool_jax.models.paged import PagedBatch, forward_paged
@@ -59,6 +60,8 @@ class ColocatedExecutor:
     self.attn_impl = attn_impl
     self.moe_impl = moe_impl
     self._executables: dict[tuple[str, int], jax.stages.Compiled] = {}
+    self.counters = HostCounters()
+    self._read_s = 0.0  # of the step being run: time blocked reading tokens
 
   @property
   def compile_count(self) -> int:
@@ -133,10 +136,17 @@ class ColocatedExecutor:
     paged, sampling, next_pos = pack_batch(self.pools[model.model_id], batch, bucket,
                                            self.max_batch)
     device = self._devices[model.group]
-    paged, sampling, next_pos = jax.device_put((paged[0], sampling, next_pos), device)
+    inputs = (paged[0], sampling, next_pos)
+    paged, sampling, next_pos = jax.device_put(inputs, device)
     tokens_S, self.buffers[model.group] = exe(model.params, self.buffers[model.group], paged,
                                               sampling, next_pos)
-    return np.asarray(tokens_S)[:len(batch.requests)]
+    self.counters.transfers += len(jax.tree.leaves(inputs))
+    self.counters.dispatches += 1
+    self.counters.blocking_reads += 1
+    read = time.perf_counter()
+    tokens = jax.device_get(tokens_S)[:len(batch.requests)]
+    self._read_s += time.perf_counter() - read
+    return tokens
 
   def run_many(self, batches: list[ModelBatch]) -> list[np.ndarray]:
     """`run` of each batch in turn (one model step after the other).
@@ -144,8 +154,12 @@ class ColocatedExecutor:
     Raises:
       StepError: naming the model whose batch raised (the batches before it have run).
     """
+    start, self._read_s = time.perf_counter(), 0.0
     out = []
     for b in batches:
       with blame([b.model_id]):
         out.append(self.run(b))
+    self.counters.steps += 1
+    self.counters.tokens += sum(b.num_sampled for b in batches)
+    self.counters.host_s += time.perf_counter() - start - self._read_s
     return out

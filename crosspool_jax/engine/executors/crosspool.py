@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crosspool_jax.engine.executors.api import LoadedModel, blame
+from crosspool_jax.engine.executors.api import HostCounters, LoadedModel, blame
 from crosspool_jax.engine.executors.batching import pack_batch, token_bucket
 from crosspool_jax.engine.scheduler import ModelBatch
 from crosspool_jax.models import stages
@@ -242,6 +242,7 @@ class DisaggregatedExecutor:
       raise ValueError(f"fused_token_buckets {self.fused_token_buckets} must reach the largest "
                        f"token bucket {self.token_buckets[-1]}")
     self.steps = 0
+    self.counters = HostCounters()
     self.expert_calls = 0  # expert-dispatch calls issued in served steps
     self.expert_members = 0  # micro-batches they served (one each when not fused)
     self.expert_splits = 0  # fused groups cut into several calls (slots or tokens)
