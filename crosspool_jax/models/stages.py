@@ -4,8 +4,9 @@ A layer is `attention_inputs`, a KV write + attention over a store (`write_and_a
 one device's page pool, a partial with its LSE; `write_and_attend_contiguous`: the reference's
 contiguous cache), `post_attention` (LSE merge of several partials, output projection,
 residual, FFN norm, then the router of a MoE layer or the whole dense MLP) and, for a MoE
-layer, `routed_experts` (through a slot table) and `combine`; `finish_layer` is that tail with
-the layer's own experts. Around the layers: `embed`, `head`, `head_and_sample`. Invariant: no
+layer, `routed_experts` (through a slot table) and `combine`; `attention_side` is a layer up to
+its experts in one program (one device's pages); `finish_layer` is the tail with the layer's
+own experts. Around the layers: `embed`, `head`, `head_and_sample`. Invariant: no
 layer math outside this module and `layers.py`. Each stage is jitted with its config static:
 an executor dispatches a stage on its own, a one-jit forward pass inlines it. Shape suffixes:
 WORKSPACE.md; arrays are flat over tokens (T), the contiguous cache reshapes to [B, T].
@@ -168,6 +169,26 @@ def combine(p_ffn: layers.Params, x_TD: jax.Array, h_TD: jax.Array, y_TD: jax.Ar
             cfg: ModelConfig):
   """Residual + routed experts `y_TD` + the shared expert of `h_TD` (if the family has one)."""
   return x_TD + layers.add_shared_expert(p_ffn, h_TD, y_TD, cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "moe", "impl"),
+                   donate_argnames=("pool_PE",))
+def attention_side(p: layers.Params, x_TD: jax.Array, pool_PE: jax.Array, batch: PagedBatch,
+                   layer, pending=None, *, cfg: ModelConfig, moe: bool,
+                   impl: str | None = None):
+  """A layer up to its routed experts in ONE program, where one device's page pool holds every
+  page of the batch: the previous MoE layer's `combine` if `pending` = (p_ffn, h_TD, y_TD),
+  `attention_inputs`, `write_and_attend_paged` (pool donated), `post_attention`.
+
+  Returns:
+    (post_attention's outputs, updated pool).
+  """
+  if pending is not None:
+    x_TD = combine(pending[0], x_TD, pending[1], pending[2], cfg=cfg)
+  q_TNH, k_TKH, v_TKH = attention_inputs(p, x_TD, batch.positions_T, cfg=cfg)
+  o_TNH, lse_TN, pool_PE = write_and_attend_paged(pool_PE, q_TNH, k_TKH, v_TKH, batch, layer,
+                                                  cfg=cfg, impl=impl)
+  return post_attention(p, x_TD, [o_TNH], [lse_TN], cfg=cfg, moe=moe), pool_PE
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "moe", "impl"))

@@ -70,6 +70,7 @@ class _ModelView:
     self.free_rows = list(range(spec.max_batch - 1, -1, -1))
     self.used_pages = 0  # physical pages held, all layers
     self.reserved_pages = 0  # static policy quota
+    self.home_device: int | None = None  # pages come from here first (attention runs there)
 
 
 class KVPool:
@@ -112,8 +113,11 @@ class KVPool:
 
   # --- models -----------------------------------------------------------------------------
 
-  def register_model(self, spec: KVModelSpec) -> int:
+  def register_model(self, spec: KVModelSpec, *, home_device: int | None = None) -> int:
     """Registers a model; returns its page_tokens.
+
+    `home_device`: the KV device its pages come from while it has free pages (the device that
+    runs the model's attention, so a step touches no other); None: the device with most free.
 
     Raises:
       ValueError: duplicate model id, a head shape that does not divide the page, or (static
@@ -125,7 +129,11 @@ class KVPool:
     if self.page_elems % per_token:
       raise ValueError(f"model {spec.model_id!r}: page_elems {self.page_elems} is not a multiple "
                        f"of 2 * kv_heads * head_dim = {per_token}")
+    if home_device is not None and not 0 <= home_device < self.num_devices:
+      raise ValueError(f"model {spec.model_id!r}: home_device {home_device} out of range "
+                       f"[0, {self.num_devices})")
     view = _ModelView(spec, self.page_elems // per_token)
+    view.home_device = home_device
     if self.policy == "static":
       need = spec.num_layers * view.max_pages * spec.max_batch
       left = self.limit - sum(m.reserved_pages for m in self._models.values())
@@ -221,7 +229,7 @@ class KVPool:
       raise PoolExhaustedError(f"request {request_id!r} needs {need} pages, "
                                f"{self.free_pages(req.model_id)} free")
     new_logical = need // view.spec.num_layers
-    ids = self._alloc(need).reshape(view.spec.num_layers, new_logical)
+    ids = self._alloc(need, view.home_device).reshape(view.spec.num_layers, new_logical)
     view.tables_LRP[:, req.row, req.pages:req.pages + new_logical] = ids
     self._owner[ids.ravel()] = req.admitted_seq
     req.pages += new_logical
@@ -295,10 +303,14 @@ class KVPool:
 
   # --- page allocation --------------------------------------------------------------------
 
-  def _alloc(self, n: int) -> np.ndarray:
-    """n global page ids, from the device with most free pages first (spilling to others)."""
+  def _alloc(self, n: int, home: int | None = None) -> np.ndarray:
+    """n global page ids: from `home` first, then from the devices with most free pages."""
     out = []
-    for d in np.argsort([-t for t in self._top], kind="stable"):
+    order = np.argsort([-t for t in self._top], kind="stable").tolist()
+    if home is not None:
+      order.remove(home)
+      order.insert(0, home)
+    for d in order:
       take = min(n - sum(a.size for a in out), self._top[d])
       if take <= 0:
         continue

@@ -215,6 +215,7 @@ class WeightsPool:
     self._residency: dict[ExpertKey, tuple[int, int]] = {}
     self._prefetched: set[ExpertKey] = set()
     self.clock = 0
+    self.version = 0  # counts residency changes (loads, evictions): slot tables changed
     self.stats = PoolStats()
 
   # --- classes and models -----------------------------------------------------------------
@@ -571,6 +572,7 @@ class WeightsPool:
       part.free.remove(slot)
     part.owner[slot] = key
     self._residency[key] = (device, slot)
+    self.version += 1
     self._tables[model_id, layer][expert] = slot
     self.policy.on_insert(key, self.clock)
     self.stats.bytes_swapped += self.models[model_id].shape_class.expert_bytes
@@ -579,6 +581,7 @@ class WeightsPool:
   def _evict(self, key: ExpertKey, *, count: bool = True) -> None:
     model_id, layer, expert = key
     _, slot = self._residency.pop(key)
+    self.version += 1
     part = self._partition(model_id, layer)
     assert not part.pinned[slot], "evicting a pinned expert"
     part.owner[slot] = None

@@ -71,7 +71,8 @@ def test_two_models_of_one_class_share_an_expert_call(crosspool):
   served = after["micro_batches"] - before["micro_batches"]
   assert served == 4 * 2 * 2  # 4 steps x 2 models x 2 MoE layers
   assert calls < served
-  fused = [e for e in crosspool.executor.timeline.events[events:] if e["kind"] == "experts"]
+  fused = [e for e in crosspool.executor.timeline.events[events:]
+           if e["kind"] == "experts" and not e["discarded"]]  # (a missed run's are discarded)
   assert len(fused) == calls
   assert any(sorted(e["models"]) == ["mixtral", "qwen3_moe"] for e in fused)
   assert all(len(e["members"]) == len(e["models"]) for e in fused)
@@ -85,8 +86,7 @@ def test_timeline_shows_micro_batches_in_flight_together(crosspool):
   timeline = crosspool.executor.timeline
   overlap = timeline.overlap()
   kinds = {e["kind"] for e in timeline.events}
-  assert {"attention", "merge_router", "transfer_to_weights", "experts",
-          "transfer_back"} <= kinds
+  assert {"attention_side", "transfer_to_weights", "experts", "transfer_back"} <= kinds
   assert len({e["micro_batch"] for e in timeline.events}) >= 2
   assert max(len(e["members"]) for e in timeline.events if e["kind"] == "experts") >= 2
   assert all(e["end"] >= e["start"] for e in timeline.events)

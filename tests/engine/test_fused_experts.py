@@ -45,9 +45,14 @@ def test_fused_call_equals_each_members_own_call(impl):
   fused = (np.zeros((16, D), np.float32), np.zeros((16, 2), np.int32),
            np.zeros((16, 2), np.float32), np.zeros(16, bool))
   offsets = [0, 4]
-  for m, off in zip(members, offsets, strict=True):
-    fused = _stage(*fused, *m, np.int32(off))
+  tables = np.zeros((2, 4), np.int32)  # one slot-table row per member's layer
+  used = np.zeros((2, 4), bool)
+  for row, (m, off) in enumerate(zip(members, offsets, strict=True)):
+    tables[row, :m[4].size] = m[4]
+    *fused, used = _stage(*fused, used, *m[:4], tables, np.int32(row), np.int32(off))
   assert int(np.asarray(fused[3]).sum()) == 7  # 4 + 3 valid rows packed, the rest padding
+  for row, (_, ids, _, v, _) in enumerate(members):  # the experts its valid tokens chose
+    assert set(np.flatnonzero(np.asarray(used)[row])) == set(ids[v].ravel())
   y_fused = routed_experts(*fused, np.arange(S, dtype=np.int32), *buffers, impl=impl)
   for m, off in zip(members, offsets, strict=True):
     h, ids, w, v, table = m

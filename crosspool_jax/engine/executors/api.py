@@ -55,10 +55,10 @@ class HostCounters:
   """What the host did for the steps an executor ran (its control cost, per step and token).
 
   Counted where the executor issues work: `dispatches`, jitted programs enqueued; `transfers`,
-  host-to-device arrays it put explicitly (the tests run steps under JAX's transfer guards, so
-  no implicit transfer hides beside them); `blocking_reads`, device-to-host reads the host
-  waited on (the sampled tokens included); `host_s`, wall time inside `run_many` minus the
-  time blocked in those reads; `tokens`, tokens returned.
+  arrays it put explicitly, from the host or between devices (the tests run steps under JAX's
+  transfer guard, so no implicit transfer hides beside them); `blocking_reads`, arrays read
+  back that the host waited on (the sampled tokens included); `host_s`, wall time inside
+  `run_many` minus the time blocked in those reads; `tokens`, tokens the steps generated.
   """
 
   steps: int = 0

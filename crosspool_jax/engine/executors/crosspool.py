@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import itertools
 import queue
 import threading
@@ -81,7 +82,8 @@ class Timeline:
       return
     event = {"step": step, "micro_batch": micro_batch, "model": model, "layer": layer,
              "kind": kind, "device": device, "start": time.perf_counter(), "end": None,
-             "members": list(members or (micro_batch,)), "models": list(models or (model,))}
+             "members": list(members or (micro_batch,)), "models": list(models or (model,)),
+             "discarded": False}  # set for a speculative run that missed (rerun after it)
     self.events.append(event)
     self._queue.put((event, out))
 
@@ -128,36 +130,40 @@ class Timeline:
             "overlap_s": overlapped, "transfers_concurrent_with_compute": concurrent}
 
 
-@jax.jit
-def _stage(x_UD, slots_UK, weights_UK, valid_U, h_TD, ids_TK, weights_TK, valid_T, slot_table_E,
-           offset):
+@functools.partial(jax.jit, donate_argnames=("used_RE",))
+def _stage(x_UD, slots_UK, weights_UK, valid_U, used_RE, h_TD, ids_TK, weights_TK, valid_T,
+           tables_RE, row, offset):
   """Packs one member micro-batch into a fused expert call's inputs (returns them updated).
 
   Its valid tokens go to rows offset, offset + 1, ... of the fused bucket (U rows), its expert
-  ids become slot ids of the class buffer through its layer's slot table (every chosen expert
-  is resident, so the fused call can use the identity slot table), and a top_k smaller than the
-  fused K_f is padded with weight-0 repeats of the first choice (a resident slot: exact no-op).
+  ids become slot ids of the class buffer through its layer's slot table `tables_RE[row]` (so
+  the fused call uses the identity slot table), a top_k smaller than the fused K_f is padded
+  with weight-0 repeats of the first choice (a resident slot: exact no-op), and the experts its
+  valid tokens chose are marked in `used_RE[row]` (read by the host after the step).
 
   Args:
     x_UD, slots_UK, weights_UK (f32), valid_U: the fused inputs so far.
+    used_RE: bool [rows, E'] experts chosen this step per slot-table row (donated).
     h_TD, ids_TK, weights_TK, valid_T: the member's (on the weights device).
-    slot_table_E: int32 [E] its layer's slot table.
-    offset: int32 scalar, the fused row of its first valid token.
+    tables_RE: int32 [rows, E'] slot tables of the layers homed on this device.
+    row, offset: int32 scalars: the member layer's row, the fused row of its first valid token.
   """
   U, K_f = slots_UK.shape
   K = ids_TK.shape[1]
   rank_T = jnp.cumsum(valid_T.astype(jnp.int32)) - 1
   rows_T = jnp.where(valid_T, offset + rank_T, U)  # U: out of range, dropped
-  slots_TK = jnp.take(slot_table_E, ids_TK, mode="clip")
+  slots_TK = jnp.take(tables_RE[row], ids_TK, mode="clip")
   weights_TK = weights_TK.astype(jnp.float32)
   if K < K_f:
     slots_TK = jnp.concatenate([slots_TK, jnp.repeat(slots_TK[:, :1], K_f - K, axis=1)], 1)
     weights_TK = jnp.pad(weights_TK, ((0, 0), (0, K_f - K)))
   drop = dict(mode="drop")
+  chosen_TK = jnp.where(valid_T[:, None], ids_TK, used_RE.shape[1])  # padding: dropped
   return (x_UD.at[rows_T].set(h_TD.astype(x_UD.dtype), **drop),
           slots_UK.at[rows_T].set(slots_TK, **drop),
           weights_UK.at[rows_T].set(weights_TK, **drop),
-          valid_U.at[rows_T].set(valid_T, **drop))
+          valid_U.at[rows_T].set(valid_T, **drop),
+          used_RE.at[row, chosen_TK].set(True, **drop))
 
 
 @jax.jit
@@ -167,18 +173,37 @@ def _unstage(y_UD, valid_T, offset):
   return jnp.where(valid_T[:, None], y_UD[rows_T], jnp.zeros((), y_UD.dtype))
 
 
+@functools.partial(jax.jit, donate_argnames=("tables_RE",))
+def _write_rows(tables_RE, rows_N, values_NE):
+  """Slot-table rows written in place (rows past the end are padding, dropped)."""
+  return tables_RE.at[rows_N].set(values_NE, mode="drop")
+
+
+@jax.jit
+def _none_used(tables_RE):
+  """A step's fresh `used_RE`: no expert chosen yet. Computed from the tables: a jit output
+  that depends on no input is uncommitted, on the default device (a later call recompiles)."""
+  return tables_RE != tables_RE
+
+
+def _pow2(n: int) -> int:
+  return 1 << max(0, n - 1).bit_length()
+
+
 @dataclasses.dataclass
 class _MicroBatch:
   index: int
   model: LoadedModel
   batch: ModelBatch
-  paged: list  # PagedBatch per KV device, on that device
+  paged: dict  # KV device -> its PagedBatch, on it: the home device and those holding pages
   sampling: dict  # on the home KV device
   next_pos: jax.Array  # on the home KV device
   valid_T: jax.Array  # on the home KV device
   valid_host: np.ndarray  # bool [T], the same on the host
   x_TD: jax.Array
+  valid_on: dict = dataclasses.field(default_factory=dict)  # weights device -> valid_T there
   moe: tuple | None = None  # (x_TD after attention, h_TD, ids_TK, weights_TK) between stages
+  pending: tuple | None = None  # (p_ffn, h_TD, y_TD) of a MoE layer awaiting its combine
 
   @property
   def home(self) -> int:
@@ -188,6 +213,17 @@ class _MicroBatch:
   @property
   def num_tokens(self) -> int:
     return int(self.valid_host.sum())
+
+
+@dataclasses.dataclass
+class _Tables:
+  """The slot tables of the MoE layers homed on one weights device, on it (rows: layers)."""
+
+  rows: dict  # (model_id, layer) -> row
+  tables_RE: jax.Array  # int32 [rows, E'] slot of each expert (fillers where not resident)
+  used_RE: jax.Array  # bool, experts chosen in the step being run
+  host_RE: np.ndarray  # the tables as last written
+  resident_RE: np.ndarray  # bool: which of them were resident then
 
 
 class DisaggregatedExecutor:
@@ -206,7 +242,7 @@ class DisaggregatedExecutor:
     timeline: record the per-stage timeline.
     fuse_experts: micro-batches of one shape class and home weights device share one expert
       call per layer (False: one call per micro-batch, the ablation).
-    fused_token_buckets: padded token counts of a fused call (default: `token_buckets`); a
+    fused_token_buckets: padded token counts of an expert call (default: `token_buckets`); a
       group with more valid tokens than the largest is split over several calls.
   """
 
@@ -246,10 +282,19 @@ class DisaggregatedExecutor:
     self.expert_calls = 0  # expert-dispatch calls issued in served steps
     self.expert_members = 0  # micro-batches they served (one each when not fused)
     self.expert_splits = 0  # fused groups cut into several calls (slots or tokens)
+    self.miss_steps = 0  # steps whose routing missed a resident expert: rerun with loads
+    self._tally = [0, 0, 0]  # calls, members, splits of the run in progress
     self._warm: set[tuple[str, int]] = set()
-    self._warm_fused: set[tuple[int, int, int]] = set()  # (class, weights device, bucket)
+    self._warm_fused: set[tuple] = set()  # (class, weights device, bucket, tables shape)
     self._fused_zeros: dict[tuple[int, int, int], tuple] = {}
     self._identity: dict[tuple[int, int], jax.Array] = {}
+    self._tables: dict[int, _Tables] = {}  # per weights device
+    self._tables_version = -1
+    self._scalars: dict[tuple[int, int], jax.Array] = {}
+    self._last_chosen: dict[tuple[str, int], np.ndarray] = {}  # experts of the last step
+    self._read_s = 0.0  # time blocked in device reads in the step being run
+    self._tokens_read = False  # whether the step being run has read its tokens yet
+    self.reads_before_tokens = 0  # blocking reads a step made before its tokens (sync path)
 
   @property
   def compile_count(self) -> int:
@@ -257,53 +302,91 @@ class DisaggregatedExecutor:
     return len(self._warm) + len(self._warm_fused)
 
   def expert_call_stats(self) -> dict:
-    """Expert-dispatch calls of served steps and the micro-batches they served."""
+    """Expert-dispatch calls of served steps and the micro-batches they served, and the steps
+    whose speculative run missed a non-resident expert (rerun with their experts loaded)."""
     return {"fused": self.fuse_experts, "calls": self.expert_calls,
             "micro_batches": self.expert_members, "splits": self.expert_splits,
             "mean_members_per_call": (self.expert_members / self.expert_calls
-                                      if self.expert_calls else 0.0)}
+                                      if self.expert_calls else 0.0),
+            "miss_steps": self.miss_steps,
+            "reads_before_tokens": self.reads_before_tokens}
+
+  # --- host helpers: device scalars, counted transfers and reads ---------------------------
+
+  def _scalar(self, device: jax.Device, value: int) -> jax.Array:
+    """An int32 scalar on `device`, put once and kept (no per-call transfer)."""
+    key = (device.id, int(value))
+    if key not in self._scalars:
+      self._scalars[key] = self._put(np.int32(value), device)
+    return self._scalars[key]
+
+  def _put(self, tree, device: jax.Device):
+    self.counters.transfers += len(jax.tree.leaves(tree))
+    return jax.device_put(tree, device)
+
+  def _read(self, arrays: list) -> list:
+    """One blocking device-to-host read of `arrays` (counted and timed)."""
+    start = time.perf_counter()
+    out = jax.device_get(arrays)
+    self._read_s += time.perf_counter() - start
+    self.counters.blocking_reads += len(arrays)
+    if not self._tokens_read:
+      self.reads_before_tokens += len(arrays)
+    return out
+
+  def _dispatched(self, n: int = 1) -> None:
+    self.counters.dispatches += n
+
+  # --- start-up and models -----------------------------------------------------------------
 
   def compile_all(self, log=None) -> int:
-    """Warms every (model, token bucket) with an all-padding micro-batch (compiles each stage),
-    and with `fuse_experts` every fused bucket of every (class, weights device) with every
-    member shape that can join it."""
-    if self.fuse_experts:
-      self._make_fused_buffers()
+    """Lays out the slot tables, warms every (model, token bucket) with all-padding
+    micro-batches (pages on the home device only, and on every KV device) and every expert
+    call shape of every (class, weights device) with every member shape that can join it."""
+    self._make_fused_buffers()
+    self._layout_tables()
     for model_id in self.models:
       self._warm_model(model_id, log)
-    if self.fuse_experts:
-      self._warm_fused_calls(log)
+    self._warm_fused_calls(log)
     return self.compile_count
 
   def _warm_model(self, model_id: str, log=None) -> None:
     model = self.models[model_id]
     for bucket in self.token_buckets:
       empty = ModelBatch(model_id, [], [])
-      self._run_micro_batches([self._prepare(0, model, empty, bucket)], track=False)
+      for spread in (False, True):
+        self._run_micro_batches([self._prepare(0, model, empty, bucket, spread=spread)],
+                                track=False, sync=False)
       self._warm.add((model_id, bucket))
       if log:
         log(f"compiled {model_id} tokens={bucket}")
 
   def add_model(self, model: LoadedModel, log=None) -> None:
     """Serves a model registered while running (its experts already in the weights pool, its
-    params on its home KV device): warms its buckets, and the fused expert calls it may join
+    params on its home KV device): warms its buckets, and the expert calls it may join
     (shapes already warmed compile nothing)."""
     self.models[model.model_id] = model
+    self._make_fused_buffers()
+    self._layout_tables()
     self._warm_model(model.model_id, log)
-    if self.fuse_experts:
-      self._make_fused_buffers()
-      self._warm_fused_calls(log)
+    self._warm_fused_calls(log)
 
   def remove_model(self, model_id: str) -> None:
     """Stops running a model (its experts are removed from the weights pool by the caller)."""
     del self.models[model_id]
     self._warm = {w for w in self._warm if w[0] != model_id}
+    self._last_chosen = {k: v for k, v in self._last_chosen.items() if k[0] != model_id}
+    for t in self._tables.values():  # its rows stay, unused, until the next layout
+      t.rows = {k: row for k, row in t.rows.items() if k[0] != model_id}
 
   def restore_lost_buffers(self) -> list[KVPool]:
-    """Re-allocates the KV buffers a failed step consumed (donated, never returned) and
-    rebuilds lost weights-pool buffers; returns [the KV pool] if KV pages were lost (its
-    requests must be recomputed), else []."""
+    """Re-allocates the KV buffers a failed step consumed (donated, never returned), rebuilds
+    lost weights-pool buffers and slot tables; returns [the KV pool] if KV pages were lost
+    (its requests must be recomputed), else []."""
     self.wpool.restore_lost_buffers()
+    if any(t.tables_RE.is_deleted() or t.used_RE.is_deleted() for t in self._tables.values()):
+      self._tables.clear()
+      self._layout_tables()
     lost = []
     for d, buf in enumerate(self.kv_buffers):
       if buf.is_deleted():
@@ -312,54 +395,110 @@ class DisaggregatedExecutor:
         lost = [self.kv_pool]
     return lost
 
-  # --- fused expert calls: buffers and warm-up ----------------------------------------------
+  # --- expert calls: buffers, slot tables and warm-up ---------------------------------------
+
+  def _moe_models(self):
+    return {m: model for m, model in self.models.items() if any(model.cfg.moe_layers)}
 
   def _class_top_k(self, c: int) -> int:
-    return max(m.cfg.top_k for m in self.models.values()
-               if any(m.cfg.moe_layers) and self.wpool.pool.model_class(m.model_id) == c)
+    return max(m.cfg.top_k for mid, m in self._moe_models().items()
+               if self.wpool.pool.model_class(mid) == c)
 
   def _make_fused_buffers(self) -> None:
     pool = self.wpool.pool
-    classes = {pool.model_class(m) for m, model in self.models.items()
-               if any(model.cfg.moe_layers)}
-    for c in classes:
+    for c in {pool.model_class(m) for m in self._moe_models()}:
       shape, slots = pool.classes[c].shape, pool.classes[c].slots_per_device
       k = self._class_top_k(c)
       dtype = jnp.dtype(shape.dtype)
       for d, dev in enumerate(self.wpool.devices):
-        self._identity[c, d] = jax.device_put(np.arange(slots, dtype=np.int32), dev)
+        self._identity[c, d] = self._put(np.arange(slots, dtype=np.int32), dev)
         for t in self.fused_token_buckets:
-          self._fused_zeros[c, d, t] = jax.device_put(
+          self._fused_zeros[c, d, t] = self._put(
               (np.zeros((t, shape.d_model), dtype), np.zeros((t, k), np.int32),
                np.zeros((t, k), np.float32), np.zeros(t, bool)), dev)
 
+  def _layout_tables(self) -> None:
+    """Gives every MoE layer a row of its home weights device's slot tables. Shapes are
+    powers of two (a model added later rarely changes them); new shapes are warmed."""
+    pool = self.wpool.pool
+    rows: dict[int, dict] = {d: {} for d in range(len(self.wpool.devices))}
+    experts: dict[int, int] = dict.fromkeys(rows, 1)
+    for m, model in self._moe_models().items():
+      for layer, moe in enumerate(model.cfg.moe_layers):
+        if moe:
+          d = pool.home_device(m, layer)
+          rows[d][m, layer] = len(rows[d])
+          experts[d] = max(experts[d], model.cfg.num_experts)
+    for d, dev in enumerate(self.wpool.devices):
+      shape = (_pow2(max(1, len(rows[d]))), _pow2(experts[d]))
+      old = self._tables.get(d)
+      if old is not None and old.host_RE.shape == shape and old.rows == rows[d]:
+        continue
+      host = np.zeros(shape, np.int32)
+      tables = self._put(host, dev)
+      self._tables[d] = _Tables(rows[d], tables, _none_used(tables), host,
+                                np.zeros(shape, bool))
+      for n in {_pow2(k) for k in range(1, shape[0] + 1)}:  # warm every row-count bucket
+        pad = self._put((np.full(n, shape[0], np.int32), np.zeros((n, shape[1]), np.int32)),
+                        dev)
+        self._tables[d].tables_RE = _write_rows(self._tables[d].tables_RE, *pad)
+    self._tables_version = -1
+    self._refresh_tables()
+
+  def _refresh_tables(self) -> None:
+    """Writes the slot-table rows whose residency changed since the last write (in place)."""
+    pool = self.wpool.pool
+    if self._tables_version == pool.version:
+      return
+    for d, t in self._tables.items():
+      host, resident = np.zeros_like(t.host_RE), np.zeros_like(t.resident_RE)
+      for (m, layer), row in t.rows.items():
+        table = pool.slot_table(m, layer)
+        host[row, :table.size] = table
+        resident[row, :table.size] = pool.resident_mask(m, layer)
+      changed = np.flatnonzero((host != t.host_RE).any(axis=1))
+      if changed.size:
+        n = _pow2(changed.size)
+        rows = np.full(n, host.shape[0], np.int32)
+        rows[:changed.size] = changed
+        values = np.zeros((n, host.shape[1]), np.int32)
+        values[:changed.size] = host[changed]
+        t.tables_RE = _write_rows(t.tables_RE, *self._put((rows, values),
+                                                          self.wpool.devices[d]))
+        self._dispatched()
+      t.host_RE, t.resident_RE = host, resident
+    self._tables_version = pool.version
+
   def _warm_fused_calls(self, log=None) -> None:
-    """Runs every fused shape once with all-padding members (stage, call, unstage)."""
+    """Runs every expert call shape once with all-padding members (stage, call, unstage)."""
     pool = self.wpool.pool
     members: dict[tuple[int, int], set] = {}
-    for m, model in self.models.items():
+    for m, model in self._moe_models().items():
       for layer, moe in enumerate(model.cfg.moe_layers):
         if moe:
           key = (pool.model_class(m), pool.home_device(m, layer))
           members.setdefault(key, set()).update(
-              (t, model.cfg.top_k, model.cfg.num_experts) for t in self.token_buckets)
+              (t, model.cfg.top_k) for t in self.token_buckets)
     for (c, d), shapes in sorted(members.items()):
-      dev = self.wpool.devices[d]
+      dev, tables = self.wpool.devices[d], self._tables[d]
+      key = (c, d, tables.host_RE.shape)
       d_model, dtype = pool.classes[c].shape.d_model, jnp.dtype(pool.classes[c].shape.dtype)
+      zero = self._scalar(dev, 0)
       for fused in self.fused_token_buckets:
-        for t, k, e in sorted(shapes):
-          h, ids, w, valid, table = jax.device_put(
+        if (*key, fused) in self._warm_fused:
+          continue
+        for t, k in sorted(shapes):
+          h, ids, w, valid = self._put(
               (np.zeros((t, d_model), dtype), np.zeros((t, k), np.int32),
-               np.zeros((t, k), np.float32), np.zeros(t, bool), np.arange(e, dtype=np.int32)),
-              dev)
-          staged = _stage(*self._fused_zeros[c, d, fused], h, ids, w, valid, table,
-                          np.int32(0))
+               np.zeros((t, k), np.float32), np.zeros(t, bool)), dev)
+          *staged, tables.used_RE = _stage(*self._fused_zeros[c, d, fused], tables.used_RE, h,
+                                           ids, w, valid, tables.tables_RE, zero, zero)
           y = stages.routed_experts(*staged, self._identity[c, d], *self.wpool.buffers(c, d),
                                     impl=self.moe_impl)
-          jax.block_until_ready(_unstage(y, valid, np.int32(0)))
-        self._warm_fused.add((c, d, fused))
+          jax.block_until_ready(_unstage(y, valid, zero))
+        self._warm_fused.add((*key, fused))
         if log:
-          log(f"compiled fused experts class={c} device={d} tokens={fused}")
+          log(f"compiled expert calls class={c} device={d} tokens={fused}")
 
   # --- steps --------------------------------------------------------------------------------
 
@@ -371,38 +510,139 @@ class DisaggregatedExecutor:
             for a, b in itertools.pairwise(bounds) if b > a]
 
   def run_many(self, batches: list[ModelBatch]) -> list[np.ndarray]:
-    """Runs every batch of an iteration through the pipeline; tokens per batch."""
+    """Runs every batch of an iteration through the pipeline; tokens per batch.
+
+    First speculatively, enqueued whole with no device read before the tokens, the experts it
+    may route to made resident beforehand; if its routing chose a non-resident expert after
+    all (a miss: its tokens are discarded), again with a read of each layer's routing before
+    its expert call, loading what it chose (exact: same KV slots rewritten, same keys).
+    """
+    start, self._read_s = time.perf_counter(), 0.0
     parts, owner = [], []
     for i, batch in enumerate(batches):
       for part in self._split(batch):
         parts.append(part)
         owner.append(i)
-    mbs = []
-    for j, part in enumerate(parts):
+    buckets = []
+    for part in parts:
       bucket = token_bucket(self.token_buckets, part, self.max_batch)
       if (part.model_id, bucket) not in self._warm:
         raise RuntimeError(f"bucket ({part.model_id}, {bucket}) was not compiled at start-up")
-      with blame([part.model_id]):
-        mbs.append(self._prepare(j, self.models[part.model_id], part, bucket))
-    tokens = self._run_micro_batches(mbs, track=True)
+      buckets.append(bucket)
+
+    def prepare():
+      mbs = []
+      for j, (part, bucket) in enumerate(zip(parts, buckets, strict=True)):
+        with blame([part.model_id]):
+          mbs.append(self._prepare(j, self.models[part.model_id], part, bucket))
+      return mbs
+
+    swaps = self.wpool.pool.stats.swap_calls
+    mbs = prepare()
+    self._make_resident(mbs)
+    events = len(self.timeline.events)
+    tokens = self._run_micro_batches(mbs, track=True, sync=False)
+    if self._account(mbs):
+      self.miss_steps += 1
+      for event in self.timeline.events[events:]:
+        event["discarded"] = True
+      tokens = self._run_micro_batches(prepare(), track=True, sync=True)
+    self.expert_calls += self._tally[0]
+    self.expert_members += self._tally[1]
+    self.expert_splits += self._tally[2]
     self.steps += 1
+    swaps = self.wpool.pool.stats.swap_calls - swaps  # each: one put of 4 arrays, one write
+    self.counters.transfers += 4 * swaps
+    self._dispatched(swaps)
+    self.counters.steps += 1
+    self.counters.tokens += sum(b.num_sampled for b in batches)
+    self.counters.host_s += time.perf_counter() - start - self._read_s
     out = [[] for _ in batches]
     for i, t in zip(owner, tokens, strict=True):
       out[i].append(t)
     return [np.concatenate(t) for t in out]
 
-  def _prepare(self, index: int, model: LoadedModel, batch: ModelBatch,
-               bucket: int) -> _MicroBatch:
+  def _prepare(self, index: int, model: LoadedModel, batch: ModelBatch, bucket: int, *,
+               spread: bool = False) -> _MicroBatch:
+    """Puts a micro-batch's inputs on its home KV device and on the KV devices that hold its
+    pages (every KV device with `spread`), embeds its tokens."""
     paged, sampling, next_pos = pack_batch(self.kv_pool, batch, bucket, self.max_batch)
     valid_host = paged[model.group].positions_T >= 0
-    paged = [jax.device_put(b, d) for b, d in zip(paged, self.kv_devices, strict=True)]
-    home = paged[model.group]
-    sampling, next_pos = jax.device_put((sampling, next_pos), self.kv_devices[model.group])
+    on = {d: b for d, b in enumerate(paged)
+          if spread or d == model.group or b.page_tables_LSP.any()}
+    on = {d: self._put(b, self.kv_devices[d]) for d, b in on.items()}
+    home = on[model.group]
+    sampling, next_pos = self._put((sampling, next_pos), self.kv_devices[model.group])
     x_TD, valid_T = stages.embed(model.params["embed_VD"], home.tokens_T, home.positions_T)
-    return _MicroBatch(index, model, batch, paged, sampling, next_pos, valid_T, valid_host, x_TD)
+    self._dispatched()
+    return _MicroBatch(index, model, batch, on, sampling, next_pos, valid_T, valid_host, x_TD)
 
-  def _run_micro_batches(self, mbs: list[_MicroBatch], *, track: bool) -> list[np.ndarray]:
-    """Raises `StepError` naming the models of the stage that raised."""
+  def _make_resident(self, mbs: list[_MicroBatch]) -> None:
+    """Before a speculative run: per (class, weights device) partition, every expert of the
+    step's MoE layers homed there if they fit its slots together, else the experts each layer
+    chose in its model's last step; then the device slot tables follow."""
+    pool = self.wpool.pool
+    wanted: dict[tuple[int, int], dict] = {}
+    for mb in mbs:
+      m = mb.model.model_id
+      for layer, moe in enumerate(mb.model.cfg.moe_layers):
+        if moe:
+          part = (pool.model_class(m), pool.home_device(m, layer))
+          wanted.setdefault(part, {})[m, layer] = None
+    for layers in wanted.values():
+      every = [(m, layer, e) for m, layer in layers
+               for e in range(self.models[m].cfg.num_experts)]
+      if pool.can_hold(every):
+        predicted = {k: range(self.models[k[0]].cfg.num_experts) for k in layers}
+      else:
+        predicted = {k: self._last_chosen.get(k, ()) for k in layers}
+      protect = {(m, layer, int(e)) for (m, layer), es in predicted.items() for e in es}
+      for (m, layer), es in predicted.items():
+        self.wpool.prefetch(m, layer, [int(e) for e in es], protect=protect)
+    self._refresh_tables()
+
+  def _account(self, mbs: list[_MicroBatch]) -> bool:
+    """After a speculative run (tokens read): reads which experts each layer chose; True if
+    one was not resident (a miss: rerun), else counts the accesses (all hits)."""
+    devices = sorted({d for d, t in self._tables.items() if t.rows})
+    used = dict(zip(devices, self._read([self._tables[d].used_RE for d in devices]),
+                    strict=True))
+    chosen: dict[tuple[str, int], np.ndarray] = {}
+    miss = False
+    for d in devices:
+      t = self._tables[d]
+      for mb in mbs:
+        m = mb.model.model_id
+        for layer, moe in enumerate(mb.model.cfg.moe_layers):
+          key = (m, layer)
+          if moe and key not in chosen and self.wpool.pool.home_device(m, layer) == d:
+            row = t.rows[key]
+            chosen[key] = np.flatnonzero(used[d][row])
+            miss |= bool((~t.resident_RE[row][chosen[key]]).any())
+    if miss:
+      return True
+    by_part: dict[tuple[int, int], list] = {}
+    for (m, layer), es in chosen.items():
+      part = (self.wpool.pool.model_class(m), self.wpool.pool.home_device(m, layer))
+      by_part.setdefault(part, []).append((m, layer, es.tolist()))
+    for requests in by_part.values():
+      self.wpool.access_many(requests)
+    self._last_chosen.update(chosen)
+    return False
+
+  def _run_micro_batches(self, mbs: list[_MicroBatch], *, track: bool,
+                         sync: bool) -> list[np.ndarray]:
+    """Enqueues every layer of every micro-batch, then reads the sampled tokens. `sync`: read
+    each layer's routing and load its experts before its expert call (the miss path).
+
+    Raises `StepError` naming the models of the stage that raised.
+    """
+    self._tally = [0, 0, 0]
+    self._tokens_read = False
+    for t in self._tables.values():
+      if t.rows:
+        t.used_RE = _none_used(t.tables_RE)
+        self._dispatched()
     depth = max(mb.model.cfg.num_layers for mb in mbs)
     for layer in range(depth):
       live = [mb for mb in mbs if layer < mb.model.cfg.num_layers]
@@ -410,20 +650,18 @@ class DisaggregatedExecutor:
         with blame([mb.model.model_id]):
           self._attention(mb, layer, track)
       moe = [mb for mb in live if mb.model.cfg.moe_layers[layer]]
-      if self.fuse_experts:  # ... then their expert FFNs (ping-pong between the pools)
-        self._fused_ffn(moe, layer, track)
-      else:
-        for mb in moe:
-          with blame([mb.model.model_id]):
-            self._ffn(mb, layer, track)
+      self._experts(moe, layer, track, sync)  # ... then their experts (ping-pong)
     out = []
     for mb in mbs:
       with blame([mb.model.model_id]):
-        tokens_S = stages.head_and_sample(mb.model.params, mb.x_TD,
+        self._combine_pending(mb)
+        out.append(stages.head_and_sample(mb.model.params, mb.x_TD,
                                           mb.paged[mb.home].cu_q_lens_S1, mb.sampling,
-                                          mb.next_pos, cfg=mb.model.cfg)
-        out.append(tokens_S)
-    return [np.asarray(t)[:len(mb.batch.requests)] for t, mb in zip(out, mbs, strict=True)]
+                                          mb.next_pos, cfg=mb.model.cfg))
+        self._dispatched()
+    tokens = self._read(out)
+    self._tokens_read = True
+    return [t[:len(mb.batch.requests)] for t, mb in zip(tokens, mbs, strict=True)]
 
   def _track(self, track, out, mbs, layer, kind, device):
     if track:
@@ -433,59 +671,54 @@ class DisaggregatedExecutor:
                           device=str(device), members=tuple(mb.index for mb in mbs),
                           models=tuple(mb.model.model_id for mb in mbs))
 
+  def _combine_pending(self, mb: _MicroBatch) -> None:
+    if mb.pending is not None:
+      mb.x_TD = stages.combine(mb.pending[0], mb.x_TD, *mb.pending[1:], cfg=mb.model.cfg)
+      mb.pending = None
+      self._dispatched()
+
   def _attention(self, mb: _MicroBatch, layer: int, track: bool) -> None:
+    """A layer's attention side: one program (`attention_side`, with the previous layer's
+    combine) when only the home KV device holds the micro-batch's pages, else the attention of
+    each KV device holding some on its pages and an LSE merge at home."""
     cfg, p = mb.model.cfg, mb.model.params["layers"][layer]
+    moe = cfg.moe_layers[layer]
     home = self.kv_devices[mb.home]
-    q, k, v = stages.attention_inputs(p, mb.x_TD, mb.paged[mb.home].positions_T, cfg=cfg)
-    outs, lses = [], []
-    for d, (b, dev) in enumerate(zip(mb.paged, self.kv_devices, strict=True)):
-      on_home = d == mb.home  # no transfer (and no dispatch of one) to the home device itself
-      o, lse, self.kv_buffers[d] = stages.write_and_attend_paged(
-          self.kv_buffers[d], *((q, k, v) if on_home else jax.device_put((q, k, v), dev)), b,
-          layer, cfg=cfg, impl=self.attn_impl)
-      self._track(track, o, mb, layer, "attention", dev)
-      if not on_home:
-        o, lse = jax.device_put((o, lse), home)
-      outs.append(o)
-      lses.append(lse)
-    result = stages.post_attention(p, mb.x_TD, outs, lses, cfg=cfg, moe=cfg.moe_layers[layer])
-    self._track(track, result, mb, layer, "merge_router", home)
-    if cfg.moe_layers[layer]:
+    if len(mb.paged) == 1:
+      result, self.kv_buffers[mb.home] = stages.attention_side(
+          p, mb.x_TD, self.kv_buffers[mb.home], mb.paged[mb.home], self._scalar(home, layer),
+          mb.pending, cfg=cfg, moe=moe, impl=self.attn_impl)
+      mb.pending = None
+      self._dispatched()
+      self._track(track, result, mb, layer, "attention_side", home)
+    else:
+      self._combine_pending(mb)
+      q, k, v = stages.attention_inputs(p, mb.x_TD, mb.paged[mb.home].positions_T, cfg=cfg)
+      self._dispatched()
+      outs, lses = [], []
+      for d, b in mb.paged.items():
+        dev = self.kv_devices[d]
+        on_home = d == mb.home  # no transfer (and no dispatch of one) to the home device
+        o, lse, self.kv_buffers[d] = stages.write_and_attend_paged(
+            self.kv_buffers[d], *((q, k, v) if on_home else self._put((q, k, v), dev)), b,
+            self._scalar(dev, layer), cfg=cfg, impl=self.attn_impl)
+        self._dispatched()
+        self._track(track, o, mb, layer, "attention", dev)
+        if not on_home:
+          o, lse = self._put((o, lse), home)
+        outs.append(o)
+        lses.append(lse)
+      result = stages.post_attention(p, mb.x_TD, outs, lses, cfg=cfg, moe=moe)
+      self._dispatched()
+      self._track(track, result, mb, layer, "merge_router", home)
+    if moe:
       mb.moe = result
     else:
       (mb.x_TD,) = result
 
-  def _chosen_experts(self, mb: _MicroBatch) -> np.ndarray:
-    """The experts the router chose for the valid tokens (waits for the routing)."""
-    if not mb.valid_host.any():
-      return np.zeros(0, np.int32)
-    return np.unique(np.asarray(mb.moe[2])[mb.valid_host])
-
-  def _ffn(self, mb: _MicroBatch, layer: int, track: bool) -> None:
-    """The expert FFN of one micro-batch alone (`fuse_experts=False`)."""
-    cfg = mb.model.cfg
-    model_id = mb.model.model_id
-    x_TD, h_TD, ids_TK, weights_TK = mb.moe
-    experts = self._chosen_experts(mb)
-    self.wpool.access(model_id, layer, experts.tolist())
-    slot_table_E, buffers = self.wpool.layer_inputs(model_id, layer)
-    wdev = slot_table_E.devices().pop()
-    moved = jax.device_put((h_TD, ids_TK, weights_TK, mb.valid_T), wdev)
-    self._track(track, moved, mb, layer, "transfer_to_weights", wdev)
-    y_TD = stages.routed_experts(*moved, slot_table_E, *buffers, impl=self.moe_impl)
-    self._track(track, y_TD, mb, layer, "experts", wdev)
-    y_TD = jax.device_put(y_TD, self.kv_devices[mb.home])
-    self._track(track, y_TD, mb, layer, "transfer_back", self.kv_devices[mb.home])
-    mb.x_TD = stages.combine(mb.model.params["layers"][layer]["ffn"], x_TD, h_TD, y_TD,
-                             cfg=cfg)
-    mb.moe = None
-    if track:
-      self.expert_calls += 1
-      self.expert_members += 1
-
-  def _fused_ffn(self, mbs: list[_MicroBatch], layer: int, track: bool) -> None:
-    """The expert FFNs of a layer's micro-batches, one call per (class, weights device) group
-    (more where the group's experts or tokens do not fit one call)."""
+  def _experts(self, mbs: list[_MicroBatch], layer: int, track: bool, sync: bool) -> None:
+    """The expert FFNs of a layer's micro-batches: per (class, weights device) group, calls
+    of several members (`fuse_experts`) or one each."""
     pool = self.wpool.pool
     groups: dict[tuple[int, int], list[_MicroBatch]] = {}
     for mb in mbs:
@@ -493,31 +726,45 @@ class DisaggregatedExecutor:
       groups.setdefault(key, []).append(mb)
     for (c, d), members in groups.items():
       with blame([mb.model.model_id for mb in members]):
-        self._fused_group(members, layer, c, d, track)
+        self._group(members, layer, c, d, track, sync)
 
-  def _fused_group(self, members: list[_MicroBatch], layer: int, c: int, d: int,
-                   track: bool) -> None:
+  def _group(self, members: list[_MicroBatch], layer: int, c: int, d: int, track: bool,
+             sync: bool) -> None:
     """The expert FFNs of one (class, weights device) group of a layer's micro-batches."""
     wdev = self.wpool.devices[d]
     moved = {}
     for mb in members:  # the transfers need no routing decision: issue them first
-      _, h_TD, ids_TK, weights_TK = mb.moe
-      moved[mb.index] = jax.device_put((h_TD, ids_TK, weights_TK, mb.valid_T), wdev)
+      if d not in mb.valid_on:
+        mb.valid_on[d] = self._put(mb.valid_T, wdev)
+      moved[mb.index] = (*self._put(mb.moe[1:], wdev), mb.valid_on[d])
       self._track(track, moved[mb.index], mb, layer, "transfer_to_weights", wdev)
-    chosen = {mb.index: self._chosen_experts(mb) for mb in members}
-    calls = self._plan_fused_calls(members, chosen, layer)
-    if track and len(calls) > 1:
-      self.expert_splits += 1
+    chosen = None
+    if sync:
+      ids = self._read([moved[mb.index][1] for mb in members])
+      chosen = {mb.index: np.unique(i[mb.valid_host]) for mb, i in
+                zip(members, ids, strict=True)}
+      for mb in members:
+        self._last_chosen[mb.model.model_id, layer] = chosen[mb.index]
+    calls = self._plan_calls(members, chosen, layer)
+    if len(calls) > 1 and self.fuse_experts:
+      self._tally[2] += 1
     for call in calls:
-      self._fused_call(call, moved, chosen, layer, c, d, track)
+      if sync:
+        self.wpool.access_many([(mb.model.model_id, layer, chosen[mb.index].tolist())
+                                for mb in call])
+        self._refresh_tables()
+      self._call(call, moved, layer, c, d, track)
 
-  def _plan_fused_calls(self, members, chosen, layer) -> list[list[_MicroBatch]]:
-    """Members cut, in order, into calls whose experts fit the partition's slots together and
-    whose valid tokens fit the largest fused bucket."""
+  def _plan_calls(self, members, chosen, layer) -> list[list[_MicroBatch]]:
+    """Members cut, in order, into calls whose valid tokens fit the largest bucket and, when
+    the routing is known (`chosen`), whose experts fit the partition's slots together; one
+    member per call without `fuse_experts`."""
     calls, keys, tokens = [], set(), 0
     for mb in members:
-      mine = {(mb.model.model_id, layer, int(e)) for e in chosen[mb.index]}
-      if calls and (tokens + mb.num_tokens > self.fused_token_buckets[-1]
+      mine = (set() if chosen is None else
+              {(mb.model.model_id, layer, int(e)) for e in chosen[mb.index]})
+      if calls and (not self.fuse_experts
+                    or tokens + mb.num_tokens > self.fused_token_buckets[-1]
                     or not self.wpool.pool.can_hold(keys | mine)):
         calls.append([])
         keys, tokens = set(), 0
@@ -528,33 +775,32 @@ class DisaggregatedExecutor:
       tokens += mb.num_tokens
     return calls
 
-  def _fused_call(self, call: list[_MicroBatch], moved, chosen, layer: int, c: int, d: int,
-                  track: bool) -> None:
-    self.wpool.access_many([(mb.model.model_id, layer, chosen[mb.index].tolist())
-                            for mb in call])
-    wdev = self.wpool.devices[d]
+  def _call(self, call: list[_MicroBatch], moved, layer: int, c: int, d: int,
+            track: bool) -> None:
+    wdev, tables = self.wpool.devices[d], self._tables[d]
     total = sum(mb.num_tokens for mb in call)
     fused = self.fused_token_buckets[bisect.bisect_left(self.fused_token_buckets, total)]
-    if (c, d, fused) not in self._warm_fused and track:
-      raise RuntimeError(f"fused expert call (class {c}, device {d}, {fused} tokens) was not "
+    if track and (c, d, tables.host_RE.shape, fused) not in self._warm_fused:
+      raise RuntimeError(f"expert call (class {c}, device {d}, {fused} tokens) was not "
                          f"compiled at start-up")
     staged, offsets, offset = self._fused_zeros[c, d, fused], [], 0
     for mb in call:
-      table = jax.device_put(self.wpool.pool.slot_table(mb.model.model_id, layer), wdev)
-      staged = _stage(*staged, *moved[mb.index], table, np.int32(offset))
+      row = self._scalar(wdev, tables.rows[mb.model.model_id, layer])
+      *staged, tables.used_RE = _stage(*staged, tables.used_RE, *moved[mb.index],
+                                       tables.tables_RE, row, self._scalar(wdev, offset))
       offsets.append(offset)
       offset += mb.num_tokens
     y_UD = stages.routed_experts(*staged, self._identity[c, d], *self.wpool.buffers(c, d),
                                  impl=self.moe_impl)
+    self._dispatched(len(call) + 1)
     self._track(track, y_UD, call, layer, "experts", wdev)
     for mb, offset in zip(call, offsets, strict=True):
       home = self.kv_devices[mb.home]
-      y_TD = jax.device_put(_unstage(y_UD, moved[mb.index][3], np.int32(offset)), home)
+      y_TD = self._put(_unstage(y_UD, moved[mb.index][3], self._scalar(wdev, offset)), home)
+      self._dispatched()
       self._track(track, y_TD, mb, layer, "transfer_back", home)
       x_TD, h_TD, _, _ = mb.moe
-      mb.x_TD = stages.combine(mb.model.params["layers"][layer]["ffn"], x_TD, h_TD, y_TD,
-                               cfg=mb.model.cfg)
-      mb.moe = None
-    if track:
-      self.expert_calls += 1
-      self.expert_members += len(call)
+      mb.x_TD, mb.pending, mb.moe = x_TD, (mb.model.params["layers"][layer]["ffn"], h_TD,
+                                           y_TD), None
+    self._tally[0] += 1
+    self._tally[1] += len(call)

@@ -116,11 +116,10 @@ class CrossPoolPolicy(MemoryPolicy):
   # --- pools and engine -------------------------------------------------------------------
 
   def kv_pools(self, specs, groups, *, page_elems, pages_per_device, kv_devices):
-    del groups  # one pool over every KV device
     pool = KVPool(page_elems=page_elems, pages_per_device=pages_per_device,
-                  num_devices=kv_devices, policy="shared")
-    for spec in specs.values():
-      pool.register_model(spec)
+                  num_devices=kv_devices, policy="shared")  # one pool over every KV device
+    for m, spec in specs.items():
+      pool.register_model(spec, home_device=groups[m])  # pages local to its attention first
     return {0: pool}, dict.fromkeys(specs, pool)
 
   def start(self, config, models: dict[str, LoadedModel], specs: dict[str, KVModelSpec]
@@ -156,7 +155,7 @@ class CrossPoolPolicy(MemoryPolicy):
   def add_model(self, runtime: Runtime, config, model: LoadedModel, spec: KVModelSpec, *,
                 log: Callable[[str], None]) -> None:
     pool, weights_pool = runtime.pools[0], runtime.weights_pool
-    pool.register_model(spec)
+    pool.register_model(spec, home_device=model.group)
     try:
       stripped = weights_pool.register(model.model_id, model.cfg, model.params,
                                        slots_per_device=config.expert_slots_per_device)
