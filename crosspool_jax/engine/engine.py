@@ -72,6 +72,9 @@ class EngineConfig:
     fuse_experts: crosspool* only: per layer, the micro-batches whose MoE layer has the same
       expert shape class and home weights device share one expert-dispatch call (False: one
       call per micro-batch, the ablation).
+    timeline_every: crosspool* only: record the per-stage timeline of every Nth step (the
+      pipeline overlap in `metrics()`); 0 = none. A recorded step costs host time (a watcher
+      thread waits on each stage's output), so serving records only a sample.
   """
 
   kv_policy: str = "shared"
@@ -89,6 +92,7 @@ class EngineConfig:
   expert_slots_per_device: int = 64
   expert_policy: str = "lru"
   fuse_experts: bool = True
+  timeline_every: int = 16
 
   def __post_init__(self):
     if self.token_budget < 1 or self.max_batch < 1:
@@ -96,6 +100,9 @@ class EngineConfig:
                        f"{self.max_batch}")
     if not self.devices:
       raise ValueError("devices must name at least one KV group device")
+    if self.timeline_every < 0:
+      raise ValueError(f"timeline_every must be >= 0 (0: no timeline), got "
+                       f"{self.timeline_every}")
     get_policy(self.kv_policy).validate(self)
 
 

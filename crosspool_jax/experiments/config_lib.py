@@ -53,6 +53,7 @@ def engine_block(**kw):
       expert_slots_per_device=8,  # per shape class and weights device (< fleet experts: swap)
       expert_policy="lru",        # pin_all | lru | lfu | activation_aware
       fuse_experts=True,          # micro-batches of one shape class share an expert call
+      timeline_every=16,          # stage timeline of every Nth step (0: none)
   )
   return ml_collections.ConfigDict(base | kw)
 

@@ -239,7 +239,7 @@ class DisaggregatedExecutor:
     max_batch: sequences per micro-batch.
     micro_batches: parts each model batch is cut into (1 = no pipeline, the ablation).
     attn_impl, moe_impl: kernel implementations.
-    timeline: record the per-stage timeline.
+    timeline_every: record the per-stage timeline of every Nth step (0: none).
     fuse_experts: micro-batches of one shape class and home weights device share one expert
       call per layer (False: one call per micro-batch, the ablation).
     fused_token_buckets: padded token counts of an expert call (default: `token_buckets`); a
@@ -250,7 +250,7 @@ class DisaggregatedExecutor:
                kv_buffers: list[jax.Array], wpool: DeviceWeightsPool, *,
                token_buckets: tuple[int, ...], max_batch: int, micro_batches: int = 2,
                attn_impl: str | None = None, moe_impl: str | None = None,
-               timeline: bool = True, fuse_experts: bool = True,
+               timeline_every: int = 1, fuse_experts: bool = True,
                fused_token_buckets: tuple[int, ...] | None = None):
     if not 1 <= micro_batches <= max_batch:
       raise ValueError(f"micro_batches must be in [1, max_batch={max_batch}] (a micro-batch "
@@ -271,7 +271,8 @@ class DisaggregatedExecutor:
     self.micro_batches = micro_batches
     self.attn_impl = attn_impl
     self.moe_impl = moe_impl
-    self.timeline = Timeline(timeline)
+    self.timeline = Timeline(timeline_every > 0)
+    self.timeline_every = timeline_every
     self.fuse_experts = fuse_experts
     self.fused_token_buckets = tuple(sorted(set(fused_token_buckets or token_buckets)))
     if self.fused_token_buckets[-1] < self.token_buckets[-1]:
@@ -295,6 +296,7 @@ class DisaggregatedExecutor:
     self._read_s = 0.0  # time blocked in device reads in the step being run
     self._tokens_read = False  # whether the step being run has read its tokens yet
     self.reads_before_tokens = 0  # blocking reads a step made before its tokens (sync path)
+    self._warming = False  # compile_all / add_model running empty micro-batches
 
   @property
   def compile_count(self) -> int:
@@ -352,14 +354,18 @@ class DisaggregatedExecutor:
 
   def _warm_model(self, model_id: str, log=None) -> None:
     model = self.models[model_id]
-    for bucket in self.token_buckets:
-      empty = ModelBatch(model_id, [], [])
-      for spread in (False, True):
-        self._run_micro_batches([self._prepare(0, model, empty, bucket, spread=spread)],
-                                track=False, sync=False)
-      self._warm.add((model_id, bucket))
-      if log:
-        log(f"compiled {model_id} tokens={bucket}")
+    self._warming = True
+    try:
+      for bucket in self.token_buckets:
+        empty = ModelBatch(model_id, [], [])
+        for spread in (False, True):
+          self._run_micro_batches([self._prepare(0, model, empty, bucket, spread=spread)],
+                                  track=False, sync=False)
+        self._warm.add((model_id, bucket))
+        if log:
+          log(f"compiled {model_id} tokens={bucket}")
+    finally:
+      self._warming = False
 
   def add_model(self, model: LoadedModel, log=None) -> None:
     """Serves a model registered while running (its experts already in the weights pool, its
@@ -540,13 +546,14 @@ class DisaggregatedExecutor:
     swaps = self.wpool.pool.stats.swap_calls
     mbs = prepare()
     self._make_resident(mbs)
+    track = self.timeline_every > 0 and self.steps % self.timeline_every == 0
     events = len(self.timeline.events)
-    tokens = self._run_micro_batches(mbs, track=True, sync=False)
+    tokens = self._run_micro_batches(mbs, track=track, sync=False)
     if self._account(mbs):
       self.miss_steps += 1
       for event in self.timeline.events[events:]:
         event["discarded"] = True
-      tokens = self._run_micro_batches(prepare(), track=True, sync=True)
+      tokens = self._run_micro_batches(prepare(), track=track, sync=True)
     self.expert_calls += self._tally[0]
     self.expert_members += self._tally[1]
     self.expert_splits += self._tally[2]
@@ -780,7 +787,7 @@ class DisaggregatedExecutor:
     wdev, tables = self.wpool.devices[d], self._tables[d]
     total = sum(mb.num_tokens for mb in call)
     fused = self.fused_token_buckets[bisect.bisect_left(self.fused_token_buckets, total)]
-    if track and (c, d, tables.host_RE.shape, fused) not in self._warm_fused:
+    if not self._warming and (c, d, tables.host_RE.shape, fused) not in self._warm_fused:
       raise RuntimeError(f"expert call (class {c}, device {d}, {fused} tokens) was not "
                          f"compiled at start-up")
     staged, offsets, offset = self._fused_zeros[c, d, fused], [], 0
