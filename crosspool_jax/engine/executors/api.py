@@ -58,7 +58,8 @@ class HostCounters:
   host-to-device arrays it put explicitly (the tests run steps under JAX's transfer guards, so
   no implicit transfer hides beside them); `blocking_reads`, device-to-host reads the host
   waited on (the sampled tokens included); `host_s`, wall time inside `run_many` minus the
-  time blocked in those reads; `tokens`, tokens returned.
+  time blocked in those reads; `tokens`, tokens returned; `steps`, model-loop iterations (a
+  `run_many` call, or the most decode steps one of its multi-step dispatches ran).
   """
 
   steps: int = 0
@@ -75,6 +76,8 @@ class HostCounters:
             "transfers_per_step": self.transfers / per,
             "blocking_reads_per_step": self.blocking_reads / per,
             "host_us_per_token": 1e6 * self.host_s / self.tokens if self.tokens else 0.0,
+            "dispatches_per_token": self.dispatches / max(1, self.tokens),
+            "blocking_reads_per_token": self.blocking_reads / max(1, self.tokens),
             "tokens": self.tokens}
 
 
