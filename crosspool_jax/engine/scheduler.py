@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from crosspool_jax.engine.request import Request, Status
 from crosspool_jax.models.sampling import INVALID_TOKEN, NO_TOKEN
 from crosspool_jax.pools.kv_pool import KVPool, PoolExhaustedError
@@ -126,7 +128,10 @@ class Scheduler:
     ends its row (later ones are dropped), and its pages return, those reserved for tokens it
     did not generate included. Every token gets the time `now` (the dispatch's end)."""
     out = []
-    for r, row in zip(batch.requests, tokens_BN, strict=True):
+    for r, k, row in zip(batch.requests, batch.decode_steps, tokens_BN, strict=True):
+      if (np.asarray(row)[k:] != NO_TOKEN).any():
+        raise RuntimeError(f"request {r.request_id!r} got tokens past the {k} its KV pages "
+                           f"were reserved for: {list(row)}")
       for tok in row:
         tok = int(tok)
         if tok == NO_TOKEN:

@@ -19,6 +19,7 @@ from crosspool_jax.models.config import tiny_config
 from crosspool_jax.models.decode import generate
 from crosspool_jax.models.model import init_params
 from crosspool_jax.models.sampling import SamplingParams
+from crosspool_jax.pools.kv_buffers import allocate_kv_buffer
 
 FAMILIES = ("mixtral", "qwen2_moe")  # 2 and 3 layers (qwen2_moe: dense layer, shared expert)
 MODELS = {f: (tiny_config(f), init_params(tiny_config(f), seed=i)) for i, f in enumerate(FAMILIES)}
@@ -26,7 +27,7 @@ MAX_CONTEXT = 48
 STEPS = 4
 
 
-def _engine(policy, pages, steps=STEPS, families=FAMILIES):
+def _engine(policy, pages, steps=STEPS, families=FAMILIES, nan_pages=True):
   eng = Engine(EngineConfig(kv_policy=policy, page_elems=512, pages_per_device=pages,
                             token_budget=48, token_buckets=(16, 48), max_batch=4,
                             attn_impl="reference", moe_impl="reference",
@@ -35,6 +36,10 @@ def _engine(policy, pages, steps=STEPS, families=FAMILIES):
     cfg, params = MODELS[f]
     eng.register_model(f, cfg=cfg, params=params, max_context=MAX_CONTEXT, max_batch=4)
   eng.start()
+  for g, pool in eng.pools.items() if nan_pages else ():  # NaN: a read of an unwritten slot
+    buffer = eng.executor.buffers[g]
+    eng.executor.buffers[g] = allocate_kv_buffer(pool, buffer.devices().pop(),
+                                                 dtype=jnp.float32, fill=float("nan"))
   return eng
 
 
@@ -145,7 +150,7 @@ def test_dispatches_and_blocking_reads_per_token_fall_with_the_steps():
   expected = _references(work)
   host = {}
   for steps in (1, STEPS):
-    eng = _engine("shared", pages=64, steps=steps, families=("mixtral",))
+    eng = _engine("shared", pages=64, steps=steps, families=("mixtral",), nan_pages=False)
     rids = [eng.submit(model_id=m, prompt_ids=p, max_new_tokens=n) for m, p, n in work]
     out = eng.generate_all()
     metrics = eng.metrics()
