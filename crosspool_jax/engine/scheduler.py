@@ -4,8 +4,10 @@ Each iteration it builds, per model, a batch of (request, tokens to feed) under 
 shared by all models: round-robin fair shares, running requests before waiting ones, chunked
 prefill, admission and preemption through the KV pool. Invariant: no model starves (each visited
 model takes at most its fair share of the budget left), and a preempted request loses its pages
-and is recomputed from prompt + generated tokens. The rules: WORKSPACE.md, "The engine and its
-memory policies".
+and is recomputed from prompt + generated tokens. With `decode_steps` > 1 a decode-only batch
+reserves pages for several tokens (`reserve_decode_steps`, never preempting) and its tokens are
+committed together (`commit_many`). The rules: WORKSPACE.md, "The engine and its memory
+policies".
 """
 
 from __future__ import annotations

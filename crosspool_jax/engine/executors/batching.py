@@ -1,7 +1,10 @@
 """Batching shared by the executors: a step's host arrays, token buckets, padded sampling.
 
 Sequences are padded to `max_batch`, tokens to the smallest compiled token bucket that holds
-them, page tables to the model's max pages; padding tokens have position -1.
+them, page tables to the model's max pages; padding tokens have position -1. `pack` puts a
+step's named arrays in ONE int32 buffer (32-bit floats and uints bitcast) by a static, hashable
+`PackedLayout`; `unpack` slices them back out inside a jit, so a step is one transfer.
+`decode_arrays` are the inputs of a multi-step decode batch (`ModelBatch.decode_steps`).
 """
 
 from __future__ import annotations
