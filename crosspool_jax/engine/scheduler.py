@@ -129,11 +129,12 @@ class Scheduler:
     rules, the token before it counting as fed; the first that finishes or fails the request
     ends its row (later ones are dropped), and its pages return, those reserved for tokens it
     did not generate included. Every token gets the time `now` (the dispatch's end)."""
-    out = []
     for r, k, row in zip(batch.requests, batch.decode_steps, tokens_BN, strict=True):
-      if (np.asarray(row)[k:] != NO_TOKEN).any():
+      if (np.asarray(row)[k:] != NO_TOKEN).any():  # checked before anything is committed
         raise RuntimeError(f"request {r.request_id!r} got tokens past the {k} its KV pages "
                            f"were reserved for: {list(row)}")
+    out = []
+    for r, row in zip(batch.requests, tokens_BN, strict=True):
       for tok in row:
         tok = int(tok)
         if tok == NO_TOKEN:

@@ -16,6 +16,7 @@ import numpy as np
 
 from crosspool_jax.engine.scheduler import ModelBatch
 from crosspool_jax.models.config import ModelConfig
+from crosspool_jax.models.sampling import NO_TOKEN
 from crosspool_jax.pools.kv_pool import KVPool
 
 
@@ -126,10 +127,22 @@ class FakeExecutor:
     return 0
 
   def run_many(self, batches: list[ModelBatch]) -> list[np.ndarray]:
-    self.batches.append([ModelBatch(b.model_id, list(b.requests), list(b.num_new))
+    """A multi-step batch (`decode_steps`) gets each request's k tokens (positions
+    num_cached + 1 .. + k), `NO_TOKEN` after them (no stop id is checked: the commit does)."""
+    self.batches.append([ModelBatch(b.model_id, list(b.requests), list(b.num_new),
+                                    None if b.decode_steps is None else list(b.decode_steps))
                          for b in batches])
-    return [np.array([self.fake_token(r.num_cached + n) for r, n in
-                      zip(b.requests, b.num_new, strict=True)], np.int32) for b in batches]
+    out = []
+    for b in batches:
+      if b.decode_steps is None:
+        out.append(np.array([self.fake_token(r.num_cached + n) for r, n in
+                             zip(b.requests, b.num_new, strict=True)], np.int32))
+        continue
+      rows = np.full((len(b.requests), max(b.decode_steps)), NO_TOKEN, np.int32)
+      for i, (r, k) in enumerate(zip(b.requests, b.decode_steps, strict=True)):
+        rows[i, :k] = [self.fake_token(r.num_cached + 1 + j) for j in range(k)]
+      out.append(rows)
+    return out
 
   def restore_lost_buffers(self) -> list[KVPool]:
     return []
