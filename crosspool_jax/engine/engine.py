@@ -75,6 +75,10 @@ class EngineConfig:
     timeline_every: crosspool* only: record the per-stage timeline of every Nth step (the
       pipeline overlap in `metrics()`); 0 = none. A recorded step costs host time (a watcher
       thread waits on each stage's output), so serving records only a sample.
+    decode_steps_per_dispatch: static/shared only: a decode-only model batch runs up to this
+      many decode steps in one dispatch (on-device loop; KV pages reserved for them first,
+      never by preemption); its tokens all get the dispatch's end as their time, so TBT
+      within a dispatch reads 0. 1 = one step per dispatch.
   """
 
   kv_policy: str = "shared"
@@ -93,8 +97,12 @@ class EngineConfig:
   expert_policy: str = "lru"
   fuse_experts: bool = True
   timeline_every: int = 16
+  decode_steps_per_dispatch: int = 1
 
   def __post_init__(self):
+    if not isinstance(self.decode_steps_per_dispatch, int) or self.decode_steps_per_dispatch < 1:
+      raise ValueError(f"decode_steps_per_dispatch must be an integer >= 1, got "
+                       f"{self.decode_steps_per_dispatch!r}")
     if self.token_budget < 1 or self.max_batch < 1:
       raise ValueError(f"token_budget and max_batch must be >= 1, got {self.token_budget}, "
                        f"{self.max_batch}")
@@ -285,7 +293,8 @@ class Engine:
     c = self.config
     self._runtime = self.policy.start(c, self._models, self._specs)
     self.scheduler = Scheduler(self._runtime.model_pools, token_budget=c.token_budget,
-                               max_batch=c.max_batch, max_tokens=c.token_buckets[-1])
+                               max_batch=c.max_batch, max_tokens=c.token_buckets[-1],
+                               decode_steps=c.decode_steps_per_dispatch)
     start = time.perf_counter()
     self.compile_count_at_start = self.executor.compile_all(log=self.log)
     self.log(f"compiled {self.compile_count_at_start} executables in "
@@ -388,9 +397,10 @@ class Engine:
       self.steps += 1
       self._sample_pools()
       return events
-    now = time.perf_counter()
+    now = time.perf_counter()  # the time of every token of the step (of a multi-step dispatch)
     for batch, tokens in zip(batches, results, strict=True):
-      for r, tok, reason in self.scheduler.commit(batch, tokens, now):
+      commit = self.scheduler.commit if batch.decode_steps is None else self.scheduler.commit_many
+      for r, tok, reason in commit(batch, tokens, now):
         events.append(TokenEvent(r.request_id, r.model_id, tok, reason is not None, reason))
     self.steps += 1
     self._sample_pools()

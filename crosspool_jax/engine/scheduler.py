@@ -4,16 +4,20 @@ Each iteration it builds, per model, a batch of (request, tokens to feed) under 
 shared by all models: round-robin fair shares, running requests before waiting ones, chunked
 prefill, admission and preemption through the KV pool. Invariant: no model starves (each visited
 model takes at most its fair share of the budget left), and a preempted request loses its pages
-and is recomputed from prompt + generated tokens. The rules: WORKSPACE.md, "The engine and its
-memory policies".
+and is recomputed from prompt + generated tokens. With `decode_steps` > 1 a decode-only batch
+reserves pages for several tokens (`reserve_decode_steps`, never preempting) and its tokens are
+committed together (`commit_many`). The rules: WORKSPACE.md, "The engine and its memory
+policies".
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from crosspool_jax.engine.request import Request, Status
-from crosspool_jax.models.sampling import INVALID_TOKEN
+from crosspool_jax.models.sampling import INVALID_TOKEN, NO_TOKEN
 from crosspool_jax.pools.kv_pool import KVPool, PoolExhaustedError
 
 
@@ -24,6 +28,9 @@ class ModelBatch:
   model_id: str
   requests: list[Request]
   num_new: list[int]
+  # a decode-only batch run as several decode steps in one dispatch: per request, the tokens
+  # it may generate (KV pages for them are reserved); None: one step
+  decode_steps: list[int] | None = None
 
   @property
   def num_tokens(self) -> int:
@@ -43,16 +50,19 @@ class Scheduler:
     token_budget: tokens fed per iteration over all models.
     max_batch: sequences per model per iteration (the executor's sequence bucket).
     max_tokens: tokens per model per iteration (the executor's largest token bucket).
+    decode_steps: decode steps a decode-only batch may run in one dispatch (1 = every
+      iteration is one step); see `reserve_decode_steps`.
   """
 
   def __init__(self, pools: dict[str, KVPool], *, token_budget: int, max_batch: int,
-               max_tokens: int):
-    if token_budget < 1 or max_batch < 1 or max_tokens < 1:
-      raise ValueError("token_budget, max_batch and max_tokens must be >= 1")
+               max_tokens: int, decode_steps: int = 1):
+    if token_budget < 1 or max_batch < 1 or max_tokens < 1 or decode_steps < 1:
+      raise ValueError("token_budget, max_batch, max_tokens and decode_steps must be >= 1")
     self.pools = dict(pools)
     self.token_budget = token_budget
     self.max_batch = max_batch
     self.max_tokens = max_tokens
+    self.decode_steps = decode_steps
     self.queues: dict[str, list[Request]] = {m: [] for m in pools}
     self._rotation = 0
 
@@ -109,25 +119,72 @@ class Scheduler:
       r.num_cached += n
       if r.num_pending > 0:  # mid-prefill (or mid-recompute): no token yet
         continue
-      tok = int(tok)
-      if tok == INVALID_TOKEN:
-        self.remove(r)
-        r.status, r.finish_reason, r.finish_s = Status.FAILED, "error", now
-        r.error = (f"non-finite logits at position {r.num_tokens}: corrupted KV pages or "
-                   "weights of this request's model")
-        out.append((r, None, "error"))
-        continue
-      r.output_ids.append(tok)
-      r.token_s.append(now)
-      if r.first_token_s is None:
-        r.first_token_s = now
-      reason = ("stop" if tok in r.stop_ids else
-                "length" if len(r.output_ids) >= r.max_new_tokens else None)
-      out.append((r, tok, reason))
-      if reason:
-        self.remove(r)
-        r.status, r.finish_reason, r.finish_s = Status.FINISHED, reason, now
+      out.append(self._record(r, int(tok), now))
     return out
+
+  def commit_many(self, batch: ModelBatch, tokens_BN, now: float
+                  ) -> list[tuple[Request, int | None, str | None]]:
+    """`commit` of a multi-step decode batch: row i of `tokens_BN` holds the tokens request i
+    generated in order (`NO_TOKEN` past its last). Each token is committed by `commit`'s
+    rules, the token before it counting as fed; the first that finishes or fails the request
+    ends its row (later ones are dropped), and its pages return, those reserved for tokens it
+    did not generate included. Every token gets the time `now` (the dispatch's end)."""
+    for r, k, row in zip(batch.requests, batch.decode_steps, tokens_BN, strict=True):
+      if (np.asarray(row)[k:] != NO_TOKEN).any():  # checked before anything is committed
+        raise RuntimeError(f"request {r.request_id!r} got tokens past the {k} its KV pages "
+                           f"were reserved for: {list(row)}")
+    out = []
+    for r, row in zip(batch.requests, tokens_BN, strict=True):
+      for tok in row:
+        tok = int(tok)
+        if tok == NO_TOKEN:
+          break
+        r.num_cached += 1  # the pending token was fed
+        event = self._record(r, tok, now)
+        out.append(event)
+        if event[2] is not None:
+          break
+    return out
+
+  def _record(self, r: Request, tok: int, now: float) -> tuple[Request, int | None, str | None]:
+    """A request's next sampled token (all its tokens fed): appended, or it fails / finishes
+    (its pages return)."""
+    if tok == INVALID_TOKEN:
+      self.remove(r)
+      r.status, r.finish_reason, r.finish_s = Status.FAILED, "error", now
+      r.error = (f"non-finite logits at position {r.num_tokens}: corrupted KV pages or "
+                 "weights of this request's model")
+      return r, None, "error"
+    r.output_ids.append(tok)
+    r.token_s.append(now)
+    if r.first_token_s is None:
+      r.first_token_s = now
+    reason = ("stop" if tok in r.stop_ids else
+              "length" if len(r.output_ids) >= r.max_new_tokens else None)
+    if reason:
+      self.remove(r)
+      r.status, r.finish_reason, r.finish_s = Status.FINISHED, reason, now
+    return r, tok, reason
+
+  def reserve_decode_steps(self, batch: ModelBatch) -> None:
+    """Makes a decode-only batch (each request feeds its 1 pending token) a multi-step one:
+    grows each request's pages for up to `decode_steps` tokens, bounded by what it may still
+    generate and by the free pages (fewer, down to 1, when the pool cannot grow; never
+    preempting), and sets `batch.decode_steps`; left None if no request gets more than 1."""
+    if self.decode_steps == 1 or not batch.requests or any(
+        n != 1 or r.num_pending != 1 for r, n in zip(batch.requests, batch.num_new,
+                                                      strict=True)):
+      return
+    pool = self.pools[batch.model_id]
+    steps = []
+    for r in batch.requests:
+      k = min(self.decode_steps, r.max_new_tokens - len(r.output_ids))
+      while k > 1 and not pool.can_grow(r.request_id, r.num_cached + k):
+        k -= 1
+      pool.grow(r.request_id, r.num_cached + max(k, 1))  # 1 token: held since `schedule`
+      steps.append(max(k, 1))
+    if max(steps) > 1:
+      batch.decode_steps = steps
 
   def has_work(self) -> bool:
     return any(self.queues.values())
@@ -148,7 +205,10 @@ class Scheduler:
       batch = ModelBatch(model_id, [], [])
       batches.append(batch)
       self._schedule_model(batch, min(share, self.max_tokens), batches)
-    return [b for b in batches if b.requests]
+    batches = [b for b in batches if b.requests]
+    for batch in batches:  # after every admission and preemption of this iteration
+      self.reserve_decode_steps(batch)
+    return batches
 
   def _schedule_model(self, batch: ModelBatch, budget: int, batches: list[ModelBatch]) -> None:
     pool = self.pools[batch.model_id]

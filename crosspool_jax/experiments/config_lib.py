@@ -54,6 +54,8 @@ def engine_block(**kw):
       expert_policy="lru",        # pin_all | lru | lfu | activation_aware
       fuse_experts=True,          # micro-batches of one shape class share an expert call
       timeline_every=16,          # stage timeline of every Nth step (0: none)
+      # static/shared: decode steps of a decode-only batch per dispatch (an on-device loop)
+      decode_steps_per_dispatch=1,
   )
   return ml_collections.ConfigDict(base | kw)
 
@@ -119,8 +121,10 @@ def three_policies(*, kv_devices=(0, 1), weight_devices=(2, 3), **crosspool):
   return ml_collections.ConfigDict(dict(
       static=dict(kv_policy="static", devices=every, weight_devices=()),
       shared=dict(kv_policy="shared", devices=every, weight_devices=()),
+      # multi-step decode is not supported by the crosspool executor yet: one step there
       crosspool=dict(kv_policy="crosspool", devices=tuple(kv_devices),
-                     weight_devices=tuple(weight_devices), **crosspool),
+                     weight_devices=tuple(weight_devices), decode_steps_per_dispatch=1,
+                     **crosspool),
   ))
 
 

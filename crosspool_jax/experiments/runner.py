@@ -207,6 +207,8 @@ def summarize_run(metrics: dict, serve_m: dict, slo) -> dict:
                                for s in metrics["pool_timeline"][::max(1, len(metrics["pools"]))]]
                               if metrics["pool_timeline"] else [],
   }
+  if metrics.get("host"):  # the host's control cost: dispatches, transfers, reads, µs/token
+    wall_clock["host"] = metrics["host"]
   if wp is not None:
     wall_clock["expert_swap_s"] = {k: wp[k] for k in wp if k.startswith("swap_s")}
   if "pipeline_overlap" in metrics:

@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 INVALID_TOKEN = -1  # sampled from non-finite logits
+NO_TOKEN = -2  # no token: a multi-step decode row past its sequence's last token
 
 
 @dataclasses.dataclass(frozen=True)

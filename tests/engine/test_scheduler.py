@@ -7,20 +7,21 @@ import pytest
 from crosspool_jax.engine.executors.api import FakeExecutor
 from crosspool_jax.engine.request import Request, Status
 from crosspool_jax.engine.scheduler import Scheduler
-from crosspool_jax.models.sampling import INVALID_TOKEN, SamplingParams
+from crosspool_jax.models.sampling import INVALID_TOKEN, NO_TOKEN, SamplingParams
 from crosspool_jax.pools.kv_pool import KVModelSpec, KVPool
 
 # page_elems 64 with 2 KV heads x 16 dims: 1 token per page per layer; 1 layer.
 PAGE_ELEMS = 64
 
 
-def _setup(models=("a", "b", "c"), pages=200, token_budget=12, max_batch=4, max_tokens=64):
+def _setup(models=("a", "b", "c"), pages=200, token_budget=12, max_batch=4, max_tokens=64,
+           decode_steps=1):
   pool = KVPool(page_elems=PAGE_ELEMS, pages_per_device=pages, policy="shared")
   for m in models:
     pool.register_model(KVModelSpec(m, num_layers=1, kv_heads=2, head_dim=16, max_context=64,
                                     max_batch=max_batch))
   sched = Scheduler({m: pool for m in models}, token_budget=token_budget, max_batch=max_batch,
-                    max_tokens=max_tokens)
+                    max_tokens=max_tokens, decode_steps=decode_steps)
   return sched, pool, FakeExecutor()
 
 
@@ -33,7 +34,7 @@ def _step(sched, executor):
   batches = sched.schedule()
   results = executor.run_many(batches) if batches else []
   for batch, tokens in zip(batches, results, strict=True):
-    sched.commit(batch, tokens, now=0.0)
+    (sched.commit if batch.decode_steps is None else sched.commit_many)(batch, tokens, now=0.0)
   return batches
 
 
@@ -135,3 +136,62 @@ def test_remove_model_returns_its_queue_and_pages():
   assert pool.requests == ["b0"]
   with pytest.raises(ValueError, match="already scheduled"):
     sched.add_model("b", pool)
+
+
+def test_multistep_reserves_what_fits_and_commits_by_the_one_step_rules():
+  # 15 usable pages, 1 token per page: a (prompt 3, 12 new) and b (prompt 3, 2 new)
+  sched, pool, ex = _setup(models=("a",), pages=16, token_budget=16, decode_steps=4)
+  a = _request("a", "a", prompt_len=3, max_new=12, arrival=0)
+  b = _request("b", "a", prompt_len=3, max_new=2, arrival=1)
+  sched.add(a)
+  sched.add(b)
+  (prefill,) = _step(sched, ex)
+  assert prefill.decode_steps is None and pool.used_pages == 6
+  (batch,) = sched.schedule()
+  # a: 4 tokens (positions 3..6 fed), b: only 1 left to generate
+  assert batch.decode_steps == [4, 1] and pool.used_pages == 3 + 4 + 3 + 1
+  (tokens,) = ex.run_many([batch])
+  out = sched.commit_many(batch, tokens, now=1.0)
+  assert [(r.request_id, t, why) for r, t, why in out] == (
+      [("a", ex.fake_token(p), None) for p in range(4, 8)] + [("b", ex.fake_token(4), "length")])
+  assert a.num_cached == 7 and a.num_pending == 1 and not pool.has_request("b")
+  pool.check_invariants()
+  pool.set_limit(9)  # 2 free pages: 1 for the pending token, 1 more: 2 steps, none preempted
+  assert [b.decode_steps for b in _step(sched, ex)] == [[2]]
+  assert a.num_cached == 9 and pool.used_pages == 9
+  pool.set_limit(10)  # 1 free page: 1 step, the 1-step path
+  (batch,) = sched.schedule()
+  assert batch.decode_steps is None and batch.num_new == [1]
+  sched.commit(batch, ex.run_many([batch])[0], now=2.0)
+  assert pool.preemptions == 0 and a.preemptions == 0
+  pool.set_limit(pool.capacity)
+  _drain(sched, ex)
+  assert a.output_ids == [ex.fake_token(p) for p in range(3, 15)]
+  assert a.finish_reason == "length" and pool.used_pages == 0
+  pool.check_invariants()
+
+
+def test_multistep_commit_stops_on_a_stop_id_or_invalid_token_and_returns_every_page():
+  sched, pool, ex = _setup(models=("a",), token_budget=16, decode_steps=4)
+  reqs = [_request(f"r{i}", "a", prompt_len=2, max_new=9, arrival=i) for i in range(3)]
+  reqs[0].stop_ids = frozenset({ex.fake_token(4)})
+  for r in reqs:
+    sched.add(r)
+  _step(sched, ex)
+  (batch,) = sched.schedule()
+  assert batch.decode_steps == [4, 4, 4] and pool.used_pages == 3 * 6
+  tokens = ex.run_many([batch])[0]
+  tokens[1, 1] = INVALID_TOKEN  # r1's second token of the dispatch
+  out = sched.commit_many(batch, tokens, now=1.0)
+  assert [(r.request_id, t, why) for r, t, why in out] == [
+      ("r0", 3, None), ("r0", 4, "stop"), ("r1", 3, None), ("r1", None, "error"),
+      ("r2", 3, None), ("r2", 4, None), ("r2", 5, None), ("r2", 6, None)]
+  assert reqs[0].output_ids == [2, 3, 4] and reqs[1].status == Status.FAILED
+  assert pool.requests == ["r2"] and pool.used_pages == 6  # reserved but unused pages too
+  pool.check_invariants()
+  bad = tokens.copy()
+  bad[2, :] = NO_TOKEN
+  bad[2, 0] = 7
+  batch.decode_steps = [4, 4, 0]
+  with pytest.raises(RuntimeError, match="past the 0 its KV pages were reserved for"):
+    sched.commit_many(batch, bad, now=2.0)

@@ -16,6 +16,7 @@ import numpy as np
 
 from crosspool_jax.engine.scheduler import ModelBatch
 from crosspool_jax.models.config import ModelConfig
+from crosspool_jax.models.sampling import NO_TOKEN
 from crosspool_jax.pools.kv_pool import KVPool
 
 
@@ -58,7 +59,9 @@ class HostCounters:
   arrays it put explicitly, from the host or between devices (the tests run steps under JAX's
   transfer guard, so no implicit transfer hides beside them); `blocking_reads`, arrays read
   back that the host waited on (the sampled tokens included); `host_s`, wall time inside
-  `run_many` minus the time blocked in those reads; `tokens`, tokens the steps generated.
+  `run_many` minus the time blocked in those reads; `tokens`, tokens the steps generated;
+  `steps`, model-loop iterations (a `run_many` call, or the most decode steps one of its
+  multi-step dispatches ran).
   """
 
   steps: int = 0
@@ -75,6 +78,8 @@ class HostCounters:
             "transfers_per_step": self.transfers / per,
             "blocking_reads_per_step": self.blocking_reads / per,
             "host_us_per_token": 1e6 * self.host_s / self.tokens if self.tokens else 0.0,
+            "dispatches_per_token": self.dispatches / max(1, self.tokens),
+            "blocking_reads_per_token": self.blocking_reads / max(1, self.tokens),
             "tokens": self.tokens}
 
 
@@ -123,10 +128,22 @@ class FakeExecutor:
     return 0
 
   def run_many(self, batches: list[ModelBatch]) -> list[np.ndarray]:
-    self.batches.append([ModelBatch(b.model_id, list(b.requests), list(b.num_new))
+    """A multi-step batch (`decode_steps`) gets each request's k tokens (positions
+    num_cached + 1 .. + k), `NO_TOKEN` after them (no stop id is checked: the commit does)."""
+    self.batches.append([ModelBatch(b.model_id, list(b.requests), list(b.num_new),
+                                    None if b.decode_steps is None else list(b.decode_steps))
                          for b in batches])
-    return [np.array([self.fake_token(r.num_cached + n) for r, n in
-                      zip(b.requests, b.num_new, strict=True)], np.int32) for b in batches]
+    out = []
+    for b in batches:
+      if b.decode_steps is None:
+        out.append(np.array([self.fake_token(r.num_cached + n) for r, n in
+                             zip(b.requests, b.num_new, strict=True)], np.int32))
+        continue
+      rows = np.full((len(b.requests), max(b.decode_steps)), NO_TOKEN, np.int32)
+      for i, (r, k) in enumerate(zip(b.requests, b.decode_steps, strict=True)):
+        rows[i, :k] = [self.fake_token(r.num_cached + 1 + j) for j in range(k)]
+      out.append(rows)
+    return out
 
   def restore_lost_buffers(self) -> list[KVPool]:
     return []

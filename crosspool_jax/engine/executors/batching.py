@@ -1,18 +1,25 @@
 """Batching shared by the executors: a step's host arrays, token buckets, padded sampling.
 
 Sequences are padded to `max_batch`, tokens to the smallest compiled token bucket that holds
-them, page tables to the model's max pages; padding tokens have position -1.
+them, page tables to the model's max pages; padding tokens have position -1. `pack` puts a
+step's named arrays in ONE int32 buffer (32-bit floats and uints bitcast) by a static, hashable
+`PackedLayout`; `unpack` slices them back out inside a jit, so a step is one transfer.
+`decode_arrays` are the inputs of a multi-step decode batch (`ModelBatch.decode_steps`).
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
+import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from crosspool_jax.engine.scheduler import ModelBatch
 from crosspool_jax.models.paged import PagedBatch
-from crosspool_jax.models.sampling import SamplingParams, stack_params
+from crosspool_jax.models.sampling import NO_TOKEN, SamplingParams, stack_params
 from crosspool_jax.pools.kv_pool import KVPool
 
 
@@ -70,3 +77,108 @@ def pack_batch(pool: KVPool, batch: ModelBatch, bucket: int, max_batch: int):
 def stack_params_padded(params: list[SamplingParams], size: int) -> dict[str, np.ndarray]:
   """`stack_params` padded with greedy rows to `size` (the sequence bucket)."""
   return stack_params(list(params) + [SamplingParams()] * (size - len(params)))
+
+
+# --- one packed transfer per step -----------------------------------------------------------
+
+_PACKABLE = ("int32", "float32", "uint32")  # 32-bit dtypes: bitcast to int32 and back
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedLayout:
+  """Where each named array lies in a packed int32 buffer (hashable: a static jit argument).
+
+  `fields`: (name, shape, dtype name, offset) per array, in packing order; `size`: the
+  buffer's length in int32 words.
+  """
+
+  fields: tuple[tuple[str, tuple[int, ...], str, int], ...]
+  size: int
+
+  @classmethod
+  def of(cls, shapes: dict[str, tuple[tuple[int, ...], str]]) -> PackedLayout:
+    """The layout of arrays given as name -> (shape, dtype name), in that order."""
+    fields, offset = [], 0
+    for name, (shape, dtype) in shapes.items():
+      dtype = np.dtype(dtype).name
+      if dtype not in _PACKABLE:
+        raise ValueError(f"cannot pack {name!r} of dtype {dtype}: only {_PACKABLE}")
+      shape = tuple(int(d) for d in shape)
+      fields.append((name, shape, dtype, offset))
+      offset += math.prod(shape)
+    return cls(tuple(fields), offset)
+
+  @classmethod
+  def like(cls, arrays: dict[str, np.ndarray]) -> PackedLayout:
+    return cls.of({k: (np.shape(v), np.asarray(v).dtype) for k, v in arrays.items()})
+
+
+def pack(arrays: dict[str, np.ndarray], layout: PackedLayout) -> np.ndarray:
+  """The arrays in ONE int32 buffer (32-bit floats and uints bitcast), by `layout`."""
+  if [f[0] for f in layout.fields] != list(arrays):
+    raise ValueError(f"arrays {list(arrays)} do not match the layout "
+                     f"{[f[0] for f in layout.fields]}")
+  buf = np.empty(layout.size, np.int32)
+  for name, shape, dtype, offset in layout.fields:
+    a = np.asarray(arrays[name])
+    if a.shape != shape or a.dtype.name != dtype:
+      raise ValueError(f"{name}: got {a.dtype.name}{list(a.shape)}, the layout has "
+                       f"{dtype}{list(shape)}")
+    buf[offset:offset + a.size] = np.ascontiguousarray(a).reshape(-1).view(np.int32)
+  return buf
+
+
+def unpack(buf_N: jax.Array, layout: PackedLayout) -> dict[str, jax.Array]:
+  """Inverse of `pack`, traceable (slices, reshapes and bitcasts inside a jit)."""
+  out = {}
+  for name, shape, dtype, offset in layout.fields:
+    flat = jax.lax.slice_in_dim(buf_N, offset, offset + math.prod(shape))
+    if dtype != "int32":
+      flat = jax.lax.bitcast_convert_type(flat, jnp.dtype(dtype))
+    out[name] = flat.reshape(shape)
+  return out
+
+
+SAMPLING_KEYS = tuple(stack_params([]))  # the sampling arrays' names, in packing order
+MAX_STOP_IDS = 4  # stop ids per request a multi-step decode loop checks on device
+
+
+def step_arrays(paged: PagedBatch, sampling: dict[str, np.ndarray],
+                next_positions_S: np.ndarray) -> dict[str, np.ndarray]:
+  """A one-step batch's host arrays by name: the PagedBatch fields, sampling, positions."""
+  return ({f.name: getattr(paged, f.name) for f in dataclasses.fields(PagedBatch)}
+          | {k: sampling[k] for k in SAMPLING_KEYS} | {"next_positions_S": next_positions_S})
+
+
+def step_inputs(arrays: dict[str, jax.Array]):
+  """`step_arrays`' inverse, on the unpacked device arrays: (PagedBatch, sampling, positions)."""
+  paged = PagedBatch(**{f.name: arrays[f.name] for f in dataclasses.fields(PagedBatch)})
+  return paged, {k: arrays[k] for k in SAMPLING_KEYS}, arrays["next_positions_S"]
+
+
+def decode_arrays(pool: KVPool, batch: ModelBatch, max_batch: int) -> dict[str, np.ndarray]:
+  """Host arrays of a multi-step decode batch (`batch.decode_steps` set), padded to
+  `max_batch`: each request's pending token and its position, the tokens it may generate
+  (0 on padding rows), its page tables (the pool's device 0: a colocated pool has one), up to
+  `MAX_STOP_IDS` of its stop ids (`NO_TOKEN` fills; the host commit checks them all), its
+  sampling arrays."""
+  s, n = max_batch, len(batch.requests)
+  if n > s:
+    raise RuntimeError(f"{n} sequences exceed max_batch {s}")
+  tokens = np.zeros(s, np.int32)
+  positions = np.zeros(s, np.int32)
+  steps = np.zeros(s, np.int32)
+  stops = np.full((s, MAX_STOP_IDS), NO_TOKEN, np.int32)
+  for i, (r, k) in enumerate(zip(batch.requests, batch.decode_steps, strict=True)):
+    tokens[i] = r.pending_ids(1)[0]
+    positions[i] = r.num_cached
+    steps[i] = k
+    ids = sorted(r.stop_ids)[:MAX_STOP_IDS]
+    stops[i, :len(ids)] = ids
+  tables = pool.tables(batch.model_id, [r.request_id for r in batch.requests])
+  local = np.zeros((tables.shape[0], s, tables.shape[2]), np.int32)
+  local[:, :n] = pool.local_tables(tables, 0)
+  sampling = stack_params_padded([r.sampling for r in batch.requests], s)
+  return ({"tokens_S": tokens, "positions_S": positions, "steps_S": steps,
+           "num_seqs_1": np.asarray([n], np.int32), "page_tables_LSP": local,
+           "stop_ids_S4": stops} | {k: sampling[k] for k in SAMPLING_KEYS})

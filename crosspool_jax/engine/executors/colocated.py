@@ -2,8 +2,11 @@
 
 Shapes are bucketed: per model, one executable per token bucket (sequences padded to
 `max_batch`, page tables to the model's max pages), compiled at start-up and kept in a dict,
-so a batch that fits no bucket fails loudly instead of recompiling. All host inputs of a step
-are packed into preallocated-size numpy arrays and transferred once.
+so a batch that fits no bucket fails loudly instead of recompiling. A step's host inputs are
+packed into ONE int32 buffer (`batching.pack`), put on the device once and unpacked inside the
+jit. With `decode_steps` > 1, a decode-only batch whose requests may generate several tokens
+(`ModelBatch.decode_steps`) runs that many decode steps in one dispatch (`_decode_loop`, a
+`lax.while_loop`: forward, KV write, sampling on device) with one read of all its tokens.
 """
 
 from __future__ import annotations
@@ -16,22 +19,86 @@ import jax.numpy as jnp
 import numpy as np
 
 from crosspool_jax.engine.executors.api import HostCounters, LoadedModel, blame
-from crosspool_jax.engine.executors.batching import pack_batch, stack_params_padded, token_bucket
+from crosspool_jax.engine.executors.batching import (
+  SAMPLING_KEYS,
+  PackedLayout,
+  decode_arrays,
+  pack,
+  pack_batch,
+  stack_params_padded,
+  step_arrays,
+  step_inputs,
+  token_bucket,
+  unpack,
+)
 from crosspool_jax.engine.scheduler import ModelBatch
 from crosspool_jax.models.paged import PagedBatch, forward_paged
-from crosspool_jax.models.sampling import sample
+from crosspool_jax.models.sampling import INVALID_TOKEN, NO_TOKEN, sample
 from crosspool_jax.pools.kv_buffers import allocate_kv_buffer
 from crosspool_jax.pools.kv_pool import KVPool
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "attn_impl", "moe_impl"),
+@functools.partial(jax.jit, static_argnames=("layout", "cfg", "attn_impl", "moe_impl"),
                    donate_argnames=("pool_PE",))
-def _step(params, pool_PE, batch: PagedBatch, sampling, next_positions_S, *, cfg, attn_impl,
-          moe_impl):
-  """forward_paged + on-device sampling of each sequence's next token."""
+def _step(params, pool_PE, packed_N, *, layout: PackedLayout, cfg, attn_impl, moe_impl):
+  """Unpacks the step's inputs; forward_paged + on-device sampling of each next token."""
+  batch, sampling, next_positions_S = step_inputs(unpack(packed_N, layout))
   logits_SV, pool_PE = forward_paged(params, pool_PE, batch, cfg=cfg, attn_impl=attn_impl,
                                      moe_impl=moe_impl)
   return sample(logits_SV, next_positions_S, **sampling), pool_PE
+
+
+@functools.partial(jax.jit, static_argnames=("layout", "num_steps", "page_tokens", "cfg",
+                                             "attn_impl", "moe_impl"),
+                   donate_argnames=("pool_PE",))
+def _decode_loop(params, pool_PE, packed_N, *, layout: PackedLayout, num_steps: int,
+                 page_tokens: int, cfg, attn_impl, moe_impl):
+  """Up to `num_steps` decode steps of one batch (`batching.decode_arrays`, packed).
+
+  Each iteration feeds every live sequence its last token (KV written at the slot its page
+  table gives), samples the next and stops a sequence on a stop id, an `INVALID_TOKEN` or
+  once it generated its `steps_S`; the loop ends when none is live. Returns (tokens [S, N],
+  `NO_TOKEN` past each sequence's last, pool).
+  """
+  a = unpack(packed_N, layout)
+  sampling = {k: a[k] for k in SAMPLING_KEYS}
+  tables_LSP, num_seqs_1, steps_S, stops_S4 = (a["page_tables_LSP"], a["num_seqs_1"],
+                                               a["steps_S"], a["stop_ids_S4"])
+  s = steps_S.shape[0]
+  rows_S = jnp.arange(s)
+  cu_q_lens_S1 = jnp.minimum(jnp.arange(s + 1), num_seqs_1[0]).astype(jnp.int32)
+
+  def live(carry):
+    i, alive_S = carry[0], carry[3]
+    return (i < num_steps) & alive_S.any()
+
+  def step(carry):
+    i, pool_PE, tokens_S, alive_S, pos_S, count_S, out_SN = carry
+    page_LS = tables_LSP[:, rows_S, pos_S // page_tokens]
+    slots_LS = jnp.where(alive_S & (page_LS > 0), page_LS * page_tokens + pos_S % page_tokens,
+                         0)
+    batch = PagedBatch(tokens_T=tokens_S, positions_T=jnp.where(alive_S, pos_S, -1),
+                       cu_q_lens_S1=cu_q_lens_S1,
+                       kv_lens_S=jnp.where(rows_S < num_seqs_1[0], pos_S + alive_S, 0),
+                       num_seqs_1=num_seqs_1, page_tables_LSP=tables_LSP,
+                       slot_mapping_LT=slots_LS.astype(jnp.int32))
+    logits_SV, pool_PE = forward_paged(params, pool_PE, batch, cfg=cfg, attn_impl=attn_impl,
+                                       moe_impl=moe_impl)
+    next_S = sample(logits_SV, pos_S + 1, **sampling)
+    out_SN = out_SN.at[:, i].set(jnp.where(alive_S, next_S, NO_TOKEN))
+    count_S = count_S + alive_S
+    tokens_S = jnp.where(alive_S, next_S, tokens_S)
+    pos_S = pos_S + alive_S
+    stopped_S = ((next_S == INVALID_TOKEN) | (next_S[:, None] == stops_S4).any(-1)
+                 | (count_S >= steps_S))
+    return i + 1, pool_PE, tokens_S, alive_S & ~stopped_S, pos_S, count_S, out_SN
+
+  alive_S = steps_S > 0
+  carry = (jnp.int32(0), pool_PE, a["tokens_S"], alive_S,
+           jnp.where(alive_S, a["positions_S"], 0), jnp.zeros(s, jnp.int32),
+           jnp.full((s, num_steps), NO_TOKEN, jnp.int32))
+  carry = jax.lax.while_loop(live, step, carry)
+  return carry[6], carry[1]
 
 
 class ColocatedExecutor:
@@ -44,13 +111,19 @@ class ColocatedExecutor:
     token_buckets: padded token counts per model step, ascending.
     max_batch: sequences per model step.
     attn_impl, moe_impl: kernel implementations.
+    decode_steps: decode steps of one multi-step dispatch (1: none; one more executable per
+      model otherwise).
   """
 
   def __init__(self, models: dict[str, LoadedModel], pools: dict[str, KVPool],
                buffers: dict[int, jax.Array], *, token_buckets: tuple[int, ...], max_batch: int,
-               attn_impl: str | None = None, moe_impl: str | None = None):
+               attn_impl: str | None = None, moe_impl: str | None = None,
+               decode_steps: int = 1):
     if list(token_buckets) != sorted(set(token_buckets)) or token_buckets[0] < 1:
       raise ValueError(f"token_buckets must be ascending positive ints, got {token_buckets}")
+    if decode_steps < 1:
+      raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
+    self.decode_steps = decode_steps
     self.models = dict(models)
     self.pools = dict(pools)
     self.buffers = dict(buffers)
@@ -59,7 +132,9 @@ class ColocatedExecutor:
     self.max_batch = max_batch
     self.attn_impl = attn_impl
     self.moe_impl = moe_impl
-    self._executables: dict[tuple[str, int], jax.stages.Compiled] = {}
+    # (model, token bucket) and (model, "decode") -> executable, with its input layout
+    self._executables: dict[tuple[str, int | str], jax.stages.Compiled] = {}
+    self._layouts: dict[tuple[str, int | str], PackedLayout] = {}
     self.counters = HostCounters()
     self._read_s = 0.0  # of the step being run: time blocked reading tokens
 
@@ -75,13 +150,21 @@ class ColocatedExecutor:
 
   def _compile_model(self, model_id: str, log=None) -> None:
     model = self.models[model_id]
+    buffer = self.buffers[model.group]
+    impls = {"cfg": model.cfg, "attn_impl": self.attn_impl, "moe_impl": self.moe_impl}
     for bucket in self.token_buckets:
-      args = self._abstract_args(model, bucket)
+      layout = self._layouts[model_id, bucket] = self._step_layout(model, bucket)
       self._executables[model_id, bucket] = _step.lower(
-          model.params, self.buffers[model.group], *args, cfg=model.cfg,
-          attn_impl=self.attn_impl, moe_impl=self.moe_impl).compile()
+          model.params, buffer, _abstract(layout), layout=layout, **impls).compile()
       if log:
         log(f"compiled {model_id} tokens={bucket}")
+    if self.decode_steps > 1:
+      layout = self._layouts[model_id, "decode"] = self._decode_layout(model)
+      self._executables[model_id, "decode"] = _decode_loop.lower(
+          model.params, buffer, _abstract(layout), layout=layout, num_steps=self.decode_steps,
+          page_tokens=self.pools[model_id].page_tokens(model_id), **impls).compile()
+      if log:
+        log(f"compiled {model_id} decode_steps={self.decode_steps}")
 
   def add_model(self, model: LoadedModel, pool: KVPool, buffer: jax.Array | None = None,
                 log=None) -> None:
@@ -98,7 +181,7 @@ class ColocatedExecutor:
     """Drops a model's executables (its group's buffer stays with the group)."""
     del self.models[model_id], self.pools[model_id]
     for key in [k for k in self._executables if k[0] == model_id]:
-      del self._executables[key]
+      del self._executables[key], self._layouts[key]
 
   def restore_lost_buffers(self) -> list[KVPool]:
     """Re-allocates the KV buffers a failed step consumed (donated, never returned); returns
@@ -113,53 +196,78 @@ class ColocatedExecutor:
         lost.append(pool)
     return lost
 
-  def _abstract_args(self, model: LoadedModel, bucket: int):
+  def _step_layout(self, model: LoadedModel, bucket: int) -> PackedLayout:
+    """The packed layout of a one-step batch of `bucket` tokens."""
     pool = self.pools[model.model_id]
     width = pool.tables(model.model_id, []).shape[2]
-    i32 = functools.partial(jax.ShapeDtypeStruct, dtype=jnp.int32)
     s, layers = self.max_batch, model.cfg.num_layers
-    batch = PagedBatch(tokens_T=i32((bucket,)), positions_T=i32((bucket,)),
-                       cu_q_lens_S1=i32((s + 1,)), kv_lens_S=i32((s,)), num_seqs_1=i32((1,)),
+    i32 = functools.partial(np.zeros, dtype=np.int32)
+    batch = PagedBatch(tokens_T=i32(bucket), positions_T=i32(bucket), cu_q_lens_S1=i32(s + 1),
+                       kv_lens_S=i32(s), num_seqs_1=i32(1),
                        page_tables_LSP=i32((layers, s, width)),
                        slot_mapping_LT=i32((layers, bucket)))
-    sampling = {k: jax.ShapeDtypeStruct(v.shape, v.dtype)
-                for k, v in stack_params_padded([], s).items()}
-    return batch, sampling, i32((s,))
+    return PackedLayout.like(step_arrays(batch, stack_params_padded([], s), i32(s)))
+
+  def _decode_layout(self, model: LoadedModel) -> PackedLayout:
+    """The packed layout of a multi-step decode batch."""
+    empty = ModelBatch(model.model_id, [], [], decode_steps=[])
+    return PackedLayout.like(decode_arrays(self.pools[model.model_id], empty, self.max_batch))
 
   def run(self, batch: ModelBatch) -> np.ndarray:
-    """Feeds the batch; returns the token sampled after each request's fed tokens."""
+    """Feeds the batch; returns the token sampled after each request's fed tokens, or for a
+    multi-step batch (`batch.decode_steps`) each request's tokens [B, decode_steps]
+    (`NO_TOKEN` past its last)."""
     model = self.models[batch.model_id]
-    bucket = token_bucket(self.token_buckets, batch, self.max_batch)
-    exe = self._executables.get((batch.model_id, bucket))
-    if exe is None:
-      raise RuntimeError(f"bucket ({batch.model_id}, {bucket}) was not compiled at start-up")
-    paged, sampling, next_pos = pack_batch(self.pools[model.model_id], batch, bucket,
-                                           self.max_batch)
-    device = self._devices[model.group]
-    inputs = (paged[0], sampling, next_pos)
-    paged, sampling, next_pos = jax.device_put(inputs, device)
-    tokens_S, self.buffers[model.group] = exe(model.params, self.buffers[model.group], paged,
-                                              sampling, next_pos)
-    self.counters.transfers += len(jax.tree.leaves(inputs))
+    pool = self.pools[model.model_id]
+    if batch.decode_steps is not None:
+      key = (batch.model_id, "decode")
+      if key not in self._executables:
+        raise RuntimeError(f"model {batch.model_id!r} has no multi-step executable "
+                           f"(decode_steps={self.decode_steps})")
+      arrays = decode_arrays(pool, batch, self.max_batch)
+    else:
+      bucket = token_bucket(self.token_buckets, batch, self.max_batch)
+      key = (batch.model_id, bucket)
+      if key not in self._executables:
+        raise RuntimeError(f"bucket ({batch.model_id}, {bucket}) was not compiled at start-up")
+      paged, sampling, next_pos = pack_batch(pool, batch, bucket, self.max_batch)
+      arrays = step_arrays(paged[0], sampling, next_pos)
+    packed_N = jax.device_put(pack(arrays, self._layouts[key]), self._devices[model.group])
+    self.counters.transfers += 1
+    tokens, self.buffers[model.group] = self._executables[key](
+        model.params, self.buffers[model.group], packed_N)
     self.counters.dispatches += 1
     self.counters.blocking_reads += 1
     read = time.perf_counter()
-    tokens = jax.device_get(tokens_S)[:len(batch.requests)]
+    tokens = jax.device_get(tokens)[:len(batch.requests)]
     self._read_s += time.perf_counter() - read
     return tokens
 
   def run_many(self, batches: list[ModelBatch]) -> list[np.ndarray]:
     """`run` of each batch in turn (one model step after the other).
 
+    Counts one step per call, or for multi-step batches the most decode steps one of them
+    ran (each is a step of the model loop), and the tokens generated.
+
     Raises:
       StepError: naming the model whose batch raised (the batches before it have run).
     """
     start, self._read_s = time.perf_counter(), 0.0
-    out = []
+    out, steps, tokens = [], 1, 0
     for b in batches:
       with blame([b.model_id]):
         out.append(self.run(b))
-    self.counters.steps += 1
-    self.counters.tokens += sum(b.num_sampled for b in batches)
+      if b.decode_steps is None:
+        tokens += b.num_sampled
+      else:
+        generated_B = (out[-1] != NO_TOKEN).sum(axis=1)
+        tokens += int(generated_B.sum())
+        steps = max(steps, int(generated_B.max(initial=1)))
+    self.counters.steps += steps
+    self.counters.tokens += tokens
     self.counters.host_s += time.perf_counter() - start - self._read_s
     return out
+
+
+def _abstract(layout: PackedLayout) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct((layout.size,), jnp.int32)

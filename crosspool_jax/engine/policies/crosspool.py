@@ -38,6 +38,10 @@ class CrossPoolPolicy(MemoryPolicy):
 
   def validate(self, config) -> None:
     make_policy(config.expert_policy)  # an unknown expert policy is named here
+    if config.decode_steps_per_dispatch != 1:
+      raise ValueError(f"decode_steps_per_dispatch={config.decode_steps_per_dispatch}: "
+                       f"multi-step decode is not supported by the {self.name} policy yet "
+                       "(use 1, or the static / shared policy)")
 
   def new_weights_pool(self, *, device_bytes: int, num_devices: int,
                        expert_policy: str) -> WeightsPool:
