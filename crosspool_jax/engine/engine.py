@@ -66,6 +66,9 @@ class EngineConfig:
       under a weights-pool policy (crosspool*), the KV-pool devices (one pool over them all).
     weight_devices: crosspool* only: the weights-pool devices.
     micro_batches: crosspool* only: micro-batches of the layer-wise pipeline (1 = none).
+    micro_batch_min_tokens: crosspool* only: a model batch is cut into micro-batches only if
+      each gets at least this many tokens (small decode batches are launch-bound: splitting
+      them doubles their programs and transfers and overlaps nothing worth it); 0 = always.
     expert_slots_per_device: crosspool* only: expert slots of each shape class per weights
       device (fewer than the fleet's experts: the hot ones stay, the rest are swapped in).
     expert_policy: crosspool* only: "pin_all", "lru", "lfu" or "activation_aware".
@@ -93,6 +96,7 @@ class EngineConfig:
   devices: tuple[int, ...] = (0,)
   weight_devices: tuple[int, ...] = ()
   micro_batches: int = 2
+  micro_batch_min_tokens: int = 0
   expert_slots_per_device: int = 64
   expert_policy: str = "lru"
   fuse_experts: bool = True
@@ -108,6 +112,8 @@ class EngineConfig:
                        f"{self.max_batch}")
     if not self.devices:
       raise ValueError("devices must name at least one KV group device")
+    if self.micro_batch_min_tokens < 0:
+      raise ValueError(f"micro_batch_min_tokens must be >= 0, got {self.micro_batch_min_tokens}")
     if self.timeline_every < 0:
       raise ValueError(f"timeline_every must be >= 0 (0: no timeline), got "
                        f"{self.timeline_every}")

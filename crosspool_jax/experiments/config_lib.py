@@ -50,6 +50,7 @@ def engine_block(**kw):
       # crosspool policies only: devices is then the KV pool, these the weights pool.
       weight_devices=(),
       micro_batches=2,            # layer-wise ping-pong (1 = no pipeline)
+      micro_batch_min_tokens=0,   # cut a model batch only if each part gets this many tokens
       expert_slots_per_device=8,  # per shape class and weights device (< fleet experts: swap)
       expert_policy="lru",        # pin_all | lru | lfu | activation_aware
       fuse_experts=True,          # micro-batches of one shape class share an expert call

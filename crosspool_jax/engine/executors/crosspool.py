@@ -25,7 +25,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from crosspool_jax.engine.executors.api import HostCounters, LoadedModel, blame
-from crosspool_jax.engine.executors.batching import pack_batch, token_bucket
+from crosspool_jax.engine.executors.batching import (
+    PackedLayout,
+    pack,
+    pack_batch,
+    step_arrays,
+    step_inputs,
+    token_bucket,
+    unpack,
+)
 from crosspool_jax.engine.scheduler import ModelBatch
 from crosspool_jax.models import stages
 from crosspool_jax.pools.kv_buffers import allocate_kv_buffer
@@ -186,6 +194,21 @@ def _none_used(tables_RE):
   return tables_RE != tables_RE
 
 
+@functools.partial(jax.jit, static_argnames=("layout",))
+def _unpack_and_embed(packed_N, embed_VD, *, layout: PackedLayout):
+  """A micro-batch's packed inputs on its home KV device: (PagedBatch, sampling, next
+  positions, token embeddings x_TD, valid mask valid_T)."""
+  batch, sampling, next_positions_S = step_inputs(unpack(packed_N, layout))
+  return (batch, sampling, next_positions_S,
+          *stages.embed(embed_VD, batch.tokens_T, batch.positions_T))
+
+
+@functools.partial(jax.jit, static_argnames=("layout",))
+def _unpack(packed_N, *, layout: PackedLayout):
+  """A micro-batch's packed inputs on another KV device holding some of its pages."""
+  return step_inputs(unpack(packed_N, layout))[0]
+
+
 def _pow2(n: int) -> int:
   return 1 << max(0, n - 1).bit_length()
 
@@ -238,6 +261,7 @@ class DisaggregatedExecutor:
     token_buckets: padded token counts per micro-batch.
     max_batch: sequences per micro-batch.
     micro_batches: parts each model batch is cut into (1 = no pipeline, the ablation).
+    micro_batch_min_tokens: cut a batch only if each part gets at least this many tokens.
     attn_impl, moe_impl: kernel implementations.
     timeline_every: record the per-stage timeline of every Nth step (0: none).
     fuse_experts: micro-batches of one shape class and home weights device share one expert
@@ -249,6 +273,7 @@ class DisaggregatedExecutor:
   def __init__(self, models: dict[str, LoadedModel], kv_pool: KVPool,
                kv_buffers: list[jax.Array], wpool: DeviceWeightsPool, *,
                token_buckets: tuple[int, ...], max_batch: int, micro_batches: int = 2,
+               micro_batch_min_tokens: int = 0,
                attn_impl: str | None = None, moe_impl: str | None = None,
                timeline_every: int = 1, fuse_experts: bool = True,
                fused_token_buckets: tuple[int, ...] | None = None):
@@ -269,6 +294,7 @@ class DisaggregatedExecutor:
     self.token_buckets = tuple(token_buckets)
     self.max_batch = max_batch
     self.micro_batches = micro_batches
+    self.micro_batch_min_tokens = micro_batch_min_tokens
     self.attn_impl = attn_impl
     self.moe_impl = moe_impl
     self.timeline = Timeline(timeline_every > 0)
@@ -292,6 +318,7 @@ class DisaggregatedExecutor:
     self._tables: dict[int, _Tables] = {}  # per weights device
     self._tables_version = -1
     self._scalars: dict[tuple[int, int], jax.Array] = {}
+    self._layouts: dict[tuple[str, int], PackedLayout] = {}  # (model, bucket): packed inputs
     self._last_chosen: dict[tuple[str, int], np.ndarray] = {}  # experts of the last step
     self._read_s = 0.0  # time blocked in device reads in the step being run
     self._tokens_read = False  # whether the step being run has read its tokens yet
@@ -322,7 +349,8 @@ class DisaggregatedExecutor:
       self._scalars[key] = self._put(np.int32(value), device)
     return self._scalars[key]
 
-  def _put(self, tree, device: jax.Device):
+  def _put(self, tree, device):
+    """`jax.device_put`, counted; one call for a list of trees with a list of devices."""
     self.counters.transfers += len(jax.tree.leaves(tree))
     return jax.device_put(tree, device)
 
@@ -359,7 +387,7 @@ class DisaggregatedExecutor:
       for bucket in self.token_buckets:
         empty = ModelBatch(model_id, [], [])
         for spread in (False, True):
-          self._run_micro_batches([self._prepare(0, model, empty, bucket, spread=spread)],
+          self._run_micro_batches(self._prepare([(model, empty, bucket)], spread=spread),
                                   track=False, sync=False)
         self._warm.add((model_id, bucket))
         if log:
@@ -381,6 +409,7 @@ class DisaggregatedExecutor:
     """Stops running a model (its experts are removed from the weights pool by the caller)."""
     del self.models[model_id]
     self._warm = {w for w in self._warm if w[0] != model_id}
+    self._layouts = {k: v for k, v in self._layouts.items() if k[0] != model_id}
     self._last_chosen = {k: v for k, v in self._last_chosen.items() if k[0] != model_id}
     for t in self._tables.values():  # its rows stay, unused, until the next layout
       t.rows = {k: row for k, row in t.rows.items() if k[0] != model_id}
@@ -510,7 +539,8 @@ class DisaggregatedExecutor:
 
   def _split(self, batch: ModelBatch) -> list[ModelBatch]:
     n = len(batch.requests)
-    parts = min(self.micro_batches, n)
+    parts = min(self.micro_batches, n,
+                max(1, batch.num_tokens // max(1, self.micro_batch_min_tokens)))
     bounds = np.linspace(0, n, parts + 1).round().astype(int)
     return [ModelBatch(batch.model_id, batch.requests[a:b], batch.num_new[a:b])
             for a, b in itertools.pairwise(bounds) if b > a]
@@ -537,11 +567,8 @@ class DisaggregatedExecutor:
       buckets.append(bucket)
 
     def prepare():
-      mbs = []
-      for j, (part, bucket) in enumerate(zip(parts, buckets, strict=True)):
-        with blame([part.model_id]):
-          mbs.append(self._prepare(j, self.models[part.model_id], part, bucket))
-      return mbs
+      return self._prepare([(self.models[part.model_id], part, bucket)
+                            for part, bucket in zip(parts, buckets, strict=True)])
 
     swaps = self.wpool.pool.stats.swap_calls
     mbs = prepare()
@@ -569,20 +596,43 @@ class DisaggregatedExecutor:
       out[i].append(t)
     return [np.concatenate(t) for t in out]
 
-  def _prepare(self, index: int, model: LoadedModel, batch: ModelBatch, bucket: int, *,
-               spread: bool = False) -> _MicroBatch:
-    """Puts a micro-batch's inputs on its home KV device and on the KV devices that hold its
-    pages (every KV device with `spread`), embeds its tokens."""
-    paged, sampling, next_pos = pack_batch(self.kv_pool, batch, bucket, self.max_batch)
-    valid_host = paged[model.group].positions_T >= 0
-    on = {d: b for d, b in enumerate(paged)
-          if spread or d == model.group or b.page_tables_LSP.any()}
-    on = {d: self._put(b, self.kv_devices[d]) for d, b in on.items()}
-    home = on[model.group]
-    sampling, next_pos = self._put((sampling, next_pos), self.kv_devices[model.group])
-    x_TD, valid_T = stages.embed(model.params["embed_VD"], home.tokens_T, home.positions_T)
-    self._dispatched()
-    return _MicroBatch(index, model, batch, on, sampling, next_pos, valid_T, valid_host, x_TD)
+  def _prepare(self, specs: list[tuple[LoadedModel, ModelBatch, int]], *,
+                spread: bool = False) -> list[_MicroBatch]:
+    """Micro-batches from (model, batch, token bucket): each one's inputs packed in one buffer
+    per device it needs (its home KV device, the KV devices holding its pages: every KV
+    device with `spread`), all put in one call, unpacked there; its tokens embedded."""
+    host, devices, packed = [], [], []
+    for model, batch, bucket in specs:
+      with blame([model.model_id]):
+        paged, sampling, next_pos = pack_batch(self.kv_pool, batch, bucket, self.max_batch)
+        key = (model.model_id, bucket)
+        mine = []
+        for d, b in enumerate(paged):
+          if spread or d == model.group or b.page_tables_LSP.any():
+            arrays = step_arrays(b, sampling, next_pos)
+            if key not in self._layouts:
+              self._layouts[key] = PackedLayout.like(arrays)
+            host.append(pack(arrays, self._layouts[key]))
+            devices.append(self.kv_devices[d])
+            mine.append(d)
+        packed.append((mine, paged[model.group].positions_T >= 0))
+    bufs = iter(self._put(host, devices))
+    mbs = []
+    for index, ((model, batch, bucket), (mine, valid_host)) in enumerate(
+        zip(specs, packed, strict=True)):
+      layout = self._layouts[model.model_id, bucket]
+      on = {}
+      with blame([model.model_id]):
+        for d in mine:
+          if d == model.group:
+            on[d], sampling, next_pos, x_TD, valid_T = _unpack_and_embed(
+                next(bufs), model.params["embed_VD"], layout=layout)
+          else:
+            on[d] = _unpack(next(bufs), layout=layout)
+          self._dispatched()
+      mbs.append(_MicroBatch(index, model, batch, on, sampling, next_pos, valid_T, valid_host,
+                             x_TD))
+    return mbs
 
   def _make_resident(self, mbs: list[_MicroBatch]) -> None:
     """Before a speculative run: per (class, weights device) partition, every expert of the
@@ -739,11 +789,14 @@ class DisaggregatedExecutor:
              sync: bool) -> None:
     """The expert FFNs of one (class, weights device) group of a layer's micro-batches."""
     wdev = self.wpool.devices[d]
+    # The transfers need no routing decision: issued first, in one call for the group.
+    sent = self._put([(*mb.moe[1:], *(() if d in mb.valid_on else (mb.valid_T,)))
+                      for mb in members], wdev)  # valid_T: once per step and device
     moved = {}
-    for mb in members:  # the transfers need no routing decision: issue them first
-      if d not in mb.valid_on:
-        mb.valid_on[d] = self._put(mb.valid_T, wdev)
-      moved[mb.index] = (*self._put(mb.moe[1:], wdev), mb.valid_on[d])
+    for mb, arrays in zip(members, sent, strict=True):
+      if len(arrays) == 4:
+        mb.valid_on[d] = arrays[3]
+      moved[mb.index] = (*arrays[:3], mb.valid_on[d])
       self._track(track, moved[mb.index], mb, layer, "transfer_to_weights", wdev)
     chosen = None
     if sync:
@@ -801,11 +854,12 @@ class DisaggregatedExecutor:
                                  impl=self.moe_impl)
     self._dispatched(len(call) + 1)
     self._track(track, y_UD, call, layer, "experts", wdev)
-    for mb, offset in zip(call, offsets, strict=True):
-      home = self.kv_devices[mb.home]
-      y_TD = self._put(_unstage(y_UD, moved[mb.index][3], self._scalar(wdev, offset)), home)
-      self._dispatched()
-      self._track(track, y_TD, mb, layer, "transfer_back", home)
+    ys = [_unstage(y_UD, moved[mb.index][3], self._scalar(wdev, offset))
+          for mb, offset in zip(call, offsets, strict=True)]
+    self._dispatched(len(call))
+    ys = self._put(ys, [self.kv_devices[mb.home] for mb in call])  # one call for the members
+    for mb, y_TD in zip(call, ys, strict=True):
+      self._track(track, y_TD, mb, layer, "transfer_back", self.kv_devices[mb.home])
       x_TD, h_TD, _, _ = mb.moe
       mb.x_TD, mb.pending, mb.moe = x_TD, (mb.model.params["layers"][layer]["ffn"], h_TD,
                                            y_TD), None

@@ -152,6 +152,7 @@ class CrossPoolPolicy(MemoryPolicy):
     executor = DisaggregatedExecutor(
         models, pools[0], buffers, weights_pool, token_buckets=config.token_buckets,
         max_batch=config.max_batch, micro_batches=config.micro_batches,
+        micro_batch_min_tokens=config.micro_batch_min_tokens,
         attn_impl=config.attn_impl, moe_impl=config.moe_impl, fuse_experts=config.fuse_experts,
         timeline_every=config.timeline_every,
         fused_token_buckets=fused_buckets)
