@@ -11,10 +11,12 @@ Each config (configs/experiments/*.py) has a small `cpu` variant and, where it m
   results.json  per run (policy x sweep value): `counts` (requests, rejections, preemptions,
                 KV pages per step, longest context served, expert hits, compile counts, an
                 output digest) and `wall_clock` (TTFT/TBT/E2E percentiles and samples,
-                throughput, goodput against config.slo, start-up); the traces' statistics,
-                whether all policies produced the same tokens, the full config, the seed, the
-                command, the git revision and the device;
-  *.png         latency CDFs, KV memory over time, per-model arrivals (and the sweep);
+                throughput, goodput against config.slo, start-up, the median recorded
+                step's pipeline); the traces' statistics, whether all policies produced the
+                same tokens, the full config, the seed, the command, the git revision and
+                the device;
+  *.png         latency CDFs, KV memory over time, per-model arrivals, pipeline.png (one
+                step per device of a crosspool and a colocated run), and the sweep's;
   outputs.json  every request's output tokens per run ("<run>@<sweep point>");
   trace.jsonl   the trace served (trace_<point>.jsonl per sweep point), replayable with
                 --config.workload.trace;

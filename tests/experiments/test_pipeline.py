@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import glob
+import itertools
 import os
 import subprocess
 import sys
@@ -127,7 +128,7 @@ def test_colocated_executor_records_each_model_program_of_every_nth_step():
     assert {e["kind"] for e in evs} == {"model_step"}
     assert [e["micro_batch"] for e in evs] == list(range(len(evs)))
     assert all(e["start"] <= e["end"] for e in evs)
-    assert all(a["end"] <= b["start"] for a, b in zip(evs, evs[1:], strict=False))
+    assert all(a["end"] <= b["start"] for a, b in itertools.pairwise(evs))
   assert {m for e in events for m in e["models"]} == set(models)
   assert eng.metrics()["pipeline_overlap"]["overlap_fraction"] == 0.0
   chosen = pipeline_step(events)
