@@ -250,8 +250,8 @@ def _gantt(ax, run: dict, colours) -> None:
   missed = step.get("missed_steps_left_out", 0)
   swaps = any(_category(e["kind"]) == "swap" for e in events)
   ax.set_title(f"{run_label(run)}: step {step['step']}, {span_ms:.1f} ms, the median of "
-               f"{step['recorded_steps']} recorded steps"
-               + (f" ({missed} with a missed speculative run left out)" if missed else "")
+               f"{step['recorded_steps'] - missed} recorded steps"
+               + (f" ({missed} more left out: their speculative run missed)" if missed else "")
                + ("" if swaps or colocated else "; expert swap-ins not recorded"), fontsize=9)
   what = "model batch" if colocated else "micro-batch"
   handles = [Patch(facecolor=colours(m % 10), edgecolor="black", label=f"{what} {m}")
