@@ -24,6 +24,7 @@ from crosspool_jax.engine.policies import POLICIES
 from crosspool_jax.engine.policies.sizes import dtype_itemsize
 from crosspool_jax.experiments import budget as budget_lib
 from crosspool_jax.experiments.serving import (
+  Profile,
   build_engine,
   check_config,
   describe_profile,
@@ -260,7 +261,7 @@ def pipeline_step(events: list[dict]) -> dict | None:
 
 def run_experiment(config, *, log: Callable[[str], None], command: str = "",
                    outputs: dict | None = None, trace_dir: str | None = None,
-                   profile: Callable[[str], dict] | None = None) -> dict:
+                   profile: Callable[[str], Profile] | None = None) -> dict:
   """Serves the config's trace(s) under each policy; returns the results dict.
 
   Args:
