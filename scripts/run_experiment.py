@@ -11,15 +11,18 @@ Each config (configs/experiments/*.py) has a small `cpu` variant and, where it m
   results.json  per run (policy x sweep value): `counts` (requests, rejections, preemptions,
                 KV pages per step, longest context served, expert hits, compile counts, an
                 output digest) and `wall_clock` (TTFT/TBT/E2E percentiles and samples,
-                throughput, goodput against config.slo, start-up); the traces' statistics,
-                whether all policies produced the same tokens, the full config, the seed, the
-                command, the git revision and the device;
-  *.png         latency CDFs, KV memory over time, per-model arrivals (and the sweep);
+                throughput, goodput against config.slo, start-up, the median recorded
+                step's pipeline); the traces' statistics, whether all policies produced the
+                same tokens, the full config, the seed, the command, the git revision and
+                the device;
+  *.png         latency CDFs, KV memory over time, per-model arrivals, pipeline.png (one
+                step per device of a crosspool and a colocated run), and the sweep's;
   outputs.json  every request's output tokens per run ("<run>@<sweep point>");
   trace.jsonl   the trace served (trace_<point>.jsonl per sweep point), replayable with
                 --config.workload.trace;
-and prints the comparison table. `python scripts/make_benchmarks.py` turns results files into
-BENCHMARKS.md.
+and prints the comparison table. `--profile_dir=DIR` also writes a jax.profiler trace of
+`--profile_steps` steps (after warm-up) of each run into DIR/<run> (TensorBoard, Perfetto).
+`python scripts/make_benchmarks.py` turns results files into BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ from crosspool_jax.cli import run_script, start_script
 from crosspool_jax.experiments.plots import write_plots
 from crosspool_jax.experiments.report import comparison_table
 from crosspool_jax.experiments.runner import check_experiment, run_experiment, run_names
+from crosspool_jax.experiments.serving import Profile
 from crosspool_jax.provenance import git_dirty, git_revision
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -53,6 +57,10 @@ def define_flags() -> None:
       "Experiment config file (ml_collections).", lock_config=True)
   flags.DEFINE_string("workdir", None, "Output directory (created); default "
                       "workdir/<experiment>_<variant> under the repository.")
+  flags.DEFINE_string("profile_dir", None, "If set, a jax.profiler trace of each run goes to "
+                      "DIR/<run name> (TensorBoard / XProf, Perfetto).")
+  flags.DEFINE_integer("profile_steps", 5, "Engine steps each profiler trace holds (after "
+                       f"{Profile.warmup} warm-up steps).", lower_bound=1)
 
 
 def _err(msg: str) -> None:
@@ -74,8 +82,12 @@ def main(argv: Sequence[str]) -> None:
           else ""))
   start = time.perf_counter()
   outputs: dict = {}
+  profile = None
+  if FLAGS.profile_dir:
+    def profile(run: str) -> Profile:
+      return Profile(os.path.join(FLAGS.profile_dir, run), steps=FLAGS.profile_steps)
   results = run_experiment(config, log=_err, command=shlex.join(["python", *sys.argv]),
-                           outputs=outputs, trace_dir=workdir)
+                           outputs=outputs, trace_dir=workdir, profile=profile)
   results |= {
       "git_revision": git_revision(),
       "git_dirty": git_dirty(),
@@ -92,6 +104,10 @@ def main(argv: Sequence[str]) -> None:
   print(comparison_table(results))
   print(f"wrote {workdir}/results.json and {len(plots)} plots in "
         f"{time.perf_counter() - start:.0f}s")
+  if FLAGS.profile_dir:
+    print(f"profiler traces: {FLAGS.profile_dir}/<run> (one per run; tensorboard "
+          f"--logdir={FLAGS.profile_dir}, or plugins/profile/*/perfetto_trace.json.gz in "
+          "ui.perfetto.dev)")
 
 
 if __name__ == "__main__":

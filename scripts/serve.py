@@ -23,6 +23,8 @@ Writes to --workdir:
     "serve" (rejections, every request's output tokens, submit lag, wall times, trace
     stats), the full config and the git revision;
   trace.jsonl: the trace that was served (replayable with --config.workload.trace).
+`--profile_dir=DIR`: a jax.profiler trace of `--profile_steps` steps after warm-up into DIR
+(TensorBoard / XProf, Perfetto).
 """
 
 from __future__ import annotations
@@ -40,8 +42,10 @@ from ml_collections import config_flags
 
 from crosspool_jax.cli import run_script, start_script
 from crosspool_jax.experiments.serving import (
+  Profile,
   build_engine,
   check_config,
+  describe_profile,
   format_table,
   load_trace,
   serve,
@@ -59,6 +63,10 @@ def define_flags() -> None:
   config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG,
                                   "Serving config file (ml_collections).", lock_config=True)
   flags.DEFINE_string("workdir", None, "Output directory (created).", required=True)
+  flags.DEFINE_string("profile_dir", None, "If set, a jax.profiler trace of a few steps goes "
+                      "there (TensorBoard / XProf, Perfetto).")
+  flags.DEFINE_integer("profile_steps", 5, "Engine steps the profiler trace holds (after "
+                       f"{Profile.warmup} warm-up steps).", lower_bound=1)
 
 
 def _err(msg: str) -> None:
@@ -85,7 +93,8 @@ def main(argv: Sequence[str]) -> None:
   _err(f"engine started in {startup_s:.1f}s ({engine.config.kv_policy} KV policy, "
        f"{jax.devices()[0].platform})")
 
-  serve_m = serve(engine, cfgs, config, records)
+  profile = Profile(FLAGS.profile_dir, steps=FLAGS.profile_steps) if FLAGS.profile_dir else None
+  serve_m = serve(engine, cfgs, config, records, profile=profile)
   serve_m["startup_s"] = startup_s
   serve_m["trace"] = trace_stats(records)
   serve_m["trace_meta"] = trace_meta
@@ -102,6 +111,8 @@ def main(argv: Sequence[str]) -> None:
     json.dump(metrics, f, indent=1)
   print(format_table(metrics))
   _err(f"wrote {os.path.join(workdir, 'metrics.json')}")
+  if profile is not None:
+    _err(describe_profile(serve_m["profile"]))
 
 
 if __name__ == "__main__":

@@ -75,9 +75,10 @@ class EngineConfig:
     fuse_experts: crosspool* only: per layer, the micro-batches whose MoE layer has the same
       expert shape class and home weights device share one expert-dispatch call (False: one
       call per micro-batch, the ablation).
-    timeline_every: crosspool* only: record the per-stage timeline of every Nth step (the
-      pipeline overlap in `metrics()`); 0 = none. A recorded step costs host time (a watcher
-      thread waits on each stage's output), so serving records only a sample.
+    timeline_every: record the executor's timeline of every Nth step (the pipeline overlap in
+      `metrics()`, `pipeline.png`); 0 = none. crosspool*: each stage (a watcher thread waits
+      on each stage's output, host time, so serving records only a sample); static/shared:
+      each model program (no thread: its tokens are read anyway).
     decode_steps_per_dispatch: static/shared only: a decode-only model batch runs up to this
       many decode steps in one dispatch (on-device loop; KV pages reserved for them first,
       never by preemption); its tokens all get the dispatch's end as their time, so TBT

@@ -7,6 +7,10 @@
   activity.png     requests arriving per model per time bin over the trace's time, one row per
                    model (the cold fleet's pulse), the trace's burst windows shaded
   sweep.png        p99 TBT and p99 TTFT against the swept value (sweeps only)
+  pipeline.png     Gantt chart of a run's `pipeline_step` (its median recorded step): the
+                   first crosspool* run above the first shared (else static) run; a row per
+                   device (upper lane transfers, lower lane compute), a bar per stage from
+                   issue to output ready, coloured by micro-batch (only if a run has one)
 """
 
 from __future__ import annotations
@@ -56,6 +60,9 @@ def write_plots(results: dict, workdir: str) -> list[str]:
 
   paths.append(_memory_plot(plt, results, title, workdir))
   paths.append(_activity_plot(plt, results, title, workdir))
+  pipeline = _pipeline_plot(plt, results, title, workdir)
+  if pipeline:
+    paths.append(pipeline)
 
   swept = [r for r in results["runs"] if r["sweep_value"] is not None]
   if swept:
@@ -162,6 +169,112 @@ def _activity_plot(plt, results: dict, title: str, workdir: str) -> str:
     fig.legend(loc="upper right", fontsize=7)
   fig.suptitle(f"{title}: arrivals per model (requests in the trace in brackets)")
   return _save(fig, plt, workdir, "activity.png")
+
+
+def pipeline_runs(results: dict) -> list[dict]:
+  """The runs pipeline.png draws: the first crosspool* and the first shared (else static) run
+  with a recorded `pipeline_step`, in that order."""
+  def first(policies):
+    for policy in policies:
+      for run in results["runs"]:
+        if (run.get("engine", {}).get("kv_policy", "").startswith(policy)
+            and run["wall_clock"].get("pipeline_step")):
+          return [run]
+    return []
+  return first(["crosspool"]) + first(["shared", "static"])
+
+
+_CATEGORIES = (  # (category, hatch, transfer lane)
+    ("attention", "", False), ("experts", "//", False), ("model program", "", False),
+    ("transfer", "...", True), ("swap", "xx", True), ("other", "oo", False))
+
+
+def _category(kind: str) -> str:
+  if kind.startswith(("attention", "merge")):
+    return "attention"
+  if kind.startswith("transfer"):
+    return "transfer"
+  if kind.startswith("swap"):
+    return "swap"
+  if kind in ("model_step", "decode_loop"):
+    return "model program"
+  return "experts" if kind == "experts" else "other"
+
+
+def _device_key(device: str):
+  digits = "".join(c if c.isdigit() else " " for c in device).split()
+  return (device.rstrip("0123456789"), int(digits[-1]) if digits else -1, device)
+
+
+def _gantt(ax, run: dict, colours) -> None:
+  """One run's pipeline step on `ax`."""
+  from matplotlib.patches import Patch
+
+  step = run["wall_clock"]["pipeline_step"]
+  events = step["events"]
+  hatch = {c: h for c, h, _ in _CATEGORIES}
+  upper = {c for c, _, lane in _CATEGORIES if lane}
+  devices = sorted({e["device"] for e in events}, key=_device_key)
+  row = {d: i for i, d in enumerate(devices)}
+  span_ms = 1000 * step["duration_s"]
+  colocated = any(_category(e["kind"]) == "model program" for e in events)
+  for e in events:
+    cat = _category(e["kind"])
+    x0, width = 1000 * e["start_s"], 1000 * (e["end_s"] - e["start_s"])
+    top, height = ((row[e["device"]] - 0.42, 0.3) if cat in upper else
+                   (row[e["device"]] - 0.08, 0.5))
+    members = e["members"] or [e["micro_batch"]]
+    for j, m in enumerate(members):  # a fused call: one stripe per member micro-batch
+      h = height / len(members)
+      ax.broken_barh([(x0, width)], (top + j * h, h), facecolors=colours(m % 10),
+                     edgecolors="black", linewidth=0.3, hatch=hatch[cat],
+                     alpha=0.6 if cat in upper else 1.0)
+    text = ", ".join(e["models"]) if colocated else f"L{e['layer']}"
+    if width > 0.05 * span_ms and cat not in upper:  # the layer (the model, colocated)
+      ax.text(x0 + width / 2, top + height / 2, text, ha="center", va="center", fontsize=7)
+  roles = {}
+  for e in events:
+    roles.setdefault(e["device"], set()).add(_category(e["kind"]))
+  labels = []
+  for d in devices:
+    r = roles[d]
+    role = ("KV" if "attention" in r else "weights" if "experts" in r else
+            "models " + ", ".join(sorted({m for e in events if e["device"] == d
+                                          for m in e["models"]})) if "model program" in r else "")
+    labels.append(f"{d}\n{role}" if role else d)
+  ax.set_yticks(range(len(devices)), labels, fontsize=8)
+  ax.set_ylim(len(devices) - 0.5, -0.5)
+  ax.set_xlim(0, 1.02 * max(span_ms, 1e-3))
+  ax.set_xlabel("ms from the step's first issue (bars: issue to output ready, i.e. in flight)")
+  ax.grid(axis="x", alpha=0.3)
+  missed = step.get("missed_steps_left_out", 0)
+  swaps = any(_category(e["kind"]) == "swap" for e in events)
+  ax.set_title(f"{run_label(run)}: step {step['step']}, {span_ms:.1f} ms, the median of "
+               f"{step['recorded_steps'] - missed} recorded steps"
+               + (f" ({missed} more left out: their speculative run missed)" if missed else "")
+               + ("" if swaps or colocated else "; expert swap-ins not recorded"), fontsize=9)
+  what = "model batch" if colocated else "micro-batch"
+  handles = [Patch(facecolor=colours(m % 10), edgecolor="black", label=f"{what} {m}")
+             for m in sorted({m for e in events for m in (e["members"] or [e["micro_batch"]])})]
+  cats = dict.fromkeys(_category(e["kind"]) for e in events)
+  handles += [Patch(facecolor="white", edgecolor="black", hatch=hatch[c],
+                    label=c + (" (upper lane)" if c in upper else "")) for c in cats]
+  ax.legend(handles=handles, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+
+
+def _pipeline_plot(plt, results: dict, title: str, workdir: str) -> str | None:
+  runs = pipeline_runs(results)
+  if not runs:
+    return None
+  rows = [len({e["device"] for e in r["wall_clock"]["pipeline_step"]["events"]}) for r in runs]
+  fig, axes = plt.subplots(len(runs), 1, squeeze=False, figsize=(12, 1.6 + 0.9 * sum(rows)
+                                                                  + 0.8 * len(runs)),
+                           gridspec_kw={"height_ratios": rows})
+  colours = plt.get_cmap("tab10")
+  for ax, run in zip(axes[:, 0], runs, strict=True):
+    _gantt(ax, run, colours)
+  fig.suptitle(f"{title}: one step's pipeline per device (each run on its own time axis)")
+  return _save(fig, plt, workdir, "pipeline.png")
 
 
 def _save(fig, plt, workdir: str, name: str) -> str:

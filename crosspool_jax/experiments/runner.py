@@ -5,7 +5,8 @@ An experiment config is a serving config (`experiments/serving.py`) plus the blo
 of `policies`, every run from the same per-device byte budget, and returns the results dict
 (results.json). Invariant: a run's `counts` block is a function of config and seed (arrival
 modes "logical" and "all_at_once"); what the wall clock measures is in its `wall_clock` block,
-which `without_wall_clock` drops. The blocks and fields: WORKSPACE.md, "Configs and results".
+which `without_wall_clock` drops, with `pipeline_step` (the executor timeline's median step,
+drawn as pipeline.png). The blocks and fields: WORKSPACE.md, "Configs and results".
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from crosspool_jax.engine.policies import POLICIES
 from crosspool_jax.engine.policies.sizes import dtype_itemsize
 from crosspool_jax.experiments import budget as budget_lib
 from crosspool_jax.experiments.serving import (
+  Profile,
   build_engine,
   check_config,
+  describe_profile,
   engine_config,
   fleet_model_config,
   load_trace,
@@ -216,8 +219,49 @@ def summarize_run(metrics: dict, serve_m: dict, slo) -> dict:
   return {"counts": counts, "wall_clock": wall_clock}
 
 
+def _duration(events: list[dict]) -> float:
+  return max(e["end"] for e in events) - min(e["start"] for e in events)
+
+
+def pipeline_step(events: list[dict]) -> dict | None:
+  """The representative step of an executor timeline, its events relative to its start.
+
+  The recorded step whose duration (first stage issued to last output ready) is the median of
+  the recorded steps' (the lower middle for an even count). Steps whose speculative run missed
+  (`discarded` events: rerun after it) are left out of the choice unless every step missed;
+  events without an end are ignored.
+
+  Returns:
+    None without events, else {"step", "duration_s", "recorded_steps", "missed_steps_left_out",
+    "events": [{kind, device, start_s, end_s, micro_batch, members, models, layer}, ...]}
+    (times in seconds from the step's first issue, in issue order).
+  """
+  by_step: dict[int, list[dict]] = {}
+  for e in events:
+    if e.get("end") is not None:
+      by_step.setdefault(e["step"], []).append(e)
+  if not by_step:
+    return None
+  missed = {s for s, evs in by_step.items() if any(e.get("discarded") for e in evs)}
+  candidates = sorted(set(by_step) - missed) or sorted(by_step)
+  kept = {s: [e for e in by_step[s] if not e.get("discarded")] or by_step[s] for s in candidates}
+  ranked = sorted(candidates, key=lambda s: (_duration(kept[s]), s))
+  step = ranked[(len(ranked) - 1) // 2]
+  chosen = sorted(kept[step], key=lambda e: e["start"])
+  t0 = chosen[0]["start"]
+  return {
+      "step": step, "duration_s": _duration(chosen), "recorded_steps": len(by_step),
+      "missed_steps_left_out": len(missed) if len(candidates) < len(by_step) else 0,
+      "events": [{"kind": e["kind"], "device": e["device"],
+                  "start_s": round(e["start"] - t0, 7), "end_s": round(e["end"] - t0, 7),
+                  "micro_batch": e["micro_batch"], "members": list(e["members"]),
+                  "models": list(e["models"]), "layer": e["layer"]} for e in chosen],
+  }
+
+
 def run_experiment(config, *, log: Callable[[str], None], command: str = "",
-                   outputs: dict | None = None, trace_dir: str | None = None) -> dict:
+                   outputs: dict | None = None, trace_dir: str | None = None,
+                   profile: Callable[[str], Profile] | None = None) -> dict:
   """Serves the config's trace(s) under each policy; returns the results dict.
 
   Args:
@@ -228,6 +272,8 @@ def run_experiment(config, *, log: Callable[[str], None], command: str = "",
       (finished requests).
     trace_dir: if given, each trace is written there as JSONL (replayable with
       config.workload.trace): trace.jsonl, or trace_<point>.jsonl for a sweep.
+    profile: if given, called with each run's name ("<run>" or "<run>@<point>"); returns the
+      `profile` argument of `serving.serve` for that run (a jax.profiler trace of a few steps).
   """
   check_experiment(config)
   served = {} if outputs is None else outputs
@@ -256,10 +302,18 @@ def run_experiment(config, *, log: Callable[[str], None], command: str = "",
       start = time.perf_counter()
       engine, cfgs = build_engine(c, log=log)
       startup_s = time.perf_counter() - start
-      serve_m = serve(engine, cfgs, c, records)
+      run_id = name if value is None else f"{name}@{key}"
+      serve_m = serve(engine, cfgs, c, records,
+                      profile=None if profile is None else profile(run_id))
       serve_m["startup_s"] = startup_s
-      metrics = engine.metrics()
+      metrics = engine.metrics()  # waits for the timeline's stamps (pipeline overlap)
       summary = summarize_run(metrics, serve_m, config.slo)
+      timeline = getattr(engine.executor, "timeline", None)
+      if timeline is not None and timeline.enabled:
+        timeline.wait()
+        summary["wall_clock"]["pipeline_step"] = pipeline_step(timeline.events)
+      if "profile" in serve_m:
+        log(f"   {name}: {describe_profile(serve_m['profile'])}")
       run = {"name": name, "sweep_value": value, "engine": dict(c.engine.to_dict()),
              "plan": None if plan is None else dataclasses.asdict(plan), **summary}
       runs.append(run)

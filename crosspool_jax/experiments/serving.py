@@ -5,7 +5,7 @@ under each memory organisation. The config has the blocks `fleet`, `engine`, `wo
 `sampling` and the loop's fields (see `configs/serve/demo.py`). Invariant: under the arrival
 modes "logical" and "all_at_once" the schedule, and every count derived from it, is a function
 of trace and seed only; latencies are always wall-clock. The blocks and arrival modes:
-WORKSPACE.md, "Experiments".
+WORKSPACE.md, "Experiments". `Profile`: a jax.profiler trace of a few served steps.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import os
 import sys
 import time
 
+import jax
 import jax.numpy as jnp
 
 from crosspool_jax.engine import Engine, EngineConfig, Status
@@ -155,6 +156,24 @@ def load_trace(config):
 # --- the serving loop ----------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Profile:
+  """A `jax.profiler` trace of `steps` engine steps after the first `warmup` served ones.
+
+  Written under `dir` (plugins/profile/<time>/: an .xplane.pb for TensorBoard / XProf and a
+  perfetto_trace.json.gz for ui.perfetto.dev).
+  """
+
+  dir: str
+  steps: int = 5
+  warmup: int = 2
+
+  def __post_init__(self):
+    if self.steps < 1 or self.warmup < 0:
+      raise ValueError(f"profile: steps must be >= 1 and warmup >= 0, got {self.steps}, "
+                       f"{self.warmup}")
+
+
 def check_config(config) -> None:
   """Rejects bad loop settings before anything is compiled (ValueError naming the field)."""
   if config.arrival_mode not in ARRIVAL_MODES:
@@ -225,7 +244,47 @@ class Progress:
     self.last, self.tokens_at_last = now, self.tokens
 
 
-def serve(engine, cfgs, config, records) -> dict:
+class _Tracer:
+  """Starts and stops the profiler trace of a `Profile` around the engine steps."""
+
+  def __init__(self, profile: Profile | None):
+    self.profile, self.served, self.traced, self.open = profile, 0, 0, False
+
+  def before_step(self) -> None:
+    p = self.profile
+    if p is not None and not self.open and not self.traced and self.served == p.warmup:
+      os.makedirs(p.dir, exist_ok=True)
+      jax.profiler.start_trace(p.dir, create_perfetto_trace=True)
+      self.open = True
+
+  def after_step(self) -> None:
+    self.served += 1
+    if self.open:
+      self.traced += 1
+      if self.traced >= self.profile.steps:
+        self.stop()
+
+  def stop(self) -> None:
+    if self.open:
+      jax.profiler.stop_trace()
+      self.open = False
+
+  def summary(self) -> dict:
+    """Where the trace went and how many steps it holds (0: the run served <= warmup)."""
+    return {"dir": self.profile.dir, "steps": self.traced, "warmup": self.profile.warmup}
+
+
+def describe_profile(summary: dict) -> str:
+  """One line saying where a run's profiler trace went (`serve`'s "profile" entry)."""
+  if not summary["steps"]:
+    return (f"no profiler trace: the run served no step after its {summary['warmup']} "
+            f"warm-up steps")
+  return (f"profiler trace of {summary['steps']} steps (after {summary['warmup']} warm-up "
+          f"steps) in {summary['dir']} (TensorBoard/XProf: --logdir={summary['dir']}; "
+          f"Perfetto: plugins/profile/*/perfetto_trace.json.gz)")
+
+
+def serve(engine, cfgs, config, records, *, profile: Profile | None = None) -> dict:
   """Submits the records on their schedule and steps the engine until all are done.
 
   Args:
@@ -233,9 +292,11 @@ def serve(engine, cfgs, config, records) -> dict:
     cfgs: model_id -> ModelConfig (vocab sizes, layers).
     config: the serving config (sampling, arrival_mode, replay_speed, max_wall_s, ...).
     records: the trace, sorted by arrival_s.
+    profile: if given, a jax.profiler trace of some of the steps (`Profile`).
 
   Returns:
-    The "serve" section of metrics.json: request ids, rejections, outputs, submit lag, times.
+    The "serve" section of metrics.json: request ids, rejections, outputs, submit lag, times
+    (and `profile`: where the trace was written and how many steps it holds).
   """
   check_config(config)
   s = config.sampling
@@ -247,6 +308,7 @@ def serve(engine, cfgs, config, records) -> dict:
   mode = config.arrival_mode
   next_i = 0
   logical = 0.0  # the logical clock (trace seconds), arrival_mode="logical"
+  tracer = _Tracer(profile)
   t0 = time.perf_counter()
 
   def clock() -> float:
@@ -267,52 +329,58 @@ def serve(engine, cfgs, config, records) -> dict:
     progress.done += 1
     _err(f"rejected {ids[i]} (model {r.model_id!r}): {reason}")
 
-  while True:
-    while next_i < len(records) and arrived(next_i):
-      i, r = next_i, records[next_i]
-      next_i += 1
-      try:
-        why = _never_fits(engine, cfgs, config, r)
-        if why:
-          raise ValueError(why)
-        vocab = cfgs[r.model_id].vocab_size if r.model_id in cfgs else 1
-        eos = cfgs[r.model_id].eos_token_id if r.model_id in cfgs else None
-        stop = (eos if isinstance(eos, tuple) else (eos,)) if (config.stop_at_eos
-                                                                and eos is not None) else ()
-        engine.submit(model_id=r.model_id,
-                      prompt_ids=prompt_ids(r, vocab, low=min(config.workload.prompt_low,
-                                                              vocab - 1)),
-                      max_new_tokens=r.max_new_tokens, stop_ids=stop, request_id=ids[i],
-                      sampling=SamplingParams(temperature=s.temperature, top_k=s.top_k,
-                                              top_p=s.top_p, seed=r.seed))
-        submitted[ids[i]] = (0.0 if mode != "trace" else
-                             time.perf_counter() - t0 - r.arrival_s / config.replay_speed)
-      except ValueError as e:  # the engine changes nothing on a bad request
-        reject(i, str(e))
-    if engine.scheduler.has_work():
-      for ev in engine.step():
-        progress.tokens += ev.token is not None
-        progress.done += ev.finished
-      logical += config.logical_step_s
-    elif next_i < len(records):
-      if mode == "logical":  # idle: jump to the next arrival
-        logical = max(logical, records[next_i].arrival_s)
+  try:
+    while True:
+      while next_i < len(records) and arrived(next_i):
+        i, r = next_i, records[next_i]
+        next_i += 1
+        try:
+          why = _never_fits(engine, cfgs, config, r)
+          if why:
+            raise ValueError(why)
+          vocab = cfgs[r.model_id].vocab_size if r.model_id in cfgs else 1
+          eos = cfgs[r.model_id].eos_token_id if r.model_id in cfgs else None
+          stop = (eos if isinstance(eos, tuple) else (eos,)) if (config.stop_at_eos
+                                                                  and eos is not None) else ()
+          engine.submit(model_id=r.model_id,
+                        prompt_ids=prompt_ids(r, vocab, low=min(config.workload.prompt_low,
+                                                                vocab - 1)),
+                        max_new_tokens=r.max_new_tokens, stop_ids=stop, request_id=ids[i],
+                        sampling=SamplingParams(temperature=s.temperature, top_k=s.top_k,
+                                                top_p=s.top_p, seed=r.seed))
+          submitted[ids[i]] = (0.0 if mode != "trace" else
+                               time.perf_counter() - t0 - r.arrival_s / config.replay_speed)
+        except ValueError as e:  # the engine changes nothing on a bad request
+          reject(i, str(e))
+      if engine.scheduler.has_work():
+        tracer.before_step()
+        events = engine.step()
+        tracer.after_step()
+        for ev in events:
+          progress.tokens += ev.token is not None
+          progress.done += ev.finished
+        logical += config.logical_step_s
+      elif next_i < len(records):
+        if mode == "logical":  # idle: jump to the next arrival
+          logical = max(logical, records[next_i].arrival_s)
+        else:
+          wait = (records[next_i].arrival_s - clock()) / config.replay_speed
+          time.sleep(min(max(wait, 0.0), config.progress_interval_s))
       else:
-        wait = (records[next_i].arrival_s - clock()) / config.replay_speed
-        time.sleep(min(max(wait, 0.0), config.progress_interval_s))
-    else:
-      break
-    if time.perf_counter() - t0 > config.max_wall_s:
-      for rid in submitted:
-        if engine.status(rid) not in (Status.FINISHED, Status.CANCELLED):
-          engine.cancel(rid)
-          cancelled_at_timeout.append(rid)
-      for i in range(next_i, len(records)):
-        reject(i, f"not submitted: config.max_wall_s={config.max_wall_s} reached")
-      _err(f"max_wall_s={config.max_wall_s} reached: cancelled {len(cancelled_at_timeout)} "
-           f"running/waiting requests, skipped {len(records) - next_i} not yet arrived")
-      break
-    progress.maybe_print()
+        break
+      if time.perf_counter() - t0 > config.max_wall_s:
+        for rid in submitted:
+          if engine.status(rid) not in (Status.FINISHED, Status.CANCELLED):
+            engine.cancel(rid)
+            cancelled_at_timeout.append(rid)
+        for i in range(next_i, len(records)):
+          reject(i, f"not submitted: config.max_wall_s={config.max_wall_s} reached")
+        _err(f"max_wall_s={config.max_wall_s} reached: cancelled {len(cancelled_at_timeout)} "
+             f"running/waiting requests, skipped {len(records) - next_i} not yet arrived")
+        break
+      progress.maybe_print()
+  finally:
+    tracer.stop()
   serve_s = time.perf_counter() - t0
   progress.maybe_print(force=True)
   outputs = {rid: engine.output(rid) for rid in submitted}
@@ -326,7 +394,7 @@ def serve(engine, cfgs, config, records) -> dict:
       "serve_wall_s": serve_s,
       "output_tokens": sum(len(o) for o in outputs.values()),
       "output_tokens_per_s": sum(len(o) for o in outputs.values()) / max(serve_s, 1e-9),
-  }
+  } | ({} if profile is None else {"profile": tracer.summary()})
 
 
 # --- reporting -----------------------------------------------------------------------------

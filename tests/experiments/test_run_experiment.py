@@ -1,5 +1,6 @@
 """scripts/run_experiment.py and make_benchmarks.py end to end (subprocesses, the smoke demo)."""
 
+import glob
 import importlib.util
 import json
 import os
@@ -42,11 +43,12 @@ def _run(script, *args, ok=True):
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-  """The smoke demo run twice with the same seed."""
+  """The smoke demo run twice with the same seed (each with a profiler trace of 2 steps)."""
   out = []
   for name in ("a", "b"):
     workdir = tmp_path_factory.mktemp(name)
-    proc = _run("run_experiment.py", SMOKE, f"--workdir={workdir}")
+    proc = _run("run_experiment.py", SMOKE, f"--workdir={workdir}",
+                f"--profile_dir={workdir / 'profile'}", "--profile_steps=2")
     with open(workdir / "results.json") as f:
       out.append((workdir, proc, json.load(f)))
   return out
@@ -90,8 +92,20 @@ def test_results_hold_every_policy_and_what_it_served(two_runs):
   assert by["static"]["plan"]["max_context"]["mixtral_0"] < 1024
   # Seeded sampling: every policy gives every request the same tokens.
   assert r["outputs_agree"][""] == {"compared": 5, "same": 5, "all_same": True}
-  for png in ("latency_cdf.png", "memory.png", "activity.png"):
+  for png in ("latency_cdf.png", "memory.png", "activity.png", "pipeline.png"):
     assert os.path.getsize(workdir / png) > 1000
+  for run in r["runs"]:  # the median recorded step of every run, and its profiler trace
+    step = run["wall_clock"]["pipeline_step"]
+    assert step["recorded_steps"] >= 1 and step["events"][0]["start_s"] == 0.0
+    kinds = {e["kind"] for e in step["events"]}
+    if run["name"] == "crosspool":
+      assert {"experts", "transfer_to_weights", "transfer_back"} <= kinds  # which step
+      assert kinds & {"attention_side", "attention"}  # is the median depends on the clock
+    else:
+      assert kinds == {"model_step"}
+    trace = glob.glob(str(workdir / "profile" / run["name"] / "plugins" / "profile" / "*"))
+    assert len(trace) == 1 and glob.glob(os.path.join(trace[0], "*.xplane.pb"))
+    assert f"{run['name']}: profiler trace of 2 steps" in proc.stderr
   assert "crosspool" in proc.stdout and "TBT ms p50/90/99" in proc.stdout
   assert ("Same output tokens under every policy: yes, for all 5 requests that every policy "
           "finished.") in proc.stdout

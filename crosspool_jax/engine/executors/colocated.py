@@ -7,6 +7,8 @@ packed into ONE int32 buffer (`batching.pack`), put on the device once and unpac
 jit. With `decode_steps` > 1, a decode-only batch whose requests may generate several tokens
 (`ModelBatch.decode_steps`) runs that many decode steps in one dispatch (`_decode_loop`, a
 `lax.while_loop`: forward, KV write, sampling on device) with one read of all its tokens.
+`timeline` (every `timeline_every`th step) records each model program's interval, from its
+dispatch to its tokens being ready, in the CrossPool `Timeline`'s event format.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from crosspool_jax.engine.executors.batching import (
   token_bucket,
   unpack,
 )
+from crosspool_jax.engine.executors.crosspool import Timeline
 from crosspool_jax.engine.scheduler import ModelBatch
 from crosspool_jax.models.paged import PagedBatch, forward_paged
 from crosspool_jax.models.sampling import INVALID_TOKEN, NO_TOKEN, sample
@@ -113,12 +116,14 @@ class ColocatedExecutor:
     attn_impl, moe_impl: kernel implementations.
     decode_steps: decode steps of one multi-step dispatch (1: none; one more executable per
       model otherwise).
+    timeline_every: record every Nth step's model programs in `timeline` (0: none): kind
+      "model_step" (or "decode_loop"), micro_batch = the batch's index in the step.
   """
 
   def __init__(self, models: dict[str, LoadedModel], pools: dict[str, KVPool],
                buffers: dict[int, jax.Array], *, token_buckets: tuple[int, ...], max_batch: int,
                attn_impl: str | None = None, moe_impl: str | None = None,
-               decode_steps: int = 1):
+               decode_steps: int = 1, timeline_every: int = 0):
     if list(token_buckets) != sorted(set(token_buckets)) or token_buckets[0] < 1:
       raise ValueError(f"token_buckets must be ascending positive ints, got {token_buckets}")
     if decode_steps < 1:
@@ -137,6 +142,11 @@ class ColocatedExecutor:
     self._layouts: dict[tuple[str, int | str], PackedLayout] = {}
     self.counters = HostCounters()
     self._read_s = 0.0  # of the step being run: time blocked reading tokens
+    if timeline_every < 0:
+      raise ValueError(f"timeline_every must be >= 0, got {timeline_every}")
+    self.timeline = Timeline(timeline_every > 0, watchers=0)  # stamped here: no threads
+    self.timeline_every = timeline_every
+    self.steps = 0  # run_many calls
 
   @property
   def compile_count(self) -> int:
@@ -213,10 +223,10 @@ class ColocatedExecutor:
     empty = ModelBatch(model.model_id, [], [], decode_steps=[])
     return PackedLayout.like(decode_arrays(self.pools[model.model_id], empty, self.max_batch))
 
-  def run(self, batch: ModelBatch) -> np.ndarray:
+  def run(self, batch: ModelBatch, *, index: int | None = None) -> np.ndarray:
     """Feeds the batch; returns the token sampled after each request's fed tokens, or for a
     multi-step batch (`batch.decode_steps`) each request's tokens [B, decode_steps]
-    (`NO_TOKEN` past its last)."""
+    (`NO_TOKEN` past its last). `index`: its place in the step, to record it in `timeline`."""
     model = self.models[batch.model_id]
     pool = self.pools[model.model_id]
     if batch.decode_steps is not None:
@@ -234,11 +244,18 @@ class ColocatedExecutor:
       arrays = step_arrays(paged[0], sampling, next_pos)
     packed_N = jax.device_put(pack(arrays, self._layouts[key]), self._devices[model.group])
     self.counters.transfers += 1
+    issued = time.perf_counter()
     tokens, self.buffers[model.group] = self._executables[key](
         model.params, self.buffers[model.group], packed_N)
     self.counters.dispatches += 1
     self.counters.blocking_reads += 1
     read = time.perf_counter()
+    if index is not None:  # a recorded step: the program's end is when its tokens are ready
+      jax.block_until_ready(tokens)
+      self.timeline.record(start=issued, end=time.perf_counter(), step=self.steps,
+                           micro_batch=index, model=batch.model_id, layer=-1,
+                           kind="model_step" if batch.decode_steps is None else "decode_loop",
+                           device=str(self._devices[model.group]))
     tokens = jax.device_get(tokens)[:len(batch.requests)]
     self._read_s += time.perf_counter() - read
     return tokens
@@ -254,15 +271,17 @@ class ColocatedExecutor:
     """
     start, self._read_s = time.perf_counter(), 0.0
     out, steps, tokens = [], 1, 0
-    for b in batches:
+    track = self.timeline.enabled and self.steps % self.timeline_every == 0
+    for i, b in enumerate(batches):
       with blame([b.model_id]):
-        out.append(self.run(b))
+        out.append(self.run(b, index=i if track else None))
       if b.decode_steps is None:
         tokens += b.num_sampled
       else:
         generated_B = (out[-1] != NO_TOKEN).sum(axis=1)
         tokens += int(generated_B.sum())
         steps = max(steps, int(generated_B.max(initial=1)))
+    self.steps += 1
     self.counters.steps += steps
     self.counters.tokens += tokens
     self.counters.host_s += time.perf_counter() - start - self._read_s

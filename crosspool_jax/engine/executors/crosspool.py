@@ -65,18 +65,30 @@ class DeviceSplit:
 
 
 class Timeline:
-  """Start (host issue) and end (output ready) of each stage, per micro-batch and layer."""
+  """Start (host issue) and end (output ready) of each stage, per micro-batch and layer.
 
-  def __init__(self, enabled: bool = True):
+  `track` stamps the end from a watcher thread (the stages of a pipelined step); a caller that
+  waits for its outputs itself (the colocated executor) gives both times to `record` and needs
+  no watcher (`watchers=0`).
+  """
+
+  def __init__(self, enabled: bool = True, *, watchers: int = 4):
     self.enabled = enabled
     self.events: list[dict] = []
     self._queue: queue.Queue = queue.Queue()
     self._threads = []
     if enabled:
-      for _ in range(4):  # a few watchers so one slow stage does not delay the others' stamps
+      for _ in range(watchers):  # a few, so one slow stage does not delay the others' stamps
         t = threading.Thread(target=self._watch, daemon=True)
         t.start()
         self._threads.append(t)
+
+  @staticmethod
+  def _event(step, micro_batch, model, layer, kind, device, members, models) -> dict:
+    return {"step": step, "micro_batch": micro_batch, "model": model, "layer": layer,
+            "kind": kind, "device": device, "start": time.perf_counter(), "end": None,
+            "members": list(members or (micro_batch,)), "models": list(models or (model,)),
+            "discarded": False}  # set for a speculative run that missed (rerun after it)
 
   def track(self, out, *, step: int, micro_batch: int, model: str, layer: int, kind: str,
             device: str, members: tuple[int, ...] | None = None,
@@ -88,12 +100,21 @@ class Timeline:
     """
     if not self.enabled:
       return
-    event = {"step": step, "micro_batch": micro_batch, "model": model, "layer": layer,
-             "kind": kind, "device": device, "start": time.perf_counter(), "end": None,
-             "members": list(members or (micro_batch,)), "models": list(models or (model,)),
-             "discarded": False}  # set for a speculative run that missed (rerun after it)
+    if not self._threads:
+      raise RuntimeError("Timeline.track needs watcher threads (watchers > 0); use record")
+    event = self._event(step, micro_batch, model, layer, kind, device, members, models)
     self.events.append(event)
     self._queue.put((event, out))
+
+  def record(self, *, start: float, end: float, step: int, micro_batch: int, model: str,
+             layer: int, kind: str, device: str, members: tuple[int, ...] | None = None,
+             models: tuple[str, ...] | None = None) -> None:
+    """Records a stage whose start and end (`time.perf_counter()`) the caller measured."""
+    if not self.enabled:
+      return
+    event = self._event(step, micro_batch, model, layer, kind, device, members, models)
+    event["start"], event["end"] = start, end
+    self.events.append(event)
 
   def _watch(self) -> None:
     while True:

@@ -92,7 +92,8 @@ class SharedPolicy(MemoryPolicy):
     executor = ColocatedExecutor(models, model_pools, buffers,
                                  token_buckets=config.token_buckets, max_batch=config.max_batch,
                                  attn_impl=config.attn_impl, moe_impl=config.moe_impl,
-                                 decode_steps=config.decode_steps_per_dispatch)
+                                 decode_steps=config.decode_steps_per_dispatch,
+                                 timeline_every=config.timeline_every)
     return Runtime(pools, model_pools, executor)
 
   def add_model(self, runtime: Runtime, config, model: LoadedModel, spec: KVModelSpec, *,
