@@ -25,7 +25,7 @@ def get_config(arg: str | None = None):
   c.workload = cl.workload_block(
       popularity=",".join(models), num_requests=40, total_rate=3.0, cv=1.0,
       bursts=tuple(((m,), 1.0 + 3.0 * i, 2.0, 6.0) for i, m in enumerate(models)),
-      prompt_len=cl.length_dist(median=320.0, sigma=0.25, low=200, high=480),
+      prompt_len=cl.length_dist(median=300.0, sigma=0.25, low=200, high=400),
       output_len=cl.length_dist("uniform", low=16, high=40))
   cl.loop_fields(c, arrival_mode="logical", logical_step_s=0.05)
   if c.variant == "full":

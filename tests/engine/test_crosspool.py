@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from crosspool_jax.engine import Engine, EngineConfig
+from crosspool_jax.engine.scheduler import ModelBatch
 from tests.engine.test_engine import FAMILIES, MODELS, _references, _workload
 
 
@@ -55,6 +56,38 @@ def test_greedy_equals_reference_with_preemption_and_swapping(crosspool):
   assert calls["fused"] and 0 < calls["calls"] < calls["micro_batches"]
   assert calls["mean_members_per_call"] > 1
   assert calls["splits"] > 0  # 8 slots: some groups' experts did not fit one call
+  # 25 % of the experts resident: speculative runs miss and rerun with loads, still exact.
+  assert calls["miss_steps"] > 0 and calls["reads_before_tokens"] > 0
+
+
+def test_resident_experts_step_with_no_read_before_the_tokens():
+  # pin_all: every expert resident, so no step may read the device before its sampled tokens,
+  # and no call may transfer anything implicitly (the guard raises on any implicit transfer).
+  eng = _crosspool(pages=24, expert_policy="pin_all", expert_slots_per_device=32)
+  work = _workload(8, seed=3)
+  rids = [eng.submit(model_id=m, prompt_ids=p, max_new_tokens=n) for m, p, n in work]
+  before = eng.metrics()
+  with jax.transfer_guard("disallow"):
+    out = eng.generate_all()
+  after = eng.metrics()
+  assert [out[r] for r in rids] == _references(work)
+  assert after["backend_compiles_since_start"] == before["backend_compiles_since_start"]
+  calls, host = after["expert_calls"], after["host"]
+  assert calls["miss_steps"] == 0 and calls["reads_before_tokens"] == 0
+  assert after["weights_pool"]["misses"] == 0 and after["weights_pool"]["hits"] > 0
+  # Reads per step: each micro-batch's tokens and each weights device's routing, no more.
+  assert host["steps"] > 0 and host["blocking_reads_per_step"] <= 2 * 4 + 2
+  assert 0 < host["dispatches_per_step"] and host["host_us_per_token"] > 0
+
+
+def test_small_batches_are_not_cut_into_micro_batches():
+  eng = _crosspool(pages=24, models=("mixtral",), micro_batch_min_tokens=8)
+  cut = eng.executor._split
+  reqs = ["r0", "r1", "r2", "r3"]  # _split only counts and slices them
+  decode = ModelBatch("mixtral", reqs, [1, 1, 1, 1])  # 4 tokens: one micro-batch
+  prefill = ModelBatch("mixtral", reqs, [8, 8, 8, 8])  # 32 tokens: micro_batches=2 parts
+  assert [len(b.requests) for b in cut(decode)] == [4]
+  assert [len(b.requests) for b in cut(prefill)] == [2, 2]
 
 
 def test_two_models_of_one_class_share_an_expert_call(crosspool):

@@ -9,7 +9,13 @@ import sys
 
 import pytest
 
-from crosspool_jax.experiments.runner import check_experiment, run_names, without_wall_clock
+from crosspool_jax.experiments.runner import (
+    check_experiment,
+    run_config,
+    run_names,
+    without_wall_clock,
+)
+from crosspool_jax.experiments.serving import fleet_model_config, load_trace
 from crosspool_jax.models.config import tiny_config
 from crosspool_jax.models.decode import generate
 from crosspool_jax.models.model import init_params
@@ -181,3 +187,28 @@ def test_unknown_engine_field_in_a_policy_is_named():
   with pytest.raises(ValueError, match=r"policies.static overrides unknown engine fields "
                                        r"\['kv_polcy'\]"):
     check_experiment(config)
+
+
+def test_paper_tbt_bursts_fit_one_device_alone_but_not_together():
+  """The paper_tbt design, checked on its own trace and the policies' plans: every request
+  fits its model's one-device pool under shared alone (nothing is rejected for length), but
+  each model's largest max_batch requests together do not (its burst must preempt or queue),
+  while they fit crosspool's pooled KV."""
+  config = experiment_config("paper_tbt.py", "cpu")
+  check_experiment(config)
+  records, _ = load_trace(config)
+  by_model = {}
+  for r in records:
+    by_model.setdefault(r.model_id, []).append(r.prompt_len + r.max_new_tokens)
+  assert set(by_model) == set(config.fleet.keys())
+
+  def tokens_held(policy, m, devices):  # tokens of model m that `devices` KV buffers hold
+    c, plan = run_config(config, policy)
+    cfg = fleet_model_config(c.fleet[m])
+    page_tokens = c.engine.page_elems // (2 * cfg.num_kv_heads * cfg.head_dim)
+    return devices * (plan.pages_per_device - 1) // cfg.num_layers * page_tokens
+
+  for m, contexts in by_model.items():
+    top = sum(sorted(contexts)[-config.fleet[m].max_batch:])
+    assert max(contexts) <= tokens_held("shared", m, 1) < top
+    assert top <= tokens_held("crosspool", m, 2)

@@ -189,6 +189,25 @@ def test_sequence_spreads_over_devices_and_local_tables_partition_it():
   assert (local0[:, :, 7:] == 0).all() and (local1[:, :, 7:] == 0).all()
 
 
+def test_pages_come_from_the_home_device_first_then_spill():
+  pool = KVPool(page_elems=256, pages_per_device=5, num_devices=3)  # 4 usable each
+  spec = dict(num_layers=1, kv_heads=2, head_dim=16, max_context=64, max_batch=2)
+  pool.register_model(KVModelSpec("home2", **spec), home_device=2)
+  pool.register_model(KVModelSpec("free", **spec))
+  pool.add_request("home2", "a")
+  pool.grow("a", 12)  # 3 pages: all on device 2, though devices 0 and 1 have as many free
+  assert set((pool.tables("home2", ["a"]) // 5)[0, 0, :3].tolist()) == {2}
+  pool.grow("a", 24)  # 3 more: device 2 has 1 left, the rest spills
+  devices = (pool.tables("home2", ["a"]) // 5)[0, 0, :6].tolist()
+  assert devices[:4] == [2, 2, 2, 2] and set(devices[4:]) <= {0, 1}
+  pool.add_request("free", "b")
+  pool.grow("b", 4)  # no home: the device with most free pages
+  assert (pool.tables("free", ["b"]) // 5)[0, 0, 0] in {0, 1}
+  pool.check_invariants()
+  with pytest.raises(ValueError, match="home_device 3 out of range"):
+    pool.register_model(KVModelSpec("bad", **spec), home_device=3)
+
+
 def test_slot_mapping_points_into_own_pages():
   pool = _pool(pages=17)
   pool.add_request("a", "x")

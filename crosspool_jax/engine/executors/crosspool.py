@@ -737,8 +737,8 @@ class DisaggregatedExecutor:
                                           mb.paged[mb.home].cu_q_lens_S1, mb.sampling,
                                           mb.next_pos, cfg=mb.model.cfg))
         self._dispatched()
+    self._tokens_read = True  # the read below is the tokens' own
     tokens = self._read(out)
-    self._tokens_read = True
     return [t[:len(mb.batch.requests)] for t, mb in zip(tokens, mbs, strict=True)]
 
   def _track(self, track, out, mbs, layer, kind, device):
