@@ -159,8 +159,10 @@ def cpu_setup(c, *, models: int = 4, max_context: int = 2048, device_bytes: int 
               token_budget: int = 64, token_buckets=(16, 64)) -> None:
   """The CPU variant's fleet, engine, budget (per device) and the three policies, set on `c`."""
   c.fleet = cpu_fleet(models, max_context=max_context)
+  # On CPU nothing overlaps (JAX runs each small program inline): a decode batch of a few
+  # tokens cut into micro-batches only doubles its programs and transfers.
   c.engine = engine_block(token_budget=token_budget, token_buckets=tuple(token_buckets),
-                          max_batch=4)
+                          max_batch=4, micro_batch_min_tokens=16)
   c.budget.device_bytes = device_bytes
   c.policies = three_policies()
 
