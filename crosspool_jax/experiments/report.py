@@ -173,16 +173,28 @@ def _latency_sentence(ours: dict, others: list[dict]) -> tuple[str, bool]:
 
 
 def _why_slower(results: dict) -> str:
-  """The known cause of a crosspool latency loss on a CPU host (the devices it emulates)."""
+  """The known cause of a crosspool latency loss on a CPU host (the devices it emulates), with
+  the step's control cost from the results where they hold it."""
   cpus = results.get("host_cpus")
   devices = results["device"]["count"]
-  return ("The known cause on this machine: a crosspool step is many small dispatches driven "
-          "from the host (per layer and micro-batch: attention on each KV device, the merge, "
-          "the transfers, the expert call), here on "
+  cost = ""
+  hosts = {r["name"]: r["wall_clock"].get("host") for r in results["runs"]}
+  ours = hosts.get("crosspool")
+  if ours and ours.get("steps"):
+    cost = (f" (here {ours['dispatches_per_step']:.0f} programs and "
+            f"{ours['transfers_per_step']:.0f} transferred arrays per crosspool step"
+            + "".join(f", {h['dispatches_per_step']:.1f} and {h['transfers_per_step']:.1f} "
+                      f"per {n} step" for n, h in hosts.items()
+                      if h and h.get("steps") and n in ("static", "shared"))
+            + ")")
+  return ("The known cause on this machine: a crosspool step runs several programs per layer "
+          "and micro-batch (the attention side at home, the expert call on a weights device, "
+          "the transfers between them) where a colocated step is one executable per model"
+          + cost + "; JAX runs each small program inline on "
           + (f"{cpus} CPU cores that also emulate" if cpus else "a CPU that also emulates")
-          + f" the {devices} devices, where a colocated step is one "
-          "executable per model; the paper's latency advantage comes from KV locality and "
-          "pipelining on real accelerators, which a CPU cannot show.")
+          + f" the {devices} devices, so nothing overlaps. The paper's latency advantage comes "
+          "from KV locality and pipelining on real accelerators, and from holding bursts "
+          "without preemption (configs/experiments/paper_tbt.py).")
 
 
 def summary_sentences(results: dict) -> list[str]:
