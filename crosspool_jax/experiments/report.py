@@ -153,17 +153,19 @@ def _memory_sentence(ours: dict, others: list[dict]) -> str:
 
 
 def _latency_sentence(ours: dict, others: list[dict]) -> tuple[str, bool]:
-  """(sentence, whether it lost on some latency): TTFT and TBT p50 against the others'."""
+  """(sentence, whether it lost on some latency): TBT p50 and p99, TTFT p50 against the
+  others'."""
   parts: dict[str, list[str]] = {"won": [], "lost": [], "mixed": [], "tie": []}
-  for key, what in (("tbt_s", "TBT"), ("ttft_s", "TTFT")):
-    p50 = ours["wall_clock"][key]["p50"]
-    theirs = {o["name"]: o["wall_clock"][key]["p50"] for o in others
-              if o["wall_clock"][key]["p50"] is not None}
+  for key, what, q in (("tbt_s", "TBT", "p50"), ("tbt_s", "TBT", "p99"),
+                       ("ttft_s", "TTFT", "p50")):
+    p50 = ours["wall_clock"][key][q]
+    theirs = {o["name"]: o["wall_clock"][key][q] for o in others
+              if o["wall_clock"][key][q] is not None}
     if p50 is None or not theirs:
       continue
     ratio = _ratio(p50, list(theirs.values()))
     parts[_verdict(p50, list(theirs.values()), higher_is_better=False)].append(
-        f"{what} p50 {1000 * p50:,.0f} ms against "
+        f"{what} {q} {1000 * p50:,.0f} ms against "
         + _against({n: f"{1000 * v:,.0f} ms" for n, v in theirs.items()})
         + (f" ({ratio} theirs)" if ratio else ""))
   heads = {"lost": "It lost on latency (wall clock)", "won": "It won on latency (wall clock)",
