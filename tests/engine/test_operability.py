@@ -142,11 +142,11 @@ def test_a_failing_step_fails_its_model_only(monkeypatch):
   eng.step()
   run = eng.executor.run
 
-  def failing_run(batch):  # a device failure after the group's KV buffer was donated
+  def failing_run(batch, **kwargs):  # a device failure after the group's buffer was donated
     if batch.model_id == "mixtral":
       eng.executor.buffers[0].delete()
       raise RuntimeError("injected device failure")
-    return run(batch)
+    return run(batch, **kwargs)
 
   monkeypatch.setattr(eng.executor, "run", failing_run)
   events = []
