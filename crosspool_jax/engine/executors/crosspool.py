@@ -661,12 +661,9 @@ class DisaggregatedExecutor:
     chose in its model's last step; then the device slot tables follow."""
     pool = self.wpool.pool
     wanted: dict[tuple[int, int], dict] = {}
-    for mb in mbs:
-      m = mb.model.model_id
-      for layer, moe in enumerate(mb.model.cfg.moe_layers):
-        if moe:
-          part = (pool.model_class(m), pool.home_device(m, layer))
-          wanted.setdefault(part, {})[m, layer] = None
+    for m, layer in self._step_layers(mbs):
+      part = (pool.model_class(m), pool.home_device(m, layer))
+      wanted.setdefault(part, {})[m, layer] = None
     for layers in wanted.values():
       every = [(m, layer, e) for m, layer in layers
                for e in range(self.models[m].cfg.num_experts)]
@@ -679,6 +676,12 @@ class DisaggregatedExecutor:
         self.wpool.prefetch(m, layer, [int(e) for e in es], protect=protect)
     self._refresh_tables()
 
+  @staticmethod
+  def _step_layers(mbs: list[_MicroBatch]) -> list[tuple[str, int]]:
+    """(model, layer) of every MoE layer the step's micro-batches run, once each."""
+    return list(dict.fromkeys((mb.model.model_id, layer) for mb in mbs
+                              for layer, moe in enumerate(mb.model.cfg.moe_layers) if moe))
+
   def _account(self, mbs: list[_MicroBatch]) -> bool:
     """After a speculative run (tokens read): reads which experts each layer chose; True if
     one was not resident (a miss: rerun), else counts the accesses (all hits)."""
@@ -687,16 +690,11 @@ class DisaggregatedExecutor:
                     strict=True))
     chosen: dict[tuple[str, int], np.ndarray] = {}
     miss = False
-    for d in devices:
-      t = self._tables[d]
-      for mb in mbs:
-        m = mb.model.model_id
-        for layer, moe in enumerate(mb.model.cfg.moe_layers):
-          key = (m, layer)
-          if moe and key not in chosen and self.wpool.pool.home_device(m, layer) == d:
-            row = t.rows[key]
-            chosen[key] = np.flatnonzero(used[d][row])
-            miss |= bool((~t.resident_RE[row][chosen[key]]).any())
+    for key in self._step_layers(mbs):
+      d = self.wpool.pool.home_device(*key)
+      row = self._tables[d].rows[key]
+      chosen[key] = np.flatnonzero(used[d][row])
+      miss |= bool((~self._tables[d].resident_RE[row][chosen[key]]).any())
     if miss:
       return True
     by_part: dict[tuple[int, int], list] = {}
