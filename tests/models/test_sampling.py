@@ -55,9 +55,15 @@ def test_top_k_one_is_greedy():
   assert _draw(logits, SamplingParams(temperature=2.0, top_k=1), draws=200)[2] == 1.0
 
 
-def test_seeded_sample_does_not_depend_on_batch():
+@pytest.mark.parametrize("mixed", [False, True])
+def test_seeded_sample_does_not_depend_on_batch(mixed):
+  # mixed: greedy, untruncated and truncated rows side by side, so a row alone takes other
+  # branches of the sampler than in the batch (all greedy skips the draws, no truncation the sort).
   logits = jax.random.normal(jax.random.key(1), (8, 100))
-  params = [SamplingParams(temperature=1.0, top_p=0.9, seed=100 + i) for i in range(8)]
+  kinds = [dict(temperature=0.0), dict(temperature=1.0), dict(temperature=0.8, top_k=5),
+           dict(temperature=1.0, top_p=0.9)]
+  params = [SamplingParams(**(kinds[i % 4] if mixed else dict(temperature=1.0, top_p=0.9)),
+                           seed=100 + i) for i in range(8)]
   arrays = {k: jnp.asarray(v) for k, v in stack_params(params).items()}
   positions = jnp.arange(8, dtype=jnp.int32) + 5
   batched = sample(logits, positions, **arrays)
