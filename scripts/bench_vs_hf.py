@@ -9,8 +9,10 @@ row with eos disabled (every row generates exactly that many), at each of --batc
   generate  `crosspool_jax.models.decode.generate` (contiguous KV cache, one jitted decode loop);
   engine    the serving `Engine` with kv_policy="shared" (paged kernels, continuous batching):
             `batch` requests submitted, run to completion; max_batch = batch and token buckets
-            (batch, batch * prompt_len), so the prefill is one step and every decode step one
-            step; its compilation happens in `start()`.
+            (batch, batch * prompt_len), so the prefill is one step; the decode runs
+            --decode_steps_per_dispatch steps per dispatch (multi-step decode: one jitted
+            loop, one host read per dispatch; 1 = a step per dispatch); its compilation
+            happens in `start()`.
 Per batch size: set-up (the engine's start-up compile), --warmup untimed calls of each runner
 (the first compiles `generate`; its time is reported as first_call_s), then --iters rounds,
 each timing the three runners one after the other (interleaved, so load from other processes
@@ -101,6 +103,9 @@ def define_flags() -> None:
       "spin-waiting barriers made HF generate 10-100x slower (measured), an artefact of the "
       "machine, not of HF.")
   flags.DEFINE_integer("seed", 0, "Seed of the prompts.")
+  flags.DEFINE_integer("decode_steps_per_dispatch", 8, "The engine's decode steps per "
+                       "dispatch (EngineConfig.decode_steps_per_dispatch; 1: one step per "
+                       "dispatch, as a serving step without multi-step decode).", lower_bound=1)
   flags.DEFINE_string("out", None, "JSON output path (directories are created); unset: "
                       "table only.")
   flags.DEFINE_float("peak_tflops", None, "Peak TFLOP/s of the roofline; overrides the "
@@ -152,15 +157,17 @@ def generate_runner(params: dict, cfg: ModelConfig, prompts: list[list[int]],
 
 
 def start_engine(params: dict, cfg: ModelConfig, batch: int, prompt_len: int,
-                 new_tokens: int) -> Engine:
-  """A "shared" engine sized so the batch's prefill is one step and every decode step one."""
+                 new_tokens: int, decode_steps_per_dispatch: int = 1) -> Engine:
+  """A "shared" engine sized so the batch's prefill is one step, decoding
+  `decode_steps_per_dispatch` steps per dispatch."""
   context = prompt_len + new_tokens
   pages = batch * math.ceil(context / PAGE_TOKENS) * cfg.num_layers
   config = EngineConfig(
       kv_policy="shared", page_elems=2 * cfg.num_kv_heads * cfg.head_dim * PAGE_TOKENS,
       pages_per_device=pages + 1 + 8,  # + the null page + slack
       kv_dtype="float32", token_budget=batch * prompt_len,
-      token_buckets=tuple(sorted({batch, batch * prompt_len})), max_batch=batch)
+      token_buckets=tuple(sorted({batch, batch * prompt_len})), max_batch=batch,
+      decode_steps_per_dispatch=decode_steps_per_dispatch)
   engine = Engine(config, log=progress)
   engine.register_model("m", cfg=cfg, params=params, max_batch=batch, max_context=context)
   engine.start()
@@ -209,7 +216,7 @@ def roofline_record(cfg: ModelConfig, peaks: roofline.Peaks, *, batch: int, prom
 
 def bench_batch(hf_model, params: dict, cfg: ModelConfig, batch: int, *, prompt_len: int,
                 new_tokens: int, iters: int, warmup: int, seed: int,
-                peaks_fn: Callable[[], roofline.Peaks]) -> dict[str, Any]:
+                decode_steps_per_dispatch: int, peaks_fn: Callable[[], roofline.Peaks]) -> dict[str, Any]:
   """Times the three runners at one batch size; returns the batch's record.
 
   `peaks_fn` gives the roofline's peaks; it is called after the warm-up, before the timed
@@ -218,7 +225,7 @@ def bench_batch(hf_model, params: dict, cfg: ModelConfig, batch: int, *, prompt_
   prompts = make_prompts(cfg, batch, prompt_len, seed)
   runs: dict[str, dict[str, Any]] = {name: {} for name in RUNNERS}
   start = time.perf_counter()
-  engine = start_engine(params, cfg, batch, prompt_len, new_tokens)
+  engine = start_engine(params, cfg, batch, prompt_len, new_tokens, decode_steps_per_dispatch)
   runs["engine"]["startup_compile_s"] = time.perf_counter() - start
   runs["engine"]["executables"] = engine.compile_count_at_start
   runners = {"hf": hf_runner(hf_model, prompts, new_tokens),
@@ -358,7 +365,7 @@ def run_all(path: str, batch_sizes: Sequence[int], cores: int) -> None:
       "flags": {name: FLAGS[name].value for name in (
           "family", "preset", "checkpoint", "override", "prompt_len", "max_new_tokens",
           "batch_sizes", "iters", "warmup", "torch_threads", "omp_wait_policy", "seed", "out",
-          "peak_tflops", "peak_gbps")},
+          "peak_tflops", "peak_gbps", "decode_steps_per_dispatch")},
       "model": {"family": cfg.family, "vocab_size": cfg.vocab_size, "d_model": cfg.d_model,
                 "num_layers": cfg.num_layers, "num_heads": cfg.num_heads,
                 "num_kv_heads": cfg.num_kv_heads, "head_dim": cfg.head_dim,
@@ -367,13 +374,15 @@ def run_all(path: str, batch_sizes: Sequence[int], cores: int) -> None:
                 "params": int(sum(x.size for x in jax.tree.leaves(params)))},
       "dtype": "float32",
       "engine": {"kv_policy": "shared", "page_tokens": PAGE_TOKENS,
-                 "max_batch": "= batch", "token_buckets": "(batch, batch * prompt_len)"},
+                 "max_batch": "= batch", "token_buckets": "(batch, batch * prompt_len)",
+                 "decode_steps_per_dispatch": FLAGS.decode_steps_per_dispatch},
       "loadavg_start": list(os.getloadavg()),
       "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
   }
   progress(f"{cfg.family} ({header['model']['params']} params), prompt {FLAGS.prompt_len}, "
            f"{FLAGS.max_new_tokens} new tokens, batches {batch_sizes}, torch threads "
-           f"{header['torch_threads']}")
+           f"{header['torch_threads']}, engine decode steps per dispatch "
+           f"{FLAGS.decode_steps_per_dispatch}")
   device = jax.devices()[0]
 
   def peaks_fn():
@@ -388,7 +397,9 @@ def run_all(path: str, batch_sizes: Sequence[int], cores: int) -> None:
   for batch in batch_sizes:
     records.append(bench_batch(hf_model, params, cfg, batch, prompt_len=FLAGS.prompt_len,
                                new_tokens=FLAGS.max_new_tokens, iters=FLAGS.iters,
-                               warmup=FLAGS.warmup, seed=FLAGS.seed, peaks_fn=peaks_fn))
+                               warmup=FLAGS.warmup, seed=FLAGS.seed,
+                               decode_steps_per_dispatch=FLAGS.decode_steps_per_dispatch,
+                               peaks_fn=peaks_fn))
   header["loadavg_end"] = list(os.getloadavg())
   if FLAGS.out:
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)

@@ -15,6 +15,7 @@ from tests.conftest import ROOT
 pytestmark = pytest.mark.hf
 
 RUNNERS = ("hf", "generate", "engine")
+DECODE_STEPS = 3  # the engine's --decode_steps_per_dispatch: 4 decode steps take 2 dispatches
 HEADER_KEYS = {"jax_version", "torch_version", "transformers_version", "backend", "device_kind",
                "cpu_cores", "torch_threads", "omp_wait_policy", "git_revision", "git_dirty",
                "flags", "model", "dtype", "engine", "loadavg_start", "loadavg_end", "date"}
@@ -28,7 +29,8 @@ def test_tiny_run_writes_sane_json_and_agrees_with_hf(tmp_path):
   proc = subprocess.run(
       [sys.executable, os.path.join(ROOT, "scripts", "bench_vs_hf.py"), "--batch_sizes=1,2",
        f"--prompt_len={prompt_len}", f"--max_new_tokens={new_tokens}", "--iters=1",
-       "--warmup=1", "--torch_threads=1", f"--out={out}"],
+       "--warmup=1", "--torch_threads=1", f"--decode_steps_per_dispatch={DECODE_STEPS}",
+       f"--out={out}"],
       capture_output=True, text=True, timeout=300, cwd=ROOT)
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads(out.read_text())
@@ -75,9 +77,10 @@ def test_tiny_run_writes_sane_json_and_agrees_with_hf(tmp_path):
     # The oracle: greedy f32 tokens of both crosspool_jax paths equal HF transformers'.
     assert r["agreement"] == {"generate_vs_hf": 1.0, "engine_vs_hf": 1.0,
                               "engine_vs_generate": 1.0}, r["agreement"]
-    # One prefill step, then one step per further token; nothing compiled while timing.
-    assert runs["engine"]["steps_per_run"] == new_tokens
-    assert runs["engine"]["executables"] == 2 and runs["engine"]["startup_compile_s"] > 0
+    # One prefill step, then the new_tokens - 1 decode steps, DECODE_STEPS per dispatch; two
+    # bucket executables and the decode loop; nothing compiled while timing.
+    assert runs["engine"]["steps_per_run"] == 1 + math.ceil((new_tokens - 1) / DECODE_STEPS)
+    assert runs["engine"]["executables"] == 3 and runs["engine"]["startup_compile_s"] > 0
     assert r["jax_compiles_in_timed_rounds"] == 0
     assert runs["generate"]["compile_s"] == pytest.approx(
         runs["generate"]["first_call_s"] - runs["generate"]["median_s"])

@@ -71,7 +71,8 @@ def sample(logits_BV: jax.Array, positions_B: jax.Array, *, temperature_B: jax.A
     KV or weights upstream: the engine fails that request instead of emitting a token).
   """
   logits_BV = logits_BV.astype(jnp.float32)
-  greedy_B = jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+  # argmax; top_k(1) picks the same (the lowest index among equal maxima) ~3x faster on CPU.
+  greedy_B = jax.lax.top_k(logits_BV, 1)[1][:, 0].astype(jnp.int32)
   random_B = temperature_B > 0
   truncated_B = random_B & ((top_k_B > 0) | (top_p_B < 1))
   # Each branch runs only when a row needs it (on CPU a sort of [32, 2048] costs ~10 ms, the

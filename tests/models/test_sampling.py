@@ -28,6 +28,14 @@ def test_greedy_is_argmax():
   np.testing.assert_array_equal(out, np.argmax(logits, -1))
 
 
+def test_greedy_ties_pick_the_lowest_index():
+  logits = np.array([[0.0, 3.0, 1.0, 3.0], [5.0, 5.0, 5.0, 5.0], [-1.0, -2.0, -1.0, -3.0]],
+                    np.float32)
+  arrays = {k: jnp.asarray(v) for k, v in stack_params([SamplingParams()] * 3).items()}
+  out = sample(jnp.asarray(logits), jnp.zeros(3, jnp.int32), **arrays)
+  np.testing.assert_array_equal(out, np.argmax(logits, -1))  # numpy: the first maximum
+
+
 def test_temperature_matches_softmax():
   logits = np.array([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
   freq = _draw(logits, SamplingParams(temperature=0.7))
