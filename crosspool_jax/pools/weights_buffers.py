@@ -14,7 +14,7 @@ import functools
 import queue
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -127,6 +127,9 @@ class DeviceWeightsPool:
     self._records: list[_SwapRecord] = []
     self._pending: dict[tuple[str, int], list[_SwapRecord]] = {}
     self._watch: queue.Queue = queue.Queue()
+    # Called as on_swap(done, device=d, keys=[(model, layer, expert), ...], prefetch=bool)
+    # after each slot-write call is issued (`done` is ready when it has finished).
+    self.on_swap: Callable[..., None] | None = None
     self._watcher = threading.Thread(target=self._watch_loop, daemon=True)
     self._watcher.start()
 
@@ -305,6 +308,8 @@ class DeviceWeightsPool:
         self._pending.setdefault(layer_key, []).append(rec)
       self.pool.stats.swap_calls += 1
       self._watch.put((rec, done))
+      if self.on_swap is not None:
+        self.on_swap(done, device=d, keys=keys, prefetch=plan.prefetch)
 
   def _watch_loop(self) -> None:
     while True:

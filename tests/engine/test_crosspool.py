@@ -113,6 +113,8 @@ def test_two_models_of_one_class_share_an_expert_call(crosspool):
 
 def test_timeline_shows_micro_batches_in_flight_together(crosspool):
   work = _workload(8, seed=5)
+  events = len(crosspool.executor.timeline.events)
+  swap_calls = crosspool.executor.wpool.pool.stats.swap_calls
   for m, p, n in work:
     crosspool.submit(model_id=m, prompt_ids=p, max_new_tokens=n)
   crosspool.generate_all()
@@ -120,6 +122,13 @@ def test_timeline_shows_micro_batches_in_flight_together(crosspool):
   overlap = timeline.overlap()
   kinds = {e["kind"] for e in timeline.events}
   assert {"attention_side", "transfer_to_weights", "experts", "transfer_back"} <= kinds
+  # Every step is recorded (timeline_every=1), so every swap-in of the run is on the timeline,
+  # on a weights device: made resident before a step, or loaded by the miss path.
+  swaps = [e for e in timeline.events[events:] if e["kind"].startswith("swap")]
+  assert len(swaps) == crosspool.executor.wpool.pool.stats.swap_calls - swap_calls > 0
+  assert {e["kind"] for e in swaps} == {"swap_prefetch", "swap"}
+  weights_devices = {str(d) for d in crosspool.executor.wpool.devices}
+  assert {e["device"] for e in swaps} <= weights_devices
   assert len({e["micro_batch"] for e in timeline.events}) >= 2
   assert max(len(e["members"]) for e in timeline.events if e["kind"] == "experts") >= 2
   assert all(e["end"] >= e["start"] for e in timeline.events)

@@ -133,6 +133,7 @@ class Timeline:
 
     Stages of two micro-batches: two in-flight stages serving disjoint sets of micro-batches
     (a fused expert call serves several, and is not overlapped with its own members' stages).
+    Expert swap-ins are not stages of a micro-batch and are left out.
 
     Returns {"overlap_fraction", "busy_s", "overlap_s", "transfers_concurrent_with_compute"}
     where the last counts transfers of one micro-batch in flight while a compute stage of
@@ -141,8 +142,9 @@ class Timeline:
     self.wait()
     busy = overlapped = 0.0
     concurrent = 0
-    for step in sorted({e["step"] for e in self.events}):
-      evs = [e for e in self.events if e["step"] == step and e["end"] is not None]
+    stages = [e for e in self.events if not e["kind"].startswith("swap")]
+    for step in sorted({e["step"] for e in stages}):
+      evs = [e for e in stages if e["step"] == step and e["end"] is not None]
       cuts = sorted({t for e in evs for t in (e["start"], e["end"])})
       for a, b in itertools.pairwise(cuts):
         live = {frozenset(e["members"]) for e in evs if e["start"] < b and e["end"] > a}
@@ -312,6 +314,7 @@ class DisaggregatedExecutor:
     self.kv_buffers = list(kv_buffers)
     self.kv_devices = [b.devices().pop() for b in kv_buffers]
     self.wpool = wpool
+    wpool.on_swap = self._on_swap
     self.token_buckets = tuple(token_buckets)
     self.max_batch = max_batch
     self.micro_batches = micro_batches
@@ -345,6 +348,7 @@ class DisaggregatedExecutor:
     self._tokens_read = False  # whether the step being run has read its tokens yet
     self.reads_before_tokens = 0  # blocking reads a step made before its tokens (sync path)
     self._warming = False  # compile_all / add_model running empty micro-batches
+    self._tracking = False  # the step being run is recorded on the timeline
 
   @property
   def compile_count(self) -> int:
@@ -592,9 +596,10 @@ class DisaggregatedExecutor:
                             for part, bucket in zip(parts, buckets, strict=True)])
 
     swaps = self.wpool.pool.stats.swap_calls
+    track = self.timeline_every > 0 and self.steps % self.timeline_every == 0
+    self._tracking = track
     mbs = prepare()
     self._make_resident(mbs)
-    track = self.timeline_every > 0 and self.steps % self.timeline_every == 0
     events = len(self.timeline.events)
     tokens = self._run_micro_batches(mbs, track=track, sync=False)
     if self._account(mbs):
@@ -606,6 +611,7 @@ class DisaggregatedExecutor:
     self.expert_members += self._tally[1]
     self.expert_splits += self._tally[2]
     self.steps += 1
+    self._tracking = False
     swaps = self.wpool.pool.stats.swap_calls - swaps  # each: one put of 4 arrays, one write
     self.counters.transfers += 4 * swaps
     self._dispatched(swaps)
@@ -746,6 +752,16 @@ class DisaggregatedExecutor:
                           model=mbs[0].model.model_id, layer=layer, kind=kind,
                           device=str(device), members=tuple(mb.index for mb in mbs),
                           models=tuple(mb.model.model_id for mb in mbs))
+
+  def _on_swap(self, done, *, device: int, keys, prefetch: bool) -> None:
+    """Puts an expert swap-in of a recorded step on the timeline ("swap": a load the miss
+    path waits for; "swap_prefetch": made resident before the step), on its weights device."""
+    if self._tracking:
+      models = tuple(dict.fromkeys(m for m, _, _ in keys))
+      self.timeline.track(done, step=self.steps, micro_batch=-1, model=models[0],
+                          layer=keys[0][1], kind="swap_prefetch" if prefetch else "swap",
+                          device=str(self.wpool.devices[device]), members=(-1,),
+                          models=models)
 
   def _combine_pending(self, mb: _MicroBatch) -> None:
     if mb.pending is not None:
