@@ -32,31 +32,111 @@ import numpy as np
 
 from crosspool_jax.models.config import ModelConfig
 
-# device_kind -> (dense bf16 TFLOP/s, HBM GB/s), vendor datasheet figures (dense, i.e. without
-# the 2:4 sparsity factor NVIDIA quotes first). Sources:
-#   NVIDIA H100 Tensor Core GPU datasheet: SXM 989 TFLOP/s bf16 dense, 3.35 TB/s HBM3;
-#     PCIe 756 TFLOP/s, 2.0 TB/s.
-#   NVIDIA H200 Tensor Core GPU datasheet: SXM 989 TFLOP/s, 4.8 TB/s HBM3e (the H200 NVL is
-#     835 TFLOP/s, same device_kind: pass the peaks explicitly there).
-#   NVIDIA A100 Tensor Core GPU datasheet: 312 TFLOP/s bf16 dense; HBM2 1,555 GB/s (40GB),
-#     HBM2e 2,039 GB/s (80GB SXM) / 1,935 GB/s (80GB PCIe).
-#   Google Cloud TPU system-architecture pages: v5e 197 TFLOP/s, 819 GB/s; v5p 459 TFLOP/s,
-#     2,765 GB/s; v6e (Trillium) 918 TFLOP/s, 1,640 GB/s.
+GIB = 2 ** 30
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSpec:
+  """One accelerator kind: datasheet peaks, memory, links and launch overhead (per device).
+
+  Attributes:
+    name: the short name (a `DEVICES` key).
+    bf16_flops_per_s: dense bf16 peak (without the 2:4 sparsity factor NVIDIA quotes first).
+    fp8_flops_per_s: dense fp8 peak, None where the device has no fp8 datasheet figure.
+    hbm_bytes_per_s: memory bandwidth.
+    memory_bytes: device memory (the datasheet's GB taken as GiB: HBM stacks come in binary
+      sizes, and the capacity analysis budgets devices in GiB).
+    link_bytes_per_s: device-to-device bandwidth per direction (NVLink, ICI).
+    link_latency_s: latency of one device-to-device transfer (an estimate, no datasheet).
+    host_bytes_per_s: host-to-device bandwidth per direction (PCIe): expert swap-ins.
+    dispatch_s: host overhead of launching one program (an estimate, no datasheet).
+    device_kinds: the `jax.Device.device_kind` strings of this device (`PEAKS` keys).
+  """
+
+  name: str
+  bf16_flops_per_s: float
+  fp8_flops_per_s: float | None
+  hbm_bytes_per_s: float
+  memory_bytes: int
+  link_bytes_per_s: float
+  link_latency_s: float
+  host_bytes_per_s: float
+  dispatch_s: float
+  device_kinds: tuple[str, ...] = ()
+
+  def flops_per_s(self, dtype: str) -> float:
+    """The peak for matmuls in `dtype`: fp8 for float8 types, else the bf16 peak."""
+    if not dtype.startswith("float8"):
+      return self.bf16_flops_per_s
+    if self.fp8_flops_per_s is None:
+      raise ValueError(f"device {self.name!r} has no fp8 peak (dtype {dtype!r}); use bfloat16")
+    return self.fp8_flops_per_s
+
+
+def _nvidia(name, bf16_tflops, fp8_tflops, hbm_gbps, memory_gib, nvlink_gbps, pcie_gbps,
+            device_kinds):
+  """An NVIDIA GPU: NVLink and PCIe figures are the datasheets' bidirectional totals, halved
+  (per direction); launch ~5 us and NVLink latency ~3 us (estimates)."""
+  return DeviceSpec(name, bf16_tflops * 1e12, fp8_tflops and fp8_tflops * 1e12, hbm_gbps * 1e9,
+                    memory_gib * GIB, nvlink_gbps / 2 * 1e9, 3e-6, pcie_gbps / 2 * 1e9, 5e-6,
+                    device_kinds)
+
+
+def _tpu(name, bf16_tflops, hbm_gbps, memory_gib, ici_gbits, device_kinds):
+  """A Cloud TPU: ICI is the per-chip figure of Google's page (Gbit/s), taken as the bandwidth
+  of one transfer; the pages give no host-link figure, so PCIe Gen4 x16 (32 GB/s per
+  direction) is assumed; launch ~20 us and ICI latency ~5 us (estimates). No fp8 figure (the
+  pages quote int8)."""
+  return DeviceSpec(name, bf16_tflops * 1e12, None, hbm_gbps * 1e9, memory_gib * GIB,
+                    ici_gbits / 8 * 1e9, 5e-6, 32e9, 20e-6, device_kinds)
+
+
+# The one table of device figures (the benchmarks' roofline peaks, `PEAKS`, and the
+# simulator's cost model both read it). Sources, by vendor page name:
+#   NVIDIA H100 Tensor Core GPU datasheet: SXM 989 TFLOP/s bf16 dense, 1,979 fp8, 3.35 TB/s
+#     HBM3, 80 GB, NVLink 900 GB/s, PCIe Gen5 128 GB/s; PCIe card 756 / 1,513 TFLOP/s,
+#     2.0 TB/s, 80 GB, NVLink bridge 600 GB/s, PCIe Gen5 128 GB/s.
+#   NVIDIA H200 Tensor Core GPU datasheet: SXM 989 / 1,979 TFLOP/s, 4.8 TB/s HBM3e, 141 GB,
+#     NVLink 900 GB/s, PCIe Gen5 128 GB/s (the H200 NVL is 835 TFLOP/s, same device_kind:
+#     pass the peaks explicitly there).
+#   NVIDIA DGX B200 / HGX B200 datasheets, per GPU (the 8-GPU totals / 8, sparsity halved):
+#     2.25 PFLOP/s bf16 dense, 4.5 fp8, 8 TB/s HBM3e, 180 GB, NVLink 5 1.8 TB/s, PCIe Gen5.
+#   NVIDIA A100 Tensor Core GPU datasheet: 312 TFLOP/s bf16 dense (no fp8); HBM2 1,555 GB/s
+#     (40GB), HBM2e 2,039 GB/s (80GB SXM) / 1,935 GB/s (80GB PCIe); NVLink 600 GB/s (PCIe
+#     cards: NVLink bridge 600 GB/s); PCIe Gen4 64 GB/s.
+#   Google Cloud TPU system-architecture pages: v5e 197 TFLOP/s bf16, 819 GB/s, 16 GB HBM,
+#     ICI 1,600 Gbps; v5p 459 TFLOP/s, 2,765 GB/s, 95 GB, ICI 4,800 Gbps; v6e (Trillium)
+#     918 TFLOP/s, 1,640 GB/s, 32 GB, ICI 3,584 Gbps.
+#   cpu: not a datasheet: the 2-core CI host as `measure_peaks` measured it (WORKSPACE.md:
+#     ~170 GFLOP/s f32 matmul, ~26 GB/s); devices there share host memory, so links and
+#     the host link run at memory speed; launch ~50 us (JAX's CPU dispatch). `device_peaks`
+#     measures a CPU instead (no `device_kinds`).
+DEVICES: dict[str, DeviceSpec] = {d.name: d for d in (
+    _nvidia("h100_sxm", 989, 1979, 3350, 80, 900, 128, ("NVIDIA H100 80GB HBM3",)),
+    _nvidia("h100_pcie", 756, 1513, 2000, 80, 600, 128, ("NVIDIA H100 PCIe",)),
+    _nvidia("h200", 989, 1979, 4800, 141, 900, 128, ("NVIDIA H200",)),
+    _nvidia("b200", 2250, 4500, 8000, 180, 1800, 128, ("NVIDIA B200",)),
+    _nvidia("a100_sxm_80gb", 312, None, 2039, 80, 600, 64, ("NVIDIA A100-SXM4-80GB",)),
+    _nvidia("a100_sxm_40gb", 312, None, 1555, 40, 600, 64, ("NVIDIA A100-SXM4-40GB",)),
+    _nvidia("a100_pcie_40gb", 312, None, 1555, 40, 600, 64, ("NVIDIA A100-PCIE-40GB",)),
+    _nvidia("a100_pcie_80gb", 312, None, 1935, 80, 600, 64, ("NVIDIA A100 80GB PCIe",)),
+    _tpu("tpu_v5e", 197, 819, 16, 1600, ("TPU v5 lite", "TPU v5e")),
+    _tpu("tpu_v5p", 459, 2765, 95, 4800, ("TPU v5", "TPU v5p")),
+    _tpu("tpu_v6e", 918, 1640, 32, 3584, ("TPU v6 lite", "TPU v6e")),
+    DeviceSpec("cpu", 170e9, None, 26e9, 16 * GIB, 26e9, 1e-6, 26e9, 50e-6),
+)}
+
+# device_kind -> (dense bf16 TFLOP/s, HBM GB/s): the datasheet peaks of `DEVICES`.
 PEAKS: dict[str, tuple[float, float]] = {
-    "NVIDIA H100 80GB HBM3": (989.0, 3350.0),
-    "NVIDIA H100 PCIe": (756.0, 2000.0),
-    "NVIDIA H200": (989.0, 4800.0),
-    "NVIDIA A100-SXM4-80GB": (312.0, 2039.0),
-    "NVIDIA A100-SXM4-40GB": (312.0, 1555.0),
-    "NVIDIA A100-PCIE-40GB": (312.0, 1555.0),
-    "NVIDIA A100 80GB PCIe": (312.0, 1935.0),
-    "TPU v5 lite": (197.0, 819.0),  # v5e
-    "TPU v5e": (197.0, 819.0),
-    "TPU v5": (459.0, 2765.0),  # v5p
-    "TPU v5p": (459.0, 2765.0),
-    "TPU v6 lite": (918.0, 1640.0),  # v6e
-    "TPU v6e": (918.0, 1640.0),
-}
+    kind: (d.bf16_flops_per_s / 1e12, d.hbm_bytes_per_s / 1e9)
+    for d in DEVICES.values() for kind in d.device_kinds}
+
+
+def device_spec(name: str) -> DeviceSpec:
+  """The `DEVICES` entry `name`; ValueError naming the known kinds otherwise."""
+  if name not in DEVICES:
+    raise ValueError(f"unknown device kind {name!r}; known: {', '.join(DEVICES)}")
+  return DEVICES[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,6 +272,73 @@ def expected_experts_touched(num_experts: int, top_k: int, tokens: int) -> float
   return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
 
 
+@dataclasses.dataclass(frozen=True)
+class BatchShape:
+  """What a step's cost depends on, summed over its sequences.
+
+  Attributes:
+    seqs: sequences.
+    tokens: tokens fed (new) over all sequences.
+    keys_seen: keys the new tokens attend to in all (a new token at position p sees p + 1).
+    context: the sequences' contexts after the step, summed (the keys read once per layer).
+  """
+
+  seqs: int
+  tokens: int
+  keys_seen: int
+  context: int
+
+  @classmethod
+  def of(cls, new_tokens: Sequence[int], contexts: Sequence[int]) -> BatchShape:
+    """Sequences feeding `new_tokens[i]` tokens up to context `contexts[i]` (new included)."""
+    # sum over positions c - n .. c - 1 of (p + 1) = n (2c - n + 1) / 2
+    seen = sum(n * (2 * c - n + 1) // 2 for n, c in zip(new_tokens, contexts, strict=True))
+    return cls(len(new_tokens), sum(new_tokens), seen, sum(contexts))
+
+  @classmethod
+  def alike(cls, seqs: int, new_tokens: int, context: int) -> BatchShape:
+    """`seqs` sequences that each feed `new_tokens` up to `context`."""
+    return cls.of([new_tokens] * seqs, [context] * seqs)
+
+
+def attention_side_cost(cfg: ModelConfig, layer: int, shape: BatchShape, *, weight_bytes: int,
+                        kv_bytes: int) -> Cost:
+  """A layer's work besides its routed experts: the matrices every token goes through
+  (attention projections; router and shared expert, or the dense MLP), attention over the
+  keys seen, every key's K/V read and the new tokens' written."""
+  shared, _ = _layer_matrices(cfg, layer)
+  flops = 2.0 * shape.tokens * shared + 4.0 * cfg.num_heads * cfg.head_dim * shape.keys_seen
+  kv = 2 * cfg.num_kv_heads * cfg.head_dim * (shape.context + shape.tokens)
+  return Cost(flops, shared * weight_bytes + kv * kv_bytes)
+
+
+def routed_experts_cost(cfg: ModelConfig, layer: int, tokens: int, *,
+                        weight_bytes: int) -> Cost:
+  """A layer's routed experts for `tokens` tokens: top_k experts each, the weights of the
+  distinct experts touched read once (`expected_experts_touched`); nothing for a dense layer."""
+  _, expert = _layer_matrices(cfg, layer)
+  touched = expected_experts_touched(cfg.num_experts, cfg.top_k, tokens)
+  return Cost(2.0 * tokens * cfg.top_k * expert, touched * expert * weight_bytes)
+
+
+def head_cost(cfg: ModelConfig, shape: BatchShape, *, weight_bytes: int) -> Cost:
+  """The LM head once per sequence (only the last token's logits are needed), and the
+  embedding rows of the step's tokens."""
+  D, V = cfg.d_model, cfg.vocab_size
+  return Cost(2.0 * shape.seqs * D * V, (D * V + shape.tokens * D) * weight_bytes)
+
+
+def batch_cost(cfg: ModelConfig, shape: BatchShape, *, weight_bytes: int,
+               kv_bytes: int) -> Cost:
+  """FLOPs and bytes of one model step over a batch of that shape: every layer's attention
+  side and routed experts, and the head."""
+  cost = head_cost(cfg, shape, weight_bytes=weight_bytes)
+  for layer in range(cfg.num_layers):
+    cost += attention_side_cost(cfg, layer, shape, weight_bytes=weight_bytes, kv_bytes=kv_bytes)
+    cost += routed_experts_cost(cfg, layer, shape.tokens, weight_bytes=weight_bytes)
+  return cost
+
+
 def step_cost(cfg: ModelConfig, *, seqs: int, new_tokens: int, context: int,
               weight_bytes: int, kv_bytes: int) -> Cost:
   """FLOPs and bytes of one step of `seqs` sequences alike (see the module docstring).
@@ -207,19 +354,8 @@ def step_cost(cfg: ModelConfig, *, seqs: int, new_tokens: int, context: int,
   Returns:
     The step's `Cost`.
   """
-  tokens = seqs * new_tokens
-  D, N, K, H, V = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
-  # Keys a sequence's new tokens see in all: sum over positions p of (p + 1).
-  keys_seen = seqs * sum(range(context - new_tokens + 1, context + 1))
-  touched = expected_experts_touched(cfg.num_experts, cfg.top_k, tokens)
-  flops = 2.0 * seqs * D * V + 4.0 * N * H * keys_seen * cfg.num_layers
-  weights = D * V + tokens * D  # LM head, embedding rows
-  for layer in range(cfg.num_layers):
-    shared, expert = _layer_matrices(cfg, layer)
-    flops += 2.0 * tokens * (shared + cfg.top_k * expert)
-    weights += shared + touched * expert
-  kv = 2 * K * H * cfg.num_layers * (seqs * context + tokens)  # read every key, write the new
-  return Cost(flops, weights * weight_bytes + kv * kv_bytes)
+  return batch_cost(cfg, BatchShape.alike(seqs, new_tokens, context),
+                    weight_bytes=weight_bytes, kv_bytes=kv_bytes)
 
 
 def generation_costs(cfg: ModelConfig, *, batch: int, prompt_len: int, new_tokens: int,

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 import jax
 import jax.numpy as jnp
 
+from crosspool_jax.engine.backend import Backend, DeviceBackend
 from crosspool_jax.engine.executors.api import LoadedModel, StepError
 from crosspool_jax.engine.executors.colocated import ColocatedExecutor
 from crosspool_jax.engine.executors.crosspool import DisaggregatedExecutor
@@ -136,10 +137,21 @@ class Engine:
   """Continuous batching over many models sharing the KV memory (see the module docstring)."""
 
   def __init__(self, config: EngineConfig | None = None, *,
-               log: Callable[[str], None] | None = None):
+               log: Callable[[str], None] | None = None,
+               clock: Callable[[], float] = time.perf_counter,
+               backend: Backend | None = None):
+    """Args:
+      config: the engine settings (default `EngineConfig()`).
+      log: where start-up and failure messages go.
+      clock: seconds now; every time a request records (arrival, admission, tokens, finish)
+        and the pool samples are read from it (a simulator passes its simulated clock).
+      backend: where the models and runtime live (default `DeviceBackend`: the devices).
+    """
     self.config = config or EngineConfig()
     self.policy = get_policy(self.config.kv_policy)
     self.log = log or (lambda msg: None)
+    self.clock = clock
+    self.backend = backend or DeviceBackend()
     self._models: dict[str, LoadedModel] = {}
     self._specs: dict[str, KVModelSpec] = {}
     self._requests: dict[str, Request] = {}
@@ -203,8 +215,7 @@ class Engine:
     if not 0 <= group < len(self.config.devices):
       raise ValueError(f"group {group} is not one of the {len(self.config.devices)} KV groups")
     max_context = min(max_context or cfg.max_context, cfg.max_context)
-    device = jax.devices()[self.config.devices[group]]
-    model = LoadedModel(model_id, cfg, jax.device_put(params, device), group)
+    model = LoadedModel(model_id, cfg, self.backend.place(self.config, params, group), group)
     spec = KVModelSpec(model_id, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max_context,
                        max_batch or self.config.max_batch)
     if self._started:
@@ -216,7 +227,7 @@ class Engine:
 
   def _add_running(self, model: LoadedModel, spec: KVModelSpec) -> None:
     """Joins a model to the pools, executor and scheduler of a started engine (all or none)."""
-    self.policy.add_model(self._runtime, self.config, model, spec, log=self.log)
+    self.backend.add_model(self.policy, self._runtime, self.config, model, spec, log=self.log)
     self.scheduler.add_model(model.model_id, self._runtime.model_pools[model.model_id])
 
   def unregister_model(self, model_id: str) -> list[str]:
@@ -231,7 +242,7 @@ class Engine:
       raise ValueError(f"unknown model_id {model_id!r}; registered: {sorted(self._models)}")
     cancelled = []
     if self._started:
-      now = time.perf_counter()
+      now = self.clock()
       for req in self.scheduler.remove_model(model_id):
         req.status, req.finish_reason, req.finish_s = Status.CANCELLED, "unregistered", now
         cancelled.append(req.request_id)
@@ -298,7 +309,7 @@ class Engine:
       raise RuntimeError("register at least one model before start()")
     _start_counting_compiles()
     c = self.config
-    self._runtime = self.policy.start(c, self._models, self._specs)
+    self._runtime = self.backend.start(self.policy, c, self._models, self._specs)
     self.scheduler = Scheduler(self._runtime.model_pools, token_budget=c.token_budget,
                                max_batch=c.max_batch, max_tokens=c.token_buckets[-1],
                                decode_steps=c.decode_steps_per_dispatch)
@@ -352,7 +363,7 @@ class Engine:
     if request_id in self._requests:
       raise ValueError(f"request_id {request_id!r} already exists")
     req = Request(request_id, model_id, prompt, sampling, max_new_tokens,
-                  frozenset(int(s) for s in stop_ids), arrival_s=time.perf_counter())
+                  frozenset(int(s) for s in stop_ids), arrival_s=self.clock())
     self._requests[request_id] = req
     self.scheduler.add(req)
     return request_id
@@ -363,7 +374,7 @@ class Engine:
     if req.done:
       return
     self.scheduler.remove(req)
-    req.status, req.finish_reason, req.finish_s = Status.CANCELLED, "cancelled", time.perf_counter()
+    req.status, req.finish_reason, req.finish_s = Status.CANCELLED, "cancelled", self.clock()
 
   def _get(self, request_id: str) -> Request:
     if request_id not in self._requests:
@@ -392,7 +403,7 @@ class Engine:
     events = []
     batches = self.scheduler.schedule()
     self._last_step_idle = not batches
-    now = time.perf_counter()
+    now = self.clock()
     for batch in batches:
       for r in batch.requests:
         if r.admitted_s is None:
@@ -404,7 +415,7 @@ class Engine:
       self.steps += 1
       self._sample_pools()
       return events
-    now = time.perf_counter()  # the time of every token of the step (of a multi-step dispatch)
+    now = self.clock()  # the time of every token of the step (of a multi-step dispatch)
     for batch, tokens in zip(batches, results, strict=True):
       commit = self.scheduler.commit if batch.decode_steps is None else self.scheduler.commit_many
       for r, tok, reason in commit(batch, tokens, now):
@@ -424,7 +435,7 @@ class Engine:
         if self._runtime.model_pools[req.model_id] is pool:
           pool.release(req.request_id)
     self.scheduler.requeue_evicted()
-    now, events = time.perf_counter(), []
+    now, events = self.clock(), []
     reason = f"{type(error.cause).__name__}: {error.cause}"
     for batch in batches:
       if batch.model_id not in error.model_ids:
@@ -436,7 +447,7 @@ class Engine:
     return events
 
   def _sample_pools(self) -> None:
-    t = time.perf_counter()
+    t = self.clock()
     for g, pool in self.pools.items():
       self.pool_samples.append({"t": t, "group": g, "used_pages": pool.used_pages,
                                 "limit_pages": pool.limit,

@@ -200,16 +200,14 @@ def check_config(config) -> None:
                        f"checkpoint), got {m.family!r}")
 
 
-def _never_fits(engine, cfgs, config, record) -> str | None:
-  """Why the record's full context can never be held by its KV pool, or None."""
-  fleet = config.fleet.get(record.model_id)
-  if fleet is None or record.model_id not in cfgs:
-    return None  # the engine names unknown models itself
+def never_fits(engine, record, cfg, max_context: int) -> str | None:
+  """Why the record's full context can never be held by its model's KV pool, or None (also
+  for a context beyond the model's `max_context`: the engine says so itself)."""
   pool = engine.kv_pool(record.model_id)
   tokens = record.prompt_len + record.max_new_tokens
-  if tokens > min(fleet.max_context, cfgs[record.model_id].max_context):
-    return None  # beyond the model's context: the engine says so itself
-  need = cfgs[record.model_id].num_layers * math.ceil(tokens / pool.page_tokens(record.model_id))
+  if tokens > min(max_context, cfg.max_context):
+    return None
+  need = cfg.num_layers * math.ceil(tokens / pool.page_tokens(record.model_id))
   if need > pool.limit:
     return (f"context of {tokens} tokens needs {need} KV pages, more than the pool's "
             f"{pool.limit} usable KV pages ({pool.num_devices} KV device(s) x "
@@ -335,7 +333,9 @@ def serve(engine, cfgs, config, records, *, profile: Profile | None = None) -> d
         i, r = next_i, records[next_i]
         next_i += 1
         try:
-          why = _never_fits(engine, cfgs, config, r)
+          fleet = config.fleet.get(r.model_id)
+          why = (None if fleet is None or r.model_id not in cfgs  # the engine names unknown ids
+                 else never_fits(engine, r, cfgs[r.model_id], fleet.max_context))
           if why:
             raise ValueError(why)
           vocab = cfgs[r.model_id].vocab_size if r.model_id in cfgs else 1

@@ -463,11 +463,13 @@ class WeightsPool:
     missing = [k for k in keys if k not in self._residency]
     part = self._partition(model_id, layer)
     protect = set(keys) | set(map(tuple, protect))
-    room = part.usable_free + len(part.evictable(protect))
-    if len(missing) > room:
-      raise PoolExhaustedError(
-          f"model {model_id!r} layer {layer} needs {len(missing)} more experts resident at once "
-          f"on device {self._home[model_id, layer]}, only {room} slots are free or evictable")
+    if len(missing) > part.usable_free:  # else no need to scan the slots for victims
+      room = part.usable_free + len(part.evictable(protect))
+      if len(missing) > room:
+        raise PoolExhaustedError(
+            f"model {model_id!r} layer {layer} needs {len(missing)} more experts resident at "
+            f"once on device {self._home[model_id, layer]}, only {room} slots are free or "
+            "evictable")
     self.clock += 1
     plan = SwapPlan()
     for key in keys:
@@ -491,16 +493,19 @@ class WeightsPool:
     keys = {(str(m), int(layer), int(e)) for m, layer, e in keys}
     if not keys:
       return True
-    parts = set()
+    layers: dict[tuple[str, int], list[int]] = {}
     for m, layer, e in keys:
-      self._check_experts(m, layer, [e])
+      layers.setdefault((m, layer), []).append(e)
+    parts = set()
+    for (m, layer), experts in layers.items():
+      self._check_experts(m, layer, experts)
       parts.add((self._class_of[m], self._home[m, layer]))
     if len(parts) > 1:
       raise ValueError(f"can_hold: the experts span {len(parts)} partitions "
                        f"(class, device) {sorted(parts)}; one expected")
     (c, d), = parts
     part = self.classes[c].partitions[d]
-    pinned_other = sum(1 for s, k in enumerate(part.owner) if part.pinned[s] and k not in keys)
+    pinned_other = sum(1 for s in np.flatnonzero(part.pinned) if part.owner[s] not in keys)
     return len(keys) + pinned_other <= part.limit
 
   def prefetch(self, model_id: str, layer: int, experts: Iterable[int], *,

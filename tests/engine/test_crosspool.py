@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from crosspool_jax.engine import Engine, EngineConfig
+from crosspool_jax.engine.executors.crosspool import split_micro_batches
 from crosspool_jax.engine.scheduler import ModelBatch
 from tests.engine.test_engine import FAMILIES, MODELS, _references, _workload
 
@@ -82,8 +83,12 @@ def test_resident_experts_step_with_no_read_before_the_tokens():
 
 def test_small_batches_are_not_cut_into_micro_batches():
   eng = _crosspool(pages=24, models=("mixtral",), micro_batch_min_tokens=8)
-  cut = eng.executor._split
-  reqs = ["r0", "r1", "r2", "r3"]  # _split only counts and slices them
+  ex = eng.executor
+
+  def cut(batch):
+    return split_micro_batches(batch, ex.micro_batches, ex.micro_batch_min_tokens)
+
+  reqs = ["r0", "r1", "r2", "r3"]  # the split only counts and slices them
   decode = ModelBatch("mixtral", reqs, [1, 1, 1, 1])  # 4 tokens: one micro-batch
   prefill = ModelBatch("mixtral", reqs, [8, 8, 8, 8])  # 32 tokens: micro_batches=2 parts
   assert [len(b.requests) for b in cut(decode)] == [4]

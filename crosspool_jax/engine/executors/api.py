@@ -107,6 +107,29 @@ class Executor(Protocol):
     """Stops running a model (the engine returns its pages and slots)."""
 
 
+def fake_token(position: int, vocab_size: int) -> int:
+  """The token a model-less executor samples for `position`."""
+  return position % vocab_size
+
+
+def fake_tokens(batches: list[ModelBatch], vocab_size: int) -> list[np.ndarray]:
+  """`run_many`'s result for a model-less executor: the token after a request's fed tokens is
+  `fake_token` of the position it will occupy. A multi-step batch (`decode_steps`) gets each
+  request's k tokens (positions num_cached + 1 .. + k), `NO_TOKEN` after them (no stop id is
+  checked: the commit does)."""
+  out = []
+  for b in batches:
+    if b.decode_steps is None:
+      out.append(np.array([fake_token(r.num_cached + n, vocab_size) for r, n in
+                           zip(b.requests, b.num_new, strict=True)], np.int32))
+      continue
+    rows = np.full((len(b.requests), max(b.decode_steps)), NO_TOKEN, np.int32)
+    for i, (r, k) in enumerate(zip(b.requests, b.decode_steps, strict=True)):
+      rows[i, :k] = [fake_token(r.num_cached + 1 + j, vocab_size) for j in range(k)]
+    out.append(rows)
+  return out
+
+
 class FakeExecutor:
   """An executor with no model: the token sampled after a request's fed tokens is
   `fake_token(position)` of the position it will occupy, so every output is known by hand
@@ -118,7 +141,7 @@ class FakeExecutor:
     self.counters = HostCounters()
 
   def fake_token(self, position: int) -> int:
-    return position % self.vocab_size
+    return fake_token(position, self.vocab_size)
 
   @property
   def compile_count(self) -> int:
@@ -128,22 +151,10 @@ class FakeExecutor:
     return 0
 
   def run_many(self, batches: list[ModelBatch]) -> list[np.ndarray]:
-    """A multi-step batch (`decode_steps`) gets each request's k tokens (positions
-    num_cached + 1 .. + k), `NO_TOKEN` after them (no stop id is checked: the commit does)."""
     self.batches.append([ModelBatch(b.model_id, list(b.requests), list(b.num_new),
                                     None if b.decode_steps is None else list(b.decode_steps))
                          for b in batches])
-    out = []
-    for b in batches:
-      if b.decode_steps is None:
-        out.append(np.array([self.fake_token(r.num_cached + n) for r, n in
-                             zip(b.requests, b.num_new, strict=True)], np.int32))
-        continue
-      rows = np.full((len(b.requests), max(b.decode_steps)), NO_TOKEN, np.int32)
-      for i, (r, k) in enumerate(zip(b.requests, b.decode_steps, strict=True)):
-        rows[i, :k] = [self.fake_token(r.num_cached + 1 + j) for j in range(k)]
-      out.append(rows)
-    return out
+    return fake_tokens(batches, self.vocab_size)
 
   def restore_lost_buffers(self) -> list[KVPool]:
     return []

@@ -48,8 +48,8 @@ class DeviceSplit:
   kv_devices: tuple[int, ...]
   weight_devices: tuple[int, ...]
 
-  def resolve(self) -> tuple[list[jax.Device], list[jax.Device]]:
-    """The devices; ValueError for an empty pool, an overlap or an index out of range."""
+  def check(self) -> None:
+    """ValueError for an empty pool or a device in both (no device is asked for)."""
     if not self.kv_devices:
       raise ValueError("device split: the KV pool has no devices")
     if not self.weight_devices:
@@ -57,6 +57,10 @@ class DeviceSplit:
     overlap = set(self.kv_devices) & set(self.weight_devices)
     if overlap:
       raise ValueError(f"device split: devices {sorted(overlap)} are in both pools")
+
+  def resolve(self) -> tuple[list[jax.Device], list[jax.Device]]:
+    """The devices; ValueError as `check`, or for an index out of range."""
+    self.check()
     devices = jax.devices()
     bad = [d for d in (*self.kv_devices, *self.weight_devices) if not 0 <= d < len(devices)]
     if bad:
@@ -234,6 +238,36 @@ def _unpack(packed_N, *, layout: PackedLayout):
 
 def _pow2(n: int) -> int:
   return 1 << max(0, n - 1).bit_length()
+
+
+def split_micro_batches(batch: ModelBatch, micro_batches: int, min_tokens: int
+                        ) -> list[ModelBatch]:
+  """A model batch cut into up to `micro_batches` parts of consecutive requests, only as many
+  as give each part `min_tokens` tokens (0: always), never an empty one."""
+  n = len(batch.requests)
+  parts = min(micro_batches, n, max(1, batch.num_tokens // max(1, min_tokens)))
+  bounds = np.linspace(0, n, parts + 1).round().astype(int)
+  return [ModelBatch(batch.model_id, batch.requests[a:b], batch.num_new[a:b])
+          for a, b in itertools.pairwise(bounds) if b > a]
+
+
+def plan_expert_calls(members: list, tokens: list[int], keys: list[set], *, fuse: bool,
+                      max_tokens: int, can_hold) -> list[list]:
+  """A layer's (class, weights device) group of micro-batches cut, in order, into expert
+  calls: one member per call without `fuse`; else members join a call while its valid tokens
+  fit `max_tokens` (the largest fused bucket) and their experts `keys` (empty when the
+  routing is not known yet) fit the partition's slots together (`can_hold`)."""
+  calls, held, total = [], set(), 0
+  for member, n, mine in zip(members, tokens, keys, strict=True):
+    if calls and (not fuse or total + n > max_tokens or not can_hold(held | mine)):
+      calls.append([])
+      held, total = set(), 0
+    if not calls:
+      calls.append([])
+    calls[-1].append(member)
+    held |= mine
+    total += n
+  return calls
 
 
 @dataclasses.dataclass
@@ -562,14 +596,6 @@ class DisaggregatedExecutor:
 
   # --- steps --------------------------------------------------------------------------------
 
-  def _split(self, batch: ModelBatch) -> list[ModelBatch]:
-    n = len(batch.requests)
-    parts = min(self.micro_batches, n,
-                max(1, batch.num_tokens // max(1, self.micro_batch_min_tokens)))
-    bounds = np.linspace(0, n, parts + 1).round().astype(int)
-    return [ModelBatch(batch.model_id, batch.requests[a:b], batch.num_new[a:b])
-            for a, b in itertools.pairwise(bounds) if b > a]
-
   def run_many(self, batches: list[ModelBatch]) -> list[np.ndarray]:
     """Runs every batch of an iteration through the pipeline; tokens per batch.
 
@@ -581,7 +607,7 @@ class DisaggregatedExecutor:
     start, self._read_s = time.perf_counter(), 0.0
     parts, owner = [], []
     for i, batch in enumerate(batches):
-      for part in self._split(batch):
+      for part in split_micro_batches(batch, self.micro_batches, self.micro_batch_min_tokens):
         parts.append(part)
         owner.append(i)
     buckets = []
@@ -851,24 +877,12 @@ class DisaggregatedExecutor:
       self._call(call, moved, layer, c, d, track)
 
   def _plan_calls(self, members, chosen, layer) -> list[list[_MicroBatch]]:
-    """Members cut, in order, into calls whose valid tokens fit the largest bucket and, when
-    the routing is known (`chosen`), whose experts fit the partition's slots together; one
-    member per call without `fuse_experts`."""
-    calls, keys, tokens = [], set(), 0
-    for mb in members:
-      mine = (set() if chosen is None else
-              {(mb.model.model_id, layer, int(e)) for e in chosen[mb.index]})
-      if calls and (not self.fuse_experts
-                    or tokens + mb.num_tokens > self.fused_token_buckets[-1]
-                    or not self.wpool.pool.can_hold(keys | mine)):
-        calls.append([])
-        keys, tokens = set(), 0
-      if not calls:
-        calls.append([])
-      calls[-1].append(mb)
-      keys |= mine
-      tokens += mb.num_tokens
-    return calls
+    """`plan_expert_calls` of a group; the members' experts are known only when `chosen` is."""
+    keys = [set() if chosen is None else {(mb.model.model_id, layer, int(e))
+                                          for e in chosen[mb.index]} for mb in members]
+    return plan_expert_calls(members, [mb.num_tokens for mb in members], keys,
+                             fuse=self.fuse_experts, max_tokens=self.fused_token_buckets[-1],
+                             can_hold=self.wpool.pool.can_hold)
 
   def _call(self, call: list[_MicroBatch], moved, layer: int, c: int, d: int,
             track: bool) -> None:

@@ -59,6 +59,15 @@ class CrossPoolPolicy(MemoryPolicy):
       pool.register_model(s, slots_per_device=room)
     return pool
 
+  def serving_weights_pool(self, config, specs: list[ExpertModelSpec]) -> WeightsPool:
+    """The empty host weights pool an engine serves `specs` with: `expert_slots_per_device`
+    slots of each of their shape classes per weights device, `config.expert_policy`."""
+    layout = self.expert_layout(specs, len(config.weight_devices))
+    slot_bytes = sum(c.shape.expert_bytes for c in layout.classes)
+    return self.new_weights_pool(device_bytes=slot_bytes * config.expert_slots_per_device,
+                                 num_devices=len(config.weight_devices),
+                                 expert_policy=config.expert_policy)
+
   # --- planning ---------------------------------------------------------------------------
 
   def _plan(self, fleet: Mapping[str, FleetModel], budget: Budget) -> Plan:
@@ -134,14 +143,10 @@ class CrossPoolPolicy(MemoryPolicy):
                                        pages_per_device=config.pages_per_device,
                                        kv_devices=len(kv_devices))
     buffers = allocate_kv_buffers(pools[0], kv_devices, dtype=jnp.dtype(config.kv_dtype))
-    layout = self.expert_layout(
-        [ExpertModelSpec.from_config(m, model.cfg, jax.tree.leaves(model.params)[0].dtype.name)
-         for m, model in models.items()], len(weight_devices))
-    slot_bytes = sum(c.shape.expert_bytes for c in layout.classes)
-    weights_pool = DeviceWeightsPool(
-        self.new_weights_pool(device_bytes=slot_bytes * config.expert_slots_per_device,
-                              num_devices=len(weight_devices),
-                              expert_policy=config.expert_policy), devices=weight_devices)
+    weights_pool = DeviceWeightsPool(self.serving_weights_pool(
+        config, [ExpertModelSpec.from_config(m, model.cfg,
+                                             jax.tree.leaves(model.params)[0].dtype.name)
+                 for m, model in models.items()]), devices=weight_devices)
     for m, model in models.items():
       stripped = weights_pool.register(m, model.cfg, model.params,
                                        slots_per_device=config.expert_slots_per_device)

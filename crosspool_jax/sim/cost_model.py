@@ -1,0 +1,216 @@
+"""The simulator's cost model: the modelled seconds of a step's stages and of a whole step.
+
+Work comes from `crosspool_jax.roofline` (FLOPs and bytes of a layer's attention side, of its
+routed experts, of the head, from a `ModelConfig` and a `BatchShape`), device figures from its
+`DEVICES` table. A stage runs at its roofline:
+
+  stage_s = max(FLOPs / (peak FLOP/s * eff), bytes / (HBM bytes/s * eff))
+
+with one efficiency factor per kind of stage (`Efficiency`, 1.0 = at the roofline, the
+default, to be calibrated against measured steps). A program (what the host launches once)
+costs its stages plus the device's `dispatch_s`. A device-to-device transfer costs
+`link_latency_s + bytes / (link bytes/s * eff)`, an expert swap-in `bytes / (host bytes/s *
+eff)` plus the launch of its slot update.
+
+Steps:
+- colocated (static, shared): each model batch is one program on its group's device (every
+  layer's attention side and routed experts, then the head); the programs of one device run
+  one after the other, devices in parallel: step = max over devices of their programs' sum.
+  A multi-step decode dispatch is one program of its decode steps.
+- CrossPool: `pipelined_step_s`, the programs of every micro-batch on in-order device queues
+  (below).
+
+Not modelled: padding to token buckets (the valid tokens are charged), attention of a sequence
+whose pages spread over several KV devices (charged at its home device), contention of
+transfers for a link, overlap of a program with the next one on the same device, activations
+and norms (a few rows next to the matrices).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+from crosspool_jax import roofline
+from crosspool_jax.engine.policies.sizes import dtype_itemsize
+from crosspool_jax.models.config import ModelConfig
+from crosspool_jax.roofline import BatchShape, Cost, DeviceSpec
+
+
+@dataclasses.dataclass(frozen=True)
+class Efficiency:
+  """Achieved fraction of the roofline, per kind of stage (each in (0, 1])."""
+
+  attention: float = 1.0
+  experts: float = 1.0
+  head: float = 1.0
+  transfer: float = 1.0
+  swap: float = 1.0
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if not (isinstance(value, int | float) and 0 < value <= 1):
+        raise ValueError(f"efficiency.{field.name} must be in (0, 1], got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertCall:
+  """One expert-dispatch program of a CrossPool layer.
+
+  Attributes:
+    device: the weights device it runs on.
+    members: indices of the micro-batches it serves.
+    seconds: its time on the device (the launch included).
+    swap_s: swap-ins it waits for, on its device's host link (0: every expert resident).
+  """
+
+  device: int
+  members: tuple[int, ...]
+  seconds: float
+  swap_s: float = 0.0
+
+
+def pipelined_step_s(homes: Sequence[int], attention_s: Sequence[Sequence[float]],
+                     calls: Sequence[Sequence[ExpertCall]], transfer_s: Sequence[float],
+                     head_s: Sequence[float]) -> float:
+  """Modelled seconds of a CrossPool step: every program on an in-order device queue.
+
+  The executor issues, per layer, the attention side of every micro-batch (in order), then the
+  layer's expert calls; each device runs what it was given in issue order. So a program
+  starts when its device is free and its inputs are there: micro-batch i's attention side of
+  layer l on its home KV device when its layer l-1 output is back; an expert call on its
+  weights device when its members' hidden states have arrived (their attention end plus
+  `transfer_s[i]`) and its swap-ins are done (issued on the device's host link once the
+  members' routing is known, at their attention end); a member's output is back
+  `transfer_s[i]` after the call ends. After the last layer each micro-batch's head runs at
+  home. The step ends with the last head.
+
+  One KV device, one weights device, m micro-batches each with its own call, no transfers:
+  this is the two-stage flow shop of the layer. With a_i, e_i micro-batch i's attention and
+  expert times, attention ends at A_i = a_1 + ... + a_i and experts at
+  E_i = max(E_{i-1}, A_i) + e_i, the layer takes E_m:
+    m = 1: a + e (no overlap);
+    equal stages a, e: a + e + (m - 1) max(a, e) (the slower stage paces the pipeline);
+    one dominant stage (e_i >= a_{i+1}): a_1 + e_1 + ... + e_m.
+  Across layers nothing drains: micro-batch 1's next attention may overlap micro-batch 2's
+  experts when their devices differ.
+
+  Args:
+    homes: each micro-batch's home KV device.
+    attention_s: per micro-batch, per layer it runs, its attention-side program's seconds.
+    calls: per layer, its expert calls in issue order (a dense layer has none).
+    transfer_s: per micro-batch, one hidden-state transfer between its devices.
+    head_s: per micro-batch, its head (and sampling) program's seconds.
+  """
+  free: dict[tuple[str, int], float] = {}
+  ready = [0.0] * len(homes)
+  depth = max((len(a) for a in attention_s), default=0)
+  for layer in range(depth):
+    for i, home in enumerate(homes):
+      if layer < len(attention_s[i]):
+        start = max(free.get(("kv", home), 0.0), ready[i])
+        ready[i] = free["kv", home] = start + attention_s[i][layer]
+    for call in calls[layer] if layer < len(calls) else ():
+      routed = max(ready[i] for i in call.members)
+      arrived = max(ready[i] + transfer_s[i] for i in call.members)
+      swapped = max(free.get(("host", call.device), 0.0), routed) + call.swap_s
+      if call.swap_s:
+        free["host", call.device] = swapped
+      start = max(free.get(("weights", call.device), 0.0), arrived, swapped)
+      free["weights", call.device] = end = start + call.seconds
+      for i in call.members:
+        ready[i] = end + transfer_s[i]
+  end = 0.0
+  for i, home in enumerate(homes):
+    start = max(free.get(("kv", home), 0.0), ready[i])
+    free["kv", home] = done = start + head_s[i]
+    end = max(end, done)
+  return end
+
+
+class CostModel:
+  """Modelled seconds of stages and programs on one device kind (the module docstring).
+
+  Args:
+    device: a `roofline.DEVICES` name or a `DeviceSpec`.
+    weight_dtype: the params' dtype (bytes per weight; fp8 types use the fp8 peak).
+    kv_dtype: the KV pages' dtype.
+    efficiency: the achieved fractions of the roofline.
+  """
+
+  def __init__(self, device: str | DeviceSpec, *, weight_dtype: str = "bfloat16",
+               kv_dtype: str = "bfloat16", efficiency: Efficiency = Efficiency()):
+    self.spec = device if isinstance(device, DeviceSpec) else roofline.device_spec(device)
+    self.weight_bytes = dtype_itemsize(weight_dtype)
+    self.kv_bytes = dtype_itemsize(kv_dtype)
+    # activations travel in bf16 unless the weights are wider (f32 models on CPU)
+    self.activation_bytes = max(2, self.weight_bytes)
+    self.flops_per_s = self.spec.flops_per_s(weight_dtype)
+    self.efficiency = efficiency
+
+  def roofline_s(self, cost: Cost, efficiency: float) -> float:
+    """max(FLOPs / (peak * eff), bytes / (bandwidth * eff))."""
+    return max(cost.flops / (self.flops_per_s * efficiency),
+               cost.bytes / (self.spec.hbm_bytes_per_s * efficiency))
+
+  def attention_side_s(self, cfg: ModelConfig, layer: int, shape: BatchShape) -> float:
+    cost = roofline.attention_side_cost(cfg, layer, shape, weight_bytes=self.weight_bytes,
+                                        kv_bytes=self.kv_bytes)
+    return self.roofline_s(cost, self.efficiency.attention)
+
+  def experts_s(self, cfg: ModelConfig, layer: int, tokens: int) -> float:
+    cost = roofline.routed_experts_cost(cfg, layer, tokens, weight_bytes=self.weight_bytes)
+    return self.roofline_s(cost, self.efficiency.experts)
+
+  def expert_call_s(self, members: Sequence[tuple[ModelConfig, int, int]]) -> float:
+    """One expert-dispatch program over its members' (cfg, layer, tokens): their routed
+    experts' work together, and its launch."""
+    cost = sum((roofline.routed_experts_cost(cfg, layer, tokens, weight_bytes=self.weight_bytes)
+                for cfg, layer, tokens in members), Cost(0.0, 0.0))
+    return self.spec.dispatch_s + self.roofline_s(cost, self.efficiency.experts)
+
+  def head_s(self, cfg: ModelConfig, shape: BatchShape) -> float:
+    cost = roofline.head_cost(cfg, shape, weight_bytes=self.weight_bytes)
+    return self.roofline_s(cost, self.efficiency.head)
+
+  def transfer_s(self, cfg: ModelConfig, tokens: int) -> float:
+    """One device-to-device transfer of `tokens` hidden states."""
+    nbytes = tokens * cfg.d_model * self.activation_bytes
+    return (self.spec.link_latency_s
+            + nbytes / (self.spec.link_bytes_per_s * self.efficiency.transfer))
+
+  def swap_in_s(self, nbytes: int) -> float:
+    """Host-to-device copy of `nbytes` of experts and the program writing them (0 if none)."""
+    if not nbytes:
+      return 0.0
+    return nbytes / (self.spec.host_bytes_per_s * self.efficiency.swap) + self.spec.dispatch_s
+
+  def model_stages_s(self, cfg: ModelConfig, shape: BatchShape) -> float:
+    """Every layer's attention side and routed experts, then the head (no launch)."""
+    layers = sum(self.attention_side_s(cfg, layer, shape)
+                 + self.experts_s(cfg, layer, shape.tokens) for layer in range(cfg.num_layers))
+    return layers + self.head_s(cfg, shape)
+
+  def model_step_s(self, cfg: ModelConfig, shape: BatchShape) -> float:
+    """A colocated model step: one program of `model_stages_s`."""
+    return self.spec.dispatch_s + self.model_stages_s(cfg, shape)
+
+  def decode_loop_s(self, cfg: ModelConfig, contexts: Sequence[int],
+                    steps: Sequence[int]) -> float:
+    """A multi-step decode dispatch: sequence i (context `contexts[i]` after its first step)
+    runs `steps[i]` decode steps; one program of the decode steps of those still running."""
+    total = self.spec.dispatch_s
+    for j in range(max(steps)):
+      live = [c + j for c, k in zip(contexts, steps, strict=True) if k > j]
+      total += self.model_stages_s(cfg, BatchShape.of([1] * len(live), live))
+    return total
+
+
+def colocated_step_s(programs: Sequence[tuple[int, float]]) -> float:
+  """(device, seconds) of each model program: devices in parallel, programs of a device in
+  sequence."""
+  per_device: dict[int, float] = {}
+  for device, seconds in programs:
+    per_device[device] = per_device.get(device, 0.0) + seconds
+  return max(per_device.values(), default=0.0)

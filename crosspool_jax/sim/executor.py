@@ -1,0 +1,184 @@
+"""`SimExecutor`: the executor protocol with no model and no device, charging modelled time.
+
+Tokens follow `fake_tokens` (the token after position p is p % 97, as `FakeExecutor`'s), so a
+simulated engine schedules exactly as a real one whose outputs hit no stop id. Each
+`run_many` models its step's seconds (`cost_model`), records them and advances the simulated
+clock by them, so the engine stamps the step's tokens at its modelled end.
+
+Colocated policies (no weights pool): each model batch is one program on its group's device,
+`colocated_step_s` of them. CrossPool policies: the batches are cut into micro-batches as the
+executor cuts them (`split_micro_batches`); per MoE layer the micro-batches of one (shape
+class, home weights device) group share expert calls as the executor plans them
+(`plan_expert_calls`, with the routing known); the experts each micro-batch routes to are
+drawn (`Router`) and made resident through the real `WeightsPool.access` (the earlier
+members of the call protected, as `DeviceWeightsPool.access_many` does), so hits, misses and
+evictions come from the pool and its expert policy; the loads are charged as swap-ins before
+the call (`pipelined_step_s`). What the real executor does differently: it makes experts
+resident before a step by prediction and reruns a step whose routing missed; here every load
+is on demand, after the layer's routing.
+"""
+
+from __future__ import annotations
+
+from crosspool_jax.engine.executors.api import HostCounters, LoadedModel, blame, fake_tokens
+from crosspool_jax.engine.executors.crosspool import plan_expert_calls, split_micro_batches
+from crosspool_jax.engine.scheduler import ModelBatch
+from crosspool_jax.pools.weights_pool import WeightsPool
+from crosspool_jax.roofline import BatchShape
+from crosspool_jax.sim.cost_model import (
+  CostModel,
+  ExpertCall,
+  colocated_step_s,
+  pipelined_step_s,
+)
+from crosspool_jax.sim.routing import Router
+
+FAKE_VOCAB = 97  # the tokens of `FakeExecutor`
+
+
+class SimClock:
+  """Simulated seconds: calling it reads them; the executor advances them step by step."""
+
+  def __init__(self, now: float = 0.0):
+    self.now = now
+
+  def __call__(self) -> float:
+    return self.now
+
+  def advance(self, seconds: float) -> None:
+    if not seconds >= 0:
+      raise ValueError(f"the simulated clock cannot go back: advance({seconds!r})")
+    self.now += seconds
+
+
+def _shape(batch: ModelBatch) -> BatchShape:
+  """New tokens and contexts after the step of a batch's sequences (before its commit)."""
+  return BatchShape.of(batch.num_new, [r.num_cached + n for r, n in
+                                       zip(batch.requests, batch.num_new, strict=True)])
+
+
+class SimExecutor:
+  """Runs nothing; tokens by `fake_tokens`, each step's modelled seconds on `clock`.
+
+  Args:
+    models: the engine's registered models (cfg and KV group; no params needed).
+    config: the engine config (devices, micro-batching, fusion, token budget).
+    cost: the cost model of the devices.
+    clock: the simulated clock, advanced by each step's seconds.
+    weights_pool: the host weights pool of a CrossPool policy (None: colocated).
+    router: the routing model (CrossPool policies).
+  """
+
+  def __init__(self, models: dict[str, LoadedModel], config, cost: CostModel, clock: SimClock,
+               *, weights_pool: WeightsPool | None = None, router: Router | None = None):
+    if weights_pool is not None and router is None:
+      raise ValueError("a CrossPool simulation needs a router (the routing model)")
+    self.models = models
+    self.config = config
+    self.cost = cost
+    self.clock = clock
+    self.weights_pool = weights_pool
+    self.router = router
+    self.counters = HostCounters()
+    self.step_s: list[float] = []  # the modelled seconds of every step run
+    self.calls = self.members = self.splits = self.miss_steps = 0
+
+  @property
+  def compile_count(self) -> int:
+    return 0
+
+  def compile_all(self, log=None) -> int:
+    return 0
+
+  def restore_lost_buffers(self) -> list:
+    return []
+
+  def remove_model(self, model_id: str) -> None:
+    del model_id  # the engine drops it from `models`, the pools return its pages and slots
+
+  def expert_call_stats(self) -> dict:
+    """Expert calls of the steps, the micro-batches they served, fused groups cut into several
+    calls, and the steps whose routing chose a non-resident expert (a swap-in)."""
+    return {"fused": self.config.fuse_experts, "calls": self.calls,
+            "micro_batches": self.members, "splits": self.splits,
+            "mean_members_per_call": self.members / self.calls if self.calls else 0.0,
+            "miss_steps": self.miss_steps}
+
+  def run_many(self, batches: list[ModelBatch]) -> list:
+    """The batches' tokens; charges the step's modelled seconds to the clock."""
+    seconds = (self._colocated_s(batches) if self.weights_pool is None
+               else self._crosspool_s(batches))
+    self.step_s.append(seconds)
+    self.clock.advance(seconds)
+    self.counters.steps += max((max(b.decode_steps) for b in batches if b.decode_steps),
+                               default=1)
+    self.counters.tokens += sum(sum(b.decode_steps) if b.decode_steps else b.num_sampled
+                                for b in batches)
+    return fake_tokens(batches, FAKE_VOCAB)
+
+  def _colocated_s(self, batches: list[ModelBatch]) -> float:
+    programs = []
+    for b in batches:
+      model = self.models[b.model_id]
+      if b.decode_steps is None:
+        seconds = self.cost.model_step_s(model.cfg, _shape(b))
+      else:
+        seconds = self.cost.decode_loop_s(model.cfg, [r.num_cached + 1 for r in b.requests],
+                                          b.decode_steps)
+      programs.append((self.config.devices[model.group], seconds))
+    self.counters.dispatches += len(programs)
+    return colocated_step_s(programs)
+
+  def _crosspool_s(self, batches: list[ModelBatch]) -> float:
+    c, dispatch = self.config, self.cost.spec.dispatch_s
+    mbs = [part for b in batches
+           for part in split_micro_batches(b, c.micro_batches, c.micro_batch_min_tokens)]
+    cfgs = [self.models[mb.model_id].cfg for mb in mbs]
+    shapes = [_shape(mb) for mb in mbs]
+    pairs = list(zip(cfgs, shapes, strict=True))
+    attention = [[dispatch + self.cost.attention_side_s(cfg, layer, shape)
+                  for layer in range(cfg.num_layers)] for cfg, shape in pairs]
+    misses = self.weights_pool.stats.misses
+    calls = [self._expert_calls(mbs, cfgs, layer)
+             for layer in range(max(cfg.num_layers for cfg in cfgs))]
+    self.miss_steps += self.weights_pool.stats.misses > misses
+    self.counters.dispatches += (sum(map(len, attention)) + sum(map(len, calls))
+                                 + 2 * len(mbs))
+    return pipelined_step_s(
+        [self.models[mb.model_id].group for mb in mbs], attention, calls,
+        [self.cost.transfer_s(cfg, shape.tokens) for cfg, shape in pairs],
+        # the input program (unpack, embed) and the head's
+        [2 * dispatch + self.cost.head_s(cfg, shape) for cfg, shape in pairs])
+
+  def _expert_calls(self, mbs: list[ModelBatch], cfgs: list, layer: int) -> list[ExpertCall]:
+    """A layer's expert calls: routing drawn, experts made resident, calls planned."""
+    pool = self.weights_pool
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, (mb, cfg) in enumerate(zip(mbs, cfgs, strict=True)):
+      if layer < cfg.num_layers and cfg.moe_layers[layer]:
+        key = (pool.model_class(mb.model_id), pool.home_device(mb.model_id, layer))
+        groups.setdefault(key, []).append(i)
+    # the largest fused bucket: the token buckets and the token budget (`CrossPoolPolicy`)
+    max_tokens = max(self.config.token_budget, self.config.token_buckets[-1])
+    out = []
+    for (c, device), members in groups.items():
+      chosen = {i: self.router.experts(mbs[i].model_id, cfgs[i], layer, mbs[i].num_tokens)
+                for i in members}
+      keys = [{(mbs[i].model_id, layer, int(e)) for e in chosen[i]} for i in members]
+      planned = plan_expert_calls(members, [mbs[i].num_tokens for i in members], keys,
+                                  fuse=self.config.fuse_experts, max_tokens=max_tokens,
+                                  can_hold=pool.can_hold)
+      self.splits += len(planned) > 1 and self.config.fuse_experts
+      for call in planned:
+        loads, protect = 0, set()
+        with blame([mbs[i].model_id for i in call]):
+          for i in call:
+            plan = pool.access(mbs[i].model_id, layer, chosen[i].tolist(), protect=protect)
+            loads += len(plan.loads)
+            protect |= {(mbs[i].model_id, layer, int(e)) for e in chosen[i]}
+        seconds = self.cost.expert_call_s([(cfgs[i], layer, mbs[i].num_tokens) for i in call])
+        out.append(ExpertCall(device, tuple(call), seconds,
+                              self.cost.swap_in_s(loads * pool.classes[c].shape.expert_bytes)))
+        self.calls += 1
+        self.members += len(call)
+    return out
