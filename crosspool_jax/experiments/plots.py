@@ -226,7 +226,8 @@ def _gantt(ax, run: dict, colours) -> None:
     members = e["members"] or [e["micro_batch"]]
     for j, m in enumerate(members):  # a fused call: one stripe per member micro-batch
       h = height / len(members)
-      ax.broken_barh([(x0, width)], (top + j * h, h), facecolors=colours(m % 10),
+      face = "lightgrey" if cat == "swap" else colours(m % 10)  # a swap-in serves no one
+      ax.broken_barh([(x0, width)], (top + j * h, h), facecolors=face,
                      edgecolors="black", linewidth=0.3, hatch=hatch[cat],
                      alpha=0.6 if cat in upper else 1.0)
     text = ", ".join(e["models"]) if colocated else f"L{e['layer']}"
@@ -252,10 +253,11 @@ def _gantt(ax, run: dict, colours) -> None:
   ax.set_title(f"{run_label(run)}: step {step['step']}, {span_ms:.1f} ms, the median of "
                f"{step['recorded_steps'] - missed} recorded steps"
                + (f" ({missed} more left out: their speculative run missed)" if missed else "")
-               + ("" if swaps or colocated else "; expert swap-ins not recorded"), fontsize=9)
+               + ("" if swaps or colocated else "; no expert swap-in"), fontsize=9)
   what = "model batch" if colocated else "micro-batch"
   handles = [Patch(facecolor=colours(m % 10), edgecolor="black", label=f"{what} {m}")
-             for m in sorted({m for e in events for m in (e["members"] or [e["micro_batch"]])})]
+             for m in sorted({m for e in events if _category(e["kind"]) != "swap"
+                              for m in (e["members"] or [e["micro_batch"]])})]
   cats = dict.fromkeys(_category(e["kind"]) for e in events)
   handles += [Patch(facecolor="white", edgecolor="black", hatch=hatch[c],
                     label=c + (" (upper lane)" if c in upper else "")) for c in cats]

@@ -293,26 +293,54 @@ def vs_hf_section(bench: dict, *, source: str) -> str:
   """A BENCHMARKS.md section of a `scripts/bench_vs_hf.py` JSON file."""
   h = bench["header"]
   flags = h["flags"]
+
+  def frac(run: dict) -> str:
+    f = run.get("roofline_fraction")
+    return "-" if f is None else f"{f:.2f}"
+
   rows = ["| batch | HF tok/s | generate tok/s | engine tok/s | generate / HF | engine / HF "
-          "| greedy rows equal to HF (generate, engine) |", "|---|---|---|---|---|---|---|"]
+          "| roofline tok/s | fraction of the roofline (HF, generate, engine) "
+          "| greedy rows equal to HF (generate, engine) |",
+          "|---|---|---|---|---|---|---|---|---|"]
   for r in bench["records"]:
     runs, agree = r["runs"], r["agreement"]
+    roof = r.get("roofline", {}).get("tokens_per_s")
     rows.append(f"| {r['batch']} | {runs['hf']['tokens_per_s']:.0f} | "
                 f"{runs['generate']['tokens_per_s']:.0f} | {runs['engine']['tokens_per_s']:.0f} "
                 f"| {r['ratio_generate_vs_hf']:.2f} | {r['ratio_engine_vs_hf']:.2f} | "
+                f"{'-' if roof is None else f'{roof:,.0f}'} | "
+                f"{', '.join(frac(runs[n]) for n in ('hf', 'generate', 'engine'))} | "
                 f"{agree['generate_vs_hf']:.0%}, {agree['engine_vs_hf']:.0%} |")
   model = h["model"]
+  what = (f"the `{flags['preset']}` preset, a tiny random {model['family']}" if flags.get("preset")
+          else f"one tiny {model['family']} checkpoint")
+  shape = (f"vocab {model['vocab_size']}, D={model['d_model']}, {model['num_layers']} layers, "
+           f"{model['num_heads']}/{model['num_kv_heads']} heads of {model['head_dim']}, "
+           f"{model['num_experts']} experts top-{model['top_k']} of F={model['d_ff_expert']}")
+  steps = flags.get("decode_steps_per_dispatch")
+  command = ["python scripts/bench_vs_hf.py"]
+  command += [f"--preset={flags['preset']}"] if flags.get("preset") else []
+  command += [f"--batch_sizes={','.join(flags['batch_sizes'])}", f"--iters={flags['iters']}"]
+  command += [f"--torch_threads={flags['torch_threads']}"] if flags.get("torch_threads") else []
+  command += [f"--decode_steps_per_dispatch={steps}"] if steps else []
+  command += [f"--out={flags['out']}"]
+  peaks = bench["records"][0].get("roofline", {}).get("peaks", {}) if bench["records"] else {}
+  peak_text = ("" if not peaks.get("flops_per_s") else
+               f" The roofline: max(FLOPs / peak, bytes / bandwidth) per step from the config, "
+               f"peaks {peaks.get('source', '?')} in the run "
+               f"({peaks['flops_per_s'] / 1e9:.0f} GFLOP/s, "
+               f"{peaks['bytes_per_s'] / 1e9:.0f} GB/s before the first batch size).")
   return "\n".join([
       "## Peer benchmark: HF transformers vs crosspool_jax",
       "",
-      f"One tiny {model['family']} checkpoint ({model['params']:,} parameters, {h['dtype']}) "
+      f"{what[0].upper() + what[1:]} ({shape}; {model['params']:,} parameters, {h['dtype']}) "
       f"decoded greedily, prompt {flags['prompt_len']} tokens, {flags['max_new_tokens']} new "
       f"tokens per row; median of {flags['iters']} interleaved rounds; torch "
       f"{h['torch_version']} with {h['torch_threads']} threads, jax {h['jax_version']}, "
-      f"{h['cpu_cores']} CPU cores (load average {h['loadavg_start'][0]:.1f} at the start).",
+      f"{h['cpu_cores']} CPU cores (load average {h['loadavg_start'][0]:.1f} at the start); the "
+      f"engine decodes {steps or 1} step(s) per dispatch.{peak_text}",
       "",
-      f"Command: `python scripts/bench_vs_hf.py --batch_sizes="
-      f"{','.join(flags['batch_sizes'])} --out={flags['out']}`  ",
+      f"Command: `{' '.join(command)}`  ",
       f"Source: `{source}`, git {h['git_revision'][:12]}"
       + (" (uncommitted changes)" if h.get("git_dirty") else "") + f", {h['date']}.",
       "",

@@ -59,7 +59,9 @@ def test_representative_step_is_the_median_of_the_steps_that_did_not_miss():
 
 def _with_pipelines(results):
   crosspool = {"step": 32, "duration_s": 0.05, "recorded_steps": 3, "missed_steps_left_out": 1,
-               "events": []}
+               "events": [{"kind": "swap_prefetch", "device": "cpu:2", "start_s": 0.0,
+                           "end_s": 0.001, "micro_batch": -1, "members": [-1],
+                           "models": ["a"], "layer": 1}]}  # an expert made resident first
   for layer in range(2):
     t = 0.025 * layer
     for mb in range(2):

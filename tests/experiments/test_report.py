@@ -196,3 +196,35 @@ def test_plots_are_written_for_a_plain_and_a_swept_experiment(tmp_path):
   assert len(plots.write_plots(swept, str(out))) == 4
   for name in [*names, "sweep.png"]:
     assert (out / name).stat().st_size > 1000
+
+
+def _vs_hf_bench(preset):
+  record = {"batch": 8, "roofline": {"tokens_per_s": 4000.0,
+                                     "peaks": {"source": "measured", "flops_per_s": 2e11,
+                                               "bytes_per_s": 3e10}},
+            "runs": {"hf": {"tokens_per_s": 500.0, "roofline_fraction": 0.125},
+                     "generate": {"tokens_per_s": 2000.0, "roofline_fraction": 0.5},
+                     "engine": {"tokens_per_s": 1600.0, "roofline_fraction": 0.4}},
+            "ratio_generate_vs_hf": 4.0, "ratio_engine_vs_hf": 3.2,
+            "agreement": {"generate_vs_hf": 1.0, "engine_vs_hf": 1.0}}
+  return {"header": {
+      "flags": {"preset": preset, "batch_sizes": ["8"], "iters": 5, "torch_threads": 2,
+                "decode_steps_per_dispatch": 8, "out": "o.json", "prompt_len": 32,
+                "max_new_tokens": 64},
+      "model": {"family": "qwen3_moe", "vocab_size": 2048, "d_model": 256, "num_layers": 4,
+                "num_heads": 8, "num_kv_heads": 2, "head_dim": 32, "num_experts": 16,
+                "top_k": 4, "d_ff_expert": 128, "params": 8014336},
+      "dtype": "float32", "torch_version": "2", "torch_threads": 2, "jax_version": "0",
+      "cpu_cores": 2, "loadavg_start": [1.0], "git_revision": "a" * 40, "date": "d"},
+      "records": [record]}
+
+
+@pytest.mark.parametrize("preset", ["qwen3_moe_small", None])
+def test_vs_hf_section_repeats_the_command_and_the_roofline(preset):
+  text = report.vs_hf_section(_vs_hf_bench(preset), source="o.json")
+  command = ("`python scripts/bench_vs_hf.py" + (f" --preset={preset}" if preset else "")
+             + " --batch_sizes=8 --iters=5 --torch_threads=2 --decode_steps_per_dispatch=8"
+             " --out=o.json`")
+  assert command in text
+  assert "| 8 | 500 | 2000 | 1600 | 4.00 | 3.20 | 4,000 | 0.12, 0.50, 0.40 | 100%, 100% |" in text
+  assert "200 GFLOP/s, 30 GB/s" in text and "8 step(s) per dispatch" in text
