@@ -73,8 +73,10 @@ def define_flags() -> None:
   flags.DEFINE_float("page_kib", 256.0, "KV page size, KiB (all organisations).")
   flags.DEFINE_string("dtype", "bfloat16", "Weights and KV dtype.")
   flags.DEFINE_integer("max_batch", 16, "Requests per model static reserves for.", lower_bound=1)
-  flags.DEFINE_integer("weight_devices", None, "CrossPool W (default: the "
-                       "fewest devices holding all experts).")
+  flags.DEFINE_integer("weight_devices", None, "CrossPool W (default: --kv_planner's "
+                       "choice, else the fewest devices holding all experts).")
+  flags.DEFINE_bool("kv_planner", False, "CrossPool's KV planner: the W with the most KV "
+                    "pages, expert slots filling every weights device.")
   flags.DEFINE_float("reserve_fraction", 0.0, "Per-device fraction kept for "
                      "activations/workspace (all organisations).")
   flags.DEFINE_list("organisations", list(ORGANISATIONS), "Which to measure.")
@@ -111,7 +113,8 @@ def main(argv: Sequence[str]) -> None:
   result = measure_capacity(
       fleet, num_devices=FLAGS.num_devices, device_bytes=int(FLAGS.device_gib * (1 << 30)),
       page_bytes=int(FLAGS.page_kib * 1024), dtype=FLAGS.dtype, max_batch=FLAGS.max_batch,
-      crosspool_weight_devices=FLAGS.weight_devices, reserve_fraction=FLAGS.reserve_fraction,
+      crosspool_weight_devices=FLAGS.weight_devices, kv_planner=FLAGS.kv_planner,
+      reserve_fraction=FLAGS.reserve_fraction,
       organisations=FLAGS.organisations)
   result["header"] = {
       "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
