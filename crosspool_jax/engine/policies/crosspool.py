@@ -7,8 +7,9 @@ device over local pages, LSE merge). The routed experts of every model sit in th
 on `EngineConfig.weight_devices`: `expert_slots_per_device` slots per shape class per device,
 shared by the models of the class (consolidation), the rest swapped in by `expert_policy`; per
 layer, the micro-batches of one class and home weights device share one expert call
-(`fuse_experts`). Executor: `DisaggregatedExecutor`. Invariant: a model's params on its home
-device hold no routed expert; every one of them is in the weights pool.
+(`fuse_experts`). Executor: `DisaggregatedExecutor`. With `Budget.kv_planner` the plan also
+chooses the split of KV and weights devices (`planner.best_split`). Invariant: a model's params
+on its home device hold no routed expert; every one of them is in the weights pool.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@
 routed experts) on devices of one byte budget; `lay_out_kv` makes the KV buffers equal on every
 KV device (the most loaded device sets them and strands less than a page; every other KV device
 strands that remainder plus its difference in resident bytes). Invariant: fleet order, so
-appending a one-device model (a cold model arriving) never moves the ones already
-placed. The rule's steps and why: WORKSPACE.md, "The engine and its memory policies".
+appending a one-device model (a cold model arriving) never moves the ones already placed. The
+rule's steps and why: WORKSPACE.md, "The engine and its memory policies".
 """
 
 from __future__ import annotations
