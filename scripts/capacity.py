@@ -12,6 +12,9 @@ Writes JSON (with the git revision) to --out and prints a table.
   python scripts/capacity.py --reference=qwen1.5-moe-a2.7b --copies=8 --num_devices=8 \
       --device_gib=80 --page_kib=256 --dtype=bfloat16 --max_batch=16 \
       --out=workdir/capacity/qwen_x8.json
+  # the same with CrossPool's KV planner choosing W (engine/policies/planner.py):
+  python scripts/capacity.py --reference=qwen1.5-moe-a2.7b --copies=8 --num_devices=8 \
+      --device_gib=80 --page_kib=256 --dtype=bfloat16 --max_batch=16 --kv_planner
   # 8 Mixtral-8x7B-shaped models on the same budget (static/shared fit only 4 of them):
   python scripts/capacity.py --reference=mixtral-8x7b --copies=8 --num_devices=8 \
       --device_gib=80 --page_kib=256 --dtype=bfloat16 --max_batch=16
@@ -20,19 +23,27 @@ Writes JSON (with the git revision) to --out and prints a table.
       --num_devices=4 --device_gib=0.05
   python scripts/capacity.py --config_json=a/config.json,b/config.json --num_devices=4
 
-Table for the first command (closed forms agree with every probe):
+Tables for the first two commands (closed forms agree with every probe; `strand GiB`: what the
+plan leaves unusable on all devices, neither weights, a KV buffer nor an expert slot):
 
-  org        W  KV GiB  model                longest      (raw)  reachable  fleet fill
-  static     -   426.7  qwen1.5-moe-a2.7b-0     8192     291264     131072      131072
-  shared     -   426.7  qwen1.5-moe-a2.7b-0     8192     291264     291264      291264
-  crosspool  3   365.4  qwen1.5-moe-a2.7b-0     8192    1995424    1995424      253952
+  org        W  KV GiB strand GiB  model                longest    (raw)  reachable fleet fill
+  static     -   426.7       0.00  qwen1.5-moe-a2.7b-0     8192   291264     131072     131072
+  shared     -   426.7       0.00  qwen1.5-moe-a2.7b-0     8192   291264     291264     291264
+  crosspool  3   365.4      61.30  qwen1.5-moe-a2.7b-0     8192  1995424    1995424     253952
+  (--kv_planner: static and shared as above)
+  crosspool  1   511.5      20.79  qwen1.5-moe-a2.7b-0     8192  2793600    2793600     352256
 
-(one row per model; all 8 alike; crosspool_partitioned's rows equal crosspool's: every expert
-is resident either way. Fleet fill totals: static 1048576, shared 2330112, crosspool
-1995424 tokens. Static reserves max_batch x max_context per model, so most of its partition
-idles; CrossPool leaves 18.1 GiB free on each of its 3 weights devices (185.6 GiB of experts)
-and strands 6.9 GiB on its 5 KV devices, so its pool is smaller, but one request can use all of
-it: 1995424 tokens raw vs 291264 — the 8192-token max_position caps all three.)
+(one row per model; all 8 alike up to the fleet fill's split; crosspool_partitioned's rows equal
+crosspool's. Fleet fill totals: static 1048576, shared 2330112, crosspool 1995424 tokens, with
+the planner 2793600. Static reserves max_batch x max_context per model, so most of its
+partition idles. Without the planner CrossPool takes the fewest weights devices that keep every
+expert resident (3: 185.6 GiB of experts), each of which strands 18.1 GiB, and its 5 KV devices
+hold 8 models' non-expert weights unevenly (equal buffers: 2 of them strand 3.5 GiB), so its
+pool is smaller than shared's, though one request can use all of it: 1995424 tokens raw vs
+291264. The planner's split has the most KV pages: 1 weights device filled with expert slots
+(0.01 GiB left; 43% of the experts resident, the rest swapped in) and 7 KV devices, 6 of which
+strand 3.5 GiB next to one model's weights; its pool holds 20% more than shared's. The
+8192-token max_position caps every longest context.)
 """
 
 from __future__ import annotations
@@ -73,8 +84,10 @@ def define_flags() -> None:
   flags.DEFINE_float("page_kib", 256.0, "KV page size, KiB (all organisations).")
   flags.DEFINE_string("dtype", "bfloat16", "Weights and KV dtype.")
   flags.DEFINE_integer("max_batch", 16, "Requests per model static reserves for.", lower_bound=1)
-  flags.DEFINE_integer("weight_devices", None, "CrossPool W (default: the "
-                       "fewest devices holding all experts).")
+  flags.DEFINE_integer("weight_devices", None, "CrossPool W (default: --kv_planner's "
+                       "choice, else the fewest devices holding all experts).")
+  flags.DEFINE_bool("kv_planner", False, "CrossPool's KV planner: the W with the most KV "
+                    "pages, expert slots filling every weights device.")
   flags.DEFINE_float("reserve_fraction", 0.0, "Per-device fraction kept for "
                      "activations/workspace (all organisations).")
   flags.DEFINE_list("organisations", list(ORGANISATIONS), "Which to measure.")
@@ -111,7 +124,8 @@ def main(argv: Sequence[str]) -> None:
   result = measure_capacity(
       fleet, num_devices=FLAGS.num_devices, device_bytes=int(FLAGS.device_gib * (1 << 30)),
       page_bytes=int(FLAGS.page_kib * 1024), dtype=FLAGS.dtype, max_batch=FLAGS.max_batch,
-      crosspool_weight_devices=FLAGS.weight_devices, reserve_fraction=FLAGS.reserve_fraction,
+      crosspool_weight_devices=FLAGS.weight_devices, kv_planner=FLAGS.kv_planner,
+      reserve_fraction=FLAGS.reserve_fraction,
       organisations=FLAGS.organisations)
   result["header"] = {
       "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),

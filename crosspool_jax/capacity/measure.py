@@ -5,11 +5,13 @@
 slots), builds the host pools that policy runs with (`kv_pools`; its `WeightsPool`) and probes
 them (`probes`): the longest context of one request, the KV tokens one model alone can reach,
 the fleet's fill with every model active. The policy's closed form (`capacity`) is reported
-next to each probe. Analysis only: a colocated model whose weights need several devices is split
-over them (tensor parallel, ceil(K / tp) KV heads per rank); a weights-pool policy gets W
-devices (given, else the smallest whose plan serves every model with every expert resident,
-else a share proportional to expert bytes), the other D - W hold KV. A model that does not fit
-is reported under `not_fit` with the reason. Numpy only, no device call.
+next to each probe, and so are the bytes each device strands (the plan's accounting). Analysis
+only: a colocated model whose weights need several devices is split over them (tensor
+parallel, ceil(K / tp) KV heads per rank); a weights-pool policy gets W devices (given; else,
+with `kv_planner`, the KV planner's split (`engine/policies/planner.py`); else the smallest
+whose plan serves every model with every expert resident, else a share proportional to expert
+bytes), the other D - W hold KV. A model that does not fit is reported under `not_fit` with
+the reason. Numpy only, no device call.
 """
 
 from __future__ import annotations
@@ -45,11 +47,13 @@ class _Settings:
   page_bytes: int
   dtype: str
   reserve_fraction: float
+  kv_planner: bool
 
   def budget(self, weight_devices: int) -> Budget:
     return Budget(device_bytes=self.device_bytes, page_elems=self.page_elems,
                   kv_dtype=self.dtype, kv_devices=self.num_devices - weight_devices,
-                  weight_devices=weight_devices, reserve_fraction=self.reserve_fraction)
+                  weight_devices=weight_devices, reserve_fraction=self.reserve_fraction,
+                  kv_planner=self.kv_planner)
 
 
 def _weight_devices(policy: MemoryPolicy, fleet: Mapping[str, FleetModel], s: _Settings,
@@ -57,9 +61,14 @@ def _weight_devices(policy: MemoryPolicy, fleet: Mapping[str, FleetModel], s: _S
   """W and the rule that chose it (the module docstring)."""
   d = s.num_devices
   if given is not None:
+    if s.kv_planner:
+      raise ValueError(f"crosspool_weight_devices={given} and kv_planner: the planner chooses "
+                       "W, give one or the other")
     if not 1 <= given <= d - 1:
       raise ValueError(f"crosspool_weight_devices must be in [1, {d - 1}], got {given}")
     return given, "given"
+  if s.kv_planner:
+    return policy.plan(fleet, s.budget(1)).accounting["weight_devices"], "kv planner"
   for w in range(1, d):
     plan = policy.plan(fleet, s.budget(w))
     if not plan.not_fit and (plan.accounting["resident_experts"]
@@ -134,9 +143,12 @@ def _measure(policy: MemoryPolicy, fleet: Mapping[str, FleetModel], s: _Settings
     w, rule = _weight_devices(policy, fleet, s, given_w)
   budget = s.budget(w)
   plan = policy.plan(fleet, budget)
+  a = plan.accounting
   out |= {"not_fit": dict(plan.not_fit), "placement": _placement(plan, w),
           "pages_per_device": plan.pages_per_device,
-          "stranded_bytes": plan.accounting["stranded_bytes"]}
+          "stranded_bytes": a["stranded_bytes"],
+          "stranded_bytes_per_device": {"kv": a["stranded_bytes_per_kv_device"],
+                                        "weights": a["stranded_bytes_per_weights_device"]}}
   if policy.pools_experts:
     out["weights_pool"] = _weights_record(policy, fleet, plan, s, w, rule)
   caps = plan.max_context
@@ -190,7 +202,7 @@ def _measure(policy: MemoryPolicy, fleet: Mapping[str, FleetModel], s: _Settings
 def measure_capacity(fleet: Sequence[ModelConfig] | Mapping[str, ModelConfig], *,
                      num_devices: int, device_bytes: int, page_bytes: int, dtype: str,
                      max_batch: int, crosspool_weight_devices: int | None = None,
-                     reserve_fraction: float = 0.0,
+                     kv_planner: bool = False, reserve_fraction: float = 0.0,
                      organisations: Sequence[str] = ORGANISATIONS) -> dict[str, Any]:
   """KV capacity of `fleet` under each memory policy, probed on the real host pools.
 
@@ -201,6 +213,8 @@ def measure_capacity(fleet: Sequence[ModelConfig] | Mapping[str, ModelConfig], *
     dtype: dtype name of weights and KV.
     max_batch: concurrent requests per model (what `static` reserves for).
     crosspool_weight_devices: W of the weights-pool policies; default: the module's rule.
+    kv_planner: the weights-pool policies' KV planner chooses W and fills every weights device
+      with expert slots (`Budget.kv_planner`).
     reserve_fraction: fraction of each device kept for activations / workspace.
     organisations: which policies (names of `engine.policies.POLICIES`) to measure.
 
@@ -211,11 +225,14 @@ def measure_capacity(fleet: Sequence[ModelConfig] | Mapping[str, ModelConfig], *
     this model active), "kv_tokens_equiv" (all the organisation's KV pages in this model's
     tokens), "closed_form", "closed_form_agrees", ...}}, "fleet_fill" (tokens per model with
     every model active at once), "fleet_fill_tokens", "placement", "pages_per_device",
-    "stranded_bytes", "weights_pool" (weights-pool policies), "not_fit": {id: reason}}}.
+    "stranded_bytes" (all devices), "stranded_bytes_per_device" ({"kv": per KV device,
+    "weights": per weights device}), "weights_pool" (weights-pool policies), "not_fit": {id:
+    reason}}}.
 
   Raises:
     ValueError: settings that no policy could use (sizes <= 0, a page that is not a whole
-      number of elements, an unknown organisation, a W outside [1, D-1]).
+      number of elements, an unknown organisation, a W outside [1, D-1], a W given with
+      kv_planner).
   """
   if isinstance(fleet, Mapping):
     cfgs = dict(fleet)
@@ -234,14 +251,15 @@ def measure_capacity(fleet: Sequence[ModelConfig] | Mapping[str, ModelConfig], *
   if page_bytes % size:
     raise ValueError(f"page_bytes {page_bytes} is not a multiple of the {dtype} itemsize {size}")
   s = _Settings(num_devices, device_bytes, page_bytes // size, page_bytes, dtype,
-                reserve_fraction)
+                reserve_fraction, kv_planner)
   models = {m: FleetModel(c, dtype, max_batch, c.max_context) for m, c in cfgs.items()}
   return {
       "settings": {"num_devices": num_devices, "device_bytes": device_bytes,
                    "budget_bytes": num_devices * device_bytes, "page_bytes": page_bytes,
                    "page_elems": s.page_elems, "dtype": dtype, "max_batch": max_batch,
                    "reserve_fraction": reserve_fraction,
-                   "crosspool_weight_devices": crosspool_weight_devices},
+                   "crosspool_weight_devices": crosspool_weight_devices,
+                   "kv_planner": kv_planner},
       "models": {m: {"config": dataclasses.asdict(c) | {"moe_layers": sum(c.moe_layers)},
                      "param_bytes": param_bytes(c, dtype),
                      "kv_bytes_per_token": kv_bytes_per_token(c, dtype)}
@@ -252,26 +270,30 @@ def measure_capacity(fleet: Sequence[ModelConfig] | Mapping[str, ModelConfig], *
 
 
 def format_table(result: Mapping[str, Any]) -> str:
-  """A fixed-width table of a `measure_capacity` result: one row per (organisation, model)."""
+  """A fixed-width table of a `measure_capacity` result: one row per (organisation, model);
+  `strand GiB`: the bytes the organisation's plan strands on all its devices."""
   gib = 1 << 30
   width = max(10, *(len(org) for org in result["organisations"]))
-  head = (f"{'org':<{width}} {'W':>2} {'KV GiB':>8}  {'model':<24} {'longest':>9} {'(raw)':>10} "
-          f"{'reachable':>10} {'fleet fill':>10} {'cf ok':>5}")
+  head = (f"{'org':<{width}} {'W':>2} {'KV GiB':>8} {'strand GiB':>10}  {'model':<24} "
+          f"{'longest':>9} {'(raw)':>10} {'reachable':>10} {'fleet fill':>10} {'cf ok':>5}")
   lines = [head, "-" * len(head)]
   for org, res in result["organisations"].items():
     wp = res.get("weights_pool")
     w = str(len(wp["devices"])) if wp else "-"
+    lead = (f"{org:<{width}} {w:>2} {res['kv_bytes'] / gib:>8.1f} "
+            f"{res.get('stranded_bytes', 0) / gib:>10.2f}  ")
     for m, rec in res["models"].items():
-      lines.append(f"{org:<{width}} {w:>2} {res['kv_bytes'] / gib:>8.1f}  {m:<24} "
+      lines.append(f"{lead}{m:<24} "
                    f"{rec['longest_context']:>9} {rec['longest_context_raw']:>10} "
                    f"{rec['kv_tokens_reachable']:>10} {res['fleet_fill'].get(m, 0):>10} "
                    f"{'yes' if rec['closed_form_agrees'] else 'NO':>5}")
     for m, why in res["not_fit"].items():
-      lines.append(f"{org:<{width}} {w:>2} {res['kv_bytes'] / gib:>8.1f}  {m:<24} does not fit: "
-                   f"{why}")
+      lines.append(f"{lead}{m:<24} does not fit: {why}")
     extra = [f"fleet fill total {res['fleet_fill_tokens']} tokens"]
-    if "stranded_bytes" in res:
-      extra.append(f"stranded {res['stranded_bytes'] / gib:.2f} GiB on KV devices")
+    if "stranded_bytes_per_device" in res:
+      extra.append("most stranded on a device: " + ", ".join(
+          f"{max(b) / gib:.2f} GiB ({kind})"
+          for kind, b in res["stranded_bytes_per_device"].items() if b))
     if wp:
       extra.append(f"experts resident {wp.get('resident_fraction', 0):.3f} ({wp['rule']}), "
                    f"{wp['free_bytes_per_device'] / gib:.1f} GiB free per weights device")

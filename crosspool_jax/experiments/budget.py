@@ -19,7 +19,8 @@ from crosspool_jax.engine.policies import Budget, FleetModel, Plan, get_policy
 
 def plan_policy(fleet: Mapping[str, FleetModel], *, policy: str, kv_devices: int,
                 weight_devices: int = 0, device_bytes: int, page_elems: int, kv_dtype: str,
-                reserve_fraction: float = 0.0, weights_device_bytes: int | None = None) -> Plan:
+                reserve_fraction: float = 0.0, weights_device_bytes: int | None = None,
+                kv_planner: bool = False) -> Plan:
   """The engine settings of `policy` for `fleet` on devices of `device_bytes` each.
 
   Args:
@@ -32,13 +33,16 @@ def plan_policy(fleet: Mapping[str, FleetModel], *, policy: str, kv_devices: int
     reserve_fraction: kept free on every device (activations, compiler scratch).
     weights_device_bytes: budget of a weights device, if not `device_bytes` (an ablation that
       needs more room for experts says so).
+    kv_planner: a weights-pool policy splits the kv_devices + weight_devices devices itself
+      (`Budget.kv_planner`; the plan's accounting says how: kv_devices, weight_devices).
 
   Raises:
     ValueError: the budget cannot hold the fleet under `policy` (which model, why).
   """
   budget = Budget(device_bytes=device_bytes, page_elems=page_elems, kv_dtype=kv_dtype,
                   kv_devices=kv_devices, weight_devices=weight_devices,
-                  reserve_fraction=reserve_fraction, weights_device_bytes=weights_device_bytes)
+                  reserve_fraction=reserve_fraction, weights_device_bytes=weights_device_bytes,
+                  kv_planner=kv_planner)
   plan = get_policy(policy).plan(fleet, budget)
   plan.check_servable()
   return plan

@@ -148,8 +148,10 @@ def experiment_base(name: str, arg: str | None, description: str, *,
   c.description = description
   c.num_cpu_devices = 4      # > 0: ask JAX for that many CPU devices (ignored on GPU/TPU)
   # Same bytes on every device for every policy (0: engine.pages_per_device and the fleet's
-  # groups as given).
-  c.budget = ml_collections.ConfigDict(dict(device_bytes=0, reserve_fraction=0.0))
+  # groups as given); kv_planner: the crosspool runs split their devices (engine.devices +
+  # weight_devices) by the KV planner, expert slots filling each weights device.
+  c.budget = ml_collections.ConfigDict(dict(device_bytes=0, reserve_fraction=0.0,
+                                            kv_planner=False))
   c.sweep = ml_collections.ConfigDict(dict(field="", points=()))
   c.slo = ml_collections.ConfigDict(dict(ttft_s=1.0, tbt_s=0.2))
   return c

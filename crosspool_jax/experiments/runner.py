@@ -129,7 +129,12 @@ def run_config(config, name: str):
       fleet, policy=c.engine.kv_policy, kv_devices=len(c.engine.devices),
       weight_devices=len(c.engine.weight_devices), device_bytes=int(c.budget.device_bytes),
       page_elems=c.engine.page_elems, kv_dtype=c.engine.kv_dtype,
-      reserve_fraction=c.budget.reserve_fraction, weights_device_bytes=weights_bytes)
+      reserve_fraction=c.budget.reserve_fraction, weights_device_bytes=weights_bytes,
+      kv_planner=c.budget.kv_planner)
+  if c.engine.weight_devices:  # the planner may split the devices otherwise than given
+    devices = (*c.engine.devices, *c.engine.weight_devices)
+    kv = plan.accounting["kv_devices"]
+    c.engine.devices, c.engine.weight_devices = devices[:kv], devices[kv:]
   c.engine.pages_per_device = plan.pages_per_device
   if plan.expert_slots_per_device is not None:
     c.engine.expert_slots_per_device = plan.expert_slots_per_device

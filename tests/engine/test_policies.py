@@ -73,7 +73,11 @@ def test_kv_buffers_are_equal_and_the_rest_is_stranded():
                       page_elems=512, page_bytes=2048)
   assert pages_that_fit(device_bytes=10_000, resident_bytes=3000, page_bytes=2048) == 3
   assert layout.pages_per_device == 2  # (10000 - 5000) // 2048 on the loaded device
-  assert layout.accounting["stranded_bytes"] == 2048  # one page more fits next to "a"
+  # Stranded: all but weights and the 2-page buffer: next to "a" one more page and 856 B,
+  # next to "b" 904 B (less than a page).
+  assert layout.accounting["stranded_bytes_per_kv_device"] == [10_000 - 3000 - 2 * 2048,
+                                                               10_000 - 5000 - 2 * 2048]
+  assert layout.accounting["stranded_bytes"] == 2904 + 904
   assert layout.page_tokens == {"a": 8, "b": 8}  # 512 / (2 x 2 heads x 16)
   assert pages_that_fit(device_bytes=10_000, resident_bytes=0, page_bytes=1000,
                         reserve_fraction=0.25) == 7

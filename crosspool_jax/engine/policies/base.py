@@ -51,6 +51,9 @@ class Budget:
     weight_devices: weights-pool devices (policies that pool the routed experts).
     reserve_fraction: kept free on every device (activations, compiler scratch).
     weights_device_bytes: memory of a weights device, if not `device_bytes`.
+    kv_planner: weights-pool policies choose the split of the kv_devices + weight_devices
+      devices themselves (`planner.best_split`: the most KV pages, expert slots filling every
+      weights device) instead of taking it as given; colocated policies ignore it.
   """
 
   device_bytes: int
@@ -60,6 +63,7 @@ class Budget:
   weight_devices: int = 0
   reserve_fraction: float = 0.0
   weights_device_bytes: int | None = None
+  kv_planner: bool = False
 
   def __post_init__(self):
     if self.device_bytes <= 0 or self.page_elems <= 0:
@@ -87,8 +91,10 @@ class Plan:
     max_context: model -> context served (a cap where the policy reserves, else the fleet's).
     expert_slots_per_device: slots per shape class per weights device (None: no weights pool).
     not_fit: model -> why the budget cannot hold it (the other fields leave it out).
-    accounting: bytes per device, stranded bytes, resident expert fractions, longest context
-      by the closed form: what the results file reports.
+    accounting: bytes per device, stranded bytes (per KV device, per weights device, in all:
+      what a device may hold that is neither weights, a KV buffer nor an expert slot),
+      resident expert fractions, longest context by the closed form: what the results file
+      reports.
   """
 
   policy: str

@@ -7,8 +7,9 @@ device over local pages, LSE merge). The routed experts of every model sit in th
 on `EngineConfig.weight_devices`: `expert_slots_per_device` slots per shape class per device,
 shared by the models of the class (consolidation), the rest swapped in by `expert_policy`; per
 layer, the micro-batches of one class and home weights device share one expert call
-(`fuse_experts`). Executor: `DisaggregatedExecutor`. Invariant: a model's params on its home
-device hold no routed expert; every one of them is in the weights pool.
+(`fuse_experts`). Executor: `DisaggregatedExecutor`. With `Budget.kv_planner` the plan also
+chooses the split of KV and weights devices (`planner.best_split`). Invariant: a model's params
+on its home device hold no routed expert; every one of them is in the weights pool.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from crosspool_jax.engine.executors.api import LoadedModel
 from crosspool_jax.engine.executors.crosspool import DeviceSplit, DisaggregatedExecutor
 from crosspool_jax.engine.policies.base import Budget, FleetModel, MemoryPolicy, Plan, Runtime
 from crosspool_jax.engine.policies.placement import lay_out_kv, usable_bytes
+from crosspool_jax.engine.policies.planner import best_split
 from crosspool_jax.engine.policies.sizes import param_bytes
 from crosspool_jax.pools.expert_policies import make_policy
 from crosspool_jax.pools.kv_buffers import allocate_kv_buffers
@@ -71,6 +73,12 @@ class CrossPoolPolicy(MemoryPolicy):
   # --- planning ---------------------------------------------------------------------------
 
   def _plan(self, fleet: Mapping[str, FleetModel], budget: Budget) -> Plan:
+    if budget.kv_planner:
+      return best_split(lambda b: self._plan_split(fleet, b), budget)
+    return self._plan_split(fleet, budget)
+
+  def _plan_split(self, fleet: Mapping[str, FleetModel], budget: Budget) -> Plan:
+    """The plan at the budget's split of KV and weights devices."""
     if budget.weight_devices < 1:
       raise ValueError(f"budget: {self.name} needs at least one weights device")
     kv = lay_out_kv({m: f.cfg for m, f in fleet.items()},
@@ -85,17 +93,23 @@ class CrossPoolPolicy(MemoryPolicy):
         not_fit[m] = (f"{self.name}: {pages} KV pages cannot give one token a page in each of "
                       f"{fleet[m].cfg.num_layers} layers")
     served = [m for m in kv.page_tokens if m not in not_fit]
+    w_usable = int(usable_bytes(budget.weights_device_bytes or budget.device_bytes,
+                                budget.reserve_fraction))
     slots, experts = (self._expert_slots(fleet, served, budget, not_fit) if served
-                      else (None, {}))
+                      else (None, {"expert_bytes_per_weights_device": 0}))
+    w_stranded = [w_usable - experts["expert_bytes_per_weights_device"]] * budget.weight_devices
     return Plan(self.name, dict(kv.placement.device), dict(kv.placement.tp),
                 kv.pages_per_device,
                 {m: fleet[m].max_context for m in served if m not in not_fit}, slots, not_fit,
-                kv.accounting | {"weight_devices": budget.weight_devices} | experts)
+                kv.accounting | {"weight_devices": budget.weight_devices} | experts
+                | {"stranded_bytes_per_weights_device": w_stranded,
+                   "stranded_bytes": kv.accounting["stranded_bytes"] + sum(w_stranded)})
 
   def _expert_slots(self, fleet: Mapping[str, FleetModel], served: list[str], budget: Budget,
                     not_fit: dict[str, str]) -> tuple[int, dict]:
-    """Slots per shape class per weights device: as many as the budget holds, no more than
-    keep every expert resident; fills `not_fit` with models one layer of which cannot fit."""
+    """Slots per shape class per weights device: as many as the budget holds, and unless the
+    KV planner splits the devices, no more than keep every expert resident; fills `not_fit`
+    with models one layer of which cannot fit."""
     specs = [ExpertModelSpec.from_config(m, fleet[m].cfg, fleet[m].dtype) for m in served]
     layout = self.expert_layout(specs, budget.weight_devices)
     need = [[0] * budget.weight_devices for _ in layout.classes]
@@ -106,7 +120,7 @@ class CrossPoolPolicy(MemoryPolicy):
     per_slot = sum(c.shape.expert_bytes for c in layout.classes)
     w_bytes = budget.weights_device_bytes or budget.device_bytes
     fit = int(usable_bytes(w_bytes, budget.reserve_fraction) // per_slot)
-    slots = min(fit, max(max(n) for n in need))
+    slots = fit if budget.kv_planner else min(fit, max(max(n) for n in need))
     for s in specs:
       if slots < s.num_experts:
         not_fit[s.model_id] = (

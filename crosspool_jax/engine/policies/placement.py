@@ -2,9 +2,10 @@
 
 `place` puts each model's resident weights (the policy says which: all of them, or all but the
 routed experts) on devices of one byte budget; `lay_out_kv` makes the KV buffers equal on every
-KV device (the most loaded device sets them, the excess elsewhere is stranded). Invariant: fleet
-order, so appending a one-device model (a cold model arriving) never moves the ones already
-placed. The rule's steps and why: WORKSPACE.md, "The engine and its memory policies".
+KV device (the most loaded device sets them and strands less than a page; every other KV device
+strands that remainder plus its difference in resident bytes). Invariant: fleet order, so
+appending a one-device model (a cold model arriving) never moves the ones already placed. The
+rule's steps and why: WORKSPACE.md, "The engine and its memory policies".
 """
 
 from __future__ import annotations
@@ -151,6 +152,9 @@ class KVLayout:
     page_tokens: tokens per page of each placed model whose KV shape divides the page.
     not_fit: the placement's, plus models whose KV shape does not divide the page.
     accounting: bytes per device (resident, KV, stranded), what a results file reports.
+      Stranded: what a device may hold (`usable_bytes`) that is neither weights nor its KV
+      buffer (the null page counts as the buffer's); a device without a buffer strands all
+      but its weights.
   """
 
   placement: Placement
@@ -189,12 +193,16 @@ def lay_out_kv(cfgs: Mapping[str, ModelConfig], weights: Mapping[str, int], *, n
       tokens[m] = page_tokens(cfgs[m], page_elems, placement.tp[m])
     except ValueError as e:
       not_fit[m] = str(e)
+  usable = int(usable_bytes(device_bytes, reserve_fraction))
+  stranded = [usable - placement.resident[d] - (pages * page_bytes if d in fit else 0)
+              for d in range(num_devices)]
   accounting = {
       "device_bytes": device_bytes, "page_elems": page_elems, "page_bytes": page_bytes,
       "kv_devices": num_devices,
       "kv_buffer_devices": with_buffer,
       "resident_bytes_per_kv_device": placement.resident,
       "kv_bytes": len(with_buffer) * max(0, pages - 1) * page_bytes,
-      "stranded_bytes": sum((n - pages) * page_bytes for n in fit.values()),
+      "stranded_bytes_per_kv_device": stranded,
+      "stranded_bytes": sum(stranded),
   }
   return KVLayout(placement, pages, tokens, not_fit, accounting)

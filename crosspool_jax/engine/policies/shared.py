@@ -45,7 +45,8 @@ class SharedPolicy(MemoryPolicy):
     max_context, accounting = self._contexts(fleet, kv, not_fit)
     return Plan(self.name, dict(kv.placement.device), dict(kv.placement.tp),
                 kv.pages_per_device, max_context, None, not_fit,
-                kv.accounting | {"weight_devices": 0} | accounting)
+                kv.accounting | {"weight_devices": 0, "stranded_bytes_per_weights_device": []}
+                | accounting)
 
   def _contexts(self, fleet: Mapping[str, FleetModel], kv: KVLayout, not_fit: dict[str, str]
                 ) -> tuple[dict[str, int], dict]:
