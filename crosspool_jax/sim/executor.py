@@ -6,9 +6,10 @@ simulated engine schedules exactly as a real one whose outputs hit no stop id. E
 clock by them, so the engine stamps the step's tokens at its modelled end.
 
 Colocated policies (no weights pool): each model batch is one program on its group's device,
-`colocated_step_s` of them. CrossPool policies: the batches are cut into micro-batches as the
-executor cuts them (`split_micro_batches`); per MoE layer the micro-batches of one (shape
-class, home weights device) group share expert calls as the executor plans them
+`colocated_step_s` of them. CrossPool policies: the batches are cut into micro-batches and
+given ping-pong phases as the executor does (`ping_pong`, issued phase by phase); per MoE layer
+the micro-batches of one (phase, shape class, home weights device) group share expert calls as
+the executor plans them
 (`plan_expert_calls`, with the routing known); the experts each micro-batch routes to are
 drawn (`Router`) and made resident through the real `WeightsPool.access` (the earlier
 members of the call protected, as `DeviceWeightsPool.access_many` does), so hits, misses and
@@ -21,7 +22,7 @@ is on demand, after the layer's routing.
 from __future__ import annotations
 
 from crosspool_jax.engine.executors.api import HostCounters, LoadedModel, blame, fake_tokens
-from crosspool_jax.engine.executors.crosspool import plan_expert_calls, split_micro_batches
+from crosspool_jax.engine.executors.crosspool import expert_group, ping_pong, plan_expert_calls
 from crosspool_jax.engine.scheduler import ModelBatch
 from crosspool_jax.pools.weights_pool import WeightsPool
 from crosspool_jax.roofline import BatchShape
@@ -131,15 +132,16 @@ class SimExecutor:
 
   def _crosspool_s(self, batches: list[ModelBatch]) -> float:
     c, dispatch = self.config, self.cost.spec.dispatch_s
-    mbs = [part for b in batches
-           for part in split_micro_batches(b, c.micro_batches, c.micro_batch_min_tokens)]
+    phased = ping_pong(batches, c.micro_batches, c.micro_batch_min_tokens)
+    mbs = [part for _, _, part in phased]
+    phases = [phase for phase, _, _ in phased]
     cfgs = [self.models[mb.model_id].cfg for mb in mbs]
     shapes = [_shape(mb) for mb in mbs]
     pairs = list(zip(cfgs, shapes, strict=True))
     attention = [[dispatch + self.cost.attention_side_s(cfg, layer, shape)
                   for layer in range(cfg.num_layers)] for cfg, shape in pairs]
     misses = self.weights_pool.stats.misses
-    calls = [self._expert_calls(mbs, cfgs, layer)
+    calls = [self._expert_calls(mbs, phases, cfgs, layer)
              for layer in range(max(cfg.num_layers for cfg in cfgs))]
     self.miss_steps += self.weights_pool.stats.misses > misses
     self.counters.dispatches += (sum(map(len, attention)) + sum(map(len, calls))
@@ -150,18 +152,18 @@ class SimExecutor:
         # the input program (unpack, embed) and the head's
         [2 * dispatch + self.cost.head_s(cfg, shape) for cfg, shape in pairs])
 
-  def _expert_calls(self, mbs: list[ModelBatch], cfgs: list, layer: int) -> list[ExpertCall]:
+  def _expert_calls(self, mbs: list[ModelBatch], phases: list[int], cfgs: list,
+                    layer: int) -> list[ExpertCall]:
     """A layer's expert calls: routing drawn, experts made resident, calls planned."""
     pool = self.weights_pool
-    groups: dict[tuple[int, int], list[int]] = {}
+    groups: dict[tuple[int, int, int], list[int]] = {}
     for i, (mb, cfg) in enumerate(zip(mbs, cfgs, strict=True)):
       if layer < cfg.num_layers and cfg.moe_layers[layer]:
-        key = (pool.model_class(mb.model_id), pool.home_device(mb.model_id, layer))
-        groups.setdefault(key, []).append(i)
+        groups.setdefault(expert_group(pool, mb.model_id, layer, phases[i]), []).append(i)
     # the largest fused bucket: the token buckets and the token budget (`CrossPoolPolicy`)
     max_tokens = max(self.config.token_budget, self.config.token_buckets[-1])
     out = []
-    for (c, device), members in groups.items():
+    for (_, c, device), members in groups.items():
       chosen = {i: self.router.experts(mbs[i].model_id, cfgs[i], layer, mbs[i].num_tokens)
                 for i in members}
       keys = [{(mbs[i].model_id, layer, int(e)) for e in chosen[i]} for i in members]

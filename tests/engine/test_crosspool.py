@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from crosspool_jax.engine import Engine, EngineConfig
-from crosspool_jax.engine.executors.crosspool import split_micro_batches
+from crosspool_jax.engine.executors.crosspool import ping_pong, split_micro_batches
 from crosspool_jax.engine.scheduler import ModelBatch
 from tests.engine.test_engine import FAMILIES, MODELS, _references, _workload
 
@@ -95,10 +95,25 @@ def test_small_batches_are_not_cut_into_micro_batches():
   assert [len(b.requests) for b in cut(prefill)] == [2, 2]
 
 
-def test_two_models_of_one_class_share_an_expert_call(crosspool):
+def test_ping_pong_phases_balance_tokens_and_keep_a_batch_in_order():
+  a = ModelBatch("a", ["a0", "a1"], [8, 8])  # cut in two: phases 0 and 1, 8 tokens each
+  b = ModelBatch("b", ["b0"], [1])  # too small to cut: the least loaded phase (tie: 0)
+  c = ModelBatch("c", ["c0"], [1])  # then phase 1 (9 tokens against 8)
+  d = ModelBatch("d", ["d0", "d1", "d2"], [4, 4, 4])  # 2 parts: 8 and 4 tokens, phases 0, 1
+  phased = ping_pong([a, b, c, d], 2, 0)
+  assert [(phase, owner, part.requests) for phase, owner, part in phased] == [
+      (0, 0, ["a0"]), (0, 1, ["b0"]), (0, 3, ["d0", "d1"]),
+      (1, 0, ["a1"]), (1, 2, ["c0"]), (1, 3, ["d2"])]
+  # One phase (no pipeline): everything in phase 0, in order.
+  assert [(p, o) for p, o, _ in ping_pong([a, b], 1, 0)] == [(0, 0), (0, 1)]
+
+
+def test_models_of_one_class_share_expert_calls_within_a_phase(crosspool):
   # mixtral (home KV device 0) and qwen3_moe (home 1): one expert shape class, and layer l of
-  # both is homed on weights device l % 2; one request each, decoded in the same steps.
-  work = [("mixtral", [3, 1, 4, 1, 5], 4), ("qwen3_moe", [9, 2, 6], 4)]
+  # both is homed on weights device l % 2; two requests each, so each model batch is cut into
+  # two micro-batches, one per ping-pong phase; 4 steps.
+  work = [("mixtral", [3, 1, 4, 1, 5], 4), ("mixtral", [2, 7, 1, 8, 2], 4),
+          ("qwen3_moe", [9, 2, 6], 4), ("qwen3_moe", [5, 3, 5], 4)]
   before = dict(crosspool.metrics()["expert_calls"])
   events = len(crosspool.executor.timeline.events)
   rids = [crosspool.submit(model_id=m, prompt_ids=p, max_new_tokens=n) for m, p, n in work]
@@ -107,13 +122,16 @@ def test_two_models_of_one_class_share_an_expert_call(crosspool):
   after = crosspool.metrics()["expert_calls"]
   calls = after["calls"] - before["calls"]
   served = after["micro_batches"] - before["micro_batches"]
-  assert served == 4 * 2 * 2  # 4 steps x 2 models x 2 MoE layers
+  assert served == 4 * 4 * 2  # 4 steps x 4 micro-batches x 2 MoE layers
   assert calls < served
   fused = [e for e in crosspool.executor.timeline.events[events:]
            if e["kind"] == "experts" and not e["discarded"]]  # (a missed run's are discarded)
   assert len(fused) == calls
   assert any(sorted(e["models"]) == ["mixtral", "qwen3_moe"] for e in fused)
   assert all(len(e["members"]) == len(e["models"]) for e in fused)
+  # A batch's two micro-batches are in different phases, so they never share a call: the
+  # first phase's experts can run while the second phase's attention does.
+  assert all(len(set(e["models"])) == len(e["models"]) for e in fused)
 
 
 def test_timeline_shows_micro_batches_in_flight_together(crosspool):

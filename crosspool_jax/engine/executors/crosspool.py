@@ -39,6 +39,7 @@ from crosspool_jax.models import stages
 from crosspool_jax.pools.kv_buffers import allocate_kv_buffer
 from crosspool_jax.pools.kv_pool import KVPool
 from crosspool_jax.pools.weights_buffers import DeviceWeightsPool
+from crosspool_jax.pools.weights_pool import WeightsPool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,6 +252,37 @@ def split_micro_batches(batch: ModelBatch, micro_batches: int, min_tokens: int
           for a, b in itertools.pairwise(bounds) if b > a]
 
 
+def ping_pong(batches: list[ModelBatch], micro_batches: int, min_tokens: int
+              ) -> list[tuple[int, int, ModelBatch]]:
+  """A step's model batches cut into micro-batches (`split_micro_batches`), each with a phase
+  of the pipeline in [0, micro_batches): the parts of one batch take distinct phases, the
+  least loaded so far in tokens (ties: the lowest), in ascending order; so a batch too small
+  to cut still alternates with other models' batches. Returns (phase, owner batch index, part)
+  sorted by phase (stable: a batch's parts stay in order).
+
+  The executor issues the micro-batches phase by phase and fuses expert calls only within a
+  phase (`expert_group`): one phase's expert calls run on the weights devices while the next
+  phase's attention runs on the KV devices (the ping-pong); fused across phases, a call would
+  wait for every micro-batch's attention and nothing would overlap.
+  """
+  load = [0] * micro_batches
+  out = []
+  for owner, batch in enumerate(batches):
+    parts = split_micro_batches(batch, micro_batches, min_tokens)
+    phases = sorted(sorted(range(micro_batches), key=lambda p: (load[p], p))[:len(parts)])
+    for phase, part in zip(phases, parts, strict=True):
+      load[phase] += part.num_tokens
+      out.append((phase, owner, part))
+  return sorted(out, key=lambda x: x[0])
+
+
+def expert_group(pool: WeightsPool, model_id: str, layer: int, phase: int
+                 ) -> tuple[int, int, int]:
+  """The expert-call group of a micro-batch's MoE layer: (phase, shape class, home weights
+  device); calls fuse members of one group only (`plan_expert_calls`)."""
+  return phase, pool.model_class(model_id), pool.home_device(model_id, layer)
+
+
 def plan_expert_calls(members: list, tokens: list[int], keys: list[set], *, fuse: bool,
                       max_tokens: int, can_hold) -> list[list]:
   """A layer's (class, weights device) group of micro-batches cut, in order, into expert
@@ -273,6 +305,7 @@ def plan_expert_calls(members: list, tokens: list[int], keys: list[set], *, fuse
 @dataclasses.dataclass
 class _MicroBatch:
   index: int
+  phase: int  # of the ping-pong (`ping_pong`)
   model: LoadedModel
   batch: ModelBatch
   paged: dict  # KV device -> its PagedBatch, on it: the home device and those holding pages
@@ -446,7 +479,7 @@ class DisaggregatedExecutor:
       for bucket in self.token_buckets:
         empty = ModelBatch(model_id, [], [])
         for spread in (False, True):
-          self._run_micro_batches(self._prepare([(model, empty, bucket)], spread=spread),
+          self._run_micro_batches(self._prepare([(model, empty, bucket, 0)], spread=spread),
                                   track=False, sync=False)
         self._warm.add((model_id, bucket))
         if log:
@@ -605,11 +638,9 @@ class DisaggregatedExecutor:
     its expert call, loading what it chose (exact: same KV slots rewritten, same keys).
     """
     start, self._read_s = time.perf_counter(), 0.0
-    parts, owner = [], []
-    for i, batch in enumerate(batches):
-      for part in split_micro_batches(batch, self.micro_batches, self.micro_batch_min_tokens):
-        parts.append(part)
-        owner.append(i)
+    phased = ping_pong(batches, self.micro_batches, self.micro_batch_min_tokens)
+    parts = [part for _, _, part in phased]
+    owner = [i for _, i, _ in phased]
     buckets = []
     for part in parts:
       bucket = token_bucket(self.token_buckets, part, self.max_batch)
@@ -618,8 +649,8 @@ class DisaggregatedExecutor:
       buckets.append(bucket)
 
     def prepare():
-      return self._prepare([(self.models[part.model_id], part, bucket)
-                            for part, bucket in zip(parts, buckets, strict=True)])
+      return self._prepare([(self.models[part.model_id], part, bucket, phase)
+                            for (phase, _, part), bucket in zip(phased, buckets, strict=True)])
 
     swaps = self.wpool.pool.stats.swap_calls
     track = self.timeline_every > 0 and self.steps % self.timeline_every == 0
@@ -649,13 +680,13 @@ class DisaggregatedExecutor:
       out[i].append(t)
     return [np.concatenate(t) for t in out]
 
-  def _prepare(self, specs: list[tuple[LoadedModel, ModelBatch, int]], *,
+  def _prepare(self, specs: list[tuple[LoadedModel, ModelBatch, int, int]], *,
                 spread: bool = False) -> list[_MicroBatch]:
-    """Micro-batches from (model, batch, token bucket): each one's inputs packed in one buffer
+    """Micro-batches from (model, batch, token bucket, phase): each one's inputs packed in one buffer
     per device it needs (its home KV device, the KV devices holding its pages: every KV
     device with `spread`), all put in one call, unpacked there; its tokens embedded."""
     host, devices, packed = [], [], []
-    for model, batch, bucket in specs:
+    for model, batch, bucket, _ in specs:
       with blame([model.model_id]):
         paged, sampling, next_pos = pack_batch(self.kv_pool, batch, bucket, self.max_batch)
         key = (model.model_id, bucket)
@@ -671,7 +702,7 @@ class DisaggregatedExecutor:
         packed.append((mine, paged[model.group].positions_T >= 0))
     bufs = iter(self._put(host, devices))
     mbs = []
-    for index, ((model, batch, bucket), (mine, valid_host)) in enumerate(
+    for index, ((model, batch, bucket, phase), (mine, valid_host)) in enumerate(
         zip(specs, packed, strict=True)):
       layout = self._layouts[model.model_id, bucket]
       on = {}
@@ -683,8 +714,8 @@ class DisaggregatedExecutor:
           else:
             on[d] = _unpack(next(bufs), layout=layout)
           self._dispatched()
-      mbs.append(_MicroBatch(index, model, batch, on, sampling, next_pos, valid_T, valid_host,
-                             x_TD))
+      mbs.append(_MicroBatch(index, phase, model, batch, on, sampling, next_pos, valid_T,
+                             valid_host, x_TD))
     return mbs
 
   def _make_resident(self, mbs: list[_MicroBatch]) -> None:
@@ -835,14 +866,13 @@ class DisaggregatedExecutor:
       (mb.x_TD,) = result
 
   def _experts(self, mbs: list[_MicroBatch], layer: int, track: bool, sync: bool) -> None:
-    """The expert FFNs of a layer's micro-batches: per (class, weights device) group, calls
-    of several members (`fuse_experts`) or one each."""
-    pool = self.wpool.pool
-    groups: dict[tuple[int, int], list[_MicroBatch]] = {}
+    """The expert FFNs of a layer's micro-batches: per (phase, class, weights device) group
+    (`expert_group`), calls of several members (`fuse_experts`) or one each."""
+    groups: dict[tuple[int, int, int], list[_MicroBatch]] = {}
     for mb in mbs:
-      key = (pool.model_class(mb.model.model_id), pool.home_device(mb.model.model_id, layer))
+      key = expert_group(self.wpool.pool, mb.model.model_id, layer, mb.phase)
       groups.setdefault(key, []).append(mb)
-    for (c, d), members in groups.items():
+    for (_, c, d), members in groups.items():
       with blame([mb.model.model_id for mb in members]):
         self._group(members, layer, c, d, track, sync)
 
