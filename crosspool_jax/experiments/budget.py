@@ -19,7 +19,8 @@ from crosspool_jax.engine.policies import Budget, FleetModel, Plan, get_policy
 
 def plan_policy(fleet: Mapping[str, FleetModel], *, policy: str, kv_devices: int,
                 weight_devices: int = 0, device_bytes: int, page_elems: int, kv_dtype: str,
-                reserve_fraction: float = 0.0, weights_device_bytes: int | None = None) -> Plan:
+                reserve_fraction: float = 0.0, weights_device_bytes: int | None = None,
+                check: bool = True) -> Plan:
   """The engine settings of `policy` for `fleet` on devices of `device_bytes` each.
 
   Args:
@@ -32,6 +33,7 @@ def plan_policy(fleet: Mapping[str, FleetModel], *, policy: str, kv_devices: int
     reserve_fraction: kept free on every device (activations, compiler scratch).
     weights_device_bytes: budget of a weights device, if not `device_bytes` (an ablation that
       needs more room for experts says so).
+    check: raise if the engine cannot serve the plan (else see `refusal`).
 
   Raises:
     ValueError: the budget cannot hold the fleet under `policy` (which model, why).
@@ -40,5 +42,15 @@ def plan_policy(fleet: Mapping[str, FleetModel], *, policy: str, kv_devices: int
                   kv_devices=kv_devices, weight_devices=weight_devices,
                   reserve_fraction=reserve_fraction, weights_device_bytes=weights_device_bytes)
   plan = get_policy(policy).plan(fleet, budget)
-  plan.check_servable()
+  if check:
+    plan.check_servable()
   return plan
+
+
+def refusal(plan: Plan) -> str | None:
+  """Why the engine cannot serve `plan` (`Plan.check_servable`'s message), or None."""
+  try:
+    plan.check_servable()
+  except ValueError as e:
+    return str(e)
+  return None
