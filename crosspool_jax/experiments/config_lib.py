@@ -232,3 +232,28 @@ def full_scale(c, *, models: int = 8, family: str = "qwen2_moe", num_devices: in
   c.policies = three_policies(kv_devices=kv, weight_devices=tuple(range(len(kv), num_devices)))
   c.workload.popularity = ",".join(c.fleet.keys())
   c.slo.ttft_s, c.slo.tbt_s = 2.0, 0.1
+
+
+def paper_scale_setup(c, *, reference: str, models: int, num_devices: int = 8,
+                      weight_devices: int = 3, device: str = "h100_sxm",
+                      device_gib: int = 80) -> None:
+  """`models` copies of the reference shape on `num_devices` simulated devices, the four
+  policies (static, shared on every device; crosspool* split KV / weights), bf16, 128 KiB
+  pages, the device's memory as the budget; simulated."""
+  c.mode = "sim"
+  c.num_cpu_devices = 0
+  c.sim.device = device
+  c.fleet = reference_fleet({reference: models}, max_batch=16, max_context=4096)
+  c.engine = engine_block(page_elems=65536, kv_dtype="bfloat16", token_budget=2048,
+                             token_buckets=(64, 256, 1024, 2048), max_batch=16,
+                             expert_slots_per_device=0, micro_batch_min_tokens=64,
+                             timeline_every=0)
+  c.budget.device_bytes = device_gib * 2**30
+  c.budget.reserve_fraction = 0.1
+  kv = tuple(range(num_devices - weight_devices))
+  c.policies = three_policies(kv_devices=kv,
+                                 weight_devices=tuple(range(len(kv), num_devices)))
+  c.policies.crosspool_partitioned = ml_collections.ConfigDict(dict(
+      kv_policy="crosspool_partitioned", devices=kv,
+      weight_devices=tuple(range(len(kv), num_devices)), decode_steps_per_dispatch=1))
+  c.slo.ttft_s, c.slo.tbt_s = 2.0, 0.1
