@@ -1,7 +1,7 @@
 r"""Cold models per accelerator at a P99 TBT SLO, simulated: a sweep over the fleet's size.
 
   python scripts/run_experiment.py --config=configs/experiments/models_per_gpu.py:sim \
-      --summary_out=benchmarks/sim/models_per_gpu.json
+      --workdir=workdir/models_per_gpu_sim --summary_out=benchmarks/sim/models_per_gpu.json
 
 Copies (fine-tunes) of OLMoE-1B-7B (the public config's shape: 16 layers, 64 experts top-8 of
 d_ff 1024; ~13.8 GB of bf16 weights, ~93 % of it routed experts) on 8 x H100 SXM 80 GB, the
@@ -11,10 +11,12 @@ keep every model's whole weights on one device, so their plan refuses a fleet be
 devices hold; crosspool* keep only attention, embeddings and routers per model and swap the
 routed experts through a weights pool on 3 devices. The report says at which fleet sizes each
 policy meets the SLO (P99 TBT <= 100 ms, P99 TTFT <= 2 s, nothing rejected or refused); the
-Aegaeon paper's anchor is 7 models per GPU (56 on 8). Qwen3-30B-A3B is not the default here:
-one copy is ~61 GB, so static and shared hold 8 and crosspool's pool holds the experts of 3;
-every other copy swaps, and the simulator's weights pool scans every slot per eviction
-(WORKSPACE.md, "Simulated experiments"), too slow for a CPU sweep.
+Aegaeon paper's anchor is 7 models per GPU (56 on 8). The sweep stops at 16: past about 17
+copies crosspool swaps experts, which the simulator cannot yet sweep in CPU minutes.
+Qwen3-30B-A3B is not the default here: one copy is ~61 GB, so static and shared hold 8 and
+crosspool's pool holds the experts of 3; every other copy swaps, and the simulator's weights
+pool scans every slot per eviction (WORKSPACE.md, "Simulated experiments"), too slow for a
+CPU sweep.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
 r"""The paper's setting, simulated: P99 TBT against request rate, 16 cold Qwen3-30B-A3B on 8 H100.
 
-  python scripts/run_experiment.py --config=configs/experiments/paper_scale.py:sim \
-      --summary_out=benchmarks/sim/paper_scale.json
-  python scripts/run_experiment.py --config=configs/experiments/paper_scale.py:sim \
-      --config.fleet_size=8 --summary_out=benchmarks/sim/paper_scale_8.json
+  python scripts/run_experiment.py --config=configs/experiments/paper_scale.py:sim
+  python scripts/run_experiment.py --config=configs/experiments/paper_scale.py:olmoe \
+      --workdir=workdir/paper_scale_olmoe_sim --summary_out=benchmarks/sim/paper_scale_olmoe.json
 
 16 fine-tunes of Qwen3-30B-A3B (the public config's shape: 48 layers, 128 experts top-8 of
 d_ff 768, 4 KV heads of 128; ~61 GB of bf16 weights each, ~95 % of it routed experts) on
@@ -14,8 +13,9 @@ crosspool_partitioned keep attention, embeddings and routers on 5 KV devices nex
 pooled KV cache, and the routed experts in a weights pool on 3 devices (about a quarter of
 the fleet's experts resident, LRU, swapped in over PCIe). Bursty Zipf traffic (CV 4, random
 correlated bursts) with a long-context tail; one trace per rate (`sweep.png`).
-`--config.fleet_size=8` is the fleet static and shared can hold (one model per device), for
-the latency comparison against them. Simulated only (`mode="sim"`): no weights are needed.
+The crosspool runs of `:sim` swap experts and do not finish in CPU minutes (WORKSPACE.md,
+"Simulated experiments"); `:olmoe` is the same experiment with OLMoE-1B-7B, a fleet every
+policy holds (its results are committed). Simulated only (`mode="sim"`): no weights needed.
 """
 
 from __future__ import annotations
