@@ -6,7 +6,10 @@ r"""Writes BENCHMARKS.md from results files: never typed by hand.
 
 Each `scripts/run_experiment.py` results.json becomes a section with what ran, the exact
 command that produced it, the git revision, the device and the comparison table; a
-`scripts/bench_vs_hf.py` JSON file becomes the peer-benchmark table.
+`scripts/bench_vs_hf.py` JSON file becomes the peer-benchmark table. Simulated results
+(`--config.mode=sim`, committed under benchmarks/sim/ by `--summary_out`) given with
+`--sim_results` come last, under "## Simulated experiments" (`simulated_part`); a test
+regenerates that part from the committed files and compares it with BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from collections.abc import Sequence
 from absl import app, flags
 
 from crosspool_jax.cli import run_script, start_script
-from crosspool_jax.experiments.report import benchmarks_section, vs_hf_section
+from crosspool_jax.experiments.report import benchmarks_section, is_simulated, vs_hf_section
 
 FLAGS = flags.FLAGS
 
@@ -29,22 +32,56 @@ def define_flags() -> None:
   """Defines the flags; called only when the script runs as a program."""
   flags.DEFINE_multi_string("results", [], "results.json files, in the order wanted.")
   flags.DEFINE_string("vs_hf", None, "A scripts/bench_vs_hf.py JSON file (optional).")
+  flags.DEFINE_multi_string("sim_results", [], "Simulated results files (--config.mode=sim), "
+                            "in the order wanted: the last part of the file.")
   flags.DEFINE_string("out", "BENCHMARKS.md", "Markdown file to write.")
+
+
+SIMULATED_HEADING = "## Simulated experiments"
+
+
+def _load(flag: str, path: str) -> dict:
+  try:
+    with open(path) as f:
+      results = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise app.UsageError(f"--{flag}={path}: {e}") from e
+  if "runs" not in results:
+    raise app.UsageError(f"--{flag}={path} is not a scripts/run_experiment.py results file")
+  return results
+
+
+def simulated_part(paths: Sequence[str]) -> str:
+  """The simulated sections of BENCHMARKS.md, under one heading, from these results files
+  (paths as given: relative to the repository root in the committed file)."""
+  sections = []
+  for path in paths:
+    results = _load("sim_results", path)
+    if not is_simulated(results):
+      raise app.UsageError(f"--sim_results={path} is a measured results file: give it with "
+                           "--results")
+    sections.append(benchmarks_section(results, source=path).replace("\n## ", "\n### ")
+                    .replace("## ", "### ", 1))
+  return "\n".join([
+      SIMULATED_HEADING,
+      "",
+      "Not measurements: each experiment config served in simulated time by",
+      "`scripts/run_experiment.py --config.mode=sim` (crosspool_jax/sim: the real scheduler,",
+      "pools and expert policies, a roofline cost model of the named device), from the results",
+      "committed under benchmarks/sim/ (traces regenerate from the seed). What is modelled and",
+      "what is not: WORKSPACE.md, \"The simulator\" and \"Simulated experiments\".",
+      "",
+      *sections,
+  ])
 
 
 def main(argv: Sequence[str]) -> None:
   start_script(argv)
-  if not FLAGS.results and not FLAGS.vs_hf:
-    raise app.UsageError("give at least one --results=FILE (or --vs_hf=FILE)")
+  if not FLAGS.results and not FLAGS.vs_hf and not FLAGS.sim_results:
+    raise app.UsageError("give at least one --results=FILE (or --vs_hf=FILE, --sim_results=FILE)")
   sections = []
   for path in FLAGS.results:
-    try:
-      with open(path) as f:
-        results = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-      raise app.UsageError(f"--results={path}: {e}") from e
-    if "runs" not in results:
-      raise app.UsageError(f"--results={path} is not a scripts/run_experiment.py results file")
+    results = _load("results", path)
     sections.append(benchmarks_section(results, source=os.path.relpath(path)))
   if FLAGS.vs_hf:
     try:
@@ -53,6 +90,8 @@ def main(argv: Sequence[str]) -> None:
       sections.append(vs_hf_section(bench, source=os.path.relpath(FLAGS.vs_hf)))
     except (OSError, json.JSONDecodeError, KeyError) as e:
       raise app.UsageError(f"--vs_hf={FLAGS.vs_hf}: {e!r}") from e
+  if FLAGS.sim_results:
+    sections.append(simulated_part(FLAGS.sim_results))
   header = [
       "# Benchmarks",
       "",
@@ -70,7 +109,8 @@ def main(argv: Sequence[str]) -> None:
       "usable pages; longest ctx = longest prompt + output finished; expert hit",
       "= weights-pool hit rate (crosspool); XLA compilations after start-up.",
       "",
-  ]
+  ] + ([f"The part \"{SIMULATED_HEADING[3:]}\" at the end is simulated, not measured: its",
+        "latencies are modelled seconds.", ""] if FLAGS.sim_results else [])
   with open(FLAGS.out, "w") as f:
     f.write("\n".join(header + sections))
   print(f"wrote {FLAGS.out} ({len(sections)} sections)")

@@ -1,6 +1,11 @@
-"""Public config.json values of real MoE checkpoints: the capacity analysis' realistic fleets.
+"""Public config.json values of real MoE checkpoints: realistic fleets with no weights.
 
-Only the values a `ModelConfig` needs; the analysis counts bytes from them (no weights).
+Only the values a `ModelConfig` needs, copied from each model's published config.json; the
+capacity analysis counts bytes from them and the simulator costs steps from them
+(`fleet.<id>.reference` in an experiment config). DeepSeek-V2-Lite is not here: its attention
+is MLA (a compressed latent KV, `kv_lora_rank`, and a decoupled RoPE key), which `ModelConfig`
+and the paged KV layout (K and V of `num_kv_heads` heads per token) do not express, and its
+`model_type` (deepseek_v2) is not a supported family.
 """
 
 from __future__ import annotations
@@ -22,6 +27,19 @@ REFERENCE_HF_CONFIGS: dict[str, dict[str, Any]] = {
         num_experts=60, num_experts_per_tok=4, max_position_embeddings=8192,
         decoder_sparse_step=1, norm_topk_prob=False, rope_theta=1e6, rms_norm_eps=1e-6,
         tie_word_embeddings=False, use_sliding_window=False),
+    "qwen3-30b-a3b": dict(
+        model_type="qwen3_moe", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+        moe_intermediate_size=768, num_hidden_layers=48, num_attention_heads=32,
+        num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+        max_position_embeddings=40960, decoder_sparse_step=1, mlp_only_layers=[],
+        norm_topk_prob=True, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        sliding_window=None, attention_bias=False, bos_token_id=151643, eos_token_id=151645),
+    "olmoe-1b-7b": dict(
+        model_type="olmoe", vocab_size=50304, hidden_size=2048, intermediate_size=1024,
+        num_hidden_layers=16, num_attention_heads=16, num_key_value_heads=16, num_experts=64,
+        num_experts_per_tok=8, max_position_embeddings=4096, norm_topk_prob=False,
+        clip_qkv=None, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+        attention_bias=False, eos_token_id=50279, pad_token_id=1),
 }
 
 

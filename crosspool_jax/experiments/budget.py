@@ -20,7 +20,7 @@ from crosspool_jax.engine.policies import Budget, FleetModel, Plan, get_policy
 def plan_policy(fleet: Mapping[str, FleetModel], *, policy: str, kv_devices: int,
                 weight_devices: int = 0, device_bytes: int, page_elems: int, kv_dtype: str,
                 reserve_fraction: float = 0.0, weights_device_bytes: int | None = None,
-                kv_planner: bool = False) -> Plan:
+                kv_planner: bool = False, check: bool = True) -> Plan:
   """The engine settings of `policy` for `fleet` on devices of `device_bytes` each.
 
   Args:
@@ -35,6 +35,7 @@ def plan_policy(fleet: Mapping[str, FleetModel], *, policy: str, kv_devices: int
       needs more room for experts says so).
     kv_planner: a weights-pool policy splits the kv_devices + weight_devices devices itself
       (`Budget.kv_planner`; the plan's accounting says how: kv_devices, weight_devices).
+    check: raise if the engine cannot serve the plan (else see `refusal`).
 
   Raises:
     ValueError: the budget cannot hold the fleet under `policy` (which model, why).
@@ -44,5 +45,15 @@ def plan_policy(fleet: Mapping[str, FleetModel], *, policy: str, kv_devices: int
                   reserve_fraction=reserve_fraction, weights_device_bytes=weights_device_bytes,
                   kv_planner=kv_planner)
   plan = get_policy(policy).plan(fleet, budget)
-  plan.check_servable()
+  if check:
+    plan.check_servable()
   return plan
+
+
+def refusal(plan: Plan) -> str | None:
+  """Why the engine cannot serve `plan` (`Plan.check_servable`'s message), or None."""
+  try:
+    plan.check_servable()
+  except ValueError as e:
+    return str(e)
+  return None

@@ -16,17 +16,51 @@ from crosspool_jax.workloads import LengthDist
 
 def fleet_entry(family: str, seed: int, *, max_batch: int, max_context: int, group: int = 0,
                 overrides: dict | None = None, dtype: str = "float32"):
-  """One fleet model: a seeded tiny model of `family` (or a checkpoint directory)."""
+  """One fleet model: a seeded tiny model of `family` (or a checkpoint directory, or a public
+  reference shape with no weights: simulation only)."""
   return ml_collections.ConfigDict(dict(
       family=family,                            # tiny_config(family, **overrides), init(seed)
       seed=seed,
       overrides=ml_collections.ConfigDict(overrides or {}),  # ModelConfig fields
       checkpoint=config_dict.placeholder(str),  # HF or orbax dir; replaces family/seed
+      # a capacity.REFERENCE_HF_CONFIGS name (e.g. "qwen3-30b-a3b"): the shape of a public
+      # checkpoint, no weights; replaces family/seed; config.mode="sim" only
+      reference=config_dict.placeholder(str),
       dtype=dtype,                              # param dtype
       max_batch=max_batch,                      # concurrent requests of this model
       max_context=max_context,                  # longest prompt + output served
       group=group,                              # KV group (colocated) / home KV device
   ))
+
+
+def reference_fleet(references: dict[str, int], *, max_batch: int, max_context: int,
+                    dtype: str = "bfloat16"):
+  """Models of public reference shapes (no weights: simulation only): `{name: copies}`, each
+  copy a fine-tune of its base (same shape, its own weights), ids `<name>_<i>` in order."""
+  fleet = ml_collections.ConfigDict()
+  for name, copies in references.items():
+    for i in range(copies):
+      entry = fleet_entry("", i, max_batch=max_batch, max_context=max_context, dtype=dtype)
+      entry.reference = name
+      fleet[f"{name}_{i}"] = entry
+  return fleet
+
+
+def sim_block(**kw):
+  """How config.mode="sim" models the devices (`crosspool_jax.sim`): device kind, the
+  models' weight dtype, efficiency factors per kind of stage, the expert routing model."""
+  base = dict(
+      device="h100_sxm",          # a roofline.DEVICES name: every device of every run
+      # the dtype of every model's weights in the plan and the cost model; None: the fleet
+      # entries' dtype (one for all)
+      weight_dtype=config_dict.placeholder(str),
+      # achieved fraction of the roofline per kind of stage (sim.cost_model.Efficiency)
+      efficiency=ml_collections.ConfigDict(dict(attention=1.0, experts=1.0, head=1.0,
+                                                transfer=1.0, swap=1.0)),
+      # which experts a batch's tokens route to (sim.routing.Routing): uniform | zipf
+      routing=ml_collections.ConfigDict(dict(kind="uniform", exponent=1.0, seed=0)),
+  )
+  return ml_collections.ConfigDict(base | kw)
 
 
 def length_dist(kind: str = "lognormal", **kw):
@@ -147,6 +181,13 @@ def experiment_base(name: str, arg: str | None, description: str, *,
   c.variant = variant
   c.description = description
   c.num_cpu_devices = 4      # > 0: ask JAX for that many CPU devices (ignored on GPU/TPU)
+  # "run": serve on this machine's devices (measured); "sim": the same fleet, trace, budget
+  # and policies served in simulated time on the devices of `sim` (crosspool_jax.sim)
+  c.mode = "run"
+  c.sim = sim_block()
+  # > 0: the fleet is its entries repeated in order until it has this many models (copies
+  # `<id>_<k>`), so a sweep can vary the number of models; 0: the fleet as listed
+  c.fleet_size = 0
   # Same bytes on every device for every policy (0: engine.pages_per_device and the fleet's
   # groups as given); kv_planner: the crosspool runs split their devices (engine.devices +
   # weight_devices) by the KV planner, expert slots filling each weights device.
@@ -192,4 +233,29 @@ def full_scale(c, *, models: int = 8, family: str = "qwen2_moe", num_devices: in
   kv = tuple(range(num_devices - weight_devices))
   c.policies = three_policies(kv_devices=kv, weight_devices=tuple(range(len(kv), num_devices)))
   c.workload.popularity = ",".join(c.fleet.keys())
+  c.slo.ttft_s, c.slo.tbt_s = 2.0, 0.1
+
+
+def paper_scale_setup(c, *, reference: str, models: int, num_devices: int = 8,
+                      weight_devices: int = 3, device: str = "h100_sxm",
+                      device_gib: int = 80) -> None:
+  """`models` copies of the reference shape on `num_devices` simulated devices, the four
+  policies (static, shared on every device; crosspool* split KV / weights), bf16, 128 KiB
+  pages, the device's memory as the budget; simulated."""
+  c.mode = "sim"
+  c.num_cpu_devices = 0
+  c.sim.device = device
+  c.fleet = reference_fleet({reference: models}, max_batch=16, max_context=4096)
+  c.engine = engine_block(page_elems=65536, kv_dtype="bfloat16", token_budget=2048,
+                             token_buckets=(64, 256, 1024, 2048), max_batch=16,
+                             expert_slots_per_device=0, micro_batch_min_tokens=64,
+                             timeline_every=0)
+  c.budget.device_bytes = device_gib * 2**30
+  c.budget.reserve_fraction = 0.1
+  kv = tuple(range(num_devices - weight_devices))
+  c.policies = three_policies(kv_devices=kv,
+                                 weight_devices=tuple(range(len(kv), num_devices)))
+  c.policies.crosspool_partitioned = ml_collections.ConfigDict(dict(
+      kv_policy="crosspool_partitioned", devices=kv,
+      weight_devices=tuple(range(len(kv), num_devices)), decode_steps_per_dispatch=1))
   c.slo.ttft_s, c.slo.tbt_s = 2.0, 0.1

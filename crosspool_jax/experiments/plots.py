@@ -20,7 +20,7 @@ import os
 
 import numpy as np
 
-from crosspool_jax.experiments.report import run_label
+from crosspool_jax.experiments.report import is_simulated, latencies, results_title, run_label
 
 
 def _pyplot():
@@ -40,15 +40,17 @@ def _cdf(ax, samples_s, label):
 
 
 def write_plots(results: dict, workdir: str) -> list[str]:
-  """Writes the PNGs of the module docstring into workdir; returns their paths."""
+  """Writes the PNGs of the module docstring into workdir; returns their paths (a simulated
+  results file's titles say SIMULATED; refused runs are left out)."""
   plt = _pyplot()
-  title = f"{results['experiment']} ({results['variant']})"
+  title = results_title(results)
   paths = []
+  served = [r for r in results["runs"] if not r.get("refused")]
 
   fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  for run in results["runs"]:
-    _cdf(axes[0], run["wall_clock"]["ttft_samples_s"], run_label(run))
-    _cdf(axes[1], run["wall_clock"]["tbt_samples_s"], run_label(run))
+  for run in served:
+    _cdf(axes[0], latencies(run)["ttft_samples_s"], run_label(run))
+    _cdf(axes[1], latencies(run)["tbt_samples_s"], run_label(run))
   for ax, what in zip(axes, ("TTFT", "TBT"), strict=True):
     ax.set_xscale("log")
     ax.set_xlabel(f"{what} (ms)")
@@ -64,14 +66,14 @@ def write_plots(results: dict, workdir: str) -> list[str]:
   if pipeline:
     paths.append(pipeline)
 
-  swept = [r for r in results["runs"] if r["sweep_value"] is not None]
+  swept = [r for r in served if r["sweep_value"] is not None]
   if swept:
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name in dict.fromkeys(r["name"] for r in swept):
       rs = sorted((r for r in swept if r["name"] == name), key=lambda r: r["sweep_value"])
       x = [r["sweep_value"] for r in rs]
       for ax, key in zip(axes, ("tbt_s", "ttft_s"), strict=True):
-        y = [np.nan if r["wall_clock"][key]["p99"] is None else 1000 * r["wall_clock"][key]["p99"]
+        y = [np.nan if latencies(r)[key]["p99"] is None else 1000 * latencies(r)[key]["p99"]
              for r in rs]
         ax.plot(x, y, marker="o", label=name)
     for ax, what in zip(axes, ("p99 TBT (ms)", "p99 TTFT (ms)"), strict=True):
@@ -87,10 +89,10 @@ def write_plots(results: dict, workdir: str) -> list[str]:
 def _memory_plot(plt, results: dict, title: str, workdir: str) -> str:
   fig, ax = plt.subplots(figsize=(9, 4.5))
   capacities: dict[float, list[str]] = {}
-  for run in results["runs"]:
+  for run in (r for r in results["runs"] if not r.get("refused")):
     c = run["counts"]
     mib = c["kv_page_bytes"] / 2**20
-    line, = ax.plot(run["wall_clock"]["kv_pool_timeline_t_s"],
+    line, = ax.plot(latencies(run)["kv_pool_timeline_t_s"],
                     np.asarray(c["kv_used_pages_per_step"]) * mib, drawstyle="steps-post",
                     label=f"{run_label(run)}: in use")
     capacity = c["kv_capacity_pages"] * mib
@@ -100,7 +102,8 @@ def _memory_plot(plt, results: dict, title: str, workdir: str) -> str:
     ax.annotate(f"usable KV memory of {', '.join(names)}: {capacity:.2f} MiB", (0, capacity),
                 xycoords=("axes fraction", "data"), xytext=(4, 3), textcoords="offset points",
                 fontsize=7)
-  ax.set_xlabel("serving time (s, wall clock, from the first engine step)")
+  clock = "simulated" if is_simulated(results) else "wall clock"
+  ax.set_xlabel(f"serving time (s, {clock}, from the first engine step)")
   ax.set_ylabel("KV memory in use (MiB)")
   ax.set_ylim(0, 1.12 * max(capacities, default=1.0))
   ax.grid(alpha=0.3)
@@ -178,7 +181,7 @@ def pipeline_runs(results: dict) -> list[dict]:
     for policy in policies:
       for run in results["runs"]:
         if (run.get("engine", {}).get("kv_policy", "").startswith(policy)
-            and run["wall_clock"].get("pipeline_step")):
+            and run.get("wall_clock", {}).get("pipeline_step")):
           return [run]
     return []
   return first(["crosspool"]) + first(["shared", "static"])

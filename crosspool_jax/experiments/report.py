@@ -2,7 +2,10 @@
 
 Everything here is computed from the JSON alone (a results file is data; tables and sentences
 are views): no number in the text is typed, each is read from the results. KV page counts are
-usable pages (each device's null page excluded), as everywhere in the results.
+usable pages (each device's null page excluded), as everywhere in the results. A simulated
+results file (mode "sim") has each run's times under `simulated` (`latencies` reads either),
+and every title, table and sentence of it says "simulated"; a run whose plan cannot hold the
+fleet (`refused`) is a row of its own.
 """
 
 from __future__ import annotations
@@ -12,6 +15,30 @@ import textwrap
 from crosspool_jax.engine.policies import get_policy
 
 WORKSPACE_SECTION = 'WORKSPACE.md, section "What the CPU demo shows, and why"'
+SIM_WORKSPACE_SECTION = 'WORKSPACE.md, section "Simulated experiments"'
+
+
+def _more(results: dict) -> str:
+  return SIM_WORKSPACE_SECTION if is_simulated(results) else WORKSPACE_SECTION
+
+
+def is_simulated(results: dict) -> bool:
+  """Whether the results' times are modelled (config.mode "sim"), not measured."""
+  return results.get("mode") == "sim"
+
+
+def latencies(run: dict) -> dict:
+  """A run's latency and throughput block: `simulated` (mode "sim") or `wall_clock`."""
+  return run["simulated"] if "simulated" in run else run["wall_clock"]
+
+
+def results_title(results: dict) -> str:
+  """"demo (cpu)", or "paper_scale (sim), SIMULATED on 8 x h100_sxm" for modelled times."""
+  title = f"{results['experiment']} ({results['variant']})"
+  if is_simulated(results):
+    dev = results["device"]
+    title += f", SIMULATED on {dev['count']} x {dev['device_kind']}"
+  return title
 
 
 def run_label(run: dict) -> str:
@@ -20,8 +47,11 @@ def run_label(run: dict) -> str:
 
 
 def latency_row(run: dict) -> dict:
-  """The comparison table's row of one run (strings), shared by the script and BENCHMARKS.md."""
-  c, w = run["counts"], run["wall_clock"]
+  """The comparison table's row of one run (strings), shared by the script and BENCHMARKS.md;
+  a refused run's row says so and is empty."""
+  if run.get("refused"):
+    return {col: "-" for col in COLUMNS} | {"run": run_label(run), "done/rej": "refused"}
+  c, w = run["counts"], latencies(run)
 
   def ms(p):
     return "-" if p["p50"] is None else "/".join(f"{1000 * p[k]:.0f}"
@@ -44,6 +74,11 @@ def latency_row(run: dict) -> dict:
   }
 
 
+COLUMNS = ("run", "done/rej", "preempt", "TTFT ms p50/90/99", "TBT ms p50/90/99", "tok/s",
+           "goodput req/s", "usable KV pages", "KV peak", "longest ctx", "expert hit",
+           "compiles after start")
+
+
 def comparison_table(results: dict, *, markdown: bool = False) -> str:
   """The runs side by side: for the terminal, the table and what it shows; or a markdown table.
 
@@ -53,26 +88,40 @@ def comparison_table(results: dict, *, markdown: bool = False) -> str:
   sentences after the memory lines).
   """
   rows = [latency_row(r) for r in results["runs"]]
-  cols = list(rows[0])
+  cols = list(COLUMNS)
   if markdown:
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join(r[c] for c in cols) + " |" for r in rows]
     return "\n".join(lines)
   width = {c: max(len(c), *(len(r[c]) for r in rows)) for c in cols}
-  lines = ["  ".join(c.rjust(width[c]) for c in cols)]
+  lines = [f"{results_title(results)}: {simulated_note(results)}", ""] if is_simulated(
+      results) else []
+  lines += ["  ".join(c.rjust(width[c]) for c in cols)]
   lines.append("-" * len(lines[0]))
   lines += ["  ".join(r[c].rjust(width[c]) for c in cols) for r in rows]
-  lines += ["", *agreement_sentences(results)]
+  lines += ["", *agreement_sentences(results), *slo_sentences(results)]
   summary = summary_sentences(results)
   if summary:
-    summary.append(f"More: {WORKSPACE_SECTION}; every experiment with its command: "
+    summary.append(f"More: {_more(results)}; every experiment with its command: "
                    "BENCHMARKS.md.")
     lines += ["", textwrap.fill(" ".join(summary), width=100, break_on_hyphens=False)]
   return "\n".join(lines)
 
 
+def simulated_note(results: dict) -> str:
+  """What a simulated results file's times are."""
+  sim = results["config"]["sim"]
+  eff = sim["efficiency"]
+  return (f"times are MODELLED by the simulator (crosspool_jax/sim: the real scheduler and "
+          f"pools, a roofline cost model of {results['device']['device_kind']}, efficiency "
+          + ", ".join(f"{k} {v:g}" for k, v in eff.items())
+          + f", {sim['routing']['kind']} routing), not measured")
+
+
 def agreement_sentences(results: dict) -> list[str]:
   """Per sweep point: did every policy give the requests they all finished the same tokens?"""
+  if is_simulated(results):
+    return ["Outputs not compared: a simulated run computes no tokens."]
   field = results["config"]["sweep"]["field"]
   out = []
   for point, a in results["outputs_agree"].items():
@@ -152,15 +201,15 @@ def _memory_sentence(ours: dict, others: list[dict]) -> str:
   return sentence + "."
 
 
-def _latency_sentence(ours: dict, others: list[dict]) -> tuple[str, bool]:
+def _latency_sentence(ours: dict, others: list[dict], clock: str) -> tuple[str, bool]:
   """(sentence, whether it lost on some latency): TBT p50 and p99, TTFT p50 against the
   others'."""
   parts: dict[str, list[str]] = {"won": [], "lost": [], "mixed": [], "tie": []}
   for key, what, q in (("tbt_s", "TBT", "p50"), ("tbt_s", "TBT", "p99"),
                        ("ttft_s", "TTFT", "p50")):
-    p50 = ours["wall_clock"][key][q]
-    theirs = {o["name"]: o["wall_clock"][key][q] for o in others
-              if o["wall_clock"][key][q] is not None}
+    p50 = latencies(ours)[key][q]
+    theirs = {o["name"]: latencies(o)[key][q] for o in others
+              if latencies(o)[key][q] is not None}
     if p50 is None or not theirs:
       continue
     ratio = _ratio(p50, list(theirs.values()))
@@ -168,7 +217,7 @@ def _latency_sentence(ours: dict, others: list[dict]) -> tuple[str, bool]:
         f"{what} {q} {1000 * p50:,.0f} ms against "
         + _against({n: f"{1000 * v:,.0f} ms" for n, v in theirs.items()})
         + (f" ({ratio} theirs)" if ratio else ""))
-  heads = {"lost": "It lost on latency (wall clock)", "won": "It won on latency (wall clock)",
+  heads = {"lost": f"It lost on latency ({clock})", "won": f"It won on latency ({clock})",
            "mixed": "Its latency was mixed", "tie": "Its latency was the same"}
   sentences = [f"{heads[v]}: {'; '.join(p)}." for v, p in parts.items() if p]
   return " ".join(sentences), bool(parts["lost"])
@@ -214,19 +263,65 @@ def summary_sentences(results: dict) -> list[str]:
   for run in results["runs"]:
     points.setdefault(run["sweep_value"], []).append(run)
   out, slower = [], False
+  clock = "simulated" if is_simulated(results) else "wall clock"
   for point, runs in points.items():
+    at = f"At {field}={point}: " if point is not None else ""
+    refused = [r for r in runs if r.get("refused")]
+    if refused:
+      out.append(at + " ".join(f"{r['name']} was refused ({r['refused']})." for r in refused))
+    runs = [r for r in runs if not r.get("refused")]
     pooled = [r for r in runs if r["engine"]["kv_policy"] == "crosspool"]
     others = [r for r in runs if not get_policy(r["engine"]["kv_policy"]).pools_experts]
     if not pooled or not others:
       continue
     ours = next((r for r in pooled if r["name"] == "crosspool"), pooled[0])
-    latency, lost = _latency_sentence(ours, others)
-    out += [(f"At {field}={point}: " if point is not None else "") + _memory_sentence(ours, others),
-            latency]
+    latency, lost = _latency_sentence(ours, others, clock)
+    out += [at + _memory_sentence(ours, others), latency]
     slower |= lost
   if slower and results.get("device", {}).get("platform") == "cpu":
     out.append(_why_slower(results))
   return [s for s in out if s]
+
+
+def meets_slo(run: dict, slo: dict) -> bool:
+  """A run serves its fleet within the SLO: not refused, no request rejected, and its P99 TBT
+  and P99 TTFT within slo.tbt_s and slo.ttft_s."""
+  if run.get("refused") or run["counts"]["rejected"]:
+    return False
+  t = latencies(run)
+  return (t["tbt_s"]["p99"] is not None and t["tbt_s"]["p99"] <= slo["tbt_s"]
+          and t["ttft_s"]["p99"] is not None and t["ttft_s"]["p99"] <= slo["ttft_s"])
+
+
+def slo_sentences(results: dict) -> list[str]:
+  """For a sweep: at which of its points each run meets the SLO (`meets_slo`)."""
+  field = results["config"]["sweep"]["field"]
+  if not field:
+    return []
+  slo = results["config"]["slo"]
+  met: dict[str, list] = {}
+  for run in results["runs"]:
+    met.setdefault(run["name"], [])
+    if meets_slo(run, slo):
+      met[run["name"]].append(run["sweep_value"])
+  return [f"Meets the SLO (P99 TBT <= {1000 * slo['tbt_s']:g} ms, P99 TTFT <= "
+          f"{1000 * slo['ttft_s']:g} ms, nothing rejected or refused), by {field}: "
+          + "; ".join(f"{name} at {', '.join(f'{v:g}' for v in points) if points else 'none'}"
+                      for name, points in met.items()) + "."]
+
+
+def _modelled_line(run: dict) -> str:
+  """A simulated run's modelled steps and expert swap-ins."""
+  if run.get("refused"):
+    return f"- `{run_label(run)}`: refused"
+  c, step = run["counts"], run["simulated"]["step_s"]
+  line = (f"- `{run_label(run)}`: {step['steps']:,} steps, mean {1000 * step['mean']:.1f} ms, "
+          f"longest {1000 * step['max']:.0f} ms; {run['simulated']['serve_wall_s']:.1f} s "
+          "simulated")
+  if c["expert_loads"] is not None:
+    line += (f"; {c['expert_loads']:,} expert loads ({c['expert_bytes_swapped'] / 1e9:,.1f} GB "
+             "over the host links)")
+  return line
 
 
 def _usable_pages(run: dict) -> str:
@@ -237,6 +332,8 @@ def _usable_pages(run: dict) -> str:
 
 
 def _plan_line(run: dict) -> str:
+  if run.get("refused"):
+    return f"- `{run['name']}`: refused: {run['refused']}"
   plan = run.get("plan")
   if not plan:
     return f"- `{run['name']}`: {_usable_pages(run)}, engine.pages_per_device as given"
@@ -262,15 +359,18 @@ def benchmarks_section(results: dict, *, source: str) -> str:
   """
   dev = results.get("device", {})
   budget = results["config"]["budget"]["device_bytes"]
+  simulated = is_simulated(results)
   lines = [
-      f"## {results['experiment']} ({results['variant']})",
+      f"## {results_title(results)}",
       "",
       results["description"] + ".",
       "",
+      *([f"Simulated: {simulated_note(results)}.", ""] if simulated else []),
       f"Command: `{results['command']}`  ",
       f"Source: `{source}`, git {results.get('git_revision', '?')[:12]}"
       + (" (uncommitted changes)" if results.get("git_dirty") else "")
-      + f", {dev.get('count', '?')} x {dev.get('device_kind', '?')}, seed {results['seed']}, "
+      + f", {dev.get('count', '?')} x {dev.get('device_kind', '?')}"
+      + (" (simulated)" if simulated else "") + f", seed {results['seed']}, "
       f"arrivals: {results['config']['arrival_mode']}, {results.get('created', '')}.",
       "",
       comparison_table(results, markdown=True),
@@ -280,12 +380,13 @@ def benchmarks_section(results: dict, *, source: str) -> str:
       "",
       *[_plan_line(r) for r in {r["name"]: r for r in results["runs"][::-1]}.values()][::-1],
       "",
-      *agreement_sentences(results),
-      "",
   ]
+  if simulated:
+    lines += ["Modelled steps per run:", "", *map(_modelled_line, results["runs"]), ""]
+  lines += [*agreement_sentences(results), *slo_sentences(results), ""]
   summary = summary_sentences(results)
   if summary:
-    lines += [" ".join([*summary, f"More: {WORKSPACE_SECTION}."]), ""]
+    lines += [" ".join([*summary, f"More: {_more(results)}."]), ""]
   return "\n".join(lines)
 
 

@@ -11,6 +11,7 @@ drawn as pipeline.png). The blocks and fields: WORKSPACE.md, "Configs and result
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -18,6 +19,7 @@ import os
 import time
 from collections.abc import Callable
 
+import ml_collections
 import numpy as np
 
 from crosspool_jax.engine.policies import POLICIES
@@ -31,11 +33,15 @@ from crosspool_jax.experiments.serving import (
   engine_config,
   fleet_model_config,
   load_trace,
+  no_weights_error,
   serve,
 )
 from crosspool_jax.workloads import trace_stats, write_jsonl
 
 WALL_CLOCK_KEYS = ("wall_clock", "created")
+# per-sample and per-step arrays: what the plots draw, not what the tables read
+SAMPLE_KEYS = ("ttft_samples_s", "tbt_samples_s", "kv_used_pages_per_step",
+               "kv_pool_timeline_t_s", "arrivals")
 
 
 def run_names(config) -> list[str]:
@@ -55,13 +61,23 @@ def run_names(config) -> list[str]:
 
 def without_wall_clock(results: dict) -> dict:
   """The results without their wall-clock fields (what two runs of one seed must agree on)."""
+  return _without(results, WALL_CLOCK_KEYS)
+
+
+def _without(results: dict, keys: tuple[str, ...]) -> dict:
   def strip(x):
     if isinstance(x, dict):
-      return {k: strip(v) for k, v in x.items() if k not in WALL_CLOCK_KEYS}
+      return {k: strip(v) for k, v in x.items() if k not in keys}
     if isinstance(x, list):
       return [strip(v) for v in x]
     return x
   return strip(results)
+
+
+def without_samples(results: dict) -> dict:
+  """The results without their per-sample and per-step arrays (`SAMPLE_KEYS`): every table
+  and BENCHMARKS.md section reads the same from it, in a file small enough to commit."""
+  return _without(results, SAMPLE_KEYS)
 
 
 def _set_path(config, path: str, value) -> None:
@@ -76,9 +92,37 @@ def _set_path(config, path: str, value) -> None:
   node[leaf] = type(node[leaf])(value) if node[leaf] is not None else value
 
 
+MODES = ("run", "sim")
+
+
+def expand_fleet(config) -> None:
+  """Applies config.fleet_size to a resolved, unlocked config: > 0 repeats the fleet's entries
+  in order until it has that many models (copy k >= 1 of `<id>` is `<id>_c<k>`: a fine-tune of
+  the same shape); 0 leaves the fleet as listed."""
+  size = config.get("fleet_size", 0)
+  if not isinstance(size, int) or size < 0:
+    raise ValueError(f"config.fleet_size must be an integer >= 0, got {size!r}")
+  if not size:
+    return
+  entries = list(config.fleet.items())
+  fleet = ml_collections.ConfigDict()
+  for i in range(size):
+    model_id, entry = entries[i % len(entries)]
+    k = i // len(entries)
+    fleet[model_id if k == 0 else f"{model_id}_c{k}"] = copy.deepcopy(entry)
+  config.fleet = fleet
+
+
 def check_experiment(config) -> None:
-  """Rejects a bad experiment config before anything is compiled (ValueError naming the field)."""
-  check_config(config)
+  """Rejects a bad experiment config before anything is compiled (ValueError naming the field).
+
+  The fleet, loop and engine fields are checked at the first sweep point. In mode "run" a
+  budget that cannot hold the fleet is an error, and so is a reference shape (no weights); in
+  mode "sim" such a plan is a result (the run is recorded as refused).
+  """
+  mode = config.get("mode", "run")
+  if mode not in MODES:
+    raise ValueError(f"config.mode must be one of {MODES}, got {mode!r}")
   if not config.policies:
     raise ValueError("config.policies is empty: name at least one run")
   known = set(config.engine.keys()) | {"weights_device_bytes"}
@@ -86,30 +130,43 @@ def check_experiment(config) -> None:
     unknown = sorted(set(overrides.keys()) - known)
     if unknown:
       raise ValueError(f"config.policies.{name} overrides unknown engine fields {unknown}")
-  if config.get("require_checkpoints"):
-    missing = [m for m, e in config.fleet.items() if not e.checkpoint]
-    if missing:
-      raise ValueError(f"the {config.variant} variant serves real checkpoints: set "
-                       + " ".join(f"--config.fleet.{m}.checkpoint=DIR" for m in missing))
   if config.budget.device_bytes < 0:
     raise ValueError(f"config.budget.device_bytes must be >= 0, got {config.budget.device_bytes}")
+  probe = config.copy_and_resolve_references()
+  probe.unlock()
   if config.sweep.field:
     if not config.sweep.points:
       raise ValueError("config.sweep.points is empty but config.sweep.field is set")
-    probe = config.copy_and_resolve_references()
     _set_path(probe, config.sweep.field, config.sweep.points[0])
+  expand_fleet(probe)
+  check_config(probe)
+  if mode == "run":
+    for model_id, entry in probe.fleet.items():
+      if entry.get("reference"):
+        raise no_weights_error(model_id, entry)
+  if config.get("require_checkpoints") and mode == "run":
+    missing = [m for m, e in probe.fleet.items() if not e.checkpoint]
+    if missing:
+      raise ValueError(f"the {config.variant} variant serves real checkpoints: set "
+                       + " ".join(f"--config.fleet.{m}.checkpoint=DIR" for m in missing))
   for key in ("ttft_s", "tbt_s"):
     if not config.slo[key] > 0:
       raise ValueError(f"config.slo.{key} must be > 0, got {config.slo[key]}")
   for name in config.policies:  # every engine config and plan, before the first run compiles
     try:
-      engine_config(run_config(config, name)[0].engine)
+      engine_config(run_config(probe, name, check=mode == "run")[0].engine)
     except ValueError as e:
       raise ValueError(f"config.policies.{name}: {e}") from e
 
 
-def run_config(config, name: str):
+def run_config(config, name: str, *, check: bool = True):
   """The serving config of run `name`: the policy's engine overrides and its budget plan.
+
+  Args:
+    config: the experiment config (its fleet as served: `expand_fleet` applied).
+    name: a run of config.policies.
+    check: raise if the plan cannot hold the fleet (else the caller asks
+      `budget.refusal(plan)`; the fleet is then left as given).
 
   Returns:
     (config, Plan or None): a resolved, unlocked copy.
@@ -130,7 +187,9 @@ def run_config(config, name: str):
       weight_devices=len(c.engine.weight_devices), device_bytes=int(c.budget.device_bytes),
       page_elems=c.engine.page_elems, kv_dtype=c.engine.kv_dtype,
       reserve_fraction=c.budget.reserve_fraction, weights_device_bytes=weights_bytes,
-      kv_planner=c.budget.kv_planner)
+      kv_planner=c.budget.kv_planner, check=check)
+  if budget_lib.refusal(plan):
+    return c, plan
   if c.engine.weight_devices:  # the planner may split the devices otherwise than given
     devices = (*c.engine.devices, *c.engine.weight_devices)
     kv = plan.accounting["kv_devices"]
@@ -264,9 +323,36 @@ def pipeline_step(events: list[dict]) -> dict | None:
   }
 
 
+def measured_run(c, records, *, run_id: str, log: Callable[[str], None],
+                 profile: Callable[[str], Profile] | None = None) -> tuple[dict, dict]:
+  """Serves one run on this machine's devices (mode "run").
+
+  Returns:
+    (its `counts` and `wall_clock` blocks, request id -> output tokens of its finished
+    requests).
+  """
+  start = time.perf_counter()
+  engine, cfgs = build_engine(c, log=log)
+  startup_s = time.perf_counter() - start
+  serve_m = serve(engine, cfgs, c, records, profile=None if profile is None else profile(run_id))
+  serve_m["startup_s"] = startup_s
+  metrics = engine.metrics()  # waits for the timeline's stamps (pipeline overlap)
+  summary = summarize_run(metrics, serve_m, c.slo)
+  timeline = getattr(engine.executor, "timeline", None)
+  if timeline is not None and timeline.enabled:
+    timeline.wait()
+    summary["wall_clock"]["pipeline_step"] = pipeline_step(timeline.events)
+  if "profile" in serve_m:
+    log(f"   {run_id}: {describe_profile(serve_m['profile'])}")
+  log(f"   {run_id}: {startup_s:.0f}s start-up + {serve_m['serve_wall_s']:.0f}s serving")
+  done = {r["request_id"] for r in metrics["requests"] if r["status"] == "finished"}
+  return summary, {rid: o for rid, o in serve_m["outputs"].items() if rid in done}
+
+
 def run_experiment(config, *, log: Callable[[str], None], command: str = "",
                    outputs: dict | None = None, trace_dir: str | None = None,
-                   profile: Callable[[str], Profile] | None = None) -> dict:
+                   profile: Callable[[str], Profile] | None = None,
+                   serve_run: Callable | None = None) -> dict:
   """Serves the config's trace(s) under each policy; returns the results dict.
 
   Args:
@@ -274,13 +360,23 @@ def run_experiment(config, *, log: Callable[[str], None], command: str = "",
     log: progress and engine messages.
     command: the command line that ran it (recorded).
     outputs: if given, filled with "<run name>@<sweep point>" -> request id -> output tokens
-      (finished requests).
+      (finished requests; measured runs only).
     trace_dir: if given, each trace is written there as JSONL (replayable with
       config.workload.trace): trace.jsonl, or trace_<point>.jsonl for a sweep.
     profile: if given, called with each run's name ("<run>" or "<run>@<point>"); returns the
       `profile` argument of `serving.serve` for that run (a jax.profiler trace of a few steps).
+    serve_run: how one run is served, (run config, records, run_id=, log=) -> (summary,
+      finished outputs or None): `measured_run` by default; config.mode "sim" needs the
+      simulator's (`crosspool_jax.sim.experiment.simulate_experiment` passes it).
   """
   check_experiment(config)
+  mode = config.get("mode", "run")
+  if mode == "sim" and serve_run is None:
+    raise ValueError("config.mode='sim' is served by the simulator: call "
+                     "crosspool_jax.sim.experiment.simulate_experiment")
+  if serve_run is None:
+    def serve_run(c, records, *, run_id, log):
+      return measured_run(c, records, run_id=run_id, log=log, profile=profile)
   served = {} if outputs is None else outputs
   values = list(config.sweep.points) if config.sweep.field else [None]
   runs, traces = [], {}
@@ -292,6 +388,7 @@ def run_experiment(config, *, log: Callable[[str], None], command: str = "",
     base.unlock()
     if value is not None:
       _set_path(base, config.sweep.field, value)
+    expand_fleet(base)
     records, meta = load_trace(base)
     key = _point(value)
     if trace_dir is not None:
@@ -302,44 +399,35 @@ def run_experiment(config, *, log: Callable[[str], None], command: str = "",
     for name in names:
       log(f"== run {len(runs) + 1}/{total}: {name}"
           + ("" if value is None else f", {config.sweep.field}={value}")
-          + f" ({len(records)} requests)")
-      c, plan = run_config(base, name)
-      start = time.perf_counter()
-      engine, cfgs = build_engine(c, log=log)
-      startup_s = time.perf_counter() - start
+          + f" ({len(records)} requests, {len(base.fleet)} models)")
+      c, plan = run_config(base, name, check=mode == "run")
       run_id = name if value is None else f"{name}@{key}"
-      serve_m = serve(engine, cfgs, c, records,
-                      profile=None if profile is None else profile(run_id))
-      serve_m["startup_s"] = startup_s
-      metrics = engine.metrics()  # waits for the timeline's stamps (pipeline overlap)
-      summary = summarize_run(metrics, serve_m, config.slo)
-      timeline = getattr(engine.executor, "timeline", None)
-      if timeline is not None and timeline.enabled:
-        timeline.wait()
-        summary["wall_clock"]["pipeline_step"] = pipeline_step(timeline.events)
-      if "profile" in serve_m:
-        log(f"   {name}: {describe_profile(serve_m['profile'])}")
       run = {"name": name, "sweep_value": value, "engine": dict(c.engine.to_dict()),
-             "plan": None if plan is None else dataclasses.asdict(plan), **summary}
-      runs.append(run)
-      done = {r["request_id"] for r in metrics["requests"] if r["status"] == "finished"}
-      served[f"{name}@{key}"] = {rid: o for rid, o in serve_m["outputs"].items() if rid in done}
+             "plan": None if plan is None else dataclasses.asdict(plan)}
+      refused = plan is not None and budget_lib.refusal(plan)
+      if refused:
+        runs.append(run | {"refused": refused})
+        log(f"   {name}: refused, {refused}")
+        continue
+      summary, finished = serve_run(c, records, run_id=run_id, log=log)
+      runs.append(run | summary)
+      if finished is not None:
+        served[f"{name}@{key}"] = finished
       cnt = summary["counts"]
       log(f"   {name}: {cnt['finished']}/{cnt['requests']} finished, {cnt['rejected']} "
           f"rejected, {cnt['preemptions']} preemptions, KV peak {cnt['kv_peak_pages']} of "
-          f"{cnt['kv_capacity_pages']} usable pages ({100 * cnt['kv_peak_utilization']:.0f}%), "
-          f"{startup_s:.0f}s start-up + {serve_m['serve_wall_s']:.0f}s serving")
-      del engine
+          f"{cnt['kv_capacity_pages']} usable pages ({100 * cnt['kv_peak_utilization']:.0f}%)")
   return {
       "experiment": config.name,
       "variant": config.variant,
+      "mode": mode,
       "description": config.description,
       "command": command,
       "seed": config.workload.seed,
       "config": json.loads(config.to_json_best_effort()),
       "traces": traces,
       "runs": runs,
-      "outputs_agree": _agreement(runs, served),
+      "outputs_agree": _agreement(runs, served) if mode == "run" else {},
       "host_cpus": os.cpu_count(),
       "wall_clock": {"total_s": time.perf_counter() - t_start},
   }

@@ -19,6 +19,7 @@ import time
 import jax
 import jax.numpy as jnp
 
+from crosspool_jax.capacity.references import REFERENCE_HF_CONFIGS, reference_config
 from crosspool_jax.engine import Engine, EngineConfig, Status
 from crosspool_jax.engine.metrics import percentiles
 from crosspool_jax.models.checkpoint import load_checkpoint, read_model_config
@@ -61,10 +62,20 @@ def engine_config(block) -> EngineConfig:
 
 
 def fleet_model_config(entry):
-  """The ModelConfig of a fleet entry without loading weights (a checkpoint's config.json)."""
+  """The ModelConfig of a fleet entry without loading weights (a checkpoint's config.json, a
+  reference shape's public config)."""
+  if entry.get("reference"):
+    return reference_config(entry.reference)
   if entry.checkpoint:
     return read_model_config(entry.checkpoint)
   return tiny_config(entry.family, **_overrides(entry))
+
+
+def no_weights_error(model_id: str, entry) -> ValueError:
+  """The error for serving a reference-shape entry, which has no weights to serve."""
+  return ValueError(f"config.fleet.{model_id}.reference={entry.reference!r} is a public shape "
+                    "with no weights: simulate it (--config.mode=sim), or give a checkpoint "
+                    f"(--config.fleet.{model_id}.checkpoint=DIR, and unset its reference)")
 
 
 def _overrides(entry) -> dict:
@@ -95,6 +106,8 @@ def build_engine(config, log=_err):
   engine = Engine(engine_config(config.engine), log=log)
   cfgs = {}
   for model_id, m in config.fleet.items():
+    if m.get("reference"):
+      raise no_weights_error(model_id, m)
     cfg, params = load_fleet_model(m)
     engine.register_model(model_id, cfg=cfg, params=params, max_batch=m.max_batch,
                           max_context=m.max_context, group=m.group)
@@ -195,9 +208,15 @@ def check_config(config) -> None:
   if unknown and not config.workload.trace:
     raise ValueError(f"config.workload.popularity names models not in config.fleet: {unknown}")
   for model_id, m in config.fleet.items():
-    if not m.checkpoint and m.family not in FAMILIES:
+    reference = m.get("reference")
+    if reference and m.checkpoint:
+      raise ValueError(f"config.fleet.{model_id}: set its checkpoint or its reference, not both")
+    if reference and reference not in REFERENCE_HF_CONFIGS:
+      raise ValueError(f"config.fleet.{model_id}.reference must be one of "
+                       f"{sorted(REFERENCE_HF_CONFIGS)}, got {reference!r}")
+    if not m.checkpoint and not reference and m.family not in FAMILIES:
       raise ValueError(f"config.fleet.{model_id}.family must be one of {FAMILIES} (or set its "
-                       f"checkpoint), got {m.family!r}")
+                       f"checkpoint or reference), got {m.family!r}")
 
 
 def never_fits(engine, record, cfg, max_context: int) -> str | None:
