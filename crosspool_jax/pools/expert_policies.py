@@ -42,6 +42,14 @@ class ExpertPolicy:
     """One of `candidates` (non-empty: resident, unpinned, not needed by the running layer)."""
     raise NotImplementedError
 
+  # Whether `priority` exists: a key whose minimum over the candidates is `choose_victim`'s
+  # choice at any time, and which changes only when that expert's own `on_insert` / `on_access`
+  # runs, so a pool may keep its resident experts in a heap (else it scans them).
+  has_priority = False
+
+  def priority(self, key: ExpertKey) -> tuple:
+    raise NotImplementedError(f"{self.name} has no static victim priority")
+
 
 class PinAllPolicy(ExpertPolicy):
   """Everything resident and pinned; asking for a victim is a bug of the caller."""
@@ -57,6 +65,7 @@ class LRUPolicy(ExpertPolicy):
   """Least recently used first."""
 
   name = "lru"
+  has_priority = True
 
   def __init__(self):
     self._last: dict[ExpertKey, int] = {}
@@ -70,8 +79,11 @@ class LRUPolicy(ExpertPolicy):
   def on_evict(self, key):
     self._last.pop(key, None)
 
+  def priority(self, key):
+    return self._last.get(key, -1), key
+
   def choose_victim(self, candidates, now):
-    return min(candidates, key=lambda k: (self._last.get(k, -1), k))
+    return min(candidates, key=self.priority)
 
 
 class LFUPolicy(LRUPolicy):
@@ -87,9 +99,8 @@ class LFUPolicy(LRUPolicy):
     super().on_access(key, now)
     self._count[key] = self._count.get(key, 0) + 1
 
-  def choose_victim(self, candidates, now):
-    return min(candidates,
-               key=lambda k: (self._count.get(k, 0), self._last.get(k, -1), k))
+  def priority(self, key):
+    return self._count.get(key, 0), self._last.get(key, -1), key
 
 
 class ActivationAwarePolicy(LRUPolicy):
@@ -116,6 +127,8 @@ class ActivationAwarePolicy(LRUPolicy):
   def on_access(self, key, now):
     super().on_access(key, now)
     self._score[key] = (self._decayed(key, now) + 1.0, now)
+
+  has_priority = False  # decayed counts order the experts exactly only at a given time
 
   def choose_victim(self, candidates, now):
     return min(candidates, key=lambda k: (self._decayed(k, now), self._last.get(k, -1), k))

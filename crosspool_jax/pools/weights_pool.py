@@ -11,7 +11,8 @@ experts of the running layer (and the keys passed as `protect`) are never victim
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+import heapq
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -160,6 +161,9 @@ class _Partition:
     self.pinned = np.zeros(slots, bool)
     self.free = list(range(slots - 1, -1, -1))  # stack; pops slot 0 first
     self.limit = slots
+    # (policy priority, key) of resident experts, for policies with a static priority: an
+    # entry is current while its key is resident here with that priority (others are stale).
+    self.victims: list[tuple] = []
 
   @property
   def owned(self) -> int:
@@ -170,9 +174,16 @@ class _Partition:
     """Free slots a load may take without evicting (free and under the limit)."""
     return max(0, min(len(self.free), self.limit - self.owned))
 
+  def _evictable(self, protect: set[ExpertKey]) -> Iterator[int]:
+    return (s for s, k in enumerate(self.owner)
+            if k is not None and not self.pinned[s] and k not in protect)
+
   def evictable(self, protect: set[ExpertKey]) -> list[int]:
-    return [s for s, k in enumerate(self.owner)
-            if k is not None and not self.pinned[s] and k not in protect]
+    return list(self._evictable(protect))
+
+  def any_evictable(self, protect: set[ExpertKey]) -> bool:
+    """`bool(evictable(protect))`, stopping at the first one."""
+    return next(self._evictable(protect), None) is not None
 
 
 @dataclasses.dataclass
@@ -337,8 +348,7 @@ class WeightsPool:
     for part in cls.partitions:
       part.limit = int(slots)
       while part.owned > part.limit:
-        owners = part.evictable(set())
-        victim = self.policy.choose_victim([part.owner[s] for s in owners], self.clock)
+        victim = self._victim(part, set())
         self._evict(victim)
         evicted.append(victim)
     return evicted
@@ -483,6 +493,7 @@ class WeightsPool:
         self._load(key, protect, plan)
       self._prefetched.discard(key)
       self.policy.on_access(key, self.clock)
+      self._push_priority(key)
     return plan
 
   def can_hold(self, keys: Iterable[ExpertKey]) -> bool:
@@ -523,7 +534,7 @@ class WeightsPool:
     for key in keys:
       if key in self._residency:
         continue
-      if not part.usable_free and not part.evictable(protect):
+      if not part.usable_free and not part.any_evictable(protect):
         break
       self._load(key, protect, plan)
       self._prefetched.add(key)
@@ -562,24 +573,56 @@ class WeightsPool:
   def _partition(self, model_id: str, layer: int) -> _Partition:
     return self.classes[self._class_of[model_id]].partitions[self._home[model_id, layer]]
 
+  def _victim(self, part: _Partition, protect: set[ExpertKey]) -> ExpertKey:
+    """The expert policy's victim among the partition's evictable experts (resident, not
+    pinned, not in `protect`): from its heap of priorities when the policy has static ones
+    (O(log n) an eviction), else by a scan of the slots."""
+    if not self.policy.has_priority:
+      owners = part.evictable(protect)
+      return self.policy.choose_victim([part.owner[s] for s in owners], self.clock)
+    held, victim = [], None
+    while part.victims:
+      entry = heapq.heappop(part.victims)
+      key = entry[-1]
+      where = self._residency.get(key)
+      if where is None or part.owner[where[1]] != key or self.policy.priority(key) != entry[0]:
+        continue  # stale: evicted, or accessed since (a newer entry holds its priority)
+      held.append(entry)
+      if not part.pinned[where[1]] and key not in protect:
+        victim = key
+        break
+    for entry in held:
+      heapq.heappush(part.victims, entry)
+    if victim is None:
+      raise AssertionError("no evictable expert in the partition (the caller checks room)")
+    return victim
+
+  def _push_priority(self, key: ExpertKey) -> None:
+    """Records `key`'s current priority in its partition's victim heap (compacted when stale
+    entries outnumber the resident experts 4 to 1)."""
+    if not self.policy.has_priority:
+      return
+    part = self._partition(key[0], key[1])
+    heapq.heappush(part.victims, (self.policy.priority(key), key))
+    if len(part.victims) > 4 * part.owned + 64:
+      part.victims = [(self.policy.priority(k), k) for k in part.owner if k is not None]
+      heapq.heapify(part.victims)
+
   def _load(self, key: ExpertKey, protect: set[ExpertKey], plan: SwapPlan) -> None:
     model_id, layer, expert = key
     device = self._home[model_id, layer]
     part = self._partition(model_id, layer)
-    if part.usable_free:
-      slot = part.free.pop()
-    else:
-      owners = part.evictable(protect)
-      victim = self.policy.choose_victim([part.owner[s] for s in owners], self.clock)
-      slot = self._residency[victim][1]
-      self._evict(victim)
+    if not part.usable_free:
+      victim = self._victim(part, protect)
+      self._evict(victim)  # its slot goes on top of the free stack
       plan.evicted.append(victim)
-      part.free.remove(slot)
+    slot = part.free.pop()
     part.owner[slot] = key
     self._residency[key] = (device, slot)
     self.version += 1
     self._tables[model_id, layer][expert] = slot
     self.policy.on_insert(key, self.clock)
+    self._push_priority(key)
     self.stats.bytes_swapped += self.models[model_id].shape_class.expert_bytes
     plan.loads.append((key, device, slot))
 

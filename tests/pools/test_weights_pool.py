@@ -309,3 +309,43 @@ def test_replay_is_deterministic():
   assert stats[0] == stats[1] and stats[0]["accesses"] == 80
   a, b = _pool("lfu", 4, 1), copy.deepcopy(_pool("lfu", 4, 1))
   assert replay(events, a).to_dict() == replay(events, b).to_dict()
+
+
+class _Scanned:
+  """A policy with its victim priority hidden, so the pool scans every slot for a victim."""
+
+  has_priority = False
+
+  def __init__(self, policy):
+    self._policy = policy
+
+  def __getattr__(self, name):
+    return getattr(self._policy, name)
+
+
+@settings(max_examples=40, deadline=None)
+@given(raw=_events_strategy(), slots=st.integers(4, 10), devices=st.integers(1, 2),
+       limit=st.integers(4, 10))
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_victim_heap_evicts_as_the_scan_does(policy, raw, slots, devices, limit):
+  # The oracle: the same trace through a pool that scans the slots for each victim
+  # (choose_victim over every evictable expert). Plans, residency and tables must agree.
+  pools = []
+  for wrap in (lambda p: p, _Scanned):
+    pool = _pool(policy, slots, devices)
+    pool.policy = wrap(pool.policy)
+    pools.append(pool)
+  for i, (m, layer, ex, pred) in enumerate(raw):
+    plans = []
+    for pool in pools:
+      if i == len(raw) // 2:  # a lower slot limit evicts by the policy too
+        pool.set_slot_limit(0, min(limit, slots))
+      plan = pool.access(m, layer, ex)
+      plans.append((plan.loads, plan.evicted))
+      if layer == 0:
+        plan = pool.prefetch(m, 1, pred, protect={(m, 0, e) for e in ex})
+        plans.append((plan.loads, plan.evicted))
+    assert plans[:len(plans) // 2] == plans[len(plans) // 2:]
+  heap, scan = pools
+  assert heap._residency == scan._residency
+  heap.check_invariants()
