@@ -35,14 +35,7 @@ def get_config(arg: str | None = None):
     c.description = c.description.replace("Qwen3-30B-A3B", "OLMoE-1B-7B")
   c.sweep.field = "workload.total_rate"
   c.sweep.points = (1.0, 2.0, 4.0, 8.0)
-  c.workload = cl.workload_block(
-      popularity="", num_requests=100, total_rate=2.0, cv=4.0, random_bursts=2,
-      burst_group_size=4, burst_duration_s=10.0, burst_factor=4.0,
-      prompt_len=cl.length_dist(median=1024.0, sigma=1.0, low=16, high=3072,
-                                tail_fraction=0.1, tail_low=3072, tail_high=3968),
-      output_len=cl.length_dist("uniform", low=64, high=256))
-  cl.loop_fields(c, arrival_mode="trace")
-  c.progress_interval_s = 10.0
+  cl.paper_scale_workload(c, total_rate=2.0, burst_group_size=4)
   if c.variant == "smoke":
     c.fleet_size = 2
     c.sweep.points = (1.0, 4.0)

@@ -236,6 +236,20 @@ def full_scale(c, *, models: int = 8, family: str = "qwen2_moe", num_devices: in
   c.slo.ttft_s, c.slo.tbt_s = 2.0, 0.1
 
 
+def paper_scale_workload(c, *, total_rate: float, burst_group_size: int) -> None:
+  """The paper-scale experiments' traffic: 100 requests at `total_rate`, bursty (CV 4, two
+  random 10 s bursts of `burst_group_size` models x4), long-context prompts (lognormal median
+  1,024, a 10 % tail of 3-4 k tokens), 64-256 output tokens; arrivals on the trace clock."""
+  c.workload = workload_block(
+      popularity="", num_requests=100, total_rate=total_rate, cv=4.0, random_bursts=2,
+      burst_group_size=burst_group_size, burst_duration_s=10.0, burst_factor=4.0,
+      prompt_len=length_dist(median=1024.0, sigma=1.0, low=16, high=3072,
+                             tail_fraction=0.1, tail_low=3072, tail_high=3968),
+      output_len=length_dist("uniform", low=64, high=256))
+  loop_fields(c, arrival_mode="trace")
+  c.progress_interval_s = 10.0
+
+
 def paper_scale_setup(c, *, reference: str, models: int, num_devices: int = 8,
                       weight_devices: int = 3, device: str = "h100_sxm",
                       device_gib: int = 80) -> None:
