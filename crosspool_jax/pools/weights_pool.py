@@ -474,7 +474,7 @@ class WeightsPool:
     part = self._partition(model_id, layer)
     protect = set(keys) | set(map(tuple, protect))
     if len(missing) > part.usable_free:  # else no need to scan the slots for victims
-      room = part.usable_free + len(part.evictable(protect))
+      room = part.usable_free + self._evictable_count(part, protect)
       if len(missing) > room:
         raise PoolExhaustedError(
             f"model {model_id!r} layer {layer} needs {len(missing)} more experts resident at "
@@ -551,7 +551,7 @@ class WeightsPool:
     keys = [(model_id, layer, e) for e in experts]
     part = self._partition(model_id, layer)
     missing = [k for k in keys if k not in self._residency]
-    room = part.usable_free + len(part.evictable(set(keys)))
+    room = part.usable_free + self._evictable_count(part, set(keys))
     if len(missing) > room:
       raise PoolExhaustedError(f"cannot pin {len(missing)} more experts of model {model_id!r} "
                                f"layer {layer}: {room} slots free or evictable")
@@ -572,6 +572,16 @@ class WeightsPool:
 
   def _partition(self, model_id: str, layer: int) -> _Partition:
     return self.classes[self._class_of[model_id]].partitions[self._home[model_id, layer]]
+
+  def _evictable_count(self, part: _Partition, protect: set[ExpertKey]) -> int:
+    """`len(part.evictable(protect))` without visiting every slot: the unpinned owned slots
+    less the protected experts among them."""
+    protected = 0
+    for key in protect:
+      where = self._residency.get(key)
+      protected += (where is not None and part.owner[where[1]] == key
+                    and not part.pinned[where[1]])
+    return part.owned - int(part.pinned.sum()) - protected
 
   def _victim(self, part: _Partition, protect: set[ExpertKey]) -> ExpertKey:
     """The expert policy's victim among the partition's evictable experts (resident, not
@@ -649,6 +659,9 @@ class WeightsPool:
         assert len(part.owner) == cls.slots_per_device
         assert part.owned <= part.limit, "more slots owned than the limit"
         assert len(set(part.free)) == len(part.free), "slot twice in the free list"
+        some = {k for k in part.owner[::2] if k is not None}  # a protect set, half of them
+        for protect in (set(), some):
+          assert self._evictable_count(part, protect) == len(part.evictable(protect))
         for s in range(cls.slots_per_device):
           key = part.owner[s]
           if key is None:
