@@ -33,7 +33,7 @@ from crosspool_jax.cli import run_script, start_script
 from crosspool_jax.engine import EngineConfig
 from crosspool_jax.engine.policies import POLICIES, FleetModel, get_policy
 from crosspool_jax.engine.policies.sizes import dtype_itemsize
-from crosspool_jax.experiments.budget import plan_policy
+from crosspool_jax.experiments.budget import plan_policy, refusal
 from crosspool_jax.provenance import git_dirty, git_revision
 from crosspool_jax.roofline import DEVICES, device_spec
 from crosspool_jax.sim import SLO, Routing, SimModel, simulate
@@ -112,6 +112,9 @@ def format_table(runs: dict) -> str:
           f"{'step ms':>7}  {'hits':>5}")
   lines = [head, "-" * len(head)]
   for name, run in runs.items():
+    if "refused" in run:  # the budget cannot hold the fleet under this policy
+      lines.append(f"{name:<22}refused: {run['refused']}")
+      continue
     c, s = run["counts"], run["simulated"]
     hits = "-" if c["expert_hit_rate"] is None else f"{c['expert_hit_rate']:.2f}"
     lines.append(
@@ -159,7 +162,13 @@ def main(argv: Sequence[str]) -> None:
     weights = FLAGS.weight_devices if pools_experts else 0
     plan = plan_policy(fleet, policy=policy, kv_devices=kv, weight_devices=weights,
                        device_bytes=spec.memory_bytes, page_elems=page_elems,
-                       kv_dtype=FLAGS.dtype, reserve_fraction=FLAGS.reserve_fraction)
+                       kv_dtype=FLAGS.dtype, reserve_fraction=FLAGS.reserve_fraction,
+                       check=False)
+    why = refusal(plan)
+    if why:
+      _err(f"== {policy}: refused: {why}")
+      runs[policy] = {"plan": dataclasses.asdict(plan), "refused": why}
+      continue
     config = _engine_config(policy, plan, page_elems, kv, weights)
     models = {m: SimModel(cfg, FLAGS.max_batch, plan.max_context[m], plan.groups[m])
               for m in ids}
