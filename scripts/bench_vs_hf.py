@@ -216,7 +216,8 @@ def roofline_record(cfg: ModelConfig, peaks: roofline.Peaks, *, batch: int, prom
 
 def bench_batch(hf_model, params: dict, cfg: ModelConfig, batch: int, *, prompt_len: int,
                 new_tokens: int, iters: int, warmup: int, seed: int,
-                decode_steps_per_dispatch: int, peaks_fn: Callable[[], roofline.Peaks]) -> dict[str, Any]:
+                decode_steps_per_dispatch: int,
+                peaks_fn: Callable[[], roofline.Peaks]) -> dict[str, Any]:
   """Times the three runners at one batch size; returns the batch's record.
 
   `peaks_fn` gives the roofline's peaks; it is called after the warm-up, before the timed

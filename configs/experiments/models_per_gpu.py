@@ -14,9 +14,9 @@ policy meets the SLO (P99 TBT <= 100 ms, P99 TTFT <= 2 s, nothing rejected or re
 Aegaeon paper's anchor is 7 models per GPU (56 on 8). The sweep stops at 16: past about 17
 copies crosspool swaps experts, which the simulator cannot yet sweep in CPU minutes.
 Qwen3-30B-A3B is not the default here: one copy is ~61 GB, so static and shared hold 8 and
-crosspool's pool holds the experts of 3; every other copy swaps, and the simulator's weights
-pool scans every slot per eviction (WORKSPACE.md, "Simulated experiments"), too slow for a
-CPU sweep.
+crosspool's pool holds the experts of 3; every other copy swaps, and a step that swaps loads
+tens of thousands of experts, each a host-side pool update (WORKSPACE.md, "Simulated
+experiments"): too slow for a CPU sweep.
 """
 
 from __future__ import annotations

@@ -185,8 +185,8 @@ def experiment_base(name: str, arg: str | None, description: str, *,
   # and policies served in simulated time on the devices of `sim` (crosspool_jax.sim)
   c.mode = "run"
   c.sim = sim_block()
-  # > 0: the fleet is its entries repeated in order until it has this many models (copies
-  # `<id>_<k>`), so a sweep can vary the number of models; 0: the fleet as listed
+  # > 0: the fleet is its entries repeated in order until it has this many models (copy k of
+  # an entry: `<id>_c<k>`), so a sweep can vary the number of models; 0: the fleet as listed
   c.fleet_size = 0
   # Same bytes on every device for every policy (0: engine.pages_per_device and the fleet's
   # groups as given); kv_planner: the crosspool runs split their devices (engine.devices +

@@ -293,6 +293,11 @@ def meets_slo(run: dict, slo: dict) -> bool:
           and t["ttft_s"]["p99"] is not None and t["ttft_s"]["p99"] <= slo["ttft_s"])
 
 
+def _point(value) -> str:
+  """A sweep point as written in sentences (numbers compact, anything else as is)."""
+  return f"{value:g}" if isinstance(value, int | float) else str(value)
+
+
 def slo_sentences(results: dict) -> list[str]:
   """For a sweep: at which of its points each run meets the SLO (`meets_slo`)."""
   field = results["config"]["sweep"]["field"]
@@ -306,7 +311,7 @@ def slo_sentences(results: dict) -> list[str]:
       met[run["name"]].append(run["sweep_value"])
   return [f"Meets the SLO (P99 TBT <= {1000 * slo['tbt_s']:g} ms, P99 TTFT <= "
           f"{1000 * slo['ttft_s']:g} ms, nothing rejected or refused), by {field}: "
-          + "; ".join(f"{name} at {', '.join(f'{v:g}' for v in points) if points else 'none'}"
+          + "; ".join(f"{name} at {', '.join(map(_point, points)) if points else 'none'}"
                       for name, points in met.items()) + "."]
 
 

@@ -576,12 +576,16 @@ class WeightsPool:
   def _evictable_count(self, part: _Partition, protect: set[ExpertKey]) -> int:
     """`len(part.evictable(protect))` without visiting every slot: the unpinned owned slots
     less the protected experts among them."""
-    protected = 0
-    for key in protect:
-      where = self._residency.get(key)
-      protected += (where is not None and part.owner[where[1]] == key
-                    and not part.pinned[where[1]])
+    slots = (self._slot_in(part, key) for key in protect)
+    protected = sum(1 for s in slots if s is not None and not part.pinned[s])
     return part.owned - int(part.pinned.sum()) - protected
+
+  def _slot_in(self, part: _Partition, key: ExpertKey) -> int | None:
+    """`key`'s slot if it is resident in `part`, else None (resident elsewhere, or not)."""
+    where = self._residency.get(key)
+    if where is None or where[1] >= len(part.owner) or part.owner[where[1]] != key:
+      return None
+    return where[1]
 
   def _victim(self, part: _Partition, protect: set[ExpertKey]) -> ExpertKey:
     """The expert policy's victim among the partition's evictable experts (resident, not
@@ -594,11 +598,11 @@ class WeightsPool:
     while part.victims:
       entry = heapq.heappop(part.victims)
       key = entry[-1]
-      where = self._residency.get(key)
-      if where is None or part.owner[where[1]] != key or self.policy.priority(key) != entry[0]:
-        continue  # stale: evicted, or accessed since (a newer entry holds its priority)
+      slot = self._slot_in(part, key)
+      if slot is None or self.policy.priority(key) != entry[0]:
+        continue  # stale: evicted (its model perhaps gone), or accessed since (a newer entry)
       held.append(entry)
-      if not part.pinned[where[1]] and key not in protect:
+      if not part.pinned[slot] and key not in protect:
         victim = key
         break
     for entry in held:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from crosspool_jax.engine.executors.api import HostCounters, LoadedModel, blame, fake_tokens
 from crosspool_jax.engine.executors.crosspool import expert_group, ping_pong, plan_expert_calls
+from crosspool_jax.engine.policies.crosspool import fused_token_buckets
 from crosspool_jax.engine.scheduler import ModelBatch
 from crosspool_jax.pools.weights_pool import WeightsPool
 from crosspool_jax.roofline import BatchShape
@@ -160,8 +161,8 @@ class SimExecutor:
     for i, (mb, cfg) in enumerate(zip(mbs, cfgs, strict=True)):
       if layer < cfg.num_layers and cfg.moe_layers[layer]:
         groups.setdefault(expert_group(pool, mb.model_id, layer, phases[i]), []).append(i)
-    # the largest fused bucket: the token buckets and the token budget (`CrossPoolPolicy`)
-    max_tokens = max(self.config.token_budget, self.config.token_buckets[-1])
+    # the largest fused bucket, as the crosspool policy gives the executor
+    max_tokens = fused_token_buckets(self.config)[-1]
     out = []
     for (_, c, device), members in groups.items():
       chosen = {i: self.router.experts(mbs[i].model_id, cfgs[i], layer, mbs[i].num_tokens)

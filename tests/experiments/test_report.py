@@ -228,3 +228,20 @@ def test_vs_hf_section_repeats_the_command_and_the_roofline(preset):
   assert command in text
   assert "| 8 | 500 | 2000 | 1600 | 4.00 | 3.20 | 4,000 | 0.12, 0.50, 0.40 | 100%, 100% |" in text
   assert "200 GFLOP/s, 30 GB/s" in text and "8 step(s) per dispatch" in text
+
+
+def test_slo_sentence_names_the_points_met_numbers_or_not():
+  def run(name, point, tbt_p99, rejected=0):
+    return {"name": name, "sweep_value": point, "counts": {"rejected": rejected},
+            "wall_clock": {"tbt_s": {"p99": tbt_p99}, "ttft_s": {"p99": 0.5}}}
+
+  slo = {"tbt_s": 0.1, "ttft_s": 1.0}
+  results = {"config": {"sweep": {"field": "engine.expert_policy"}, "slo": slo},
+             "runs": [run("a", "lru", 0.05), run("a", "lfu", 0.2), run("b", "lru", 0.05, 1)]}
+  assert report.slo_sentences(results) == [
+      "Meets the SLO (P99 TBT <= 100 ms, P99 TTFT <= 1000 ms, nothing rejected or refused), "
+      "by engine.expert_policy: a at lru; b at none."]
+  results["config"]["sweep"]["field"] = "workload.total_rate"
+  for r, point in zip(results["runs"], (2.0, 4.0, 2.0), strict=True):
+    r["sweep_value"] = point
+  assert report.slo_sentences(results)[0].endswith("workload.total_rate: a at 2; b at none.")

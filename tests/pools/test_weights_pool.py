@@ -349,3 +349,28 @@ def test_victim_heap_evicts_as_the_scan_does(policy, raw, slots, devices, limit)
   heap, scan = pools
   assert heap._residency == scan._residency
   heap.check_invariants()
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfu", "activation_aware"])
+def test_a_model_re_registered_in_another_class_leaves_no_victim_behind(policy):
+  # m's experts fill the small class, m leaves and comes back with big experts (another class,
+  # more slots), its old keys now resident at slots the small class does not have. Evictions
+  # in the small class, and a protect set naming m's big-class experts, must not mistake them
+  # for its own (before: an IndexError from the stale heap entries and from the room check).
+  pool = WeightsPool(device_bytes=1 << 22, policy=policy)
+  pool.register_model(_spec("m", experts=4, layers=(0,)), slots_per_device=4)
+  pool.register_model(_spec("t", experts=4, layers=(0, 1)))
+  pool.access("m", 0, [0, 1, 2, 3])
+  pool.unregister_model("m")
+  pool.register_model(_spec("m", shape=BIG, experts=16, top_k=2, layers=(0,)),
+                      slots_per_device=16)
+  pool.access("m", 0, list(range(4, 14)))  # slots 0-9 of the big class
+  pool.access("m", 0, [0, 1, 2, 3])  # slots 10-13: beyond the small class's 4
+  pool.access("t", 0, [0, 1, 2, 3])
+  big = {("m", 0, e) for e in range(4)}
+  plan = pool.access("t", 1, [0, 1], protect=big)  # evicts two of t's layer-0 experts
+  assert len(plan.evicted) == 2 and {k[0] for k in plan.evicted} == {"t"}
+  assert big <= set(pool.resident_keys())
+  plan = pool.access("t", 1, [2, 3])  # no protect set: the victims come from the heap alone
+  assert {k[0] for k in plan.evicted} == {"t"} and big <= set(pool.resident_keys())
+  pool.check_invariants()

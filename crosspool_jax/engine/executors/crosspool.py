@@ -682,8 +682,8 @@ class DisaggregatedExecutor:
 
   def _prepare(self, specs: list[tuple[LoadedModel, ModelBatch, int, int]], *,
                 spread: bool = False) -> list[_MicroBatch]:
-    """Micro-batches from (model, batch, token bucket, phase): each one's inputs packed in one buffer
-    per device it needs (its home KV device, the KV devices holding its pages: every KV
+    """Micro-batches from (model, batch, token bucket, phase): each one's inputs packed in one
+    buffer per device it needs (its home KV device, the KV devices holding its pages: every KV
     device with `spread`), all put in one call, unpacked there; its tokens embedded."""
     host, devices, packed = [], [], []
     for model, batch, bucket, _ in specs:

@@ -32,6 +32,13 @@ from crosspool_jax.pools.weights_buffers import DeviceWeightsPool
 from crosspool_jax.pools.weights_pool import ExpertModelSpec, WeightsPool
 
 
+def fused_token_buckets(config) -> tuple[int, ...]:
+  """The padded token counts of a fused expert call: the token buckets, and the token budget
+  if larger (a fused call holds one iteration's tokens at most)."""
+  return tuple(sorted({*config.token_buckets, max(config.token_budget,
+                                                  config.token_buckets[-1])}))
+
+
 class CrossPoolPolicy(MemoryPolicy):
   """Disaggregated KV and consolidated expert pools (the module docstring)."""
 
@@ -165,9 +172,7 @@ class CrossPoolPolicy(MemoryPolicy):
       stripped = weights_pool.register(m, model.cfg, model.params,
                                        slots_per_device=config.expert_slots_per_device)
       model.params = jax.device_put(stripped, kv_devices[model.group])
-    # A fused expert call holds one iteration's tokens at most (the scheduler's token budget).
-    fused_buckets = tuple(sorted({*config.token_buckets,
-                                  max(config.token_budget, config.token_buckets[-1])}))
+    fused_buckets = fused_token_buckets(config)
     executor = DisaggregatedExecutor(
         models, pools[0], buffers, weights_pool, token_buckets=config.token_buckets,
         max_batch=config.max_batch, micro_batches=config.micro_batches,
