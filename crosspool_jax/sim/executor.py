@@ -21,7 +21,13 @@ is on demand, after the layer's routing.
 
 from __future__ import annotations
 
-from crosspool_jax.engine.executors.api import HostCounters, LoadedModel, blame, fake_tokens
+from crosspool_jax.engine.executors.api import (
+  FAKE_VOCAB,
+  HostCounters,
+  LoadedModel,
+  blame,
+  fake_tokens,
+)
 from crosspool_jax.engine.executors.crosspool import expert_group, ping_pong, plan_expert_calls
 from crosspool_jax.engine.policies.crosspool import fused_token_buckets
 from crosspool_jax.engine.scheduler import ModelBatch
@@ -34,8 +40,6 @@ from crosspool_jax.sim.cost_model import (
   pipelined_step_s,
 )
 from crosspool_jax.sim.routing import Router
-
-FAKE_VOCAB = 97  # the tokens of `FakeExecutor`
 
 
 class SimClock:

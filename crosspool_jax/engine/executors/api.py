@@ -130,12 +130,15 @@ def fake_tokens(batches: list[ModelBatch], vocab_size: int) -> list[np.ndarray]:
   return out
 
 
+FAKE_VOCAB = 97  # the default vocabulary of the fake tokens (`FakeExecutor`, the simulator)
+
+
 class FakeExecutor:
   """An executor with no model: the token sampled after a request's fed tokens is
   `fake_token(position)` of the position it will occupy, so every output is known by hand
   and a recomputed (preempted) request must reproduce it. Records every batch it ran."""
 
-  def __init__(self, vocab_size: int = 97):
+  def __init__(self, vocab_size: int = FAKE_VOCAB):
     self.vocab_size = vocab_size
     self.batches: list[list[ModelBatch]] = []
     self.counters = HostCounters()
