@@ -51,6 +51,8 @@ class DeviceSpec:
     host_bytes_per_s: host-to-device bandwidth per direction (PCIe): expert swap-ins.
     dispatch_s: host overhead of launching one program (an estimate, no datasheet).
     device_kinds: the `jax.Device.device_kind` strings of this device (`PEAKS` keys).
+    shared_host: the devices are emulated on one host's cores (CPU devices): their programs
+      do not overlap, so a step costs the sum of its programs (`crosspool_jax.sim`).
   """
 
   name: str
@@ -63,6 +65,7 @@ class DeviceSpec:
   host_bytes_per_s: float
   dispatch_s: float
   device_kinds: tuple[str, ...] = ()
+  shared_host: bool = False
 
   def flops_per_s(self, dtype: str) -> float:
     """The peak for matmuls in `dtype`: fp8 for float8 types, else the bf16 peak."""
@@ -109,8 +112,8 @@ def _tpu(name, bf16_tflops, hbm_gbps, memory_gib, ici_gbits, device_kinds):
 #     918 TFLOP/s, 1,640 GB/s, 32 GB, ICI 3,584 Gbps.
 #   cpu: not a datasheet: the 2-core CI host as `measure_peaks` measured it (WORKSPACE.md:
 #     ~170 GFLOP/s f32 matmul, ~26 GB/s); devices there share host memory, so links and
-#     the host link run at memory speed; launch ~50 us (JAX's CPU dispatch). `device_peaks`
-#     measures a CPU instead (no `device_kinds`).
+#     the host link run at memory speed, and share its cores (`shared_host`); launch ~50 us
+#     (JAX's CPU dispatch). `device_peaks` measures a CPU instead (no `device_kinds`).
 DEVICES: dict[str, DeviceSpec] = {d.name: d for d in (
     _nvidia("h100_sxm", 989, 1979, 3350, 80, 900, 128, ("NVIDIA H100 80GB HBM3",)),
     _nvidia("h100_pcie", 756, 1513, 2000, 80, 600, 128, ("NVIDIA H100 PCIe",)),
@@ -123,7 +126,8 @@ DEVICES: dict[str, DeviceSpec] = {d.name: d for d in (
     _tpu("tpu_v5e", 197, 819, 16, 1600, ("TPU v5 lite", "TPU v5e")),
     _tpu("tpu_v5p", 459, 2765, 95, 4800, ("TPU v5", "TPU v5p")),
     _tpu("tpu_v6e", 918, 1640, 32, 3584, ("TPU v6 lite", "TPU v6e")),
-    DeviceSpec("cpu", 170e9, None, 26e9, 16 * GIB, 26e9, 1e-6, 26e9, 50e-6),
+    DeviceSpec("cpu", 170e9, None, 26e9, 16 * GIB, 26e9, 1e-6, 26e9, 50e-6,
+               shared_host=True),
 )}
 
 # device_kind -> (dense bf16 TFLOP/s, HBM GB/s): the datasheet peaks of `DEVICES`.

@@ -8,8 +8,10 @@ Each `scripts/run_experiment.py` results.json becomes a section with what ran, t
 command that produced it, the git revision, the device and the comparison table; a
 `scripts/bench_vs_hf.py` JSON file becomes the peer-benchmark table. Simulated results
 (`--config.mode=sim`, committed under benchmarks/sim/ by `--summary_out`) given with
-`--sim_results` come last, under "## Simulated experiments" (`simulated_part`); a test
-regenerates that part from the committed files and compares it with BENCHMARKS.md.
+`--sim_results` come last, under "## Simulated experiments" (`simulated_part`), after the
+simulator's validation against measured runs (`--validation`, a `scripts/calibrate.py` JSON
+file, committed there too); a test regenerates that part from the committed files and
+compares it with BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -23,7 +25,12 @@ from collections.abc import Sequence
 from absl import app, flags
 
 from crosspool_jax.cli import run_script, start_script
-from crosspool_jax.experiments.report import benchmarks_section, is_simulated, vs_hf_section
+from crosspool_jax.experiments.report import (
+    benchmarks_section,
+    is_simulated,
+    validation_section,
+    vs_hf_section,
+)
 
 FLAGS = flags.FLAGS
 
@@ -34,27 +41,39 @@ def define_flags() -> None:
   flags.DEFINE_string("vs_hf", None, "A scripts/bench_vs_hf.py JSON file (optional).")
   flags.DEFINE_multi_string("sim_results", [], "Simulated results files (--config.mode=sim), "
                             "in the order wanted: the last part of the file.")
+  flags.DEFINE_multi_string("validation", [], "scripts/calibrate.py JSON files: the "
+                            "simulator's predictions against measured runs (simulated part).")
   flags.DEFINE_string("out", "BENCHMARKS.md", "Markdown file to write.")
 
 
 SIMULATED_HEADING = "## Simulated experiments"
 
 
-def _load(flag: str, path: str) -> dict:
+def _load_json(flag: str, path: str) -> dict:
   try:
     with open(path) as f:
-      results = json.load(f)
+      return json.load(f)
   except (OSError, json.JSONDecodeError) as e:
     raise app.UsageError(f"--{flag}={path}: {e}") from e
+
+
+def _load(flag: str, path: str) -> dict:
+  results = _load_json(flag, path)
   if "runs" not in results:
     raise app.UsageError(f"--{flag}={path} is not a scripts/run_experiment.py results file")
   return results
 
 
-def simulated_part(paths: Sequence[str]) -> str:
-  """The simulated sections of BENCHMARKS.md, under one heading, from these results files
-  (paths as given: relative to the repository root in the committed file)."""
+def simulated_part(paths: Sequence[str], validations: Sequence[str] = ()) -> str:
+  """The simulated sections of BENCHMARKS.md, under one heading: the validations (calibrate
+  JSON files), then the results files (paths as given: relative to the repository root in the
+  committed file)."""
   sections = []
+  for path in validations:
+    validation = _load_json("validation", path)
+    if validation.get("kind") != "sim_validation":
+      raise app.UsageError(f"--validation={path} is not a scripts/calibrate.py JSON file")
+    sections.append(validation_section(validation, source=path))
   for path in paths:
     results = _load("sim_results", path)
     if not is_simulated(results):
@@ -77,8 +96,9 @@ def simulated_part(paths: Sequence[str]) -> str:
 
 def main(argv: Sequence[str]) -> None:
   start_script(argv)
-  if not FLAGS.results and not FLAGS.vs_hf and not FLAGS.sim_results:
-    raise app.UsageError("give at least one --results=FILE (or --vs_hf=FILE, --sim_results=FILE)")
+  if not FLAGS.results and not FLAGS.vs_hf and not FLAGS.sim_results and not FLAGS.validation:
+    raise app.UsageError("give at least one --results=FILE (or --vs_hf=FILE, --sim_results=FILE, "
+                         "--validation=FILE)")
   sections = []
   for path in FLAGS.results:
     results = _load("results", path)
@@ -90,8 +110,8 @@ def main(argv: Sequence[str]) -> None:
       sections.append(vs_hf_section(bench, source=os.path.relpath(FLAGS.vs_hf)))
     except (OSError, json.JSONDecodeError, KeyError) as e:
       raise app.UsageError(f"--vs_hf={FLAGS.vs_hf}: {e!r}") from e
-  if FLAGS.sim_results:
-    sections.append(simulated_part(FLAGS.sim_results))
+  if FLAGS.sim_results or FLAGS.validation:
+    sections.append(simulated_part(FLAGS.sim_results, FLAGS.validation))
   header = [
       "# Benchmarks",
       "",

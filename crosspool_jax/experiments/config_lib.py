@@ -59,6 +59,13 @@ def sim_block(**kw):
                                                 transfer=1.0, swap=1.0)),
       # which experts a batch's tokens route to (sim.routing.Routing): uniform | zipf
       routing=ml_collections.ConfigDict(dict(kind="uniform", exponent=1.0, seed=0)),
+      # the host's seconds per engine step, a model program's extra seconds the first time
+      # it runs at a shape, one program's launch and one transfer's latency (None: the
+      # device's estimates); scripts/calibrate.py fits them
+      host_step_s=0.0,
+      first_run_s=0.0,
+      dispatch_s=config_dict.placeholder(float),
+      link_latency_s=config_dict.placeholder(float),
   )
   return ml_collections.ConfigDict(base | kw)
 

@@ -453,3 +453,58 @@ def vs_hf_section(bench: dict, *, source: str) -> str:
       *rows,
       "",
   ])
+
+
+# |prediction error| targets of the simulator's validation (Vidur-style simulators: < 10 %)
+VALIDATION_TARGETS = {"p50": 0.20, "p99": 0.35}
+
+
+def validation_section(validation: dict, *, source: str) -> str:
+  """A BENCHMARKS.md section of a `scripts/calibrate.py` JSON file: the calibrations fitted
+  and, per validated experiment, measured against predicted TTFT / TBT percentiles."""
+  fit = validation["fit"]
+  lines = [
+      f"### Simulator validation: calibrated on {fit['experiment']} (seed {fit['seed']}), "
+      f"device {validation['device']}",
+      "",
+      f"From `{source}`, written by `{validation['command']}`. Each policy's cost model is",
+      f"fitted to the measured steps of `{fit['command']}` (revision {fit['git_revision'][:8]},",
+      f"{fit['host_cpus']} CPUs): seconds per step = host step + first runs of a program shape",
+      "x first-run cost + programs x launch + transfers x latency + each stage's roofline",
+      "seconds / its efficiency (crosspool_jax/sim/calibrate.py). Each validated experiment is",
+      "then simulated with those terms and its measured and predicted latencies set side by",
+      "side (ms; error = predicted / measured - 1).",
+      "",
+      "| policy | steps fitted | r2 | median step error | host step ms | first run ms "
+      "| launch ms | efficiency attention / experts |",
+      "|---|---|---|---|---|---|---|---|",
+  ]
+  for name, c in validation["calibrations"].items():
+    e = c["efficiency"]
+    lines.append(f"| {name} | {c['steps']} | {c['fit']['r2']:.2f} | "
+                 f"{100 * c['fit']['median_abs_rel_error']:.0f}% | {1e3 * c['host_step_s']:.2f} | "
+                 f"{1e3 * c['first_run_s']:.1f} | {1e3 * c['dispatch_s']:.2f} | "
+                 f"{e['attention']:.3f} / {e['experts']:.3f} |")
+  for v in validation["validations"]:
+    src, rows = v["source"], v["rows"]
+    keys = [k for k in rows[0] if isinstance(rows[0][k], dict)] if rows else []
+    lines += ["", f"Predicted: `{src['command']}` (seed {src['seed']}, revision "
+                  f"{src['git_revision'][:8]}), measured / predicted (error):", "",
+              "| policy | " + " | ".join(k.replace("_s_", " ") for k in keys) + " |",
+              "|---|" + "---|" * len(keys)]
+    over = 0
+    for row in rows:
+      cells = []
+      for k in keys:
+        cell = row[k]
+        err = cell["error"]
+        miss = err is not None and abs(err) > VALIDATION_TARGETS[k.rsplit("_", 1)[1]]
+        over += miss
+        text = "-" if err is None else f"{100 * err:+.0f}%"
+        cells.append(f"{cell['measured_ms']:.1f} / {cell['predicted_ms']:.1f} "
+                     f"({'**' + text + '**' if miss else text})")
+      lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+    lines += ["", f"Target |error| <= {100 * VALIDATION_TARGETS['p50']:.0f}% at p50, <= "
+                  f"{100 * VALIDATION_TARGETS['p99']:.0f}% at p99: {over} of "
+                  f"{len(rows) * len(keys)} cells miss it (bold)."]
+  return "\n".join(lines) + "\n"

@@ -12,13 +12,19 @@ costs its stages plus the device's `dispatch_s`. A device-to-device transfer cos
 `link_latency_s + bytes / (link bytes/s * eff)`, an expert swap-in `bytes / (host bytes/s *
 eff)` plus the launch of its slot update.
 
-Steps:
+Steps (each also costs the host's `host_s`: 0 unless calibrated):
 - colocated (static, shared): each model batch is one program on its group's device (every
   layer's attention side and routed experts, then the head); the programs of one device run
   one after the other, devices in parallel: step = max over devices of their programs' sum.
   A multi-step decode dispatch is one program of its decode steps.
 - CrossPool: `pipelined_step_s`, the programs of every micro-batch on in-order device queues
   (below).
+- devices that share one host's cores (`DeviceSpec.shared_host`: the CPU's emulated devices):
+  nothing overlaps, a step is the sum of its launches, transfers and stages (`serial_s` of the
+  step's `Work`).
+
+Calibration (`crosspool_jax.sim.calibrate`) fits `host_step_s`, the launch and transfer
+latencies and the efficiencies to measured step times, on such serial steps.
 
 Not modelled: padding to token buckets (the valid tokens are charged), attention of a sequence
 whose pages spread over several KV devices (charged at its home device), contention of
@@ -129,18 +135,49 @@ def pipelined_step_s(homes: Sequence[int], attention_s: Sequence[Sequence[float]
   return end
 
 
+STAGES = ("attention", "experts", "head", "transfer", "swap")
+
+
+@dataclasses.dataclass
+class Work:
+  """What a step asked of the devices: programs launched, device-to-device transfers, model
+  programs run at a (model, token bucket) shape for the first time, and each kind of stage's
+  seconds at the roofline (efficiency 1; `STAGES`)."""
+
+  programs: int = 0
+  transfers: int = 0
+  first_runs: int = 0
+  attention: float = 0.0
+  experts: float = 0.0
+  head: float = 0.0
+  transfer: float = 0.0
+  swap: float = 0.0
+
+
 class CostModel:
   """Modelled seconds of stages and programs on one device kind (the module docstring).
+
+  Every stage, launch and transfer it charges is also added to `work` (the current step's
+  `Work`, restarted by `begin_step`): on devices that share the host (`DeviceSpec.shared_host`)
+  a step costs `serial_s` of it, and calibration fits the host and efficiency terms to it.
 
   Args:
     device: a `roofline.DEVICES` name or a `DeviceSpec`.
     weight_dtype: the params' dtype (bytes per weight; fp8 types use the fp8 peak).
     kv_dtype: the KV pages' dtype.
     efficiency: the achieved fractions of the roofline.
+    host_step_s: the host's own seconds per engine step (scheduling, reading the sampled
+      tokens back), charged once per step before its programs.
+    first_run_s: the extra seconds of a model's program the first time it runs at a shape
+      (a runtime's first execution: buffers allocated, threads started), per `Work.first_runs`.
   """
 
   def __init__(self, device: str | DeviceSpec, *, weight_dtype: str = "bfloat16",
-               kv_dtype: str = "bfloat16", efficiency: Efficiency = Efficiency()):
+               kv_dtype: str = "bfloat16", efficiency: Efficiency = Efficiency(),
+               host_step_s: float = 0.0, first_run_s: float = 0.0):
+    for name, value in (("host_step_s", host_step_s), ("first_run_s", first_run_s)):
+      if not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value!r}")
     self.spec = device if isinstance(device, DeviceSpec) else roofline.device_spec(device)
     self.weight_bytes = dtype_itemsize(weight_dtype)
     self.kv_bytes = dtype_itemsize(kv_dtype)
@@ -148,43 +185,70 @@ class CostModel:
     self.activation_bytes = max(2, self.weight_bytes)
     self.flops_per_s = self.spec.flops_per_s(weight_dtype)
     self.efficiency = efficiency
+    self.host_step_s = host_step_s
+    self.first_run_s = first_run_s
+    self.work = Work()
 
-  def roofline_s(self, cost: Cost, efficiency: float) -> float:
-    """max(FLOPs / (peak * eff), bytes / (bandwidth * eff))."""
-    return max(cost.flops / (self.flops_per_s * efficiency),
-               cost.bytes / (self.spec.hbm_bytes_per_s * efficiency))
+  def begin_step(self) -> None:
+    """Starts a new step's `work`."""
+    self.work = Work()
+
+  def host_s(self, work: Work) -> float:
+    """The host's step and its programs' first runs."""
+    return self.host_step_s + work.first_runs * self.first_run_s
+
+  def serial_s(self, work: Work) -> float:
+    """A step whose programs run one after the other (devices sharing the host): `host_s`,
+    every launch and transfer latency, and each stage at its efficiency."""
+    return (self.host_s(work) + work.programs * self.spec.dispatch_s
+            + work.transfers * self.spec.link_latency_s
+            + sum(getattr(work, kind) / getattr(self.efficiency, kind) for kind in STAGES))
+
+  def launch_s(self, programs: int = 1) -> float:
+    """The host's launch of `programs` programs."""
+    self.work.programs += programs
+    return programs * self.spec.dispatch_s
+
+  def _stage_s(self, cost: Cost, kind: str) -> float:
+    """max(FLOPs / (peak * eff), bytes / (bandwidth * eff)) of a `kind` stage."""
+    at_roofline = max(cost.flops / self.flops_per_s, cost.bytes / self.spec.hbm_bytes_per_s)
+    setattr(self.work, kind, getattr(self.work, kind) + at_roofline)
+    return at_roofline / getattr(self.efficiency, kind)
 
   def attention_side_s(self, cfg: ModelConfig, layer: int, shape: BatchShape) -> float:
     cost = roofline.attention_side_cost(cfg, layer, shape, weight_bytes=self.weight_bytes,
                                         kv_bytes=self.kv_bytes)
-    return self.roofline_s(cost, self.efficiency.attention)
+    return self._stage_s(cost, "attention")
 
   def experts_s(self, cfg: ModelConfig, layer: int, tokens: int) -> float:
     cost = roofline.routed_experts_cost(cfg, layer, tokens, weight_bytes=self.weight_bytes)
-    return self.roofline_s(cost, self.efficiency.experts)
+    return self._stage_s(cost, "experts")
 
   def expert_call_s(self, members: Sequence[tuple[ModelConfig, int, int]]) -> float:
     """One expert-dispatch program over its members' (cfg, layer, tokens): their routed
     experts' work together, and its launch."""
     cost = sum((roofline.routed_experts_cost(cfg, layer, tokens, weight_bytes=self.weight_bytes)
                 for cfg, layer, tokens in members), Cost(0.0, 0.0))
-    return self.spec.dispatch_s + self.roofline_s(cost, self.efficiency.experts)
+    return self.launch_s() + self._stage_s(cost, "experts")
 
   def head_s(self, cfg: ModelConfig, shape: BatchShape) -> float:
     cost = roofline.head_cost(cfg, shape, weight_bytes=self.weight_bytes)
-    return self.roofline_s(cost, self.efficiency.head)
+    return self._stage_s(cost, "head")
 
-  def transfer_s(self, cfg: ModelConfig, tokens: int) -> float:
-    """One device-to-device transfer of `tokens` hidden states."""
-    nbytes = tokens * cfg.d_model * self.activation_bytes
-    return (self.spec.link_latency_s
-            + nbytes / (self.spec.link_bytes_per_s * self.efficiency.transfer))
+  def transfer_s(self, cfg: ModelConfig, tokens: int, count: int = 1) -> float:
+    """One device-to-device transfer of `tokens` hidden states; `count` of them are charged
+    to `work` (a pipeline uses one transfer's seconds for each of its uses)."""
+    at_roofline = tokens * cfg.d_model * self.activation_bytes / self.spec.link_bytes_per_s
+    self.work.transfers += count
+    self.work.transfer += count * at_roofline
+    return self.spec.link_latency_s + at_roofline / self.efficiency.transfer
 
   def swap_in_s(self, nbytes: int) -> float:
     """Host-to-device copy of `nbytes` of experts and the program writing them (0 if none)."""
     if not nbytes:
       return 0.0
-    return nbytes / (self.spec.host_bytes_per_s * self.efficiency.swap) + self.spec.dispatch_s
+    self.work.swap += nbytes / self.spec.host_bytes_per_s
+    return nbytes / (self.spec.host_bytes_per_s * self.efficiency.swap) + self.launch_s()
 
   def model_stages_s(self, cfg: ModelConfig, shape: BatchShape) -> float:
     """Every layer's attention side and routed experts, then the head (no launch)."""
@@ -194,13 +258,13 @@ class CostModel:
 
   def model_step_s(self, cfg: ModelConfig, shape: BatchShape) -> float:
     """A colocated model step: one program of `model_stages_s`."""
-    return self.spec.dispatch_s + self.model_stages_s(cfg, shape)
+    return self.launch_s() + self.model_stages_s(cfg, shape)
 
   def decode_loop_s(self, cfg: ModelConfig, contexts: Sequence[int],
                     steps: Sequence[int]) -> float:
     """A multi-step decode dispatch: sequence i (context `contexts[i]` after its first step)
     runs `steps[i]` decode steps; one program of the decode steps of those still running."""
-    total = self.spec.dispatch_s
+    total = self.launch_s()
     for j in range(max(steps)):
       live = [c + j for c, k in zip(contexts, steps, strict=True) if k > j]
       total += self.model_stages_s(cfg, BatchShape.of([1] * len(live), live))

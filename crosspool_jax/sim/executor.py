@@ -2,8 +2,10 @@
 
 Tokens follow `fake_tokens` (the token after position p is p % 97, as `FakeExecutor`'s), so a
 simulated engine schedules exactly as a real one whose outputs hit no stop id. Each
-`run_many` models its step's seconds (`cost_model`), records them and advances the simulated
-clock by them, so the engine stamps the step's tokens at its modelled end.
+`run_many` models its step's seconds (`cost_model`: the host's step, then its programs
+overlapped across devices, or all in sequence on devices that share the host), records them
+and what the step asked of the devices (`Work`, what calibration fits to), and advances the
+simulated clock by them, so the engine stamps the step's tokens at its modelled end.
 
 Colocated policies (no weights pool): each model batch is one program on its group's device,
 `colocated_step_s` of them. CrossPool policies: the batches are cut into micro-batches and
@@ -21,6 +23,8 @@ is on demand, after the layer's routing.
 
 from __future__ import annotations
 
+import bisect
+
 from crosspool_jax.engine.executors.api import (
   FAKE_VOCAB,
   HostCounters,
@@ -36,6 +40,7 @@ from crosspool_jax.roofline import BatchShape
 from crosspool_jax.sim.cost_model import (
   CostModel,
   ExpertCall,
+  Work,
   colocated_step_s,
   pipelined_step_s,
 )
@@ -87,6 +92,8 @@ class SimExecutor:
     self.router = router
     self.counters = HostCounters()
     self.step_s: list[float] = []  # the modelled seconds of every step run
+    self.step_work: list[Work] = []  # what each step asked of the devices
+    self.shapes_run: set[tuple] = set()  # (model, token bucket or "decode") run so far
     self.calls = self.members = self.splits = self.miss_steps = 0
 
   @property
@@ -112,9 +119,21 @@ class SimExecutor:
 
   def run_many(self, batches: list[ModelBatch]) -> list:
     """The batches' tokens; charges the step's modelled seconds to the clock."""
-    seconds = (self._colocated_s(batches) if self.weights_pool is None
-               else self._crosspool_s(batches))
+    self.cost.begin_step()
+    for b in batches:
+      key = (b.model_id, "decode" if b.decode_steps else self.config.token_buckets[
+          min(bisect.bisect_left(self.config.token_buckets, b.num_tokens),
+              len(self.config.token_buckets) - 1)])
+      self.cost.work.first_runs += key not in self.shapes_run
+      self.shapes_run.add(key)
+    overlapped = (self._colocated_s(batches) if self.weights_pool is None
+                  else self._crosspool_s(batches))
+    work = self.cost.work
+    seconds = (self.cost.serial_s(work) if self.cost.spec.shared_host
+               else self.cost.host_s(work) + overlapped)
     self.step_s.append(seconds)
+    self.step_work.append(work)
+    self.counters.dispatches += work.programs
     self.clock.advance(seconds)
     self.counters.steps += max((max(b.decode_steps) for b in batches if b.decode_steps),
                                default=1)
@@ -132,30 +151,32 @@ class SimExecutor:
         seconds = self.cost.decode_loop_s(model.cfg, [r.num_cached + 1 for r in b.requests],
                                           b.decode_steps)
       programs.append((self.config.devices[model.group], seconds))
-    self.counters.dispatches += len(programs)
     return colocated_step_s(programs)
 
   def _crosspool_s(self, batches: list[ModelBatch]) -> float:
-    c, dispatch = self.config, self.cost.spec.dispatch_s
+    c, cost = self.config, self.cost
     phased = ping_pong(batches, c.micro_batches, c.micro_batch_min_tokens)
     mbs = [part for _, _, part in phased]
     phases = [phase for phase, _, _ in phased]
     cfgs = [self.models[mb.model_id].cfg for mb in mbs]
     shapes = [_shape(mb) for mb in mbs]
     pairs = list(zip(cfgs, shapes, strict=True))
-    attention = [[dispatch + self.cost.attention_side_s(cfg, layer, shape)
+    attention = [[cost.launch_s() + cost.attention_side_s(cfg, layer, shape)
                   for layer in range(cfg.num_layers)] for cfg, shape in pairs]
     misses = self.weights_pool.stats.misses
     calls = [self._expert_calls(mbs, phases, cfgs, layer)
              for layer in range(max(cfg.num_layers for cfg in cfgs))]
     self.miss_steps += self.weights_pool.stats.misses > misses
-    self.counters.dispatches += (sum(map(len, attention)) + sum(map(len, calls))
-                                 + 2 * len(mbs))
+    served = [0] * len(mbs)  # expert calls per micro-batch: two transfers each
+    for call in (call for layer_calls in calls for call in layer_calls):
+      for i in call.members:
+        served[i] += 1
     return pipelined_step_s(
         [self.models[mb.model_id].group for mb in mbs], attention, calls,
-        [self.cost.transfer_s(cfg, shape.tokens) for cfg, shape in pairs],
+        [cost.transfer_s(cfg, shape.tokens, count=2 * n)
+         for (cfg, shape), n in zip(pairs, served, strict=True)],
         # the input program (unpack, embed) and the head's
-        [2 * dispatch + self.cost.head_s(cfg, shape) for cfg, shape in pairs])
+        [cost.launch_s(2) + cost.head_s(cfg, shape) for cfg, shape in pairs])
 
   def _expert_calls(self, mbs: list[ModelBatch], phases: list[int], cfgs: list,
                     layer: int) -> list[ExpertCall]:

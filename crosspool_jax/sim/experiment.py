@@ -20,10 +20,15 @@ from collections.abc import Callable
 from crosspool_jax.engine.policies.sizes import dtype_itemsize
 from crosspool_jax.experiments.runner import check_experiment, run_experiment
 from crosspool_jax.experiments.serving import engine_config, fleet_model_config
-from crosspool_jax.roofline import DEVICES, device_spec
+from crosspool_jax.roofline import DEVICES, DeviceSpec, device_spec
 from crosspool_jax.sim.cost_model import Efficiency
 from crosspool_jax.sim.routing import Routing
 from crosspool_jax.sim.simulator import SLO, SimModel, simulate
+
+# config.sim fields: the host's terms of the cost model, and those that replace the device's
+# launch and transfer latencies where set
+HOST_TERMS = ("host_step_s", "first_run_s")
+SPEC_OVERRIDES = ("dispatch_s", "link_latency_s")
 
 
 def sim_config(config):
@@ -50,7 +55,18 @@ def sim_config(config):
       make(**c.sim[block].to_dict())
     except (TypeError, ValueError) as e:
       raise ValueError(f"config.sim.{block}: {e}") from e
+  for name in (*HOST_TERMS, *SPEC_OVERRIDES):
+    value = c.sim.get(name)
+    if value is not None and not (isinstance(value, int | float) and value >= 0):
+      raise ValueError(f"config.sim.{name} must be a number of seconds >= 0, got {value!r}")
   return c
+
+
+def sim_device(c) -> DeviceSpec:
+  """config.sim.device's spec with config.sim's launch and transfer latencies, where set."""
+  overrides = {name: c.sim.get(name) for name in SPEC_OVERRIDES}
+  return dataclasses.replace(device_spec(c.sim.device),
+                             **{k: float(v) for k, v in overrides.items() if v is not None})
 
 
 def sim_fleet(c) -> dict[str, SimModel]:
@@ -59,18 +75,23 @@ def sim_fleet(c) -> dict[str, SimModel]:
           for m, e in c.fleet.items()}
 
 
-def simulate_run(c, records, *, run_id: str, log: Callable[[str], None]) -> tuple[dict, None]:
-  """Serves one run in simulated time (`runner.run_experiment`'s `serve_run` in mode "sim").
+def simulate_run(c, records, *, run_id: str, log: Callable[[str], None],
+                 work: dict | None = None) -> tuple[dict, None]:
+  """Serves one run in simulated time (`runner.run_experiment`'s `serve_run` in mode "sim");
+  if `work` is given, `work[run_id]` gets every step's `Work` (calibration).
 
   Returns:
     ({"counts", "simulated", "wall_clock": {"simulation_s"}}, None: no tokens are computed).
   """
   weight_dtype = next(iter(c.fleet.values())).dtype
-  run = simulate(engine_config(c.engine), sim_fleet(c), records, device=c.sim.device,
+  run = simulate(engine_config(c.engine), sim_fleet(c), records, device=sim_device(c),
                  slo=SLO(ttft_s=c.slo.ttft_s, tbt_s=c.slo.tbt_s), weight_dtype=weight_dtype,
                  efficiency=Efficiency(**c.sim.efficiency.to_dict()),
+                 **{name: float(c.sim.get(name) or 0.0) for name in HOST_TERMS},
                  routing=Routing(**c.sim.routing.to_dict()), log=log,
-                 progress_interval_s=c.progress_interval_s)
+                 progress_interval_s=c.progress_interval_s, arrival_mode=c.arrival_mode,
+                 logical_step_s=c.logical_step_s,
+                 work=None if work is None else work.setdefault(run_id, []))
   log(f"   {run_id}: {run['simulated']['serve_wall_s']:.1f}s simulated, "
       f"{run['counts']['steps']} steps, in {run['wall_s']:.1f}s")
   return {"counts": run["counts"], "simulated": run["simulated"],
@@ -87,7 +108,7 @@ def simulate_experiment(config, *, log: Callable[[str], None], command: str = ""
   check_experiment(c)
   results = run_experiment(c, log=log, command=command, trace_dir=trace_dir,
                            serve_run=simulate_run)
-  spec = device_spec(c.sim.device)
+  spec = sim_device(c)
   count = max(len(r["engine"]["devices"]) + len(r["engine"]["weight_devices"])
               for r in results["runs"])
   return results | {"device": {"platform": "sim", "device_kind": spec.name, "count": count,

@@ -81,7 +81,8 @@ def test_sim_mode_counts_are_simulates_on_the_same_config(demo_results):
                          e.max_context, e.group) for m, e in c.fleet.items()}
     direct = simulate(engine_config(c.engine), fleet, records, device="h100_sxm",
                       slo=SLO(ttft_s=c.slo.ttft_s, tbt_s=c.slo.tbt_s), weight_dtype="float32",
-                      efficiency=Efficiency(), routing=Routing())
+                      efficiency=Efficiency(), routing=Routing(),
+                      arrival_mode=c.arrival_mode, logical_step_s=c.logical_step_s)
     assert run["counts"] == direct["counts"], name
     assert run["simulated"] == direct["simulated"], name
 

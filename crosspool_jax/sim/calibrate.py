@@ -1,0 +1,223 @@
+"""Calibration of the cost model on measured steps, and validation of its predictions.
+
+A measured experiment whose arrivals follow the logical clock (`arrival_mode="logical"`) has
+a schedule that does not depend on the machine: the same config simulated
+(`config.mode="sim"`, same arrival mode) runs the same steps with the same batches
+(`simulate_like` checks it: the KV pages in use after every step, and the trace's arrivals,
+must agree). So each measured step's wall seconds (the gaps of its run's
+`kv_pool_timeline_t_s`) pair with the simulated step's `Work`, and `fit` solves the bounded
+linear least squares over every step of a policy's runs (one calibration per policy: the
+CrossPool executor drives every layer from the host, the colocated one a whole model step):
+
+  measured_s ~ host_step_s + first_run_s * first_runs + dispatch_s * programs
+               + link_latency_s * transfers + sum over stages k of work_k / efficiency_k
+
+with the host terms >= 0 and each efficiency in (0, 1]. That is the step of devices sharing
+the host (`DeviceSpec.shared_host`, the CPU's emulated devices: every term adds), so only
+such devices calibrate here. A stage whose work is 0 in every step keeps efficiency 1, a
+latency no step exercises keeps the device's estimate.
+
+`validate` simulates another measured experiment with the calibration and sets the measured
+and the predicted TTFT / TBT percentiles of each run side by side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import itertools
+from collections.abc import Callable, Sequence
+
+import ml_collections
+import numpy as np
+from scipy import optimize
+
+from crosspool_jax.experiments.runner import run_experiment
+from crosspool_jax.roofline import device_spec
+from crosspool_jax.sim.cost_model import STAGES, Efficiency, Work
+from crosspool_jax.sim.experiment import HOST_TERMS, SPEC_OVERRIDES, sim_config, simulate_run
+
+# the fitted terms, in the order of `features`' columns
+TERMS = (*HOST_TERMS, *SPEC_OVERRIDES, *STAGES)
+# the latency and percentile fields compared by `validate`
+COMPARED = (("ttft_s", "p50"), ("ttft_s", "p99"), ("tbt_s", "p50"), ("tbt_s", "p99"))
+
+
+@dataclasses.dataclass(frozen=True)
+class Calibration:
+  """Fitted host and efficiency terms of one device kind.
+
+  Attributes:
+    device: the `roofline.DEVICES` kind fitted.
+    host_step_s, first_run_s, dispatch_s, link_latency_s: the host's seconds per step, per
+      first run of a program at a shape, per program launch, per device-to-device transfer.
+    efficiency: each stage's achieved fraction of the roofline.
+    steps: measured steps fitted.
+    fit: the fit's quality: r2 (of the step seconds), median and p90 absolute relative error
+      of a step's prediction, and which terms no step exercised (kept at their defaults).
+  """
+
+  device: str
+  host_step_s: float
+  first_run_s: float
+  dispatch_s: float
+  link_latency_s: float
+  efficiency: Efficiency
+  steps: int = 0
+  fit: dict = dataclasses.field(default_factory=dict)
+
+  def to_dict(self) -> dict:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict) -> Calibration:
+    return cls(**(d | {"efficiency": Efficiency(**d["efficiency"])}))
+
+  def apply(self, config) -> None:
+    """Sets config.sim (device, host step, latencies, efficiencies) to this calibration."""
+    config.sim.device = self.device
+    for name in (*HOST_TERMS, *SPEC_OVERRIDES):
+      config.sim[name] = getattr(self, name)
+    config.sim.efficiency = ml_collections.ConfigDict(dataclasses.asdict(self.efficiency))
+
+  def flags(self) -> list[str]:
+    """The same settings as `--config.sim.*` flags of scripts/run_experiment.py."""
+    out = [f"--config.sim.device={self.device}"]
+    out += [f"--config.sim.{k}={getattr(self, k):.6g}" for k in (*HOST_TERMS, *SPEC_OVERRIDES)]
+    return out + [f"--config.sim.efficiency.{k}={getattr(self.efficiency, k):.6g}"
+                  for k in STAGES]
+
+
+def features(work: Work) -> list[float]:
+  """A step's row of the fit (`TERMS`): 1, its first runs, programs, transfers, and stages at
+  the roofline."""
+  return [1.0, float(work.first_runs), float(work.programs), float(work.transfers),
+          *(getattr(work, kind) for kind in STAGES)]
+
+
+def measured_step_s(run: dict) -> list[float]:
+  """A measured run's step seconds: the gaps between its steps' ends (the first step's start
+  is not recorded: it has none)."""
+  t = run["wall_clock"]["kv_pool_timeline_t_s"]
+  return [b - a for a, b in itertools.pairwise(t)]
+
+
+def simulate_like(results: dict, device: str, *, log: Callable[[str], None],
+                  calibration: Calibration | None = None) -> tuple[dict, dict[str, list[Work]]]:
+  """The measured experiment `results` simulated on `device` (its own config, mode "sim").
+
+  Returns:
+    (the simulated results dict, run id -> every step's `Work`).
+
+  Raises:
+    ValueError: `results` is not a measured experiment with logical arrivals, or the
+      simulated schedule differs from the measured one (naming the run and the step).
+  """
+  if results.get("mode") != "run":
+    raise ValueError(f"a measured results file is needed, got mode {results.get('mode')!r}")
+  config = ml_collections.ConfigDict(results["config"])
+  if config.arrival_mode != "logical":
+    raise ValueError("calibration pairs measured and simulated steps one to one, which needs "
+                     f"arrival_mode='logical'; {results['experiment']} ran with "
+                     f"{config.arrival_mode!r}")
+  config.mode, config.sim.device = "sim", device
+  if calibration is not None:
+    calibration.apply(config)
+  work: dict[str, list[Work]] = {}
+  c = sim_config(config)
+  simulated = run_experiment(c, log=log, serve_run=functools.partial(simulate_run, work=work))
+  for key, trace in results["traces"].items():
+    if simulated["traces"][key]["arrivals"] != trace["arrivals"]:
+      raise ValueError(f"the simulated trace {key or '(single)'} differs from the measured one: "
+                       "the results' config does not regenerate its trace")
+  for measured, sim in zip(results["runs"], simulated["runs"], strict=True):
+    if "refused" in measured or "refused" in sim:
+      continue
+    a, b = measured["counts"]["kv_used_pages_per_step"], sim["counts"]["kv_used_pages_per_step"]
+    if a != b:
+      first = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                   min(len(a), len(b)))
+      raise ValueError(f"run {measured['name']}: the simulated schedule differs from the "
+                       f"measured one at step {first} ({len(a)} measured steps, {len(b)} "
+                       "simulated; KV pages in use differ)")
+  return simulated, work
+
+
+def step_samples(results: dict, work: dict[str, list[Work]],
+                 name: str) -> list[tuple[Work, float]]:
+  """(simulated `Work`, measured seconds) of every step of the runs named `name` (every sweep
+  point), each run's first step excluded."""
+  out = []
+  for run in results["runs"]:
+    if run["name"] != name or "refused" in run:
+      continue
+    run_id = name if run["sweep_value"] is None else f"{name}@{run['sweep_value']}"
+    out += list(zip(work[run_id][1:], measured_step_s(run), strict=True))
+  return out
+
+
+def fit(samples: Sequence[tuple[Work, float]], device: str) -> Calibration:
+  """Bounded least squares of the measured step seconds on the steps' `features` (module
+  docstring)."""
+  spec = device_spec(device)
+  if not spec.shared_host:
+    raise ValueError(f"device {device!r}: calibration fits steps whose programs all add up "
+                     "(devices sharing the host, e.g. 'cpu'); its steps overlap devices")
+  if len(samples) < len(TERMS):
+    raise ValueError(f"{len(samples)} measured steps cannot fit {len(TERMS)} terms")
+  x = np.array([features(w) for w, _ in samples])
+  y = np.array([s for _, s in samples])
+  used = np.flatnonzero(np.abs(x).sum(0) > 0)
+  scale = np.linalg.norm(x[:, used], axis=0)
+  lower = np.array([0.0 if t in (*HOST_TERMS, *SPEC_OVERRIDES) else 1.0 for t in TERMS])
+  solved = optimize.lsq_linear(x[:, used] / scale, y, bounds=(lower[used] * scale, np.inf),
+                               method="bvls")
+  coef = (dict.fromkeys(HOST_TERMS, 0.0) | {t: getattr(spec, t) for t in SPEC_OVERRIDES}
+          | dict.fromkeys(STAGES, 1.0))
+  for j, value in zip(used, solved.x / scale, strict=True):
+    coef[TERMS[j]] = max(float(value), lower[j])  # the solver's bounds up to rounding
+  predicted = x @ np.array([coef[t] for t in TERMS])
+  rel = np.abs(predicted - y) / np.maximum(y, 1e-9)
+  ss = float(((y - y.mean()) ** 2).sum())
+  return Calibration(
+      device=device, **{t: coef[t] for t in (*HOST_TERMS, *SPEC_OVERRIDES)},
+      efficiency=Efficiency(**{k: min(1.0, 1.0 / coef[k]) for k in STAGES}),
+      steps=len(samples),
+      fit={"r2": 1.0 - float(((y - predicted) ** 2).sum()) / ss if ss else 1.0,
+           "median_abs_rel_error": float(np.median(rel)),
+           "p90_abs_rel_error": float(np.percentile(rel, 90)),
+           "unexercised": [TERMS[j] for j in range(len(TERMS)) if j not in set(used)]})
+
+
+def calibrate(results: dict, device: str = "cpu", *,
+              log: Callable[[str], None] = lambda msg: None) -> dict[str, Calibration]:
+  """Fits `device`'s cost model to the measured experiment `results`, one `Calibration` per
+  run name (policy): each executor has its own host costs (module docstring)."""
+  _, work = simulate_like(results, device, log=log)
+  names = dict.fromkeys(r["name"] for r in results["runs"] if "refused" not in r)
+  return {name: fit(step_samples(results, work, name), device) for name in names}
+
+
+def validate(results: dict, calibrations: dict[str, Calibration], *,
+             log: Callable[[str], None] = lambda msg: None) -> list[dict]:
+  """Each run of the measured experiment `results` whose name has a calibration, predicted
+  with it (the experiment simulated once per calibration).
+
+  Returns:
+    Per run: name, sweep value, and for each `COMPARED` latency percentile (ms) the
+    measured, the predicted and the error (predicted / measured - 1).
+  """
+  rows = []
+  for name, calibration in calibrations.items():
+    simulated, _ = simulate_like(results, calibration.device, log=log, calibration=calibration)
+    for measured, sim in zip(results["runs"], simulated["runs"], strict=True):
+      if measured["name"] != name or "refused" in measured or "refused" in sim:
+        continue
+      row = {"name": name, "sweep_value": measured["sweep_value"]}
+      for field, pct in COMPARED:
+        m = 1e3 * measured["wall_clock"][field][pct]
+        p = 1e3 * sim["simulated"][field][pct]
+        row[f"{field}_{pct}"] = {"measured_ms": m, "predicted_ms": p,
+                                 "error": p / m - 1.0 if m else None}
+      rows.append(row)
+  return rows
