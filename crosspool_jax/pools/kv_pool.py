@@ -342,6 +342,13 @@ class KVPool:
     out[:, :, :w] = view.tables_LRP[:, rows, :w]
     return out
 
+  def devices_holding(self, model_id: str, request_ids: Iterable[str]) -> set[int]:
+    """The KV devices holding a page of any of these requests (of one model)."""
+    view = self._model(model_id)
+    rows = [self._request(r).row for r in request_ids]
+    held = view.tables_LRP[:, rows]
+    return set(np.unique(held[held > 0] // self.pages_per_device).tolist())
+
   def local_tables(self, tables: np.ndarray, device: int) -> np.ndarray:
     """The view of global tables on one device: local ids there, 0 (skipped) elsewhere."""
     on_device = (tables // self.pages_per_device == device) & (tables > 0)

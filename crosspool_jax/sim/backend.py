@@ -15,6 +15,7 @@ from collections.abc import Callable
 from crosspool_jax.engine.executors.api import Executor, LoadedModel
 from crosspool_jax.engine.executors.crosspool import DeviceSplit
 from crosspool_jax.engine.policies import Runtime
+from crosspool_jax.pools.kv_pool import KVPool
 from crosspool_jax.pools.weights_pool import ExpertModelSpec, PoolStats, WeightsPool
 
 
@@ -35,13 +36,13 @@ class HostBackend:
   """An engine backend with no device (see the module docstring).
 
   Args:
-    make_executor: (the engine's models, its config, the host weights pool or None) -> the
-      executor.
+    make_executor: (the engine's models, its config, the host weights pool or None, model id
+      -> its KV pool) -> the executor.
     weight_dtype: the dtype of the models' routed experts (their shape class).
   """
 
   def __init__(self, make_executor: Callable[[dict[str, LoadedModel], object,
-                                              WeightsPool | None], Executor],
+                                              WeightsPool | None, dict[str, KVPool]], Executor],
                *, weight_dtype: str = "bfloat16"):
     self.make_executor = make_executor
     self.weight_dtype = weight_dtype
@@ -61,7 +62,7 @@ class HostBackend:
       weights = policy.serving_weights_pool(config, experts)
       for spec in experts:
         weights.register_model(spec, slots_per_device=config.expert_slots_per_device)
-    return Runtime(pools, model_pools, self.make_executor(models, config, weights),
+    return Runtime(pools, model_pools, self.make_executor(models, config, weights, model_pools),
                    None if weights is None else HostWeightsPool(weights))
 
   def add_model(self, policy, runtime, config, model, spec, *, log) -> None:

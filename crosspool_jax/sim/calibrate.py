@@ -102,6 +102,44 @@ def measured_step_s(run: dict) -> list[float]:
   return [b - a for a, b in itertools.pairwise(t)]
 
 
+def combine_reruns(reruns: Sequence[dict]) -> dict:
+  """Several measured runs of one experiment (same config and trace: the same schedule under
+  logical arrivals) as one: each step's seconds the median of its reruns' (the timeline
+  rebuilt from them), each `COMPARED` percentile the median of the reruns', their values kept
+  under `wall_clock["reruns"]`. The machine's noise then moves what is fitted and compared
+  less. ValueError if the reruns are not of one experiment or their schedules differ."""
+  for results in reruns:
+    if results.get("mode") != "run" or "runs" not in results:
+      raise ValueError("a measured results file is needed (scripts/run_experiment.py, mode "
+                       f"'run'), got mode {results.get('mode')!r}")
+  first = reruns[0]
+  for other in reruns[1:]:
+    same = (other["traces"] == first["traces"] and len(other["runs"]) == len(first["runs"])
+            and all((a["name"], a["engine"], a["plan"]) == (b["name"], b["engine"], b["plan"])
+                    for a, b in zip(other["runs"], first["runs"], strict=False)))
+    if not same:
+      raise ValueError(f"not reruns of one experiment (traces, runs, engines or plans differ): "
+                       f"{first['command']!r} and {other['command']!r}")
+  combined = dict(first, runs=[])
+  for i, run in enumerate(first["runs"]):
+    runs = [r["runs"][i] for r in reruns]
+    if "refused" in run:
+      combined["runs"].append(run)
+      continue
+    if any(r["counts"]["kv_used_pages_per_step"] != run["counts"]["kv_used_pages_per_step"]
+           for r in runs):
+      raise ValueError(f"run {run['name']}: the reruns' schedules differ (arrival_mode must "
+                       "be 'logical')")
+    steps = np.median([measured_step_s(r) for r in runs], axis=0)
+    wall = dict(run["wall_clock"],
+                kv_pool_timeline_t_s=[0.0, *np.cumsum(steps).tolist()],
+                reruns={f"{f}_{p}": [r["wall_clock"][f][p] for r in runs] for f, p in COMPARED})
+    for field, pct in COMPARED:
+      wall[field] = dict(wall[field], **{pct: float(np.median(wall["reruns"][f"{field}_{pct}"]))})
+    combined["runs"].append(dict(run, wall_clock=wall))
+  return combined
+
+
 def simulate_like(results: dict, device: str, *, log: Callable[[str], None],
                   calibration: Calibration | None = None) -> tuple[dict, dict[str, list[Work]]]:
   """The measured experiment `results` simulated on `device` (its own config, mode "sim").
@@ -205,7 +243,8 @@ def validate(results: dict, calibrations: dict[str, Calibration], *,
 
   Returns:
     Per run: name, sweep value, and for each `COMPARED` latency percentile (ms) the
-    measured, the predicted and the error (predicted / measured - 1).
+    measured (of `combine_reruns`: the median of the reruns, each kept), the predicted and the
+    error (predicted / measured - 1).
   """
   rows = []
   for name, calibration in calibrations.items():
@@ -214,10 +253,12 @@ def validate(results: dict, calibrations: dict[str, Calibration], *,
       if measured["name"] != name or "refused" in measured or "refused" in sim:
         continue
       row = {"name": name, "sweep_value": measured["sweep_value"]}
+      reruns = measured["wall_clock"].get("reruns", {})
       for field, pct in COMPARED:
         m = 1e3 * measured["wall_clock"][field][pct]
         p = 1e3 * sim["simulated"][field][pct]
-        row[f"{field}_{pct}"] = {"measured_ms": m, "predicted_ms": p,
-                                 "error": p / m - 1.0 if m else None}
+        row[f"{field}_{pct}"] = {
+            "measured_ms": m, "predicted_ms": p, "error": p / m - 1.0 if m else None,
+            "reruns_ms": [1e3 * v for v in reruns.get(f"{field}_{pct}", [])]}
       rows.append(row)
   return rows

@@ -153,6 +153,13 @@ class Work:
   transfer: float = 0.0
   swap: float = 0.0
 
+  def rerun(self, reads: int) -> None:
+    """The step runs again after its first run, with `reads` blocking reads (counted as
+    transfers): every launch, transfer and stage twice, the swap-ins and first runs once."""
+    for name in ("programs", "transfers", *(k for k in STAGES if k != "swap")):
+      setattr(self, name, 2 * getattr(self, name))
+    self.transfers += reads
+
 
 class CostModel:
   """Modelled seconds of stages and programs on one device kind (the module docstring).

@@ -16,9 +16,12 @@ the executor plans them
 drawn (`Router`) and made resident through the real `WeightsPool.access` (the earlier
 members of the call protected, as `DeviceWeightsPool.access_many` does), so hits, misses and
 evictions come from the pool and its expert policy; the loads are charged as swap-ins before
-the call (`pipelined_step_s`). What the real executor does differently: it makes experts
-resident before a step by prediction and reruns a step whose routing missed; here every load
-is on demand, after the layer's routing.
+the call (`pipelined_step_s`). A step with a miss costs what the executor's miss path does: its
+speculative run, then the rerun reading each expert call's routing first. What the real
+executor does differently: it makes experts resident before a step by prediction (so fewer of
+its steps miss); here every load is on demand, after the layer's routing. A micro-batch whose
+pages spread over several KV devices runs its attention as the executor does (a program per
+device holding pages, q/k/v out and the results back, a merge at home).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from crosspool_jax.engine.executors.api import (
 from crosspool_jax.engine.executors.crosspool import expert_group, ping_pong, plan_expert_calls
 from crosspool_jax.engine.policies.crosspool import fused_token_buckets
 from crosspool_jax.engine.scheduler import ModelBatch
+from crosspool_jax.pools.kv_pool import KVPool
 from crosspool_jax.pools.weights_pool import WeightsPool
 from crosspool_jax.roofline import BatchShape
 from crosspool_jax.sim.cost_model import (
@@ -78,10 +82,12 @@ class SimExecutor:
     clock: the simulated clock, advanced by each step's seconds.
     weights_pool: the host weights pool of a CrossPool policy (None: colocated).
     router: the routing model (CrossPool policies).
+    kv_pools: model id -> its KV pool (CrossPool: where each micro-batch's pages are).
   """
 
   def __init__(self, models: dict[str, LoadedModel], config, cost: CostModel, clock: SimClock,
-               *, weights_pool: WeightsPool | None = None, router: Router | None = None):
+               *, weights_pool: WeightsPool | None = None, router: Router | None = None,
+               kv_pools: dict[str, KVPool] | None = None):
     if weights_pool is not None and router is None:
       raise ValueError("a CrossPool simulation needs a router (the routing model)")
     self.models = models
@@ -90,6 +96,7 @@ class SimExecutor:
     self.clock = clock
     self.weights_pool = weights_pool
     self.router = router
+    self.kv_pools = kv_pools or {}
     self.counters = HostCounters()
     self.step_s: list[float] = []  # the modelled seconds of every step run
     self.step_work: list[Work] = []  # what each step asked of the devices
@@ -161,22 +168,49 @@ class SimExecutor:
     cfgs = [self.models[mb.model_id].cfg for mb in mbs]
     shapes = [_shape(mb) for mb in mbs]
     pairs = list(zip(cfgs, shapes, strict=True))
-    attention = [[cost.launch_s() + cost.attention_side_s(cfg, layer, shape)
-                  for layer in range(cfg.num_layers)] for cfg, shape in pairs]
+    attention = [[self._attention_s(k, cfg, layer, shape) for layer in range(cfg.num_layers)]
+                 for k, (cfg, shape) in zip(map(self._kv_devices, mbs), pairs, strict=True)]
     misses = self.weights_pool.stats.misses
     calls = [self._expert_calls(mbs, phases, cfgs, layer)
              for layer in range(max(cfg.num_layers for cfg in cfgs))]
-    self.miss_steps += self.weights_pool.stats.misses > misses
+    missed = self.weights_pool.stats.misses > misses
+    self.miss_steps += missed
     served = [0] * len(mbs)  # expert calls per micro-batch: two transfers each
     for call in (call for layer_calls in calls for call in layer_calls):
       for i in call.members:
         served[i] += 1
-    return pipelined_step_s(
+    seconds = pipelined_step_s(
         [self.models[mb.model_id].group for mb in mbs], attention, calls,
         [cost.transfer_s(cfg, shape.tokens, count=2 * n)
          for (cfg, shape), n in zip(pairs, served, strict=True)],
         # the input program (unpack, embed) and the head's
         [cost.launch_s(2) + cost.head_s(cfg, shape) for cfg, shape in pairs])
+    if not missed:
+      return seconds
+    # the executor's miss path: the speculative run is discarded and the step runs again,
+    # reading each expert call's routing back before it (a blocking read: a transfer's latency)
+    reads = sum(map(len, calls))
+    cost.work.rerun(reads)
+    return 2 * seconds + reads * cost.spec.link_latency_s
+
+  def _kv_devices(self, mb: ModelBatch) -> int:
+    """How many KV devices a micro-batch's attention runs on: its home and those holding its
+    pages."""
+    pool = self.kv_pools.get(mb.model_id)
+    if pool is None:
+      return 1
+    return len(pool.devices_holding(mb.model_id, [r.request_id for r in mb.requests])
+               | {self.models[mb.model_id].group})
+
+  def _attention_s(self, k: int, cfg, layer: int, shape: BatchShape) -> float:
+    """A micro-batch's attention side of a layer on `k` KV devices, as the executor runs it:
+    one program when k is 1; else its q/k/v out to each other device and the results back, a
+    write-and-attend program on each, the inputs' and the merge's programs at home (the work
+    charged at home)."""
+    seconds = self.cost.launch_s(1 if k == 1 else k + 2)
+    if k > 1:
+      seconds += self.cost.transfer_s(cfg, shape.tokens, count=2 * (k - 1)) * 2 * (k - 1)
+    return seconds + self.cost.attention_side_s(cfg, layer, shape)
 
   def _expert_calls(self, mbs: list[ModelBatch], phases: list[int], cfgs: list,
                     layer: int) -> list[ExpertCall]:

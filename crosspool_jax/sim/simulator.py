@@ -101,9 +101,9 @@ class Simulation:
     self.progress_interval_s = progress_interval_s
     self.executor: SimExecutor | None = None
 
-    def make_executor(models, config, weights_pool):
+    def make_executor(models, config, weights_pool, kv_pools):
       self.executor = SimExecutor(models, config, cost, self.clock, weights_pool=weights_pool,
-                                  router=Router(routing or Routing()))
+                                  router=Router(routing or Routing()), kv_pools=kv_pools)
       return self.executor
 
     self.engine = Engine(config, clock=self.clock,

@@ -14,7 +14,14 @@ import pytest
 
 from crosspool_jax.experiments.report import validation_section
 from crosspool_jax.roofline import device_spec
-from crosspool_jax.sim.calibrate import Calibration, calibrate, fit, simulate_like, validate
+from crosspool_jax.sim.calibrate import (
+  Calibration,
+  calibrate,
+  combine_reruns,
+  fit,
+  simulate_like,
+  validate,
+)
 from crosspool_jax.sim.cost_model import STAGES, CostModel, Efficiency, Work
 from crosspool_jax.sim.experiment import simulate_experiment
 from tests.conftest import ROOT
@@ -130,3 +137,32 @@ def test_the_script_writes_the_validation_and_make_benchmarks_renders_it(measure
   proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "calibrate.py"),
                          f"--fit={out}"], capture_output=True, text=True, cwd=ROOT)
   assert proc.returncode == 1 and "a measured results file is needed" in proc.stderr
+
+
+def _scaled(results: dict, factor: float) -> dict:
+  """A rerun whose every step and latency took `factor` times as long."""
+  out = copy.deepcopy(results)
+  for run in out["runs"]:
+    wall = run["wall_clock"]
+    wall["kv_pool_timeline_t_s"] = [factor * t for t in wall["kv_pool_timeline_t_s"]]
+    for field in ("ttft_s", "tbt_s"):
+      wall[field] = {k: factor * v for k, v in wall[field].items()}
+  return out
+
+
+def test_reruns_combine_as_the_median_of_each_step_and_percentile(measured):
+  fitted, other = measured
+  combined = combine_reruns([_scaled(fitted, 3.0), fitted, _scaled(fitted, 2.0)])
+  for run, twice in zip(combined["runs"], _scaled(fitted, 2.0)["runs"], strict=True):
+    assert run["wall_clock"]["kv_pool_timeline_t_s"] == pytest.approx(
+        twice["wall_clock"]["kv_pool_timeline_t_s"])
+    assert run["wall_clock"]["tbt_s"]["p99"] == pytest.approx(twice["wall_clock"]["tbt_s"]["p99"])
+    assert run["wall_clock"]["reruns"]["tbt_s_p99"] == pytest.approx(
+        [3 * run["wall_clock"]["tbt_s"]["p99"] / 2, run["wall_clock"]["tbt_s"]["p99"] / 2,
+         run["wall_clock"]["tbt_s"]["p99"]])
+  with pytest.raises(ValueError, match="not reruns of one experiment"):
+    combine_reruns([fitted, other])
+  changed = copy.deepcopy(fitted)
+  changed["runs"][0]["counts"]["kv_used_pages_per_step"][5] += 1
+  with pytest.raises(ValueError, match="run static: the reruns' schedules differ"):
+    combine_reruns([fitted, changed])

@@ -77,7 +77,7 @@ def test_the_schedule_is_the_real_engines(policy):
   sim.run(records)
 
   fake = _Fake()
-  engine = Engine(config, backend=HostBackend(lambda models, config, weights: fake))
+  engine = Engine(config, backend=HostBackend(lambda models, config, weights, kv_pools: fake))
   for m, e in fleet.items():
     engine.register_model(m, cfg=e.cfg, params={}, max_batch=e.max_batch,
                           max_context=e.max_context, group=e.group)
