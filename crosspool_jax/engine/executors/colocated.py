@@ -153,7 +153,8 @@ class ColocatedExecutor:
     return len(self._executables)
 
   def compile_all(self, log=None) -> int:
-    """Compiles every (model, token bucket); returns the number of executables."""
+    """Compiles and warms every (model, token bucket) (`_warm`); returns the number of
+    executables."""
     for model_id in self.models:
       self._compile_model(model_id, log)
     return self.compile_count
@@ -166,6 +167,9 @@ class ColocatedExecutor:
       layout = self._layouts[model_id, bucket] = self._step_layout(model, bucket)
       self._executables[model_id, bucket] = _step.lower(
           model.params, buffer, _abstract(layout), layout=layout, **impls).compile()
+      paged, sampling, next_pos = pack_batch(self.pools[model_id], ModelBatch(model_id, [], []),
+                                             bucket, self.max_batch)
+      self._warm(model, (model_id, bucket), step_arrays(paged[0], sampling, next_pos))
       if log:
         log(f"compiled {model_id} tokens={bucket}")
     if self.decode_steps > 1:
@@ -173,8 +177,20 @@ class ColocatedExecutor:
       self._executables[model_id, "decode"] = _decode_loop.lower(
           model.params, buffer, _abstract(layout), layout=layout, num_steps=self.decode_steps,
           page_tokens=self.pools[model_id].page_tokens(model_id), **impls).compile()
+      self._warm(model, (model_id, "decode"), decode_arrays(
+          self.pools[model_id], ModelBatch(model_id, [], [], decode_steps=[]), self.max_batch))
       if log:
         log(f"compiled {model_id} decode_steps={self.decode_steps}")
+
+  def _warm(self, model: LoadedModel, key: tuple, arrays) -> None:
+    """Runs an executable once on a batch of no sequence (every token padding: nothing is
+    written but the null page). An executable's first run on XLA:CPU costs ~20 ms more than
+    the next ones (fitted by the simulator's calibration on the CPU demo); unwarmed, that fell
+    on the first request of each shape, as a TBT spike."""
+    packed_N = jax.device_put(pack(arrays, self._layouts[key]), self._devices[model.group])
+    tokens, self.buffers[model.group] = self._executables[key](
+        model.params, self.buffers[model.group], packed_N)
+    jax.block_until_ready(tokens)
 
   def add_model(self, model: LoadedModel, pool: KVPool, buffer: jax.Array | None = None,
                 log=None) -> None:
