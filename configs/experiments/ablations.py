@@ -36,7 +36,7 @@ partitioned pool to the real weights pool's hits and loads, the planner to the p
 already hold every expert of the fleet on 3 weights devices, consolidated or not, so
 no_swapping and no_consolidation get no extra memory: what no_swapping removes is the cold
 start (pin_all loads every expert before the trace, as colocated weights are; those 16,384
-loads are in its row's loads but charged no time). Measured in simulated time (127 s of CPU),
+loads are in its row's loads but charged no time). Measured in simulated time (2-2.5 min of CPU),
 TTFT / TBT p50/p99 in ms:
   crosspool              463 / 1,782     7 / 16
   no_pipeline            1,118 / 2,425   10 / 18   (TTFT p99 past the 2 s SLO)

@@ -17,7 +17,7 @@ trace's KV peaks at ~130 k pages of 128 KiB (~16 GiB), which 2 devices hold at e
 swept, and each weights device more is room for experts (the KV planner would choose the
 other way: it maximises KV pages, see ablations.py:sim, planner_on).
 
-Measured in simulated time (uniform routing; 183 s of CPU): static meets the SLO from 44 GiB
+Measured in simulated time (uniform routing; 3-4 min of CPU): static meets the SLO from 44 GiB
 per device (352 GiB; from 30 to 40 GiB it rejects 97 to 25 of the 100 requests, whose
 contexts its per-model reservation caps), shared from 30 GiB (240 GiB; 187 preemptions there,
 refused at 28 GiB: two models no longer fit a device), crosspool from 28 GiB (224 GiB, 79 % of
