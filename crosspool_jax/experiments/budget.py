@@ -17,6 +17,13 @@ from collections.abc import Mapping
 from crosspool_jax.engine.policies import Budget, FleetModel, Plan, get_policy
 
 
+def device_bytes(budget: Mapping) -> int:
+  """The bytes of every device of an experiment's `budget` block: `device_gib` GiB if it is
+  set (> 0), else `device_bytes` (0: no budget, the engine's pages as given)."""
+  gib = budget.get("device_gib") or 0
+  return int(gib * 2**30) if gib > 0 else int(budget["device_bytes"])
+
+
 def plan_policy(fleet: Mapping[str, FleetModel], *, policy: str, kv_devices: int,
                 weight_devices: int = 0, device_bytes: int, page_elems: int, kv_dtype: str,
                 reserve_fraction: float = 0.0, weights_device_bytes: int | None = None,

@@ -196,10 +196,12 @@ def experiment_base(name: str, arg: str | None, description: str, *,
   # an entry: `<id>_c<k>`), so a sweep can vary the number of models; 0: the fleet as listed
   c.fleet_size = 0
   # Same bytes on every device for every policy (0: engine.pages_per_device and the fleet's
-  # groups as given); kv_planner: the crosspool runs split their devices (engine.devices +
-  # weight_devices) by the KV planner, expert slots filling each weights device.
-  c.budget = ml_collections.ConfigDict(dict(device_bytes=0, reserve_fraction=0.0,
-                                            kv_planner=False))
+  # groups as given); device_gib > 0 gives them in GiB instead of device_bytes (a sweep over
+  # the memory reads in GiB); kv_planner: the crosspool runs split their devices
+  # (engine.devices + weight_devices) by the KV planner, expert slots filling each weights
+  # device (a run of `policies` may set its own kv_planner and weights_device_bytes).
+  c.budget = ml_collections.ConfigDict(dict(device_bytes=0, device_gib=0.0,
+                                            reserve_fraction=0.0, kv_planner=False))
   c.sweep = ml_collections.ConfigDict(dict(field="", points=()))
   c.slo = ml_collections.ConfigDict(dict(ttft_s=1.0, tbt_s=0.2))
   return c

@@ -13,6 +13,7 @@ from __future__ import annotations
 import textwrap
 
 from crosspool_jax.engine.policies import get_policy
+from crosspool_jax.experiments.budget import device_bytes
 
 WORKSPACE_SECTION = 'WORKSPACE.md, section "What the CPU demo shows, and why"'
 SIM_WORKSPACE_SECTION = 'WORKSPACE.md, section "Simulated experiments"'
@@ -99,7 +100,8 @@ def comparison_table(results: dict, *, markdown: bool = False) -> str:
   lines += ["  ".join(c.rjust(width[c]) for c in cols)]
   lines.append("-" * len(lines[0]))
   lines += ["  ".join(r[c].rjust(width[c]) for c in cols) for r in rows]
-  lines += ["", *agreement_sentences(results), *slo_sentences(results)]
+  lines += ["", *agreement_sentences(results), *slo_sentences(results),
+            *memory_at_slo_sentences(results)]
   summary = summary_sentences(results)
   if summary:
     summary.append(f"More: {_more(results)}; every experiment with its command: "
@@ -248,6 +250,13 @@ def _why_slower(results: dict) -> str:
           "without preemption (configs/experiments/paper_tbt.py).")
 
 
+def _crosspool_run(runs: list[dict]) -> dict | None:
+  """The crosspool run of `runs`: the one named "crosspool", else the first with kv_policy
+  crosspool (None: none)."""
+  pooled = [r for r in runs if r["engine"]["kv_policy"] == "crosspool"]
+  return next((r for r in pooled if r["name"] == "crosspool"), pooled[0] if pooled else None)
+
+
 def summary_sentences(results: dict) -> list[str]:
   """What the results show, generated from them (no typed number).
 
@@ -270,11 +279,10 @@ def summary_sentences(results: dict) -> list[str]:
     if refused:
       out.append(at + " ".join(f"{r['name']} was refused ({r['refused']})." for r in refused))
     runs = [r for r in runs if not r.get("refused")]
-    pooled = [r for r in runs if r["engine"]["kv_policy"] == "crosspool"]
+    ours = _crosspool_run(runs)
     others = [r for r in runs if not get_policy(r["engine"]["kv_policy"]).pools_experts]
-    if not pooled or not others:
+    if ours is None or not others:
       continue
-    ours = next((r for r in pooled if r["name"] == "crosspool"), pooled[0])
     latency, lost = _latency_sentence(ours, others, clock)
     out += [at + _memory_sentence(ours, others), latency]
     slower |= lost
@@ -313,6 +321,97 @@ def slo_sentences(results: dict) -> list[str]:
           f"{1000 * slo['ttft_s']:g} ms, nothing rejected or refused), by {field}: "
           + "; ".join(f"{name} at {', '.join(map(_point, points)) if points else 'none'}"
                       for name, points in met.items()) + "."]
+
+
+def run_memory_bytes(run: dict) -> int | None:
+  """The accelerator memory a run is planned on: its KV devices' budgets and its weights
+  devices' (their own `weights_device_bytes` if a run set it) summed; None without a budget
+  plan. A refused run has its plan too."""
+  plan = run.get("plan")
+  if not plan:
+    return None
+  a = plan["accounting"]
+  weights = a.get("weights_device_bytes") or a["device_bytes"]
+  return a["kv_devices"] * a["device_bytes"] + a.get("weight_devices", 0) * weights
+
+
+def _size(nbytes: float) -> str:
+  """'224 GiB', '2.5 MiB'."""
+  return f"{nbytes / 2**30:.4g} GiB" if nbytes >= 2**30 else f"{nbytes / 2**20:.4g} MiB"
+
+
+def _memory_text(run: dict) -> str:
+  """'8 x 28 GiB = 224 GiB' (or '5 x 2.5 MiB + 3 x 3.5 MiB = 23 MiB'): a run's devices."""
+  a = run["plan"]["accounting"]
+  kv, w = a["kv_devices"], a.get("weight_devices", 0)
+  weights = a.get("weights_device_bytes") or a["device_bytes"]
+  devices = (f"{kv + w} x {_size(weights)}" if weights == a["device_bytes"] else
+             f"{kv} x {_size(a['device_bytes'])} + {w} x {_size(weights)}")
+  return f"{devices} = {_size(run_memory_bytes(run))}"
+
+
+def memory_swept(results: dict) -> bool:
+  """Whether some run is planned on different amounts of memory at different sweep points."""
+  totals: dict[str, set] = {}
+  for run in results["runs"]:
+    totals.setdefault(run["name"], set()).add(run_memory_bytes(run))
+  return any(len(t - {None}) > 1 for t in totals.values())
+
+
+def smallest_memory_at_slo(results: dict) -> dict[str, dict | None]:
+  """Per run name, its run of the least total memory (`run_memory_bytes`) that meets the SLO
+  (`meets_slo`; a refused run does not), or None where none does; the names in the order of
+  the runs. A run without a budget plan (no memory to count) never counts as meeting it."""
+  slo = results["config"]["slo"]
+  best: dict[str, dict | None] = {}
+  for run in results["runs"]:
+    best.setdefault(run["name"], None)
+    if run_memory_bytes(run) is None or not meets_slo(run, slo):
+      continue
+    if best[run["name"]] is None or run_memory_bytes(run) < run_memory_bytes(best[run["name"]]):
+      best[run["name"]] = run
+  return best
+
+
+def memory_at_slo_sentences(results: dict) -> list[str]:
+  """For a sweep over the memory (`memory_swept`): each run's smallest total memory meeting
+  the SLO (`smallest_memory_at_slo`; larger points where it fails again are named), and what
+  the crosspool run needs against each colocated run that meets it somewhere."""
+  if not memory_swept(results):
+    return []
+  best = smallest_memory_at_slo(results)
+  slo = results["config"]["slo"]
+  items = []
+  for name, run in best.items():
+    runs = [r for r in results["runs"] if r["name"] == name and run_memory_bytes(r)]
+    if not runs:
+      continue
+    if run is None:
+      items.append(f"{name} at none (up to {_size(max(map(run_memory_bytes, runs)))})")
+      continue
+    failed = sorted({run_memory_bytes(r) for r in runs if run_memory_bytes(r)
+                     > run_memory_bytes(run) and not meets_slo(r, slo)})
+    items.append(f"{name} at {_memory_text(run)}"
+                 + (f" (not at the larger {', '.join(map(_size, failed))})" if failed else ""))
+  out = ["Smallest total accelerator memory meeting the SLO (devices x memory per device): "
+         + "; ".join(items) + "."]
+  ours = _crosspool_run(results["runs"])
+  others = {name: run for name, run in best.items() if run is not None
+            and not get_policy(run["engine"]["kv_policy"]).pools_experts}
+  if ours is None or not others:
+    return out
+  if best[ours["name"]] is None:
+    return [*out, f"{ours['name']} meets it at no point swept; {_names(list(others))} "
+                  f"{'does' if len(others) == 1 else 'do'}."]
+  mine = run_memory_bytes(best[ours["name"]])
+  by_text: dict[str, list[str]] = {}
+  for name, run in others.items():
+    saving = 1 - mine / run_memory_bytes(run)
+    by_text.setdefault("as much as {}" if round(saving, 2) == 0 else
+                       f"{abs(saving):.0%} {'less' if saving > 0 else 'more'} than {{}}",
+                       []).append(name)
+  return [*out, f"{ours['name']} needs "
+          + _names([text.format(_names(names)) for text, names in by_text.items()]) + "."]
 
 
 def _modelled_line(run: dict) -> str:
@@ -363,8 +462,16 @@ def benchmarks_section(results: dict, *, source: str) -> str:
   results show (`summary_sentences`).
   """
   dev = results.get("device", {})
-  budget = results["config"]["budget"]["device_bytes"]
+  budget = device_bytes(results["config"]["budget"])
   simulated = is_simulated(results)
+  firsts = list({r["name"]: r for r in results["runs"][::-1]}.values())[::-1]
+  if memory_swept(results):
+    field = results["config"]["sweep"]["field"]
+    memory = f"Memory per run at {field}={_point(firsts[0]['sweep_value'])} (the first point):"
+  elif budget:
+    memory = f"Memory per run (budget {budget / 2**20:.2f} MiB per device):"
+  else:
+    memory = "Memory per run:"
   lines = [
       f"## {results_title(results)}",
       "",
@@ -380,15 +487,15 @@ def benchmarks_section(results: dict, *, source: str) -> str:
       "",
       comparison_table(results, markdown=True),
       "",
-      f"Memory per run (budget {budget / 2**20:.2f} MiB per device):" if budget else
-      "Memory per run:",
+      memory,
       "",
-      *[_plan_line(r) for r in {r["name"]: r for r in results["runs"][::-1]}.values()][::-1],
+      *map(_plan_line, firsts),
       "",
   ]
   if simulated:
     lines += ["Modelled steps per run:", "", *map(_modelled_line, results["runs"]), ""]
-  lines += [*agreement_sentences(results), *slo_sentences(results), ""]
+  lines += [*agreement_sentences(results), *slo_sentences(results),
+            *memory_at_slo_sentences(results), ""]
   summary = summary_sentences(results)
   if summary:
     lines += [" ".join([*summary, f"More: {_more(results)}."]), ""]

@@ -93,6 +93,9 @@ def _set_path(config, path: str, value) -> None:
 
 
 MODES = ("run", "sim")
+# budget fields a run of config.policies may set for itself, next to its engine overrides:
+# a weights device's own bytes (an ablation that needs a bigger weights pool), the KV planner
+RUN_BUDGET_FIELDS = ("weights_device_bytes", "kv_planner")
 
 
 def expand_fleet(config) -> None:
@@ -125,13 +128,14 @@ def check_experiment(config) -> None:
     raise ValueError(f"config.mode must be one of {MODES}, got {mode!r}")
   if not config.policies:
     raise ValueError("config.policies is empty: name at least one run")
-  known = set(config.engine.keys()) | {"weights_device_bytes"}
+  known = set(config.engine.keys()) | set(RUN_BUDGET_FIELDS)
   for name, overrides in config.policies.items():
     unknown = sorted(set(overrides.keys()) - known)
     if unknown:
       raise ValueError(f"config.policies.{name} overrides unknown engine fields {unknown}")
-  if config.budget.device_bytes < 0:
-    raise ValueError(f"config.budget.device_bytes must be >= 0, got {config.budget.device_bytes}")
+  for key in ("device_bytes", "device_gib"):
+    if config.budget.get(key, 0) < 0:
+      raise ValueError(f"config.budget.{key} must be >= 0, got {config.budget[key]}")
   probe = config.copy_and_resolve_references()
   probe.unlock()
   if config.sweep.field:
@@ -160,7 +164,8 @@ def check_experiment(config) -> None:
 
 
 def run_config(config, name: str, *, check: bool = True):
-  """The serving config of run `name`: the policy's engine overrides and its budget plan.
+  """The serving config of run `name`: the policy's engine overrides (and its own
+  `RUN_BUDGET_FIELDS`) and its budget plan.
 
   Args:
     config: the experiment config (its fleet as served: `expand_fleet` applied).
@@ -175,19 +180,21 @@ def run_config(config, name: str, *, check: bool = True):
   c.unlock()
   overrides = config.policies[name].to_dict()
   weights_bytes = overrides.pop("weights_device_bytes", None)
+  kv_planner = overrides.pop("kv_planner", c.budget.kv_planner)
   c.engine.update(overrides)
   c.engine.devices = tuple(c.engine.devices)
   c.engine.weight_devices = tuple(c.engine.weight_devices)
-  if not c.budget.device_bytes:
+  device_bytes = budget_lib.device_bytes(c.budget)
+  if not device_bytes:
     return c, None
   fleet = {m: budget_lib.FleetModel(fleet_model_config(e), e.dtype, e.max_batch, e.max_context)
            for m, e in c.fleet.items()}
   plan = budget_lib.plan_policy(
       fleet, policy=c.engine.kv_policy, kv_devices=len(c.engine.devices),
-      weight_devices=len(c.engine.weight_devices), device_bytes=int(c.budget.device_bytes),
+      weight_devices=len(c.engine.weight_devices), device_bytes=device_bytes,
       page_elems=c.engine.page_elems, kv_dtype=c.engine.kv_dtype,
       reserve_fraction=c.budget.reserve_fraction, weights_device_bytes=weights_bytes,
-      kv_planner=c.budget.kv_planner, check=check)
+      kv_planner=kv_planner, check=check)
   if budget_lib.refusal(plan):
     return c, plan
   if c.engine.weight_devices:  # the planner may split the devices otherwise than given

@@ -155,7 +155,8 @@ def test_terminal_table_is_followed_by_agreement_and_summary_markdown_is_the_tab
 def test_benchmarks_memory_lines_count_usable_pages_per_device():
   r = demo_results()
   r["runs"][2]["plan"] = {"max_context": {"a": 2048}, "accounting": {
-      "page_bytes": 2048, "device_bytes": 5 * 2**19, "expert_slots_per_device": 53,
+      "page_bytes": 2048, "device_bytes": 5 * 2**19, "kv_devices": 2,
+      "expert_slots_per_device": 53,
       "weight_devices": 2, "weights_device_bytes": 5 * 2**19,
       "resident_expert_fraction": {"class": 0.83}}}
   r["config"]["budget"]["device_bytes"] = 5 * 2**19
@@ -245,3 +246,66 @@ def test_slo_sentence_names_the_points_met_numbers_or_not():
   for r, point in zip(results["runs"], (2.0, 4.0, 2.0), strict=True):
     r["sweep_value"] = point
   assert report.slo_sentences(results)[0].endswith("workload.total_rate: a at 2; b at none.")
+
+
+def _budgeted(name, policy, gib, *, tbt_p99=0.05, refused=False, kv=8, weights=0,
+              weights_gib=None, clock="wall_clock"):
+  """A run planned on `kv` + `weights` devices of `gib` GiB (weights devices: `weights_gib`)."""
+  accounting = {"device_bytes": gib * 2**30, "kv_devices": kv, "weight_devices": weights}
+  if weights:
+    accounting["weights_device_bytes"] = (weights_gib or gib) * 2**30
+  run = {"name": name, "sweep_value": gib, "engine": {"kv_policy": policy},
+         "plan": {"accounting": accounting}}
+  if refused:
+    return run | {"refused": "budget: does not fit"}
+  return run | {"counts": {"rejected": 0},
+                clock: {"tbt_s": {"p99": tbt_p99}, "ttft_s": {"p99": 0.5}}}
+
+
+def _memory_sweep(runs):
+  return {"config": {"sweep": {"field": "budget.device_gib"},
+                     "slo": {"tbt_s": 0.1, "ttft_s": 1.0}}, "runs": runs}
+
+
+@pytest.mark.parametrize("clock", ["wall_clock", "simulated"])
+def test_the_smallest_memory_meeting_the_slo_is_the_smallest_passing_budget(clock):
+  """By hand: static is refused at 20 GiB and too slow at 30, meets from 40; shared never
+  meets (its P99 TBT is over 100 ms everywhere); crosspool meets at 20 and 40 but not at 30,
+  and its passing point of least memory is 20 GiB, the first in the list, not the largest."""
+  runs = []
+  for gib, static_tbt, crosspool_tbt in ((40, 0.05, 0.05), (20, None, 0.08), (30, 0.2, 0.3)):
+    runs += [_budgeted("static", "static", gib, tbt_p99=static_tbt, refused=static_tbt is None,
+                       clock=clock),
+             _budgeted("shared", "shared", gib, tbt_p99=0.2, clock=clock),
+             _budgeted("crosspool", "crosspool", gib, tbt_p99=crosspool_tbt, kv=2, weights=6,
+                       clock=clock)]
+  results = _memory_sweep(runs)
+  best = report.smallest_memory_at_slo(results)
+  assert list(best) == ["static", "shared", "crosspool"]
+  assert best["static"]["sweep_value"] == 40 and best["shared"] is None
+  assert best["crosspool"]["sweep_value"] == 20
+  assert report.run_memory_bytes(best["crosspool"]) == 8 * 20 * 2**30
+  assert report.memory_at_slo_sentences(results) == [
+      "Smallest total accelerator memory meeting the SLO (devices x memory per device): static "
+      "at 8 x 40 GiB = 320 GiB; shared at none (up to 320 GiB); crosspool at 8 x 20 GiB = "
+      "160 GiB (not at the larger 240 GiB).",
+      "crosspool needs 50% less than static."]
+  for run in runs:
+    if run["name"] == "crosspool":
+      run[clock]["tbt_s"]["p99"] = 0.5
+  assert report.memory_at_slo_sentences(results)[1] == (
+      "crosspool meets it at no point swept; static does.")
+
+
+def test_memory_sentences_need_a_memory_sweep_and_name_unequal_devices():
+  fixed = [_budgeted("static", "static", 80) | {"sweep_value": rate} for rate in (1.0, 2.0)]
+  assert not report.memory_swept(_memory_sweep(fixed))
+  assert report.memory_at_slo_sentences(_memory_sweep(fixed)) == []
+  unbudgeted = [run | {"plan": None} for run in fixed]
+  assert report.smallest_memory_at_slo(_memory_sweep(unbudgeted)) == {"static": None}
+  runs = [_budgeted("static", "static", 2, kv=8), _budgeted("static", "static", 4, kv=8),
+          _budgeted("crosspool", "crosspool", 2, kv=5, weights=3, weights_gib=3),
+          _budgeted("crosspool", "crosspool", 4, kv=5, weights=3, weights_gib=3)]
+  first, second = report.memory_at_slo_sentences(_memory_sweep(runs))
+  assert "static at 8 x 2 GiB = 16 GiB; crosspool at 5 x 2 GiB + 3 x 3 GiB = 19 GiB." in first
+  assert second == "crosspool needs 19% more than static."
