@@ -109,9 +109,7 @@ def combine_reruns(reruns: Sequence[dict]) -> dict:
   under `wall_clock["reruns"]`. The machine's noise then moves what is fitted and compared
   less. ValueError if the reruns are not of one experiment or their schedules differ."""
   for results in reruns:
-    if results.get("mode") != "run" or "runs" not in results:
-      raise ValueError("a measured results file is needed (scripts/run_experiment.py, mode "
-                       f"'run'), got mode {results.get('mode')!r}")
+    _check_measured(results)
   first = reruns[0]
   for other in reruns[1:]:
     same = (other["traces"] == first["traces"] and len(other["runs"]) == len(first["runs"])
@@ -140,9 +138,21 @@ def combine_reruns(reruns: Sequence[dict]) -> dict:
   return combined
 
 
+def _check_measured(results: dict) -> None:
+  if results.get("mode") != "run" or "runs" not in results:
+    raise ValueError("a measured results file is needed (scripts/run_experiment.py, mode "
+                     f"'run'), got mode {results.get('mode')!r}")
+
+
+def _runs(results: dict, name: str | None) -> list[dict]:
+  return [r for r in results["runs"] if name is None or r["name"] == name]
+
+
 def simulate_like(results: dict, device: str, *, log: Callable[[str], None],
-                  calibration: Calibration | None = None) -> tuple[dict, dict[str, list[Work]]]:
-  """The measured experiment `results` simulated on `device` (its own config, mode "sim").
+                  calibration: Calibration | None = None,
+                  name: str | None = None) -> tuple[dict, dict[str, list[Work]]]:
+  """The measured experiment `results` simulated on `device` (its own config, mode "sim"):
+  every run, or only those named `name`.
 
   Returns:
     (the simulated results dict, run id -> every step's `Work`).
@@ -151,14 +161,15 @@ def simulate_like(results: dict, device: str, *, log: Callable[[str], None],
     ValueError: `results` is not a measured experiment with logical arrivals, or the
       simulated schedule differs from the measured one (naming the run and the step).
   """
-  if results.get("mode") != "run":
-    raise ValueError(f"a measured results file is needed, got mode {results.get('mode')!r}")
+  _check_measured(results)
   config = ml_collections.ConfigDict(results["config"])
   if config.arrival_mode != "logical":
     raise ValueError("calibration pairs measured and simulated steps one to one, which needs "
                      f"arrival_mode='logical'; {results['experiment']} ran with "
                      f"{config.arrival_mode!r}")
   config.mode, config.sim.device = "sim", device
+  if name is not None:
+    config.policies = {name: config.policies[name]}
   if calibration is not None:
     calibration.apply(config)
   work: dict[str, list[Work]] = {}
@@ -168,7 +179,7 @@ def simulate_like(results: dict, device: str, *, log: Callable[[str], None],
     if simulated["traces"][key]["arrivals"] != trace["arrivals"]:
       raise ValueError(f"the simulated trace {key or '(single)'} differs from the measured one: "
                        "the results' config does not regenerate its trace")
-  for measured, sim in zip(results["runs"], simulated["runs"], strict=True):
+  for measured, sim in zip(_runs(results, name), simulated["runs"], strict=True):
     if "refused" in measured or "refused" in sim:
       continue
     a, b = measured["counts"]["kv_used_pages_per_step"], sim["counts"]["kv_used_pages_per_step"]
@@ -239,7 +250,7 @@ def calibrate(results: dict, device: str = "cpu", *,
 def validate(results: dict, calibrations: dict[str, Calibration], *,
              log: Callable[[str], None] = lambda msg: None) -> list[dict]:
   """Each run of the measured experiment `results` whose name has a calibration, predicted
-  with it (the experiment simulated once per calibration).
+  with it (each calibration's runs simulated alone).
 
   Returns:
     Per run: name, sweep value, and for each `COMPARED` latency percentile (ms) the
@@ -248,9 +259,10 @@ def validate(results: dict, calibrations: dict[str, Calibration], *,
   """
   rows = []
   for name, calibration in calibrations.items():
-    simulated, _ = simulate_like(results, calibration.device, log=log, calibration=calibration)
-    for measured, sim in zip(results["runs"], simulated["runs"], strict=True):
-      if measured["name"] != name or "refused" in measured or "refused" in sim:
+    simulated, _ = simulate_like(results, calibration.device, log=log, calibration=calibration,
+                                 name=name)
+    for measured, sim in zip(_runs(results, name), simulated["runs"], strict=True):
+      if "refused" in measured or "refused" in sim:
         continue
       row = {"name": name, "sweep_value": measured["sweep_value"]}
       reruns = measured["wall_clock"].get("reruns", {})
