@@ -194,12 +194,32 @@ def _stage(x_UD, slots_UK, weights_UK, valid_U, used_RE, h_TD, ids_TK, weights_T
     slots_TK = jnp.concatenate([slots_TK, jnp.repeat(slots_TK[:, :1], K_f - K, axis=1)], 1)
     weights_TK = jnp.pad(weights_TK, ((0, 0), (0, K_f - K)))
   drop = dict(mode="drop")
-  chosen_TK = jnp.where(valid_T[:, None], ids_TK, used_RE.shape[1])  # padding: dropped
   return (x_UD.at[rows_T].set(h_TD.astype(x_UD.dtype), **drop),
           slots_UK.at[rows_T].set(slots_TK, **drop),
           weights_UK.at[rows_T].set(weights_TK, **drop),
           valid_U.at[rows_T].set(valid_T, **drop),
-          used_RE.at[row, chosen_TK].set(True, **drop))
+          _mark_used(used_RE, row, ids_TK, valid_T))
+
+
+def _mark_used(used_RE, row, ids_TK, valid_T):
+  """`used_RE[row]` with the experts the valid tokens chose set (padding rows: dropped)."""
+  chosen_TK = jnp.where(valid_T[:, None], ids_TK, used_RE.shape[1])
+  return used_RE.at[row, chosen_TK].set(True, mode="drop")
+
+
+@functools.partial(jax.jit, donate_argnames=("used_RE",), static_argnames=("impl",))
+def _expert_call(used_RE, h_TD, ids_TK, weights_TK, valid_T, tables_RE, row, identity_S,
+                 w_gate_SDF, w_up_SDF, w_down_SFD, *, impl):
+  """An expert call of ONE member micro-batch in one program, no fused bucket: the same
+  arithmetic per token as `_stage`, the call and `_unstage` (input in the class dtype, expert
+  ids made slot ids through `tables_RE[row]`, the identity slot table, f32 weights, padding
+  rows zero), and the chosen experts marked in `used_RE[row]` (donated)."""
+  y_TD = stages.routed_experts(h_TD.astype(w_gate_SDF.dtype),
+                               jnp.take(tables_RE[row], ids_TK, mode="clip"),
+                               weights_TK.astype(jnp.float32), valid_T, identity_S,
+                               w_gate_SDF, w_up_SDF, w_down_SFD, impl=impl)
+  return (jnp.where(valid_T[:, None], y_TD, jnp.zeros((), y_TD.dtype)),
+          _mark_used(used_RE, row, ids_TK, valid_T))
 
 
 @jax.jit
@@ -401,6 +421,8 @@ class DisaggregatedExecutor:
     self.expert_members = 0  # micro-batches they served (one each when not fused)
     self.expert_splits = 0  # fused groups cut into several calls (slots or tokens)
     self.miss_steps = 0  # steps whose routing missed a resident expert: rerun with loads
+    self.retry_runs = 0  # of them, rerun speculatively with what the missed run chose loaded
+    self.retry_misses = 0  # retries that missed again (then the sync path)
     self._tally = [0, 0, 0]  # calls, members, splits of the run in progress
     self._warm: set[tuple[str, int]] = set()
     self._warm_fused: set[tuple] = set()  # (class, weights device, bucket, tables shape)
@@ -419,17 +441,21 @@ class DisaggregatedExecutor:
 
   @property
   def compile_count(self) -> int:
-    """Warmed (model, token bucket) pairs plus warmed fused (class, device, bucket) shapes."""
+    """Warmed (model, token bucket) pairs plus warmed expert-call shapes: fused (class,
+    device, bucket) and one-member (class, device, tokens, top_k)."""
     return len(self._warm) + len(self._warm_fused)
 
   def expert_call_stats(self) -> dict:
-    """Expert-dispatch calls of served steps and the micro-batches they served, and the steps
-    whose speculative run missed a non-resident expert (rerun with their experts loaded)."""
+    """Expert-dispatch calls of served steps and the micro-batches they served; the steps
+    whose speculative run missed a non-resident expert, their retries with its choices loaded,
+    the retries that missed again, and blocking reads made before a step's tokens (the sync
+    path's)."""
     return {"fused": self.fuse_experts, "calls": self.expert_calls,
             "micro_batches": self.expert_members, "splits": self.expert_splits,
             "mean_members_per_call": (self.expert_members / self.expert_calls
                                       if self.expert_calls else 0.0),
-            "miss_steps": self.miss_steps,
+            "miss_steps": self.miss_steps, "retry_runs": self.retry_runs,
+            "retry_misses": self.retry_misses,
             "reads_before_tokens": self.reads_before_tokens}
 
   # --- host helpers: device scalars, counted transfers and reads ---------------------------
@@ -611,6 +637,17 @@ class DisaggregatedExecutor:
       key = (c, d, tables.host_RE.shape)
       d_model, dtype = pool.classes[c].shape.d_model, jnp.dtype(pool.classes[c].shape.dtype)
       zero = self._scalar(dev, 0)
+      for t, k in sorted(shapes):  # one-member calls (`_expert_call`)
+        if (*key, (t, k)) in self._warm_fused:
+          continue
+        h, ids, w, valid = self._put(
+            (np.zeros((t, d_model), dtype), np.zeros((t, k), np.int32),
+             np.zeros((t, k), np.float32), np.zeros(t, bool)), dev)
+        y, tables.used_RE = _expert_call(tables.used_RE, h, ids, w, valid, tables.tables_RE,
+                                         zero, self._identity[c, d],
+                                         *self.wpool.buffers(c, d), impl=self.moe_impl)
+        jax.block_until_ready(y)
+        self._warm_fused.add((*key, (t, k)))
       for fused in self.fused_token_buckets:
         if (*key, fused) in self._warm_fused:
           continue
@@ -633,9 +670,12 @@ class DisaggregatedExecutor:
     """Runs every batch of an iteration through the pipeline; tokens per batch.
 
     First speculatively, enqueued whole with no device read before the tokens, the experts it
-    may route to made resident beforehand; if its routing chose a non-resident expert after
-    all (a miss: its tokens are discarded), again with a read of each layer's routing before
-    its expert call, loading what it chose (exact: same KV slots rewritten, same keys).
+    may route to made resident beforehand. If its routing chose a non-resident expert after
+    all (a miss: its tokens are discarded), what it chose is loaded and it runs speculatively
+    again (a retry: exact up to the first layer that missed, so each retry fixes at least that
+    layer); if that cannot load (the choices do not fit a partition together) or misses again,
+    it runs in the sync mode: a read of each layer's routing before its expert call, loading
+    what it chose. Every rerun is exact: the same KV slots rewritten, the same sampling keys.
     """
     start, self._read_s = time.perf_counter(), 0.0
     phased = ping_pong(batches, self.micro_batches, self.micro_batch_min_tokens)
@@ -659,11 +699,20 @@ class DisaggregatedExecutor:
     self._make_resident(mbs)
     events = len(self.timeline.events)
     tokens = self._run_micro_batches(mbs, track=track, sync=False)
-    if self._account(mbs):
+    missed = self._account(mbs)
+    if missed is not None:
       self.miss_steps += 1
-      for event in self.timeline.events[events:]:
-        event["discarded"] = True
-      tokens = self._run_micro_batches(prepare(), track=track, sync=True)
+      self._discard(events)
+      if self._load_chosen(missed):
+        self.retry_runs += 1
+        events = len(self.timeline.events)
+        tokens = self._run_micro_batches(prepare(), track=track, sync=False)
+        missed = self._account(mbs, count=False)
+        if missed is not None:
+          self.retry_misses += 1
+          self._discard(events)
+      if missed is not None:
+        tokens = self._run_micro_batches(prepare(), track=track, sync=True)
     self.expert_calls += self._tally[0]
     self.expert_members += self._tally[1]
     self.expert_splits += self._tally[2]
@@ -745,9 +794,40 @@ class DisaggregatedExecutor:
     return list(dict.fromkeys((mb.model.model_id, layer) for mb in mbs
                               for layer, moe in enumerate(mb.model.cfg.moe_layers) if moe))
 
-  def _account(self, mbs: list[_MicroBatch]) -> bool:
-    """After a speculative run (tokens read): reads which experts each layer chose; True if
-    one was not resident (a miss: rerun), else counts the accesses (all hits)."""
+  def _discard(self, events: int) -> None:
+    """Marks the timeline events of a missed run (from index `events`) as discarded."""
+    for event in self.timeline.events[events:]:
+      event["discarded"] = True
+
+  def _load_chosen(self, chosen: dict[tuple[str, int], np.ndarray]) -> bool:
+    """After a missed run: makes resident what each layer chose in it, counted as the step's
+    accesses (its misses load), if they fit each partition together; False if not (then the
+    step takes the sync path). Exact up to the first layer that missed; later layers' routing
+    saw a filler slot's output, so the retry may choose otherwise (and miss again)."""
+    by_part = self._by_partition(chosen)
+    if not all(self.wpool.pool.can_hold({(m, layer, e) for m, layer, es in requests
+                                         for e in es}) for requests in by_part):
+      return False
+    for requests in by_part:
+      self.wpool.access_many(requests)
+    self._refresh_tables()
+    return True
+
+  def _by_partition(self, chosen: dict[tuple[str, int], np.ndarray]) -> list[list]:
+    """The (model, layer, experts) of `chosen`, one list per (class, weights device)
+    partition: what one `access_many` may make resident together."""
+    pool = self.wpool.pool
+    by_part: dict[tuple[int, int], list] = {}
+    for (m, layer), es in chosen.items():
+      part = (pool.model_class(m), pool.home_device(m, layer))
+      by_part.setdefault(part, []).append((m, layer, es.tolist()))
+    return list(by_part.values())
+
+  def _account(self, mbs: list[_MicroBatch], *, count: bool = True
+               ) -> dict[tuple[str, int], np.ndarray] | None:
+    """After a speculative run (tokens read): reads which experts each layer chose. A miss
+    (one was not resident: rerun): returns them. Else None, the accesses counted (all hits)
+    unless `count` is False (a retry: `_load_chosen` counted the step's)."""
     devices = sorted({d for d, t in self._tables.items() if t.rows})
     used = dict(zip(devices, self._read([self._tables[d].used_RE for d in devices]),
                     strict=True))
@@ -759,15 +839,12 @@ class DisaggregatedExecutor:
       chosen[key] = np.flatnonzero(used[d][row])
       miss |= bool((~self._tables[d].resident_RE[row][chosen[key]]).any())
     if miss:
-      return True
-    by_part: dict[tuple[int, int], list] = {}
-    for (m, layer), es in chosen.items():
-      part = (self.wpool.pool.model_class(m), self.wpool.pool.home_device(m, layer))
-      by_part.setdefault(part, []).append((m, layer, es.tolist()))
-    for requests in by_part.values():
-      self.wpool.access_many(requests)
+      return chosen
+    if count:
+      for requests in self._by_partition(chosen):
+        self.wpool.access_many(requests)
     self._last_chosen.update(chosen)
-    return False
+    return None
 
   def _run_micro_batches(self, mbs: list[_MicroBatch], *, track: bool,
                          sync: bool) -> list[np.ndarray]:
@@ -917,6 +994,9 @@ class DisaggregatedExecutor:
   def _call(self, call: list[_MicroBatch], moved, layer: int, c: int, d: int,
             track: bool) -> None:
     wdev, tables = self.wpool.devices[d], self._tables[d]
+    if len(call) == 1:
+      self._call_one(call[0], moved[call[0].index], layer, c, d, track)
+      return
     total = sum(mb.num_tokens for mb in call)
     fused = self.fused_token_buckets[bisect.bisect_left(self.fused_token_buckets, total)]
     if not self._warming and (c, d, tables.host_RE.shape, fused) not in self._warm_fused:
@@ -936,7 +1016,29 @@ class DisaggregatedExecutor:
     ys = [_unstage(y_UD, moved[mb.index][3], self._scalar(wdev, offset))
           for mb, offset in zip(call, offsets, strict=True)]
     self._dispatched(len(call))
-    ys = self._put(ys, [self.kv_devices[mb.home] for mb in call])  # one call for the members
+    self._send_back(call, ys, layer, track)
+
+  def _call_one(self, mb: _MicroBatch, moved, layer: int, c: int, d: int,
+                track: bool) -> None:
+    """An expert call of one member: one program (`_expert_call`), no staging."""
+    wdev, tables = self.wpool.devices[d], self._tables[d]
+    h_TD, ids_TK = moved[0], moved[1]
+    key = (c, d, tables.host_RE.shape, tuple(ids_TK.shape))
+    if not self._warming and key not in self._warm_fused:
+      raise RuntimeError(f"expert call (class {c}, device {d}, one member of "
+                         f"{h_TD.shape[0]} tokens) was not compiled at start-up")
+    y_TD, tables.used_RE = _expert_call(
+        tables.used_RE, *moved, tables.tables_RE,
+        self._scalar(wdev, tables.rows[mb.model.model_id, layer]), self._identity[c, d],
+        *self.wpool.buffers(c, d), impl=self.moe_impl)
+    self._dispatched()
+    self._track(track, y_TD, mb, layer, "experts", wdev)
+    self._send_back([mb], [y_TD], layer, track)
+
+  def _send_back(self, call: list[_MicroBatch], ys: list, layer: int, track: bool) -> None:
+    """Puts each member's expert output on its home KV device (one call); its combine runs in
+    the next attention-side program."""
+    ys = self._put(ys, [self.kv_devices[mb.home] for mb in call])
     for mb, y_TD in zip(call, ys, strict=True):
       self._track(track, y_TD, mb, layer, "transfer_back", self.kv_devices[mb.home])
       x_TD, h_TD, _, _ = mb.moe
