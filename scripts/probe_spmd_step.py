@@ -609,7 +609,7 @@ def time_variants(s: Shapes, variants: Sequence[str], *, seed: int, iters: int, 
   """Per-step wall times (µs) of each variant, interleaved over `rounds`."""
   mesh = Mesh(np.array(devices), (AXIS,))
   prob = make_problem(s, seed, steps=multi_steps)
-  built, times = {}, {}
+  built, times, enqueue = {}, {}, {}
   for name in variants:
     v = build(name, prob, s, devices, mesh, multi_steps)
     start = time.perf_counter()
@@ -617,14 +617,17 @@ def time_variants(s: Shapes, variants: Sequence[str], *, seed: int, iters: int, 
     compile_s = time.perf_counter() - start
     for _ in range(warmup):
       jax.block_until_ready(v.step())
-    built[name], times[name] = (v, compile_s), []
+    built[name], times[name], enqueue[name] = (v, compile_s), [], []
   per_round = max(1, -(-iters // rounds))
   for _ in range(rounds):
     for name, (v, _) in built.items():
       for _ in range(per_round):
         start = time.perf_counter()
-        jax.block_until_ready(v.step())
+        out = v.step()
+        enqueued = time.perf_counter()
+        jax.block_until_ready(out)
         times[name].append(time.perf_counter() - start)
+        enqueue[name].append(enqueued - start)
   records = {}
   for name, (v, compile_s) in built.items():
     steps = getattr(v, "steps", 1)
@@ -634,6 +637,8 @@ def time_variants(s: Shapes, variants: Sequence[str], *, seed: int, iters: int, 
            "median_us_per_step": float(np.median(us)),
            "p10_us_per_step": float(np.percentile(us, 10)),
            "p90_us_per_step": float(np.percentile(us, 90)),
+           # The host's time to issue the step (its programs and transfers), before the wait.
+           "median_host_issue_us_per_step": float(np.median(enqueue[name]) * 1e6 / steps),
            "programs_per_step": v.programs / calls / steps}
     if isinstance(v, PerStage):
       rec["transfer_calls_per_step"] = v.transfer_calls / calls
@@ -646,6 +651,50 @@ def time_variants(s: Shapes, variants: Sequence[str], *, seed: int, iters: int, 
       rec["bytes_per_device"] = bytes_per_device(v.args, devices)
     records[name] = rec
   return records
+
+
+def spmd_skeleton_us(s: Shapes, devices, *, iters: int, warmup: int) -> dict[str, float]:
+  """The SPMD step without its math: one program over the mesh with the same role conds (empty
+  branches) and the same ppermutes (valid_T, then per layer (h, ids, weights) to the weights
+  devices and y back), layers in `lax.scan`. Its median is what the cross-device structure
+  alone costs a step on this backend; the same for one device alone (no collectives)."""
+  T, D, J = s.tokens, s.d_model, s.top_k
+  mesh = Mesh(np.array(devices), (AXIS,))
+
+  def body(x_ATD):
+    is_kv = lax.axis_index(AXIS) < NUM_KV
+    x_TD = x_ATD[0]
+    valid_T = lax.ppermute(x_TD[:, 0] > 0, AXIS, TO_WEIGHTS)
+
+    def layer_fn(x_TD, _):
+      h_TD = lax.cond(is_kv, lambda: x_TD + 1, lambda: x_TD)
+      moe = (h_TD, jnp.zeros((T, J), jnp.int32) + h_TD[:, :1].astype(jnp.int32),
+             h_TD[:, :J])
+      h_TD, ids_TJ, w_TJ = lax.ppermute(moe, AXIS, TO_WEIGHTS)
+      y_TD = lax.cond(is_kv, lambda: h_TD, lambda: h_TD * 0.5 + (ids_TJ.sum() + w_TJ.sum()))
+      return x_TD + lax.ppermute(y_TD, AXIS, TO_KV), None
+
+    x_TD, _ = lax.scan(layer_fn, x_TD, None, length=s.layers)
+    return jnp.where(valid_T[:, None], x_TD, -x_TD)[None]
+
+  spmd = jax.jit(jax.shard_map(body, mesh=mesh, in_specs=P(AXIS), out_specs=P(AXIS),
+                               check_vma=False))
+  x_ATD = jax.device_put(np.ones((len(devices), T, D), np.float32),
+                         jax.sharding.NamedSharding(mesh, P(AXIS)))
+  alone = jax.jit(lambda x_TD: lax.scan(lambda x, _: (x * 0.5 + 1, None), x_TD, None,
+                                        length=2 * s.layers)[0])
+  x_TD = jax.device_put(np.ones((T, D), np.float32), devices[0])
+  out = {}
+  for name, fn, arg in (("spmd_skeleton", spmd, x_ATD), ("one_device_skeleton", alone, x_TD)):
+    for _ in range(1 + warmup):
+      jax.block_until_ready(fn(arg))
+    times = []
+    for _ in range(iters):
+      start = time.perf_counter()
+      jax.block_until_ready(fn(arg))
+      times.append(time.perf_counter() - start)
+    out[f"{name}_median_us"] = float(np.median(times) * 1e6)
+  return out
 
 
 def bytes_per_device(tree, devices) -> dict[str, int]:
@@ -694,12 +743,14 @@ def loadavg() -> str | None:
 def format_table(records: dict[str, dict]) -> str:
   base = records.get("per_stage", {}).get("median_us_per_step")
   lines = [f"{'variant':<11} {'programs':>8} {'puts':>5} {'arrays':>6} {'first s':>7} "
-           f"{'p10 us':>8} {'median us':>9} {'p90 us':>8} {'vs per_stage':>12}"]
+           f"{'issue us':>8} {'p10 us':>8} {'median us':>9} {'p90 us':>8} "
+           f"{'vs per_stage':>12}"]
   for name, r in records.items():
     speedup = f"{base / r['median_us_per_step']:.2f}x" if base else "-"
     lines.append(f"{name:<11} {r['programs_per_step']:>8.3g} "
                  f"{r['transfer_calls_per_step']:>5.3g} {r['arrays_moved_per_step']:>6.3g} "
-                 f"{r['compile_and_first_step_s']:>7.2f} {r['p10_us_per_step']:>8.0f} "
+                 f"{r['compile_and_first_step_s']:>7.2f} "
+                 f"{r['median_host_issue_us_per_step']:>8.0f} {r['p10_us_per_step']:>8.0f} "
                  f"{r['median_us_per_step']:>9.0f} {r['p90_us_per_step']:>8.0f} {speedup:>12}")
   return "\n".join(lines)
 
@@ -739,17 +790,21 @@ def main(argv: Sequence[str]) -> None:
     records = time_variants(s, variants, seed=FLAGS.seed, iters=FLAGS.iters,
                             warmup=FLAGS.warmup, rounds=FLAGS.rounds,
                             multi_steps=FLAGS.multi_steps, devices=devices)
+  skeleton = (spmd_skeleton_us(s, devices, iters=FLAGS.iters, warmup=FLAGS.warmup)
+              if FLAGS.iters else {})
   lowered = lower_for(s, [p for p in FLAGS.lower_platforms if p], FLAGS.lower_moe_impls,
                       devices, FLAGS.seed)
   header["loadavg_end"] = loadavg()
   if FLAGS.out:
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     with open(FLAGS.out, "w") as f:
-      json.dump({"header": header, "checks": checks, "records": records, "lowering": lowered},
-                f, indent=1)
+      json.dump({"header": header, "checks": checks, "records": records,
+                 "skeleton": skeleton, "lowering": lowered}, f, indent=1)
     print(f"wrote {FLAGS.out}", file=sys.stderr)
   if records:
     print(format_table(records))
+  if skeleton:
+    print(", ".join(f"{k} {v:.0f}" for k, v in skeleton.items()))
   for r in lowered:
     print(f"lower spmd_scan for {r['platform']} (experts {r['moe_impl']}): " + (
         f"ok, {r['collective_permutes']} collective_permute, {r['triton_calls']} triton, "
