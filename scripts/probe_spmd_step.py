@@ -41,10 +41,13 @@ equal; hidden states and caches allclose; spmd_multi against --multi_steps per-s
 Timing: --rounds rounds, each timing every variant for --iters / --rounds steps in turn (so load
 drift hits all variants alike), each step followed by `block_until_ready`; the medians are over
 all timed steps. Host dispatches per step: jitted program calls; transfers: `jax.device_put`
-calls and the arrays they move. It also lowers spmd_scan for other platforms from this machine
-(`jit(...).trace(...).lower(lowering_platforms=(p,))`, --lower_platforms) with the expert
-dispatch's default impl and with the Pallas kernels (--lower_moe_impls), and records whether it
-lowered and how many collective permutes the module has.
+calls and the arrays they move; "issue us": the host's time to issue a step, before the wait.
+The SPMD skeleton (the same conds and ppermutes without the math) is timed too: what the
+cross-device structure alone costs a step on this backend. It also lowers spmd_scan for other
+platforms from this machine (`jit(...).trace(...).lower(lowering_platforms=(p,))`,
+--lower_platforms) with the expert dispatch's default impl and with the Pallas kernels
+(--lower_moe_impls), and records whether it lowered and how many collective permutes the
+module has.
 
 Names: shape suffixes as in the project (WORKSPACE.md, "Shape suffixes"), new-code letters C
 (contiguous cache positions), Z (expert slots), J (top-k choices), and A for the devices of the
