@@ -528,12 +528,13 @@ class WeightsPool:
     """
     experts = self._check_experts(model_id, layer, experts)
     keys = [(model_id, layer, e) for e in experts]
+    plan = SwapPlan(prefetch=True)
+    missing = [k for k in keys if k not in self._residency]
+    if not missing:  # the usual case once predictions repeat: no protect set to build
+      return plan
     protect = set(map(tuple, protect)) | set(keys)
     part = self._partition(model_id, layer)
-    plan = SwapPlan(prefetch=True)
-    for key in keys:
-      if key in self._residency:
-        continue
+    for key in missing:
       if not part.usable_free and not part.any_evictable(protect):
         break
       self._load(key, protect, plan)

@@ -35,7 +35,7 @@ and norms (a few rows next to the matrices).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from crosspool_jax import roofline
 from crosspool_jax.engine.policies.sizes import dtype_itemsize
@@ -79,7 +79,8 @@ class ExpertCall:
 
 def pipelined_step_s(homes: Sequence[int], attention_s: Sequence[Sequence[float]],
                      calls: Sequence[Sequence[ExpertCall]], transfer_s: Sequence[float],
-                     head_s: Sequence[float]) -> float:
+                     head_s: Sequence[float], prefetch_s: Mapping[int, float] | None = None
+                     ) -> float:
   """Modelled seconds of a CrossPool step: every program on an in-order device queue.
 
   The executor issues, per layer, the attention side of every micro-batch (in order), then the
@@ -90,7 +91,10 @@ def pipelined_step_s(homes: Sequence[int], attention_s: Sequence[Sequence[float]
   `transfer_s[i]`) and its swap-ins are done (issued on the device's host link once the
   members' routing is known, at their attention end); a member's output is back
   `transfer_s[i]` after the call ends. After the last layer each micro-batch's head runs at
-  home. The step ends with the last head.
+  home. The step ends with the last head. Swap-ins issued before the step (`prefetch_s`, the
+  executor's prediction) are enqueued on their weights device before any of its programs: its
+  host link and its queue are busy with them from the step's start, so they delay that
+  device's first expert call (not the attention, which runs on the KV devices meanwhile).
 
   One KV device, one weights device, m micro-batches each with its own call, no transfers:
   this is the two-stage flow shop of the layer. With a_i, e_i micro-batch i's attention and
@@ -108,8 +112,13 @@ def pipelined_step_s(homes: Sequence[int], attention_s: Sequence[Sequence[float]
     calls: per layer, its expert calls in issue order (a dense layer has none).
     transfer_s: per micro-batch, one hidden-state transfer between its devices.
     head_s: per micro-batch, its head (and sampling) program's seconds.
+    prefetch_s: per weights device, the seconds of its swap-ins issued before the step (none
+      if absent).
   """
   free: dict[tuple[str, int], float] = {}
+  for device, seconds in (prefetch_s or {}).items():
+    if seconds:
+      free["host", device] = free["weights", device] = seconds
   ready = [0.0] * len(homes)
   depth = max((len(a) for a in attention_s), default=0)
   for layer in range(depth):
@@ -140,13 +149,15 @@ STAGES = ("attention", "experts", "head", "transfer", "swap")
 
 @dataclasses.dataclass
 class Work:
-  """What a step asked of the devices: programs launched, device-to-device transfers, model
-  programs run at a (model, token bucket) shape for the first time, and each kind of stage's
-  seconds at the roofline (efficiency 1; `STAGES`)."""
+  """What a step asked of the devices: programs launched (`swaps` of them expert swap-ins'
+  slot writes), device-to-device transfers, model programs run at a (model, token bucket)
+  shape for the first time, and each kind of stage's seconds at the roofline (efficiency 1;
+  `STAGES`)."""
 
   programs: int = 0
   transfers: int = 0
   first_runs: int = 0
+  swaps: int = 0
   attention: float = 0.0
   experts: float = 0.0
   head: float = 0.0
@@ -155,9 +166,11 @@ class Work:
 
   def rerun(self, reads: int) -> None:
     """The step runs again after its first run, with `reads` blocking reads (counted as
-    transfers): every launch, transfer and stage twice, the swap-ins and first runs once."""
-    for name in ("programs", "transfers", *(k for k in STAGES if k != "swap")):
+    transfers): every launch, transfer and stage twice, the swap-ins (their programs too) and
+    first runs once."""
+    for name in ("transfers", *(k for k in STAGES if k != "swap")):
       setattr(self, name, 2 * getattr(self, name))
+    self.programs = 2 * self.programs - self.swaps
     self.transfers += reads
 
 
@@ -255,6 +268,7 @@ class CostModel:
     if not nbytes:
       return 0.0
     self.work.swap += nbytes / self.spec.host_bytes_per_s
+    self.work.swaps += 1
     return nbytes / (self.spec.host_bytes_per_s * self.efficiency.swap) + self.launch_s()
 
   def model_stages_s(self, cfg: ModelConfig, shape: BatchShape) -> float:

@@ -9,24 +9,36 @@ simulated clock by them, so the engine stamps the step's tokens at its modelled 
 
 Colocated policies (no weights pool): each model batch is one program on its group's device,
 `colocated_step_s` of them. CrossPool policies: the batches are cut into micro-batches and
-given ping-pong phases as the executor does (`ping_pong`, issued phase by phase); per MoE layer
-the micro-batches of one (phase, shape class, home weights device) group share expert calls as
-the executor plans them
-(`plan_expert_calls`, with the routing known); the experts each micro-batch routes to are
-drawn (`Router`) and made resident through the real `WeightsPool.access` (the earlier
-members of the call protected, as `DeviceWeightsPool.access_many` does), so hits, misses and
-evictions come from the pool and its expert policy; the loads are charged as swap-ins before
-the call (`pipelined_step_s`). A step with a miss costs what the executor's miss path does: its
-speculative run, then the rerun reading each expert call's routing first. What the real
-executor does differently: it makes experts resident before a step by prediction (so fewer of
-its steps miss); here every load is on demand, after the layer's routing. A micro-batch whose
-pages spread over several KV devices runs its attention as the executor does (a program per
-device holding pages, q/k/v out and the results back, a merge at home).
+given ping-pong phases as the executor does (`ping_pong`, issued phase by phase). Before the
+step, the experts it may route to are made resident by the executor's own prediction
+(`predict_resident`, `prefetch_predicted`, on the real `WeightsPool`): per (shape class, home
+weights device) partition, every expert of the step's MoE layers homed there if they fit its
+slots together, else each layer's choice in its model's last step (here: the experts the
+router drew for the layer in that step, all its micro-batches together, as the executor reads
+them after a step that did not miss; after a missed step it keeps its last micro-batch's
+only); those loads are
+charged as swap-ins issued before the step on their weights device, delaying its first expert
+call (`pipelined_step_s`'s `prefetch_s`: the executor enqueues them there before the step's
+first program). Per MoE layer the micro-batches of one (phase, shape class, home weights
+device) group share expert calls as the executor plans them (`plan_expert_calls`, with the
+routing known); the experts each micro-batch routes to are drawn (`Router`) and accessed
+through the real `WeightsPool.access` (the earlier members of the call protected, as
+`DeviceWeightsPool.access_many` does), so hits, misses and evictions come from the pool and
+its expert policy. A step in which an access misses (a routed expert the prediction did not
+make resident) costs what the executor's miss path does: its speculative run (after the
+prefetch; nothing loads on demand, the missing experts read filler slots), discarded, then
+the rerun reading each expert call's routing first, whose on-demand loads are charged as
+swap-ins before their call. A micro-batch whose pages spread over several KV devices runs its
+attention as the executor does (a program per device holding pages, q/k/v out and the results
+back, a merge at home).
 """
 
 from __future__ import annotations
 
 import bisect
+import dataclasses
+
+import numpy as np
 
 from crosspool_jax.engine.executors.api import (
   FAKE_VOCAB,
@@ -35,7 +47,13 @@ from crosspool_jax.engine.executors.api import (
   blame,
   fake_tokens,
 )
-from crosspool_jax.engine.executors.crosspool import expert_group, ping_pong, plan_expert_calls
+from crosspool_jax.engine.executors.crosspool import (
+  expert_group,
+  ping_pong,
+  plan_expert_calls,
+  predict_resident,
+  prefetch_predicted,
+)
 from crosspool_jax.engine.policies.crosspool import fused_token_buckets
 from crosspool_jax.engine.scheduler import ModelBatch
 from crosspool_jax.pools.kv_pool import KVPool
@@ -102,6 +120,8 @@ class SimExecutor:
     self.step_work: list[Work] = []  # what each step asked of the devices
     self.shapes_run: set[tuple] = set()  # (model, token bucket or "decode") run so far
     self.calls = self.members = self.splits = self.miss_steps = 0
+    # (model, layer) -> the experts its last step routed to: what the prediction repeats
+    self._last_chosen: dict[tuple[str, int], np.ndarray] = {}
 
   @property
   def compile_count(self) -> int:
@@ -114,11 +134,14 @@ class SimExecutor:
     return []
 
   def remove_model(self, model_id: str) -> None:
-    del model_id  # the engine drops it from `models`, the pools return its pages and slots
+    """Forgets a model's last routing (the engine drops it from `models`, the pools return its
+    pages and slots)."""
+    self._last_chosen = {k: v for k, v in self._last_chosen.items() if k[0] != model_id}
 
   def expert_call_stats(self) -> dict:
     """Expert calls of the steps, the micro-batches they served, fused groups cut into several
-    calls, and the steps whose routing chose a non-resident expert (a swap-in)."""
+    calls, and the steps whose routing chose an expert not resident after the prediction's
+    prefetch (the miss path: a rerun with loads)."""
     return {"fused": self.config.fuse_experts, "calls": self.calls,
             "micro_batches": self.members, "splits": self.splits,
             "mean_members_per_call": self.members / self.calls if self.calls else 0.0,
@@ -170,28 +193,51 @@ class SimExecutor:
     pairs = list(zip(cfgs, shapes, strict=True))
     attention = [[self._attention_s(k, cfg, layer, shape) for layer in range(cfg.num_layers)]
                  for k, (cfg, shape) in zip(map(self._kv_devices, mbs), pairs, strict=True)]
+    prefetch_s = self._prefetch_s(mbs, cfgs)
     misses = self.weights_pool.stats.misses
-    calls = [self._expert_calls(mbs, phases, cfgs, layer)
+    chosen: dict[tuple[str, int], list] = {}
+    calls = [self._expert_calls(mbs, phases, cfgs, layer, chosen)
              for layer in range(max(cfg.num_layers for cfg in cfgs))]
+    self._last_chosen.update({k: np.unique(np.concatenate(v)) for k, v in chosen.items()})
     missed = self.weights_pool.stats.misses > misses
     self.miss_steps += missed
     served = [0] * len(mbs)  # expert calls per micro-batch: two transfers each
     for call in (call for layer_calls in calls for call in layer_calls):
       for i in call.members:
         served[i] += 1
-    seconds = pipelined_step_s(
-        [self.models[mb.model_id].group for mb in mbs], attention, calls,
-        [cost.transfer_s(cfg, shape.tokens, count=2 * n)
-         for (cfg, shape), n in zip(pairs, served, strict=True)],
-        # the input program (unpack, embed) and the head's
-        [cost.launch_s(2) + cost.head_s(cfg, shape) for cfg, shape in pairs])
+    homes = [self.models[mb.model_id].group for mb in mbs]
+    transfer_s = [cost.transfer_s(cfg, shape.tokens, count=2 * n)
+                  for (cfg, shape), n in zip(pairs, served, strict=True)]
+    # the input program (unpack, embed) and the head's
+    head_s = [cost.launch_s(2) + cost.head_s(cfg, shape) for cfg, shape in pairs]
     if not missed:
-      return seconds
-    # the executor's miss path: the speculative run is discarded and the step runs again,
-    # reading each expert call's routing back before it (a blocking read: a transfer's latency)
+      return pipelined_step_s(homes, attention, calls, transfer_s, head_s, prefetch_s)
+    # the executor's miss path: the speculative run (after the prefetch, loading nothing on
+    # demand) is discarded and the step runs again, reading each expert call's routing back
+    # before it (a blocking read: a transfer's latency) and loading what it lacks first
+    speculative = pipelined_step_s(
+        homes, attention, [[dataclasses.replace(call, swap_s=0.0) for call in layer_calls]
+                           for layer_calls in calls], transfer_s, head_s, prefetch_s)
     reads = sum(map(len, calls))
     cost.work.rerun(reads)
-    return 2 * seconds + reads * cost.spec.link_latency_s
+    return (speculative + pipelined_step_s(homes, attention, calls, transfer_s, head_s)
+            + reads * cost.spec.link_latency_s)
+
+  def _prefetch_s(self, mbs: list[ModelBatch], cfgs: list) -> dict[int, float]:
+    """Makes resident what the executor predicts for the step's MoE layers (`predict_resident`
+    from each layer's last routing); returns, per weights device, the seconds of the swap-ins
+    that took: one per layer with loads, as the executor issues them."""
+    pool = self.weights_pool
+    layers = dict.fromkeys((mb.model_id, layer) for mb, cfg in zip(mbs, cfgs, strict=True)
+                           for layer, moe in enumerate(cfg.moe_layers) if moe)
+    seconds: dict[int, float] = {}
+    for (m, layer), plan in prefetch_predicted(
+        pool.prefetch, predict_resident(pool, layers, self._last_chosen)):
+      if plan.loads:
+        device = pool.home_device(m, layer)
+        seconds[device] = seconds.get(device, 0.0) + self.cost.swap_in_s(
+            len(plan.loads) * pool.models[m].shape_class.expert_bytes)
+    return seconds
 
   def _kv_devices(self, mb: ModelBatch) -> int:
     """How many KV devices a micro-batch's attention runs on: its home and those holding its
@@ -212,9 +258,10 @@ class SimExecutor:
       seconds += self.cost.transfer_s(cfg, shape.tokens, count=2 * (k - 1)) * 2 * (k - 1)
     return seconds + self.cost.attention_side_s(cfg, layer, shape)
 
-  def _expert_calls(self, mbs: list[ModelBatch], phases: list[int], cfgs: list,
-                    layer: int) -> list[ExpertCall]:
-    """A layer's expert calls: routing drawn, experts made resident, calls planned."""
+  def _expert_calls(self, mbs: list[ModelBatch], phases: list[int], cfgs: list, layer: int,
+                    chosen_by_layer: dict[tuple[str, int], list]) -> list[ExpertCall]:
+    """A layer's expert calls: routing drawn (each micro-batch's added to `chosen_by_layer`
+    under its (model, layer)), experts made resident, calls planned."""
     pool = self.weights_pool
     groups: dict[tuple[int, int, int], list[int]] = {}
     for i, (mb, cfg) in enumerate(zip(mbs, cfgs, strict=True)):
@@ -226,6 +273,8 @@ class SimExecutor:
     for (_, c, device), members in groups.items():
       chosen = {i: self.router.experts(mbs[i].model_id, cfgs[i], layer, mbs[i].num_tokens)
                 for i in members}
+      for i in members:
+        chosen_by_layer.setdefault((mbs[i].model_id, layer), []).append(chosen[i])
       keys = [{(mbs[i].model_id, layer, int(e)) for e in chosen[i]} for i in members]
       planned = plan_expert_calls(members, [mbs[i].num_tokens for i in members], keys,
                                   fuse=self.config.fuse_experts, max_tokens=max_tokens,

@@ -132,3 +132,28 @@ def test_pipeline_devices_and_swaps():
   # ... but hides behind a busy weights device: the second call's swap overlaps the first call
   calls = [[ExpertCall(0, (0,), 5.0), ExpertCall(0, (1,), 1.0, swap_s=2.0)]]
   assert pipelined_step_s([0, 1], [[1.0], [1.0]], calls, [0.0, 0.0], [0.0, 0.0]) == 1 + 5 + 1
+
+
+def test_pipeline_prefetch_delays_its_devices_first_call():
+  # swap-ins issued before the step occupy the weights device from the start: its call waits
+  # for them; the attention on the KV device runs meanwhile
+  call = [[ExpertCall(0, (0,), 3.0)]]
+  assert pipelined_step_s([0], [[1.0]], call, [0.0], [0.0], prefetch_s={0: 4.0}) == 4 + 3
+  assert pipelined_step_s([0], [[1.0]], call, [0.0], [0.0], prefetch_s={0: 0.5}) == 1 + 3
+  # another weights device's prefetch does not delay it
+  assert pipelined_step_s([0], [[1.0]], call, [0.0], [0.0], prefetch_s={1: 4.0}) == 1 + 3
+  # a load on demand queues behind the prefetch on the device's host link
+  swap = [[ExpertCall(0, (0,), 3.0, swap_s=2.0)]]
+  assert pipelined_step_s([0], [[1.0]], swap, [0.0], [0.0], prefetch_s={0: 4.0}) == 4 + 2 + 3
+
+
+def test_a_rerun_charges_the_swap_ins_once():
+  cost = CostModel(TOY)
+  cost.launch_s(3)
+  cost.swap_in_s(10**4)  # one slot-write program and 1 ms at the host link
+  cost.transfer_s(_toy(), 5, count=2)
+  work = cost.work
+  assert (work.programs, work.swaps, work.transfers) == (4, 1, 2)
+  work.rerun(reads=3)
+  assert (work.programs, work.swaps, work.transfers) == (2 * 3 + 1, 1, 2 * 2 + 3)
+  assert work.swap == pytest.approx(10**4 / 1e7)

@@ -19,6 +19,7 @@ import itertools
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,7 @@ from crosspool_jax.models import stages
 from crosspool_jax.pools.kv_buffers import allocate_kv_buffer
 from crosspool_jax.pools.kv_pool import KVPool
 from crosspool_jax.pools.weights_buffers import DeviceWeightsPool
-from crosspool_jax.pools.weights_pool import WeightsPool
+from crosspool_jax.pools.weights_pool import SwapPlan, WeightsPool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -320,6 +321,45 @@ def plan_expert_calls(members: list, tokens: list[int], keys: list[set], *, fuse
     held |= mine
     total += n
   return calls
+
+
+def predict_resident(pool: WeightsPool, layers: Iterable[tuple[str, int]],
+                     last_chosen: Mapping[tuple[str, int], Iterable[int]]
+                     ) -> list[dict[tuple[str, int], list[int]]]:
+  """The experts to make resident before a step whose MoE layers are `layers` ((model, layer)
+  pairs): per (shape class, home weights device) partition they use, in order of first use,
+  {(model, layer): experts}. Every expert of the partition's layers if they all fit its slots
+  together (`can_hold`), else each layer's choice in its model's last step (`last_chosen`:
+  none for a layer not run yet). A pure function of the pool's state and the last choices:
+  the executor and the simulator both apply it (`prefetch_predicted`), so they predict alike.
+  """
+  wanted: dict[tuple[int, int], dict[tuple[str, int], None]] = {}
+  for m, layer in layers:
+    wanted.setdefault((pool.model_class(m), pool.home_device(m, layer)), {})[m, layer] = None
+  predicted = []
+  for part in wanted.values():
+    every = [(m, layer, e) for m, layer in part for e in range(pool.models[m].num_experts)]
+    if pool.can_hold(every):
+      predicted.append({(m, layer): list(range(pool.models[m].num_experts))
+                        for m, layer in part})
+    else:
+      predicted.append({k: [int(e) for e in last_chosen.get(k, ())] for k in part})
+  return predicted
+
+
+def prefetch_predicted(prefetch: Callable[..., SwapPlan],
+                       predicted: list[dict[tuple[str, int], list[int]]]
+                       ) -> list[tuple[tuple[str, int], SwapPlan]]:
+  """Issues `predict_resident`'s prediction through `prefetch` (`WeightsPool.prefetch`, or
+  `DeviceWeightsPool.prefetch` which also performs the loads), partition by partition, with
+  every expert predicted in the partition protected, so one layer's loads never evict
+  another's predicted experts. Returns each layer's plan ((model, layer), `SwapPlan`)."""
+  plans = []
+  for part in predicted:
+    protect = {(m, layer, e) for (m, layer), es in part.items() for e in es}
+    for (m, layer), es in part.items():
+      plans.append(((m, layer), prefetch(m, layer, es, protect=protect)))
+  return plans
 
 
 @dataclasses.dataclass
@@ -768,24 +808,10 @@ class DisaggregatedExecutor:
     return mbs
 
   def _make_resident(self, mbs: list[_MicroBatch]) -> None:
-    """Before a speculative run: per (class, weights device) partition, every expert of the
-    step's MoE layers homed there if they fit its slots together, else the experts each layer
-    chose in its model's last step; then the device slot tables follow."""
-    pool = self.wpool.pool
-    wanted: dict[tuple[int, int], dict] = {}
-    for m, layer in self._step_layers(mbs):
-      part = (pool.model_class(m), pool.home_device(m, layer))
-      wanted.setdefault(part, {})[m, layer] = None
-    for layers in wanted.values():
-      every = [(m, layer, e) for m, layer in layers
-               for e in range(self.models[m].cfg.num_experts)]
-      if pool.can_hold(every):
-        predicted = {k: range(self.models[k[0]].cfg.num_experts) for k in layers}
-      else:
-        predicted = {k: self._last_chosen.get(k, ()) for k in layers}
-      protect = {(m, layer, int(e)) for (m, layer), es in predicted.items() for e in es}
-      for (m, layer), es in predicted.items():
-        self.wpool.prefetch(m, layer, [int(e) for e in es], protect=protect)
+    """Before a speculative run: the experts `predict_resident` predicts for the step's MoE
+    layers are prefetched (`prefetch_predicted`); then the device slot tables follow."""
+    predicted = predict_resident(self.wpool.pool, self._step_layers(mbs), self._last_chosen)
+    prefetch_predicted(self.wpool.prefetch, predicted)
     self._refresh_tables()
 
   @staticmethod
