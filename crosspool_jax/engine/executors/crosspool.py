@@ -465,7 +465,8 @@ class DisaggregatedExecutor:
     self.retry_misses = 0  # retries that missed again (then the sync path)
     self._tally = [0, 0, 0]  # calls, members, splits of the run in progress
     self._warm: set[tuple[str, int]] = set()
-    self._warm_fused: set[tuple] = set()  # (class, weights device, bucket, tables shape)
+    # (class, weights device, tables shape, fused bucket | (tokens, top_k) of a one-member call)
+    self._warm_fused: set[tuple] = set()
     self._fused_zeros: dict[tuple[int, int, int], tuple] = {}
     self._identity: dict[tuple[int, int], jax.Array] = {}
     self._tables: dict[int, _Tables] = {}  # per weights device
@@ -663,7 +664,8 @@ class DisaggregatedExecutor:
     self._tables_version = pool.version
 
   def _warm_fused_calls(self, log=None) -> None:
-    """Runs every expert call shape once with all-padding members (stage, call, unstage)."""
+    """Runs every expert call shape once with all-padding members: one-member calls, and
+    fused ones (stage, call, unstage)."""
     pool = self.wpool.pool
     members: dict[tuple[int, int], set] = {}
     for m, model in self._moe_models().items():
@@ -677,24 +679,21 @@ class DisaggregatedExecutor:
       key = (c, d, tables.host_RE.shape)
       d_model, dtype = pool.classes[c].shape.d_model, jnp.dtype(pool.classes[c].shape.dtype)
       zero = self._scalar(dev, 0)
-      for t, k in sorted(shapes):  # one-member calls (`_expert_call`)
+      padding = {(t, k): self._put((np.zeros((t, d_model), dtype), np.zeros((t, k), np.int32),
+                                    np.zeros((t, k), np.float32), np.zeros(t, bool)), dev)
+                 for t, k in sorted(shapes)}
+      for (t, k), member in padding.items():  # one-member calls (`_expert_call`)
         if (*key, (t, k)) in self._warm_fused:
           continue
-        h, ids, w, valid = self._put(
-            (np.zeros((t, d_model), dtype), np.zeros((t, k), np.int32),
-             np.zeros((t, k), np.float32), np.zeros(t, bool)), dev)
-        y, tables.used_RE = _expert_call(tables.used_RE, h, ids, w, valid, tables.tables_RE,
-                                         zero, self._identity[c, d],
-                                         *self.wpool.buffers(c, d), impl=self.moe_impl)
+        y, tables.used_RE = _expert_call(tables.used_RE, *member, tables.tables_RE, zero,
+                                         self._identity[c, d], *self.wpool.buffers(c, d),
+                                         impl=self.moe_impl)
         jax.block_until_ready(y)
         self._warm_fused.add((*key, (t, k)))
       for fused in self.fused_token_buckets:
         if (*key, fused) in self._warm_fused:
           continue
-        for t, k in sorted(shapes):
-          h, ids, w, valid = self._put(
-              (np.zeros((t, d_model), dtype), np.zeros((t, k), np.int32),
-               np.zeros((t, k), np.float32), np.zeros(t, bool)), dev)
+        for h, ids, w, valid in padding.values():
           *staged, tables.used_RE = _stage(*self._fused_zeros[c, d, fused], tables.used_RE, h,
                                            ids, w, valid, tables.tables_RE, zero, zero)
           y = stages.routed_experts(*staged, self._identity[c, d], *self.wpool.buffers(c, d),
