@@ -36,13 +36,14 @@ def fleet_entry(family: str, seed: int, *, max_batch: int, max_context: int, gro
 def reference_fleet(references: dict[str, int], *, max_batch: int, max_context: int,
                     dtype: str = "bfloat16"):
   """Models of public reference shapes (no weights: simulation only): `{name: copies}`, each
-  copy a fine-tune of its base (same shape, its own weights), ids `<name>_<i>` in order."""
+  copy a fine-tune of its base (same shape, its own weights), ids `<name>_<i>` in order with
+  the name's dots as underscores (a config field name has none: "qwen1_5-moe-a2_7b_0")."""
   fleet = ml_collections.ConfigDict()
   for name, copies in references.items():
     for i in range(copies):
       entry = fleet_entry("", i, max_batch=max_batch, max_context=max_context, dtype=dtype)
       entry.reference = name
-      fleet[f"{name}_{i}"] = entry
+      fleet[f"{name.replace('.', '_')}_{i}"] = entry
   return fleet
 
 

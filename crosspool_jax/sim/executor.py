@@ -15,22 +15,23 @@ step, the experts it may route to are made resident by the executor's own predic
 weights device) partition, every expert of the step's MoE layers homed there if they fit its
 slots together, else each layer's choice in its model's last step (here: the experts the
 router drew for the layer in that step, all its micro-batches together, as the executor reads
-them after a step that did not miss; after a missed step it keeps its last micro-batch's
-only); those loads are
-charged as swap-ins issued before the step on their weights device, delaying its first expert
-call (`pipelined_step_s`'s `prefetch_s`: the executor enqueues them there before the step's
-first program). Per MoE layer the micro-batches of one (phase, shape class, home weights
-device) group share expert calls as the executor plans them (`plan_expert_calls`, with the
-routing known); the experts each micro-batch routes to are drawn (`Router`) and accessed
-through the real `WeightsPool.access` (the earlier members of the call protected, as
-`DeviceWeightsPool.access_many` does), so hits, misses and evictions come from the pool and
-its expert policy. A step in which an access misses (a routed expert the prediction did not
-make resident) costs what the executor's miss path does: its speculative run (after the
-prefetch; nothing loads on demand, the missing experts read filler slots), discarded, then
-the rerun reading each expert call's routing first, whose on-demand loads are charged as
-swap-ins before their call. A micro-batch whose pages spread over several KV devices runs its
-attention as the executor does (a program per device holding pages, q/k/v out and the results
-back, a merge at home).
+them); those loads are charged as swap-ins issued before the step on their weights device,
+delaying its first expert call (`pipelined_step_s`'s `prefetch_s`: the executor enqueues them
+there before the step's first program). Per MoE layer the micro-batches of one (phase, shape
+class, home weights device) group share expert calls as the executor plans them
+(`plan_expert_calls`, with the routing known); the experts each micro-batch routes to are
+drawn (`Router`) and accessed through the real `WeightsPool.access` (the earlier members of
+the call protected, as `DeviceWeightsPool.access_many` does), so hits, misses and evictions
+come from the pool and its expert policy. A step in which an access misses (a routed expert
+the prediction did not make resident) costs what the executor's miss path does: its
+speculative run (after the prefetch; nothing loads on demand, the missing experts read filler
+slots), discarded, then what it chose is loaded (its misses' swap-ins, issued on their weights
+devices before the rerun) and the step retried speculatively, which hits (the routing drawn
+here does not depend on hidden states). If a partition cannot hold the step's choices
+together, the rerun is the sync one instead: it reads each expert call's routing first, and
+its on-demand loads are charged as swap-ins before their call. A micro-batch whose pages
+spread over several KV devices runs its attention as the executor does (a program per device
+holding pages, q/k/v out and the results back, a merge at home).
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ class SimExecutor:
     self.step_s: list[float] = []  # the modelled seconds of every step run
     self.step_work: list[Work] = []  # what each step asked of the devices
     self.shapes_run: set[tuple] = set()  # (model, token bucket or "decode") run so far
-    self.calls = self.members = self.splits = self.miss_steps = 0
+    self.calls = self.members = self.splits = self.miss_steps = self.retry_runs = 0
     # (model, layer) -> the experts its last step routed to: what the prediction repeats
     self._last_chosen: dict[tuple[str, int], np.ndarray] = {}
 
@@ -141,11 +142,12 @@ class SimExecutor:
   def expert_call_stats(self) -> dict:
     """Expert calls of the steps, the micro-batches they served, fused groups cut into several
     calls, and the steps whose routing chose an expert not resident after the prediction's
-    prefetch (the miss path: a rerun with loads)."""
+    prefetch (the miss path), and of those the steps retried with their choices loaded (the
+    others rerun in the sync mode)."""
     return {"fused": self.config.fuse_experts, "calls": self.calls,
             "micro_batches": self.members, "splits": self.splits,
             "mean_members_per_call": self.members / self.calls if self.calls else 0.0,
-            "miss_steps": self.miss_steps}
+            "miss_steps": self.miss_steps, "retry_runs": self.retry_runs}
 
   def run_many(self, batches: list[ModelBatch]) -> list:
     """The batches' tokens; charges the step's modelled seconds to the clock."""
@@ -213,15 +215,35 @@ class SimExecutor:
     if not missed:
       return pipelined_step_s(homes, attention, calls, transfer_s, head_s, prefetch_s)
     # the executor's miss path: the speculative run (after the prefetch, loading nothing on
-    # demand) is discarded and the step runs again, reading each expert call's routing back
-    # before it (a blocking read: a transfer's latency) and loading what it lacks first
-    speculative = pipelined_step_s(
-        homes, attention, [[dataclasses.replace(call, swap_s=0.0) for call in layer_calls]
-                           for layer_calls in calls], transfer_s, head_s, prefetch_s)
+    # demand) is discarded; what it chose is loaded and the step retried speculatively (the
+    # routing drawn here does not depend on hidden states, so a retry never misses again), or,
+    # if a partition cannot hold its choices together, run again reading each expert call's
+    # routing back before it (a blocking read: a transfer's latency), loading what it lacks
+    # first
+    speculative = [[dataclasses.replace(call, swap_s=0.0) for call in layer_calls]
+                   for layer_calls in calls]
+    first = pipelined_step_s(homes, attention, speculative, transfer_s, head_s, prefetch_s)
+    if self._fits(chosen):
+      self.retry_runs += 1
+      cost.work.rerun(0)
+      loads: dict[int, float] = {}  # the misses' swap-ins, issued before the retry
+      for call in (call for layer_calls in calls for call in layer_calls):
+        loads[call.device] = loads.get(call.device, 0.0) + call.swap_s
+      return first + pipelined_step_s(homes, attention, speculative, transfer_s, head_s, loads)
     reads = sum(map(len, calls))
     cost.work.rerun(reads)
-    return (speculative + pipelined_step_s(homes, attention, calls, transfer_s, head_s)
+    return (first + pipelined_step_s(homes, attention, calls, transfer_s, head_s)
             + reads * cost.spec.link_latency_s)
+
+  def _fits(self, chosen: dict[tuple[str, int], list]) -> bool:
+    """Whether every (class, weights device) partition can hold what the step chose in it
+    together (the executor's condition for a retry after a miss)."""
+    pool = self.weights_pool
+    parts: dict[tuple[int, int], set] = {}
+    for (m, layer), experts in chosen.items():
+      parts.setdefault((pool.model_class(m), pool.home_device(m, layer)), set()).update(
+          (m, layer, int(e)) for es in experts for e in es)
+    return all(pool.can_hold(keys) for keys in parts.values())
 
   def _prefetch_s(self, mbs: list[ModelBatch], cfgs: list) -> dict[int, float]:
     """Makes resident what the executor predicts for the step's MoE layers (`predict_resident`

@@ -11,8 +11,9 @@ import sys
 
 import pytest
 
-from crosspool_jax.capacity import reference_config
+from crosspool_jax.capacity import REFERENCE_HF_CONFIGS, reference_config
 from crosspool_jax.engine.policies.sizes import param_bytes
+from crosspool_jax.experiments.config_lib import reference_fleet
 from crosspool_jax.experiments.plots import write_plots
 from crosspool_jax.experiments.report import benchmarks_section, comparison_table, latency_row
 from crosspool_jax.experiments.runner import (
@@ -25,7 +26,7 @@ from crosspool_jax.experiments.runner import (
 from crosspool_jax.experiments.serving import build_engine, engine_config, load_trace
 from crosspool_jax.models.config import tiny_config
 from crosspool_jax.sim import SLO, Efficiency, Routing, SimModel, simulate
-from crosspool_jax.sim.experiment import sim_config, simulate_experiment
+from crosspool_jax.sim.experiment import sim_config, sim_fleet, simulate_experiment
 from tests.conftest import ROOT
 
 CONFIGS = os.path.join(ROOT, "configs", "experiments")
@@ -103,6 +104,23 @@ def test_a_reference_fleet_serves_only_in_simulation():
   config.fleet.mixtral_0.reference = "deepseek-v2-lite"
   with pytest.raises(ValueError, match=r"config.fleet.mixtral_0.reference must be one of"):
     check_experiment(sim_config(config))
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_HF_CONFIGS))
+def test_every_reference_shape_makes_a_fleet(name):
+  """Two copies of each public shape (Qwen1.5's name has dots, which a config field name
+  cannot): valid in simulation, each copy the shape of `reference_config`."""
+  config = _sim_demo()
+  config.fleet = reference_fleet({name: 2}, max_batch=4, max_context=256)
+  ids = [f"{name.replace('.', '_')}_{i}" for i in range(2)]
+  assert list(config.fleet) == ids
+  config.workload.popularity = ",".join(ids)
+  c = sim_config(config)
+  check_experiment(c)
+  expand_fleet(c)
+  fleet = sim_fleet(c)
+  assert list(fleet) == ids
+  assert all(model.cfg == reference_config(name) for model in fleet.values())
 
 
 @pytest.mark.parametrize("field, value, error", [

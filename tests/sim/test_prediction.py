@@ -3,6 +3,8 @@ CrossPool executor and the simulator: by hand on a small weights pool, and in th
 whose steps miss only where the prediction leaves a routed expert out (counts derived by hand
 from the pool's slots and the LRU order)."""
 
+import dataclasses
+
 import pytest
 
 from crosspool_jax.engine import EngineConfig
@@ -122,3 +124,26 @@ def test_prefetch_is_charged_before_the_step():
   assert predicted[:3] == on_demand[:3]  # the first steps: no prediction, the same misses
   for p, r, d in zip(predicted[3:], resident[3:], on_demand[3:], strict=True):
     assert r < p < d
+
+
+@pytest.mark.parametrize("fits", [True, False])
+def test_a_missed_step_is_retried_when_its_choices_fit(fits, monkeypatch):
+  """The prediction off and 8 slots, every step misses. One-token requests of 6 tokens whose
+  layers route to 2 experts each (STABLE): a step's 4 experts fit its (one) partition
+  together, so the executor retries it, which hits (the drawn routing does not depend on
+  hidden states) and reads nothing: the step's work is its resident run's twice. Of 24 tokens
+  routed uniformly (48 picks of 8 experts per layer, both layers in one partition): more than
+  8 experts, so the sync rerun, which also reads each expert call's routing, once per call."""
+  routing, prompt_len = (STABLE, 6) if fits else (Routing(kind="uniform", seed=0), 24)
+  records = [dataclasses.replace(r, prompt_len=prompt_len) for r in _round_robin(9)]
+  resident = _run(48, records, routing=routing).executor.step_work
+  monkeypatch.setattr(sim_executor, "predict_resident", lambda *args: [])
+  sim = _run(8, records, routing=routing)
+  assert sim.executor.miss_steps == 9
+  assert sim.executor.expert_call_stats()["retry_runs"] == (9 if fits else 0)
+  reads = 0
+  for work, alone in zip(sim.executor.step_work, resident, strict=True):
+    reads += work.transfers - 2 * alone.transfers
+    # every program twice but the swap-ins (each run's own)
+    assert work.programs == 2 * (alone.programs - alone.swaps) + work.swaps
+  assert reads == (0 if fits else sim.executor.calls)

@@ -752,6 +752,7 @@ class DisaggregatedExecutor:
           self._discard(events)
       if missed is not None:
         tokens = self._run_micro_batches(prepare(), track=track, sync=True)
+        self._last_chosen.update(self._sync_chosen)
     self.expert_calls += self._tally[0]
     self.expert_members += self._tally[1]
     self.expert_splits += self._tally[2]
@@ -880,6 +881,7 @@ class DisaggregatedExecutor:
     """
     self._tally = [0, 0, 0]
     self._tokens_read = False
+    self._sync_chosen: dict[tuple[str, int], np.ndarray] = {}  # what a sync run's layers chose
     for t in self._tables.values():
       if t.rows:
         t.used_RE = _none_used(t.tables_RE)
@@ -996,8 +998,10 @@ class DisaggregatedExecutor:
       ids = self._read([moved[mb.index][1] for mb in members])
       chosen = {mb.index: np.unique(i[mb.valid_host]) for mb, i in
                 zip(members, ids, strict=True)}
-      for mb in members:
-        self._last_chosen[mb.model.model_id, layer] = chosen[mb.index]
+      for mb in members:  # the union over the step's micro-batches, as `_account` reads it
+        key = mb.model.model_id, layer
+        self._sync_chosen[key] = np.union1d(self._sync_chosen.get(key, chosen[mb.index]),
+                                            chosen[mb.index])
     calls = self._plan_calls(members, chosen, layer)
     if len(calls) > 1 and self.fuse_experts:
       self._tally[2] += 1
