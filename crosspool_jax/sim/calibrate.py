@@ -19,6 +19,14 @@ latency no step exercises keeps the device's estimate.
 
 `validate` simulates another measured experiment with the calibration and sets the measured
 and the predicted TTFT / TBT percentiles of each run side by side.
+
+On an accelerator (devices that overlap: no step-level fit), `fit_kernels` calibrates from
+`scripts/bench_kernels.py` JSON instead: each stage's efficiency is its kernels' roofline
+seconds at the device's datasheet peaks over their measured seconds, summed over the sweep
+(`KERNEL_STAGES`: the paged attention and KV write time the attention side, the expert
+dispatch the experts). The kernels are a stage's dominant program, not all of it (the
+projections and norms around them run as XLA ops), so the fit is an upper bound on the
+stage's efficiency; the host terms keep their defaults.
 """
 
 from __future__ import annotations
@@ -33,7 +41,7 @@ import numpy as np
 from scipy import optimize
 
 from crosspool_jax.experiments.runner import run_experiment
-from crosspool_jax.roofline import device_spec
+from crosspool_jax.roofline import DEVICES, device_spec
 from crosspool_jax.sim.cost_model import STAGES, Efficiency, Work
 from crosspool_jax.sim.experiment import HOST_TERMS, SPEC_OVERRIDES, sim_config, simulate_run
 
@@ -41,6 +49,9 @@ from crosspool_jax.sim.experiment import HOST_TERMS, SPEC_OVERRIDES, sim_config,
 TERMS = (*HOST_TERMS, *SPEC_OVERRIDES, *STAGES)
 # the latency and percentile fields compared by `validate`
 COMPARED = (("ttft_s", "p50"), ("ttft_s", "p99"), ("tbt_s", "p50"), ("tbt_s", "p99"))
+# the kind of stage each scripts/bench_kernels.py kernel times (`fit_kernels`)
+KERNEL_STAGES = {"ragged_paged_attention": "attention", "kv_write": "attention",
+                 "expert_dispatch": "experts"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -274,3 +285,64 @@ def validate(results: dict, calibrations: dict[str, Calibration], *,
             "reruns_ms": [1e3 * v for v in reruns.get(f"{field}_{pct}", [])]}
       rows.append(row)
   return rows
+
+
+def kernel_device(header: dict) -> str:
+  """The `DEVICES` kind of a scripts/bench_kernels.py header (by `device_kind`); ValueError
+  if none has it."""
+  kind = header.get("device_kind")
+  names = [d.name for d in DEVICES.values() if kind in d.device_kinds]
+  if not names:
+    raise ValueError(f"device_kind {kind!r} of the kernel benchmark is no known device's; "
+                     "pass the device kind explicitly")
+  return names[0]
+
+
+def fit_kernels(bench: dict, device: str | None = None, *, impl: str = "pallas"
+                ) -> Calibration:
+  """A device's stage efficiencies from the scripts/bench_kernels.py JSON `bench` measured on
+  it (module docstring), from the records of implementation `impl` (the compiled Pallas
+  kernels by default) without an error.
+
+  Args:
+    bench: {"header", "records"} as bench_kernels.py writes them.
+    device: the `DEVICES` kind measured; None: the header's `device_kind`'s. A device with
+      known `device_kinds` must include the header's.
+    impl: the implementation whose timings count ("pallas", "reference", ...).
+
+  Raises:
+    ValueError: a device that is not the benchmark's, or no usable record of `impl`.
+  """
+  if not isinstance(bench, dict) or "header" not in bench or "records" not in bench:
+    raise ValueError("a scripts/bench_kernels.py JSON ({'header', 'records'}) is needed")
+  header = bench["header"]
+  device = device or kernel_device(header)
+  spec = device_spec(device)
+  if spec.device_kinds and header.get("device_kind") not in spec.device_kinds:
+    raise ValueError(f"the kernels ran on {header.get('device_kind')!r}, not on a {device!r} "
+                     f"device ({', '.join(spec.device_kinds)})")
+  at_roofline = dict.fromkeys(STAGES, 0.0)
+  measured = dict.fromkeys(STAGES, 0.0)
+  ratios: dict[str, list[float]] = {k: [] for k in STAGES}
+  for r in bench["records"]:
+    stage = KERNEL_STAGES.get(r["kernel"])
+    if stage is None or r["impl"] != impl or r.get("error") or not r.get("median_ms"):
+      continue
+    roof = max(r["flops"] / spec.flops_per_s(r["dtype"]), r["bytes"] / spec.hbm_bytes_per_s)
+    at_roofline[stage] += roof
+    measured[stage] += r["median_ms"] / 1e3
+    ratios[stage].append(roof / (r["median_ms"] / 1e3))
+  timed = [k for k in STAGES if ratios[k]]
+  if not timed:
+    impls = sorted({r["impl"] for r in bench["records"]})
+    raise ValueError(f"no record of impl {impl!r} without an error for a kernel of "
+                     f"{sorted(KERNEL_STAGES)}; the benchmark has impls {impls}")
+  return Calibration(
+      device=device, **dict.fromkeys(HOST_TERMS, 0.0),
+      **{t: getattr(spec, t) for t in SPEC_OVERRIDES},
+      efficiency=Efficiency(**{k: min(1.0, at_roofline[k] / measured[k]) if k in timed
+                               else 1.0 for k in STAGES}),
+      fit={"source": "kernels", "impl": impl,
+           "records": {k: len(ratios[k]) for k in timed},
+           "record_efficiency_range": {k: [min(ratios[k]), max(ratios[k])] for k in timed},
+           "unexercised": [k for k in STAGES if k not in timed] + list(HOST_TERMS)})

@@ -19,6 +19,7 @@ from crosspool_jax.sim.calibrate import (
   calibrate,
   combine_reruns,
   fit,
+  fit_kernels,
   simulate_like,
   validate,
 )
@@ -166,3 +167,64 @@ def test_reruns_combine_as_the_median_of_each_step_and_percentile(measured):
   changed["runs"][0]["counts"]["kv_used_pages_per_step"][5] += 1
   with pytest.raises(ValueError, match="run static: the reruns' schedules differ"):
     combine_reruns([fitted, changed])
+
+
+def _kernel_bench(device_kind: str = "NVIDIA H200") -> dict:
+  """bench_kernels.py JSON on an H200 (989 TFLOP/s bf16, 4.8 TB/s), records by hand:
+  attention 1 ms at the FLOP peak measured 4 ms, the KV write 1 ms at the bandwidth measured
+  1 ms (together 2 / 5 ms: 0.4); the expert dispatch 2 ms of bytes measured 10 ms (0.2); a
+  reference record and a failed Pallas one that do not count."""
+  def rec(kernel, flops, nbytes, ms, impl="pallas", **kw):
+    return {"kernel": kernel, "impl": impl, "dtype": "bfloat16", "flops": flops,
+            "bytes": nbytes, "median_ms": ms, **kw}
+  return {"header": {"device_kind": device_kind, "backend": "gpu", "git_revision": "abc",
+                     "date": "2026-12-03"},
+          "records": [rec("ragged_paged_attention", 989e9, 1e6, 4.0),
+                      rec("kv_write", 0, 4.8e9, 1.0),
+                      rec("expert_dispatch", 1e9, 9.6e9, 10.0),
+                      rec("expert_dispatch", 1e9, 9.6e9, 1.0, impl="reference"),
+                      rec("expert_dispatch", 1e9, 9.6e9, None, error="Mosaic: no")]}
+
+
+def test_kernel_timings_give_each_stage_its_efficiency():
+  c = fit_kernels(_kernel_bench())
+  assert c.device == "h200"
+  assert c.efficiency.attention == pytest.approx(0.4)
+  assert c.efficiency.experts == pytest.approx(0.2)
+  assert (c.efficiency.head, c.efficiency.transfer, c.efficiency.swap) == (1.0, 1.0, 1.0)
+  assert (c.host_step_s, c.first_run_s) == (0.0, 0.0)
+  assert (c.dispatch_s, c.link_latency_s) == (device_spec("h200").dispatch_s,
+                                             device_spec("h200").link_latency_s)
+  assert c.fit["records"] == {"attention": 2, "experts": 1}
+  assert c.fit["record_efficiency_range"]["attention"] == pytest.approx([0.25, 1.0])
+  # the reference timings instead: experts 2 ms of bytes in 1 ms, capped at the roofline
+  assert fit_kernels(_kernel_bench(), impl="reference").efficiency.experts == 1.0
+
+
+def test_kernel_calibration_refuses_what_it_cannot_use():
+  with pytest.raises(ValueError, match=r"ran on 'NVIDIA H200', not on a 'h100_sxm' device"):
+    fit_kernels(_kernel_bench(), "h100_sxm")
+  with pytest.raises(ValueError, match=r"device_kind 'Radeon' .* no known device's"):
+    fit_kernels(_kernel_bench("Radeon"))
+  with pytest.raises(ValueError, match=r"no record of impl 'interpret'.*\['pallas', "
+                                       r"'reference'\]"):
+    fit_kernels(_kernel_bench(), impl="interpret")
+  with pytest.raises(ValueError, match="bench_kernels.py JSON"):
+    fit_kernels({"runs": []})
+
+
+def test_the_script_calibrates_from_kernel_timings(tmp_path):
+  bench, out = tmp_path / "bench.json", tmp_path / "cal.json"
+  bench.write_text(json.dumps(_kernel_bench()))
+  script = os.path.join(ROOT, "scripts", "calibrate.py")
+  proc = subprocess.run([sys.executable, script, f"--kernels={bench}", f"--out={out}"],
+                        capture_output=True, text=True, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr
+  assert "--config.sim.device=h200" in proc.stdout
+  assert "--config.sim.efficiency.attention=0.4 " in proc.stdout
+  written = json.loads(out.read_text())
+  assert written["kind"] == "sim_kernel_calibration"
+  assert Calibration.from_dict(written["calibration"]) == fit_kernels(_kernel_bench())
+  proc = subprocess.run([sys.executable, script, f"--kernels={bench}", f"--fit={bench}"],
+                        capture_output=True, text=True, cwd=ROOT)
+  assert proc.returncode == 1 and "give one of --fit" in proc.stderr
