@@ -91,7 +91,7 @@ def get_config(arg: str | None = None):
   if variant == "sim":
     c = cl.experiment_base("ablations", variant, DESCRIPTION + " (simulated, 16 cold "
                            "OLMoE-1B-7B-shaped models on 8 x H100 SXM)", variants=VARIANTS)
-    cl.paper_scale_setup(c, reference="olmoe-1b-7b", models=16)
+    cl.paper_scale_setup(c, references={"olmoe-1b-7b": 16})
     cl.paper_scale_workload(c, total_rate=4.0, burst_group_size=4)
   else:
     c = _demo().get_config("cpu")

@@ -53,7 +53,7 @@ def get_config(arg: str | None = None):
   c = cl.experiment_base("memory_at_slo", arg, "smallest total memory meeting the SLO, 16 "
                          "cold OLMoE-1B-7B-shaped models on 8 x H100 SXM, by memory per device "
                          "(simulated)", variants=("sim", "smoke"))
-  cl.paper_scale_setup(c, reference="olmoe-1b-7b", models=16)
+  cl.paper_scale_setup(c, references={"olmoe-1b-7b": 16})
   c.policies = ml_collections.ConfigDict(dict(
       static=c.policies.static, shared=c.policies.shared,
       crosspool=c.policies.crosspool.to_dict() | dict(devices=(0, 1),

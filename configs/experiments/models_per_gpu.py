@@ -29,7 +29,7 @@ def get_config(arg: str | None = None):
   c = cl.experiment_base("models_per_gpu", arg, "cold OLMoE-1B-7B-shaped models served within "
                          "a P99 TBT SLO on 8 x H100 SXM, by fleet size (simulated)",
                          variants=("sim", "smoke"))
-  cl.paper_scale_setup(c, reference="olmoe-1b-7b", models=1)
+  cl.paper_scale_setup(c, references={"olmoe-1b-7b": 1})
   c.sweep.field = "fleet_size"
   c.sweep.points = (8, 16)
   c.fleet_size = 8

@@ -15,7 +15,13 @@ the fleet's experts resident, LRU, swapped in over PCIe). Bursty Zipf traffic (C
 correlated bursts) with a long-context tail; one trace per rate (`sweep.png`).
 The crosspool runs of `:sim` swap experts and do not finish in CPU minutes (WORKSPACE.md,
 "Simulated experiments"); `:olmoe` is the same experiment with OLMoE-1B-7B, a fleet every
-policy holds (its results are committed). Simulated only (`mode="sim"`): no weights needed.
+policy holds (its results are committed); `:mixed` with a mixed fleet of two bases' fine-tunes,
+8 OLMoE-1B-7B and 4 Qwen1.5-MoE-A2.7B (two shape classes in the weights pool):
+
+  python scripts/run_experiment.py --config=configs/experiments/paper_scale.py:mixed \
+      --workdir=workdir/paper_scale_mixed_sim --summary_out=benchmarks/sim/paper_scale_mixed.json
+
+Simulated only (`mode="sim"`): no weights needed.
 """
 
 from __future__ import annotations
@@ -25,14 +31,20 @@ from crosspool_jax.experiments import config_lib as cl
 
 def get_config(arg: str | None = None):
   """arg "sim" (the default): the experiment; "olmoe": the same with OLMoE-1B-7B, a fleet
-  every policy holds; "smoke": 2 Qwen3-30B-A3B, 12 short requests, 2 rates (tests)."""
+  every policy holds; "mixed": 8 OLMoE-1B-7B and 4 Qwen1.5-MoE-A2.7B; "smoke": 2
+  Qwen3-30B-A3B, 12 short requests, 2 rates (tests)."""
   c = cl.experiment_base("paper_scale", arg, "P99 TBT against request rate, 16 cold "
                          "Qwen3-30B-A3B-shaped models on 8 x H100 SXM, bursty long-context "
-                         "traffic (simulated)", variants=("sim", "olmoe", "smoke"))
-  reference = "olmoe-1b-7b" if c.variant == "olmoe" else "qwen3-30b-a3b"
-  cl.paper_scale_setup(c, reference=reference, models=16)
+                         "traffic (simulated)", variants=("sim", "olmoe", "mixed", "smoke"))
+  fleets = {"olmoe": {"olmoe-1b-7b": 16},
+            "mixed": {"olmoe-1b-7b": 8, "qwen1.5-moe-a2.7b": 4}}
+  cl.paper_scale_setup(c, references=fleets.get(c.variant, {"qwen3-30b-a3b": 16}))
   if c.variant == "olmoe":
     c.description = c.description.replace("Qwen3-30B-A3B", "OLMoE-1B-7B")
+  if c.variant == "mixed":
+    c.description = c.description.replace(
+        "16 cold Qwen3-30B-A3B-shaped models", "a mixed fleet of 8 OLMoE-1B-7B- and 4 "
+        "Qwen1.5-MoE-A2.7B-shaped cold models")
   c.sweep.field = "workload.total_rate"
   c.sweep.points = (1.0, 2.0, 4.0, 8.0)
   cl.paper_scale_workload(c, total_rate=2.0, burst_group_size=4)

@@ -260,16 +260,17 @@ def paper_scale_workload(c, *, total_rate: float, burst_group_size: int) -> None
   c.progress_interval_s = 10.0
 
 
-def paper_scale_setup(c, *, reference: str, models: int, num_devices: int = 8,
+def paper_scale_setup(c, *, references: dict[str, int], num_devices: int = 8,
                       weight_devices: int = 3, device: str = "h100_sxm",
                       device_gib: int = 80) -> None:
-  """`models` copies of the reference shape on `num_devices` simulated devices, the four
-  policies (static, shared on every device; crosspool* split KV / weights), bf16, 128 KiB
-  pages, the device's memory as the budget; simulated."""
+  """`references` ({reference shape: copies}: one base's fine-tunes, or a mixed fleet) on
+  `num_devices` simulated devices, the four policies (static, shared on every device;
+  crosspool* split KV / weights), bf16, 128 KiB pages, the device's memory as the budget;
+  simulated."""
   c.mode = "sim"
   c.num_cpu_devices = 0
   c.sim.device = device
-  c.fleet = reference_fleet({reference: models}, max_batch=16, max_context=4096)
+  c.fleet = reference_fleet(references, max_batch=16, max_context=4096)
   c.engine = engine_block(page_elems=65536, kv_dtype="bfloat16", token_budget=2048,
                              token_buckets=(64, 256, 1024, 2048), max_batch=16,
                              expert_slots_per_device=0, micro_batch_min_tokens=64,

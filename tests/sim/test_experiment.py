@@ -123,6 +123,15 @@ def test_every_reference_shape_makes_a_fleet(name):
   assert all(model.cfg == reference_config(name) for model in fleet.values())
 
 
+def test_the_mixed_paper_scale_fleet_has_both_bases():
+  c = sim_config(experiment_config("paper_scale.py", "mixed"))
+  check_experiment(c)
+  expand_fleet(c)
+  shapes = [model.cfg for model in sim_fleet(c).values()]
+  assert shapes.count(reference_config("olmoe-1b-7b")) == 8
+  assert shapes.count(reference_config("qwen1.5-moe-a2.7b")) == 4 and len(shapes) == 12
+
+
 @pytest.mark.parametrize("field, value, error", [
     ("mode", "simulate", "config.mode must be one of ('run', 'sim')"),
     ("sim.device", "h1000", "config.sim.device must be one of"),
