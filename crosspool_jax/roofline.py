@@ -181,7 +181,7 @@ class Cost:
     return max(self.flops / peaks.flops_per_s, self.bytes / peaks.bytes_per_s)
 
 
-def _best_and_median(fn, arg, iters: int) -> tuple[float, float]:
+def best_and_median(fn, arg, iters: int) -> tuple[float, float]:
   """(fastest, median) wall seconds of `iters` calls of jitted `fn(arg)` after one warm-up."""
   jax.block_until_ready(fn(arg))
   times = []
@@ -211,11 +211,11 @@ def measure_peaks(*, matmul_dim: int = 1024, stream_mib: int = 256, iters: int =
   """
   device = device or jax.devices()[0]
   a = jax.device_put(jnp.ones((matmul_dim, matmul_dim), jnp.float32), device)
-  mm_best, mm_median = _best_and_median(jax.jit(lambda a: a @ a), a, iters)
+  mm_best, mm_median = best_and_median(jax.jit(lambda a: a @ a), a, iters)
   del a
   n = stream_mib * 2 ** 20 // 4
   x = jax.device_put(jnp.ones((n,), jnp.float32), device)
-  rd_best, rd_median = _best_and_median(jax.jit(jnp.sum), x, iters)
+  rd_best, rd_median = best_and_median(jax.jit(jnp.sum), x, iters)
   del x
   flops, nbytes = 2 * matmul_dim ** 3, n * 4
   measurement = {"matmul_dim": matmul_dim, "stream_mib": stream_mib, "iters": iters,

@@ -81,6 +81,7 @@ from jax import lax
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
+from crosspool_jax import roofline
 from crosspool_jax.cli import run_script, start_script
 from crosspool_jax.models import layers, stages
 from crosspool_jax.models.config import ModelConfig
@@ -689,14 +690,10 @@ def spmd_skeleton_us(s: Shapes, devices, *, iters: int, warmup: int) -> dict[str
   x_TD = jax.device_put(np.ones((T, D), np.float32), devices[0])
   out = {}
   for name, fn, arg in (("spmd_skeleton", spmd, x_ATD), ("one_device_skeleton", alone, x_TD)):
-    for _ in range(1 + warmup):
+    for _ in range(warmup):  # best_and_median warms up once more
       jax.block_until_ready(fn(arg))
-    times = []
-    for _ in range(iters):
-      start = time.perf_counter()
-      jax.block_until_ready(fn(arg))
-      times.append(time.perf_counter() - start)
-    out[f"{name}_median_us"] = float(np.median(times) * 1e6)
+    _, median_s = roofline.best_and_median(fn, arg, iters)
+    out[f"{name}_median_us"] = median_s * 1e6
   return out
 
 

@@ -11,8 +11,9 @@ keep every model's whole weights on one device, so their plan refuses a fleet be
 devices hold; crosspool* keep only attention, embeddings and routers per model and swap the
 routed experts through a weights pool on 3 devices. The report says at which fleet sizes each
 policy meets the SLO (P99 TBT <= 100 ms, P99 TTFT <= 2 s, nothing rejected or refused); the
-Aegaeon paper's anchor is 7 models per GPU (56 on 8). The sweep stops at 16: past about 17
-copies crosspool swaps experts, which the simulator cannot yet sweep in CPU minutes.
+Aegaeon paper's anchor is 7 models per GPU (56 on 8). The sweep goes to 32 (4 per GPU): past
+about 17 copies crosspool's pool swaps experts, and from 40 copies on a simulated crosspool
+run takes several CPU minutes (static and shared hold 5 copies per device: 40 on 8).
 Qwen3-30B-A3B is not the default here: one copy is ~61 GB, so static and shared hold 8 and
 crosspool's pool holds the experts of 3; every other copy swaps, and a step that swaps loads
 tens of thousands of experts, each a host-side pool update (WORKSPACE.md, "Simulated
@@ -31,7 +32,7 @@ def get_config(arg: str | None = None):
                          variants=("sim", "smoke"))
   cl.paper_scale_setup(c, references={"olmoe-1b-7b": 1})
   c.sweep.field = "fleet_size"
-  c.sweep.points = (8, 16)
+  c.sweep.points = (8, 16, 24, 32)
   c.fleet_size = 8
   cl.paper_scale_workload(c, total_rate=4.0, burst_group_size=2)
   if c.variant == "smoke":

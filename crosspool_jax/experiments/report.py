@@ -443,10 +443,10 @@ def _plan_line(run: dict) -> str:
     return f"- `{run['name']}`: {_usable_pages(run)}, engine.pages_per_device as given"
   a = plan["accounting"]
   line = (f"- `{run['name']}`: {_usable_pages(run)} of {a['page_bytes']} B = "
-          f"{run['counts']['kv_capacity_pages'] * a['page_bytes'] / 2**20:.2f} MiB of KV")
+          f"{_size(run['counts']['kv_capacity_pages'] * a['page_bytes'])} of KV")
   if a.get("expert_slots_per_device"):
     line += (f"; {a['weight_devices']} weights device(s)"
-             + (f" of {a['weights_device_bytes'] / 2**20:.2f} MiB"
+             + (f" of {_size(a['weights_device_bytes'])}"
                 if a["weights_device_bytes"] != a["device_bytes"] else "")
              + f" x {a['expert_slots_per_device']} expert slots per shape class "
              f"({_resident_experts(run)} "
@@ -469,7 +469,7 @@ def benchmarks_section(results: dict, *, source: str) -> str:
     field = results["config"]["sweep"]["field"]
     memory = f"Memory per run at {field}={_point(firsts[0]['sweep_value'])} (the first point):"
   elif budget:
-    memory = f"Memory per run (budget {budget / 2**20:.2f} MiB per device):"
+    memory = f"Memory per run (budget {_size(budget)} per device):"
   else:
     memory = "Memory per run:"
   lines = [

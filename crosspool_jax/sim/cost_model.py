@@ -26,10 +26,11 @@ Steps (each also costs the host's `host_s`: 0 unless calibrated):
 Calibration (`crosspool_jax.sim.calibrate`) fits `host_step_s`, the launch and transfer
 latencies and the efficiencies to measured step times, on such serial steps.
 
-Not modelled: padding to token buckets (the valid tokens are charged), attention of a sequence
-whose pages spread over several KV devices (charged at its home device), contention of
-transfers for a link, overlap of a program with the next one on the same device, activations
-and norms (a few rows next to the matrices).
+Not modelled: padding to token buckets (the valid tokens are charged), where the attention
+work of a sequence whose pages spread over several KV devices runs (its programs and transfers
+are charged, its work at its home device), contention of transfers for a link, overlap of a
+program with the next one on the same device, activations and norms (a few rows next to the
+matrices).
 """
 
 from __future__ import annotations

@@ -162,7 +162,7 @@ def test_benchmarks_memory_lines_count_usable_pages_per_device():
   r["config"]["budget"]["device_bytes"] = 5 * 2**19
   text = report.benchmarks_section(r, source="results.json")
   assert ("- `crosspool`: 1,640 usable KV pages (2 KV device(s) x 820, null pages excluded) of "
-          f"2048 B = {1640 * 2048 / 2**20:.2f} MiB of KV; 2 weights device(s) x 53 expert slots "
+          "2048 B = 3.203 MiB of KV; 2 weights device(s) x 53 expert slots "
           "per shape class (83% of the experts resident)") in text
   assert "- `shared`: 932 usable KV pages (4 KV device(s) x 233, null pages excluded)" in text
   assert "Same output tokens under every policy: yes, for all 56 requests" in text
