@@ -1,0 +1,97 @@
+"""The smoke fleet as a user builds it: its checkpoints load, generate and reproduce."""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from crosspool_jax.models.checkpoint import load_checkpoint
+from crosspool_jax.models.config import tiny_config
+from crosspool_jax.models.decode import generate
+from crosspool_jax.models.tokenizer import load_tokenizer
+from crosspool_jax.train.fleet import build_fleet, read_fleet
+from tests.conftest import FAMILIES, ROOT
+
+
+def get_config(arg):
+  """configs/train/fleet.py's config, loaded from its file as the scripts load it."""
+  spec = importlib.util.spec_from_file_location(
+      "fleet_config", os.path.join(ROOT, "configs", "train", "fleet.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def _run(script, *args):
+  proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", script), *args],
+                        capture_output=True, text=True, timeout=300, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return proc
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory):
+  out = tmp_path_factory.mktemp("fleet")
+  proc = _run("make_fleet.py", "--config=configs/train/fleet.py:smoke", f"--out={out}")
+  assert json.loads(proc.stdout.strip().splitlines()[-1])["fleet"] == str(out / "fleet.json")
+  return str(out)
+
+
+def test_smoke_fleet_has_a_base_and_fine_tunes_per_family(fleet):
+  manifest = read_fleet(fleet)
+  ids = [m["id"] for m in manifest["models"]]
+  assert ids == [f"{f}_{kind}" for f in FAMILIES for kind in ("base", "code", "docstrings")]
+  for model in manifest["models"]:
+    cfg, params = load_checkpoint(model["dir"])
+    assert cfg == tiny_config(model["family"])
+    assert load_tokenizer(model["dir"]).get_vocab_size() == cfg.vocab_size
+    assert set(model["heldout"]) == {"code", "docstrings", "comments"}
+    if model["base"] is not None:
+      _, base = load_checkpoint(os.path.join(fleet, model["base"]))
+      assert not np.array_equal(params["layers"][0]["ffn"]["w_up_EDF"],
+                                base["layers"][0]["ffn"]["w_up_EDF"])
+
+
+def test_fleet_member_generates_from_text(fleet):
+  # What scripts/generate.py --checkpoint=DIR --prompt=... does: load_checkpoint, the
+  # directory's tokenizer.json, generate.
+  cfg, params = load_checkpoint(os.path.join(fleet, "olmoe_code"))
+  tokenizer = load_tokenizer(os.path.join(fleet, "olmoe_code"))
+  (tokens,) = generate(params, cfg, [tokenizer.encode("def f(").ids], max_new_tokens=5)
+  assert len(tokens) == 5 and isinstance(tokenizer.decode(tokens), str)
+
+
+def test_fleet_is_reproducible_and_builds_a_family_at_a_time(fleet, tmp_path):
+  config = get_config("smoke")
+  config.families = ("qwen3_moe",)
+  build_fleet(config, str(tmp_path), log=lambda _: None)
+  for model_id in ("qwen3_moe_base", "qwen3_moe_docstrings"):
+    ours = (tmp_path / model_id / "model.safetensors").read_bytes()
+    assert ours == open(os.path.join(fleet, model_id, "model.safetensors"), "rb").read()
+  # Another family into the same directory keeps qwen3_moe's models; another seed is refused.
+  config.families = ("olmoe",)
+  manifest = build_fleet(config, str(tmp_path), log=lambda _: None)
+  assert [m["id"] for m in manifest["models"]] == [
+      "qwen3_moe_base", "qwen3_moe_code", "qwen3_moe_docstrings", "olmoe_base", "olmoe_code",
+      "olmoe_docstrings"]
+  assert set(manifest["build_s"]) == {"qwen3_moe", "olmoe", "corpus"}
+  config.seed = 1
+  with pytest.raises(ValueError, match="holds a fleet built from another config"):
+    build_fleet(config, str(tmp_path), log=lambda _: None)
+
+
+def test_bad_fleet_config_names_the_field(tmp_path):
+  config = get_config("smoke")
+  config.families = ("mixtral", "gpt2")
+  with pytest.raises(ValueError, match="fleet families must be a non-empty subset of"):
+    build_fleet(config, str(tmp_path))
+  config = get_config("smoke")
+  config.finetune_domains = ("code", "code")
+  with pytest.raises(ValueError, match="fleet finetune_domains must be distinct domains"):
+    build_fleet(config, str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="is not a fleet directory"):
+    read_fleet(str(tmp_path))
