@@ -107,8 +107,8 @@ def build_fleet(config, out_dir: str, *, log: Callable[[str], None] = print) -> 
       save(cfg, f"{family}_{domain}", tuned.params, base=base_id, domain=domain,
            train_s=round(tuned.wall_s, 2))
     build_s[family] = round(time.perf_counter() - family_start, 2)
-  build_s["corpus"] = build_s.get("corpus", 0.0) + round(time.perf_counter() - start
-                                                         - sum(build_s[f] for f in families), 2)
+  build_s["corpus"] = round(build_s.get("corpus", 0.0) + time.perf_counter() - start
+                            - sum(build_s[f] for f in families), 2)
   models = kept + models
   manifest = {"seed": config.seed, "corpus": corpus.summary(),
               "families": list(dict.fromkeys(m["family"] for m in models)),
