@@ -1,4 +1,5 @@
-"""The smoke fleet as a user builds it: its checkpoints load, generate and reproduce."""
+"""The smoke fleet as a user builds it: its checkpoints load, generate and reproduce; its
+routing statistics cover every model."""
 
 import importlib.util
 import json
@@ -14,6 +15,8 @@ from crosspool_jax.models.config import tiny_config
 from crosspool_jax.models.decode import generate
 from crosspool_jax.models.tokenizer import load_tokenizer
 from crosspool_jax.train.fleet import build_fleet, read_fleet
+from crosspool_jax.train.routing_stats import fleet_stats, plot_stats
+from scripts.routing_stats import format_table
 from tests.conftest import FAMILIES, ROOT
 
 
@@ -82,6 +85,18 @@ def test_fleet_is_reproducible_and_builds_a_family_at_a_time(fleet, tmp_path):
   config.seed = 1
   with pytest.raises(ValueError, match="holds a fleet built from another config"):
     build_fleet(config, str(tmp_path), log=lambda _: None)
+
+
+def test_routing_stats_of_the_fleet(fleet, tmp_path):
+  stats = fleet_stats(fleet, windows=2, log=lambda _: None)
+  assert len(stats["models"]) == 12 and set(stats["random_init"]) == set(FAMILIES)
+  for s in stats["models"].values():
+    assert 0 < s["entropy"] <= 1 and len(s["layers"]) == 2
+  assert set(stats["hot_overlap"]["mixtral"]["pairs"]) == {
+      "mixtral_base|mixtral_code", "mixtral_base|mixtral_docstrings",
+      "mixtral_code|mixtral_docstrings"}
+  assert os.path.exists(plot_stats(stats, str(tmp_path / "routing.png")))
+  assert "random init olmoe" in format_table(stats)
 
 
 def test_bad_fleet_config_names_the_field(tmp_path):
