@@ -99,6 +99,24 @@ def test_routing_stats_of_the_fleet(fleet, tmp_path):
   assert "random init olmoe" in format_table(stats)
 
 
+def test_bench_pools_runs_random_and_trained_fleets_side_by_side(fleet, tmp_path):
+  out = tmp_path / "pools.json"
+  proc = _run("bench_pools.py", f"--fleet={fleet}", "--families=qwen3_moe",
+              "--models_per_family=2", "--requests=3", "--prompt_len=6", "--new_tokens=2",
+              "--fractions=0.5", "--policies=lru", "--live_policies=", "--sections=weights",
+              f"--out={out}")
+  result = json.loads(out.read_text())
+  random, trained = result["weights_pool"], result["weights_pool_trained"]
+  assert list(random["fleet"]) == ["qwen3_moe-0", "qwen3_moe-1"]
+  assert list(trained["fleet"]) == ["qwen3_moe_base", "qwen3_moe_code"]
+  # The same requests: model k of one fleet where model k of the other.
+  assert [w["model"][-1] for w in random["workload"]] == [
+      "0" if w["model"].endswith("base") else "1" for w in trained["workload"]]
+  for r in (*random["replay"], *trained["replay"]):
+    assert r["hit_rate"] <= r["belady_hit_rate"] + 1e-12 and r["loads"] >= r["belady_loads"]
+  assert "side by side (replay):" in proc.stdout and "trained: hit" in proc.stdout
+
+
 def test_bad_fleet_config_names_the_field(tmp_path):
   config = get_config("smoke")
   config.families = ("mixtral", "gpt2")
