@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from crosspool_jax.experiments.runner import check_experiment, expand_fleet
 from crosspool_jax.models.checkpoint import load_checkpoint
 from crosspool_jax.models.config import tiny_config
 from crosspool_jax.models.decode import generate
@@ -20,10 +21,9 @@ from scripts.routing_stats import format_table
 from tests.conftest import FAMILIES, ROOT
 
 
-def get_config(arg):
-  """configs/train/fleet.py's config, loaded from its file as the scripts load it."""
-  spec = importlib.util.spec_from_file_location(
-      "fleet_config", os.path.join(ROOT, "configs", "train", "fleet.py"))
+def get_config(arg, path=("train", "fleet.py")):
+  """A config file's config (default configs/train/fleet.py), loaded as the scripts load it."""
+  spec = importlib.util.spec_from_file_location("config", os.path.join(ROOT, "configs", *path))
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module.get_config(arg)
@@ -115,6 +115,24 @@ def test_bench_pools_runs_random_and_trained_fleets_side_by_side(fleet, tmp_path
   for r in (*random["replay"], *trained["replay"]):
     assert r["hit_rate"] <= r["belady_hit_rate"] + 1e-12 and r["loads"] >= r["belady_loads"]
   assert "side by side (replay):" in proc.stdout and "trained: hit" in proc.stdout
+
+
+def test_experiment_serves_the_trained_fleet(fleet):
+  config = get_config("smoke", ("experiments", "demo.py"))
+  config.fleet_dir = fleet
+  config.fleet_size = 4
+  check_experiment(config)  # every run's plan holds the trained models
+  served = config.copy_and_resolve_references()
+  served.unlock()
+  expand_fleet(served)
+  # Copies of an entry are further fine-tunes of its base.
+  assert {m: os.path.basename(e.checkpoint) for m, e in served.fleet.items()} == {
+      "mixtral_0": "mixtral_base", "mixtral_0_c1": "mixtral_code",
+      "qwen2_moe_1": "qwen2_moe_base", "qwen2_moe_1_c1": "qwen2_moe_code"}
+  config.fleet_size = 8
+  with pytest.raises(ValueError, match=r"config.fleet_dir .* holds 3 \w+ model\(s\); "
+                                       r"config.fleet.\w+_c3 would be number 4"):
+    check_experiment(config)
 
 
 def test_bad_fleet_config_names_the_field(tmp_path):
