@@ -1,5 +1,5 @@
 """The smoke fleet as a user builds it: its checkpoints load, generate and reproduce; its
-routing statistics cover every model."""
+routing statistics, the pool benchmark and an experiment run on it."""
 
 import importlib.util
 import json
