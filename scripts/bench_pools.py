@@ -20,8 +20,13 @@ policy can beat MIN's hit rate only by loading more experts, so compare "loads" 
       --requests=16 --out=workdir/bench/pools.json --trace_out=workdir/bench/trace.jsonl
   # replay a recorded trace only:
   python scripts/bench_pools.py --trace_in=workdir/bench/trace.jsonl --out=workdir/bench/replay.json
+  # the random fleet and a trained one (scripts/make_fleet.py) side by side, prompts from the
+  # trained fleet's held-out text:
+  python scripts/bench_pools.py --fleet=workdir/fleet --families=mixtral,qwen3_moe \
+      --models_per_family=4 --requests=16 --out=workdir/bench/pools_trained.json
 
-Writes JSON ({"header", "weights_pool", "kv_pool"}) to --out and a table to stdout.
+Writes JSON ({"header", "weights_pool", "kv_pool"}; with --fleet also "weights_pool_trained")
+to --out and a table to stdout (with --fleet: both fleets' tables and a side-by-side one).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from absl import app, flags
 
 from crosspool_jax.cli import run_script, start_script
 from crosspool_jax.engine.weights_generate import generate_pooled
+from crosspool_jax.models.checkpoint import load_checkpoint
 from crosspool_jax.models.config import FAMILIES, tiny_config
 from crosspool_jax.models.model import init_params
 from crosspool_jax.pools.expert_policies import POLICIES
@@ -57,6 +63,8 @@ from crosspool_jax.pools.weights_pool import (
   fleet_experts,
 )
 from crosspool_jax.provenance import git_revision
+from crosspool_jax.train.corpus import build_corpus
+from crosspool_jax.train.fleet import read_fleet
 
 FLAGS = flags.FLAGS
 
@@ -86,6 +94,11 @@ def define_flags() -> None:
   flags.DEFINE_list("trace_shape", ["64", "32", "float32"],
                     "--trace_in: d_model, d_ff, dtype of the experts (for bytes).")
   flags.DEFINE_string("out", None, "Write the JSON result here.")
+  flags.DEFINE_string("fleet", None, "A trained fleet directory (scripts/make_fleet.py): the "
+                      "weights section runs on the seeded random fleet AND on this fleet's "
+                      "models of --families (up to --models_per_family each: the base, then "
+                      "its fine-tunes), on the same requests with prompts from the fleet's "
+                      "held-out text, side by side.")
 
 
 # =============================================================================================
@@ -102,13 +115,38 @@ def make_fleet(families: Sequence[str], per_family: int, seed: int):
   return fleet
 
 
+def trained_fleet(fleet_dir: str, families: Sequence[str], per_family: int):
+  """{model_id: (cfg, params)} of a trained fleet's models of `families`, up to `per_family`
+  each in the fleet's order (its base, then its fine-tunes), and the fleet's held-out text
+  (one int32 stream of every domain's held-out tokens)."""
+  manifest = read_fleet(fleet_dir)
+  fleet = {}
+  for f in families:
+    entries = [m for m in manifest["models"] if m["family"] == f][:per_family]
+    if not entries:
+      raise app.UsageError(f"--fleet {fleet_dir} has no {f} model; it has "
+                           f"{sorted({m['family'] for m in manifest['models']})}")
+    for entry in entries:
+      fleet[entry["id"]] = load_checkpoint(entry["dir"])
+  vocab = min(cfg.vocab_size for cfg, _ in fleet.values())
+  corpus = build_corpus(seed=manifest["seed"], vocab_size=vocab,
+                        **manifest["config"]["corpus"])
+  return fleet, np.concatenate(list(corpus.heldout.values()))
+
+
 def make_workload(model_ids: Sequence[str], vocab: int, *, requests: int, prompt_len: int,
-                  batch: int, zipf: float, seed: int) -> list[tuple[str, list[list[int]]]]:
-  """(model_id, prompts) per request; model popularity Zipf-skewed, prompts random ids."""
+                  batch: int, zipf: float, seed: int, text: np.ndarray | None = None
+                  ) -> list[tuple[str, list[list[int]]]]:
+  """(model_id, prompts) per request; model popularity Zipf-skewed, prompts random ids, or
+  random windows of `text` (token ids) if given."""
   rng = np.random.default_rng(seed)
   weights = np.arange(1, len(model_ids) + 1, dtype=np.float64) ** -zipf
   picks = rng.choice(len(model_ids), size=requests, p=weights / weights.sum())
-  return [(model_ids[m], rng.integers(3, vocab, size=(batch, prompt_len)).tolist())
+  if text is None:
+    return [(model_ids[m], rng.integers(3, vocab, size=(batch, prompt_len)).tolist())
+            for m in picks]
+  return [(model_ids[m], [text[s:s + prompt_len].tolist()
+                          for s in rng.integers(0, text.size - prompt_len, batch)])
           for m in picks]
 
 
@@ -212,25 +250,47 @@ def specs_from_trace(events: Sequence[TraceEvent], num_experts: int | None,
 
 
 def run_weights_section(fractions: Sequence[float]) -> dict[str, Any]:
-  """The weights-pool benchmark (see the module docstring)."""
+  """The weights-pool benchmark (see the module docstring): {"weights_pool": ...}, and with
+  --fleet also {"weights_pool_trained": ...} on the same requests."""
   if FLAGS.trace_in:
     events = read_jsonl(FLAGS.trace_in)
     if not events:
       raise app.UsageError(f"--trace_in {FLAGS.trace_in} holds no events")
     d, f, dtype = FLAGS.trace_shape
     specs = specs_from_trace(events, FLAGS.trace_num_experts, ShapeClass(int(d), int(f), dtype))
-    return {"source": "trace", "trace_events": len(events),
-            "fleet": {s.model_id: s.num_pooled_experts for s in specs},
-            "replay": replay_records(events, specs, fractions, FLAGS.policies), "live": []}
+    return {"weights_pool": {
+        "source": "trace", "trace_events": len(events),
+        "fleet": {s.model_id: s.num_pooled_experts for s in specs},
+        "replay": replay_records(events, specs, fractions, FLAGS.policies), "live": []}}
   fleet = make_fleet(FLAGS.families, FLAGS.models_per_family, FLAGS.seed)
+  trained, text = (None, None) if FLAGS.fleet is None else trained_fleet(
+      FLAGS.fleet, FLAGS.families, FLAGS.models_per_family)
+  vocab = min(cfg.vocab_size for cfg, _ in fleet.values())
+  workload = make_workload(range(len(fleet)), vocab, requests=FLAGS.requests,
+                           prompt_len=FLAGS.prompt_len, batch=FLAGS.batch, zipf=FLAGS.zipf,
+                           seed=FLAGS.seed, text=text)
+  result = {"weights_pool": weights_benchmark(fleet, workload, fractions,
+                                              trace_out=FLAGS.trace_out)}
+  if trained is not None:
+    if len(trained) != len(fleet):
+      raise app.UsageError(f"--fleet {FLAGS.fleet} holds {len(trained)} models of "
+                           f"--families, the random fleet {len(fleet)}: lower "
+                           "--models_per_family")
+    result["weights_pool_trained"] = {"fleet_dir": FLAGS.fleet} | weights_benchmark(
+        trained, workload, fractions)
+  return result
+
+
+def weights_benchmark(fleet, workload, fractions: Sequence[float], *,
+                      trace_out: str | None = None) -> dict[str, Any]:
+  """Records the routing of `workload` (requests name models by their index in `fleet`) with
+  every expert resident, replays it under each policy and size, and runs it live."""
   specs = [ExpertModelSpec.from_config(m, cfg) for m, (cfg, _) in fleet.items()]
   if len({s.shape_class for s in specs}) != 1:
     raise app.UsageError(f"--families must share one expert shape class, got "
                          f"{sorted({str(s.shape_class) for s in specs})}")
-  vocab = min(cfg.vocab_size for cfg, _ in fleet.values())
-  workload = make_workload(list(fleet), vocab, requests=FLAGS.requests,
-                           prompt_len=FLAGS.prompt_len, batch=FLAGS.batch, zipf=FLAGS.zipf,
-                           seed=FLAGS.seed)
+  ids = list(fleet)
+  workload = [(ids[m], prompts) for m, prompts in workload]
   # Recording run: everything resident, so routing is recorded as the models compute it.
   total = fleet_experts(specs)
   recorder = DeviceWeightsPool(WeightsPool(
@@ -240,9 +300,9 @@ def run_weights_section(fractions: Sequence[float]) -> dict[str, Any]:
   events: list[TraceEvent] = []
   reference = run_workload(recorder, workload, FLAGS.new_tokens, trace=events)
   print(f"recorded {len(events)} layer accesses of {len(fleet)} models", file=sys.stderr)
-  if FLAGS.trace_out:
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.trace_out)), exist_ok=True)
-    write_jsonl(events, FLAGS.trace_out)
+  if trace_out:
+    os.makedirs(os.path.dirname(os.path.abspath(trace_out)), exist_ok=True)
+    write_jsonl(events, trace_out)
   return {"source": "recorded", "trace_events": len(events),
           "fleet": {s.model_id: s.num_pooled_experts for s in specs},
           "workload": [{"model": m, "prompts": len(p)} for m, p in workload],
@@ -267,6 +327,24 @@ def format_table(result: dict[str, Any]) -> str:
                  f"{r['bytes_swapped'] / 2**20:.2f}",
                  f"{lv['hidden_fraction']:.2f}" if lv else "-",
                  str(lv["tokens_match"]) if lv else "-"))
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                   for row in rows)
+
+
+def format_comparison(random: dict[str, Any], trained: dict[str, Any]) -> str:
+  """Replay hit rates and loads against MIN's, the random fleet's next to the trained one's."""
+  rows = [("resident", "policy", "random: hit", "MIN hit", "loads", "MIN loads",
+           "trained: hit", "MIN hit", "loads", "MIN loads")]
+  by = {(r["fraction"], r["policy"]): r for r in trained["replay"]}
+  for r in random["replay"]:
+    t = by.get((r["fraction"], r["policy"]))
+    if "error" in r or t is None or "error" in t:
+      continue
+    rows.append((f"{r['fraction']:.0%}", r["policy"],
+                 *(cell for x in (r, t) for cell in (
+                     f"{x['hit_rate']:.3f}", f"{x['belady_hit_rate']:.3f}", str(x["loads"]),
+                     str(x["belady_loads"])))))
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
                    for row in rows)
@@ -317,12 +395,12 @@ def main(argv: Sequence[str]) -> None:
       "flags": {name: FLAGS[name].value for name in (
           "sections", "families", "models_per_family", "requests", "prompt_len", "new_tokens",
           "batch", "zipf", "seed", "fractions", "policies", "live_policies", "trace_in",
-          "trace_out", "trace_num_experts", "trace_shape", "out")},
+          "trace_out", "trace_num_experts", "trace_shape", "out", "fleet")},
       "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
   }
   result: dict[str, Any] = {"header": header}
   if "weights" in FLAGS.sections:
-    result["weights_pool"] = run_weights_section(fractions)
+    result |= run_weights_section(fractions)
   if "kv" in FLAGS.sections:
     result["kv_pool"] = run_kv_section()
   if FLAGS.out:
@@ -330,7 +408,14 @@ def main(argv: Sequence[str]) -> None:
     with open(FLAGS.out, "w") as f:
       json.dump(result, f, indent=1)
     print(f"wrote {FLAGS.out}", file=sys.stderr)
-  if "weights_pool" in result:
+  if "weights_pool_trained" in result:
+    print("random fleet (seeded init):")
+    print(format_table(result["weights_pool"]))
+    print(f"trained fleet ({FLAGS.fleet}):")
+    print(format_table(result["weights_pool_trained"]))
+    print("side by side (replay):")
+    print(format_comparison(result["weights_pool"], result["weights_pool_trained"]))
+  elif "weights_pool" in result:
     print(format_table(result["weights_pool"]))
 
 

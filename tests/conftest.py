@@ -46,3 +46,31 @@ def tiny_checkpoint(tmp_path_factory):
     return made[key]
 
   return get
+
+
+@pytest.fixture(scope="session")
+def trained_checkpoint(tmp_path_factory):
+  """Returns a function family -> directory of a tiny model trained 10 steps on the stdlib
+  corpus (weights moved away from their init; routing skewed) and exported as an HF
+  checkpoint (cached)."""
+  from crosspool_jax.models.config import tiny_config
+  from crosspool_jax.models.model import init_params
+  from crosspool_jax.train.corpus import build_corpus
+  from crosspool_jax.train.export import export_model
+  from crosspool_jax.train.trainer import TrainConfig, train
+
+  made: dict[str, str] = {}
+  tc = TrainConfig(steps=10, batch_size=4, seq_len=32, learning_rate=3e-3, warmup_steps=1,
+                   eval_every=10, eval_batches=1, log_every=10)
+
+  def get(family: str) -> str:
+    if family not in made:
+      cfg = tiny_config(family)
+      corpus = build_corpus(seed=0, max_bytes=20_000, heldout_fraction=0.1,
+                            vocab_size=cfg.vocab_size)
+      result = train(cfg, init_params(cfg, seed=0), corpus, tc, log=lambda _: None)
+      made[family] = export_model(tmp_path_factory.mktemp(f"trained_{family}"), cfg,
+                                  result.params)
+    return made[family]
+
+  return get

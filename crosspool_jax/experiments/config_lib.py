@@ -196,6 +196,10 @@ def experiment_base(name: str, arg: str | None, description: str, *,
   # > 0: the fleet is its entries repeated in order until it has this many models (copy k of
   # an entry: `<id>_c<k>`), so a sweep can vary the number of models; 0: the fleet as listed
   c.fleet_size = 0
+  # a trained fleet directory (scripts/make_fleet.py), or "": each fleet entry with neither a
+  # checkpoint nor a reference serves the next unused model of its family there (the base,
+  # then its fine-tunes; after fleet_size)
+  c.fleet_dir = ""
   # Same bytes on every device for every policy (0: engine.pages_per_device and the fleet's
   # groups as given); device_gib > 0 gives them in GiB instead of device_bytes (a sweep over
   # the memory reads in GiB); kv_planner: the crosspool runs split their devices

@@ -36,6 +36,7 @@ from crosspool_jax.experiments.serving import (
   no_weights_error,
   serve,
 )
+from crosspool_jax.train.fleet import read_fleet
 from crosspool_jax.workloads import trace_stats, write_jsonl
 
 WALL_CLOCK_KEYS = ("wall_clock", "created")
@@ -99,14 +100,39 @@ RUN_BUDGET_FIELDS = ("weights_device_bytes", "kv_planner")
 
 
 def expand_fleet(config) -> None:
-  """Applies config.fleet_size to a resolved, unlocked config: > 0 repeats the fleet's entries
-  in order until it has that many models (copy k >= 1 of `<id>` is `<id>_c<k>`: a fine-tune of
-  the same shape); 0 leaves the fleet as listed."""
+  """Applies config.fleet_size, then config.fleet_dir, to a resolved, unlocked config.
+
+  fleet_size > 0 repeats the fleet's entries in order until it has that many models (copy
+  k >= 1 of `<id>` is `<id>_c<k>`: a fine-tune of the same shape); 0 leaves the fleet as
+  listed. A fleet_dir (a trained fleet, `scripts/make_fleet.py`) gives each entry with neither
+  a checkpoint nor a reference the next unused model of its family there, in fleet.json's
+  order (its base, then its fine-tunes).
+  """
   size = config.get("fleet_size", 0)
   if not isinstance(size, int) or size < 0:
     raise ValueError(f"config.fleet_size must be an integer >= 0, got {size!r}")
-  if not size:
-    return
+  if size:
+    _repeat_fleet(config, size)
+  if config.get("fleet_dir"):
+    _use_fleet_dir(config, config.fleet_dir)
+
+
+def _use_fleet_dir(config, fleet_dir: str) -> None:
+  models = read_fleet(fleet_dir)["models"]
+  used: dict[str, int] = {}
+  for model_id, entry in config.fleet.items():
+    if entry.get("checkpoint") or entry.get("reference"):
+      continue
+    of_family = [m for m in models if m["family"] == entry.family]
+    k = used.get(entry.family, 0)
+    used[entry.family] = k + 1
+    if k >= len(of_family):
+      raise ValueError(f"config.fleet_dir {fleet_dir} holds {len(of_family)} {entry.family} "
+                       f"model(s); config.fleet.{model_id} would be number {k + 1}")
+    entry.checkpoint = of_family[k]["dir"]
+
+
+def _repeat_fleet(config, size: int) -> None:
   entries = list(config.fleet.items())
   fleet = ml_collections.ConfigDict()
   for i in range(size):

@@ -1,10 +1,11 @@
-"""Import of HF checkpoints (config.json + *.safetensors) into our param dict.
+"""Import of HF checkpoints (config.json + *.safetensors) into our param dict, and export.
 
 The safetensors files are read directly (header + memory map) with numpy and `ml_dtypes`
 for bf16/fp8, so neither torch nor transformers is needed, bf16 checkpoints load, and a
 truncated file is caught from its header before any tensor is used. transformers 5 keeps
 experts fused in memory but saves them per expert (`...experts.{j}.w1` for Mixtral,
-`...experts.{j}.gate_proj` for Qwen/OLMoE); that is the layout read here.
+`...experts.{j}.gate_proj` for Qwen/OLMoE); that is the layout read here, and the one
+`save_hf_checkpoint` writes (the same name mapping, `_entries`, read in both directions).
 """
 
 from __future__ import annotations
@@ -13,13 +14,14 @@ import dataclasses
 import json
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
+import safetensors.numpy
 
-from crosspool_jax.models.config import ModelConfig, load_hf_config
+from crosspool_jax.models.config import ModelConfig, load_hf_config, to_hf_config
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -124,67 +126,83 @@ class SafetensorsReader:
 
 # --- name mapping ------------------------------------------------------------------------
 
-# (our param path, HF key(s), transform from the HF array(s) to ours, expected shape)
-_Entry = tuple[tuple, tuple[str, ...], Callable[..., np.ndarray], tuple[int, ...]]
-
-
-def _t(a):
-  return np.ascontiguousarray(a.T)
+# (our param path, HF key(s), layout, the HF tensors' shape, our shape). Layouts, each read in
+# both directions (`_to_ours` on import, `_to_hf` on export):
+#   "same": one tensor, reshaped; "t": one tensor, transposed then reshaped (HF's Linear
+#   weights are [out, in]); "stack_t": one tensor per expert, each transposed, stacked on E.
+_Entry = tuple[tuple, tuple[str, ...], str, tuple[int, ...], tuple[int, ...]]
 
 
 def _entries(cfg: ModelConfig) -> Iterator[_Entry]:
   d, n, k, h, v = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
-  yield ("embed_VD",), ("model.embed_tokens.weight",), lambda a: a, (v, d)
-  yield ("final_norm_D",), ("model.norm.weight",), lambda a: a, (d,)
+  yield ("embed_VD",), ("model.embed_tokens.weight",), "same", (v, d), (v, d)
+  yield ("final_norm_D",), ("model.norm.weight",), "same", (d,), (d,)
   if not cfg.tie_embeddings:
-    yield ("lm_head_DV",), ("lm_head.weight",), _t, (v, d)
+    yield ("lm_head_DV",), ("lm_head.weight",), "t", (v, d), (d, v)
   moe_prefix = "block_sparse_moe" if cfg.family == "mixtral" else "mlp"
   names = ("w1", "w3", "w2") if cfg.family == "mixtral" else ("gate_proj", "up_proj", "down_proj")
   for i in range(cfg.num_layers):
     pre = f"model.layers.{i}."
     at = pre + "self_attn."
-    yield (i, "attn_norm_D"), (pre + "input_layernorm.weight",), lambda a: a, (d,)
-    yield (i, "ffn_norm_D"), (pre + "post_attention_layernorm.weight",), lambda a: a, (d,)
-    yield (i, "attn", "w_q_DNH"), (at + "q_proj.weight",), lambda a: a.T.reshape(d, n, h), (
-        n * h, d)
-    yield (i, "attn", "w_k_DKH"), (at + "k_proj.weight",), lambda a: a.T.reshape(d, k, h), (
-        k * h, d)
-    yield (i, "attn", "w_v_DKH"), (at + "v_proj.weight",), lambda a: a.T.reshape(d, k, h), (
-        k * h, d)
-    yield (i, "attn", "w_o_NHD"), (at + "o_proj.weight",), lambda a: a.T.reshape(n, h, d), (
-        d, n * h)
+    yield (i, "attn_norm_D"), (pre + "input_layernorm.weight",), "same", (d,), (d,)
+    yield (i, "ffn_norm_D"), (pre + "post_attention_layernorm.weight",), "same", (d,), (d,)
+    yield (i, "attn", "w_q_DNH"), (at + "q_proj.weight",), "t", (n * h, d), (d, n, h)
+    yield (i, "attn", "w_k_DKH"), (at + "k_proj.weight",), "t", (k * h, d), (d, k, h)
+    yield (i, "attn", "w_v_DKH"), (at + "v_proj.weight",), "t", (k * h, d), (d, k, h)
+    yield (i, "attn", "w_o_NHD"), (at + "o_proj.weight",), "t", (d, n * h), (n, h, d)
     if cfg.qkv_bias:
-      yield (i, "attn", "b_q_NH"), (at + "q_proj.bias",), lambda a: a.reshape(n, h), (n * h,)
-      yield (i, "attn", "b_k_KH"), (at + "k_proj.bias",), lambda a: a.reshape(k, h), (k * h,)
-      yield (i, "attn", "b_v_KH"), (at + "v_proj.bias",), lambda a: a.reshape(k, h), (k * h,)
+      yield (i, "attn", "b_q_NH"), (at + "q_proj.bias",), "same", (n * h,), (n, h)
+      yield (i, "attn", "b_k_KH"), (at + "k_proj.bias",), "same", (k * h,), (k, h)
+      yield (i, "attn", "b_v_KH"), (at + "v_proj.bias",), "same", (k * h,), (k, h)
     if cfg.qk_norm != "none":
       qn, kn = (h, h) if cfg.qk_norm == "per_head" else (n * h, k * h)
-      yield (i, "attn", "q_norm"), (at + "q_norm.weight",), lambda a: a, (qn,)
-      yield (i, "attn", "k_norm"), (at + "k_norm.weight",), lambda a: a, (kn,)
+      yield (i, "attn", "q_norm"), (at + "q_norm.weight",), "same", (qn,), (qn,)
+      yield (i, "attn", "k_norm"), (at + "k_norm.weight",), "same", (kn,), (kn,)
     if not cfg.moe_layers[i]:
       fd = cfg.d_ff_dense
       mlp = pre + "mlp."
-      yield (i, "ffn", "w_gate_DF"), (mlp + "gate_proj.weight",), _t, (fd, d)
-      yield (i, "ffn", "w_up_DF"), (mlp + "up_proj.weight",), _t, (fd, d)
-      yield (i, "ffn", "w_down_FD"), (mlp + "down_proj.weight",), _t, (d, fd)
+      yield (i, "ffn", "w_gate_DF"), (mlp + "gate_proj.weight",), "t", (fd, d), (d, fd)
+      yield (i, "ffn", "w_up_DF"), (mlp + "up_proj.weight",), "t", (fd, d), (d, fd)
+      yield (i, "ffn", "w_down_FD"), (mlp + "down_proj.weight",), "t", (d, fd), (fd, d)
       continue
     moe = f"{pre}{moe_prefix}."
     f, e = cfg.d_ff_expert, cfg.num_experts
-    yield (i, "ffn", "w_router_DE"), (moe + "gate.weight",), _t, (e, d)
-
-    def stack(*arrays):
-      return np.stack([a.T for a in arrays])
-
+    yield (i, "ffn", "w_router_DE"), (moe + "gate.weight",), "t", (e, d), (d, e)
     for ours, theirs, shape in (("w_gate_EDF", names[0], (f, d)), ("w_up_EDF", names[1], (f, d)),
                                 ("w_down_EFD", names[2], (d, f))):
       keys = tuple(f"{moe}experts.{j}.{theirs}.weight" for j in range(e))
-      yield (i, "ffn", ours), keys, stack, shape
+      yield (i, "ffn", ours), keys, "stack_t", shape, (e, *shape[::-1])
     if cfg.d_ff_shared:
       fs, sh = cfg.d_ff_shared, moe + "shared_expert."
-      yield (i, "ffn", "shared_w_gate_DF"), (sh + "gate_proj.weight",), _t, (fs, d)
-      yield (i, "ffn", "shared_w_up_DF"), (sh + "up_proj.weight",), _t, (fs, d)
-      yield (i, "ffn", "shared_w_down_FD"), (sh + "down_proj.weight",), _t, (d, fs)
-      yield (i, "ffn", "shared_gate_D1"), (moe + "shared_expert_gate.weight",), _t, (1, d)
+      yield (i, "ffn", "shared_w_gate_DF"), (sh + "gate_proj.weight",), "t", (fs, d), (d, fs)
+      yield (i, "ffn", "shared_w_up_DF"), (sh + "up_proj.weight",), "t", (fs, d), (d, fs)
+      yield (i, "ffn", "shared_w_down_FD"), (sh + "down_proj.weight",), "t", (d, fs), (fs, d)
+      yield (i, "ffn", "shared_gate_D1"), (moe + "shared_expert_gate.weight",), "t", (1, d), (
+          d, 1)
+
+
+def _to_ours(layout: str, arrays: list[np.ndarray], ours: tuple[int, ...]) -> np.ndarray:
+  """One param of ours from its HF tensor(s) (`_entries`' layouts)."""
+  if layout == "stack_t":
+    return np.stack([a.T for a in arrays])
+  (a,) = arrays
+  return np.ascontiguousarray((a.T if layout == "t" else a).reshape(ours))
+
+
+def _to_hf(layout: str, x: np.ndarray, theirs: tuple[int, ...]) -> list[np.ndarray]:
+  """The HF tensor(s) of one param of ours: the inverse of `_to_ours`."""
+  if layout == "stack_t":
+    return [np.ascontiguousarray(x_j.T) for x_j in x]
+  if layout == "t":
+    return [np.ascontiguousarray(x.reshape(theirs[::-1]).T)]
+  return [np.ascontiguousarray(x.reshape(theirs))]
+
+
+def _get(tree: dict, path: tuple):
+  node = tree["layers"] if isinstance(path[0], int) else tree
+  for key in path:
+    node = node[key]
+  return node
 
 
 def _set(tree: dict, path: tuple, value) -> None:
@@ -216,7 +234,7 @@ def load_hf_checkpoint(checkpoint_dir: str, *, dtype=jnp.float32,
   reader = SafetensorsReader(checkpoint_dir)
   params: dict = {}
   used: set[str] = set()
-  for path, keys, transform, shape in _entries(cfg):
+  for path, keys, layout, shape, ours in _entries(cfg):
     arrays = []
     for key in keys:
       a = reader.get(key)
@@ -228,7 +246,7 @@ def load_hf_checkpoint(checkpoint_dir: str, *, dtype=jnp.float32,
         raise CheckpointError(f"tensor {key!r} contains NaN or Inf")
       arrays.append(a)
       used.add(key)
-    _set(params, path, jnp.asarray(transform(*arrays), dtype=dtype))
+    _set(params, path, jnp.asarray(_to_ours(layout, arrays, ours), dtype=dtype))
   unexpected = sorted(k for k in reader.keys() - used
                       if not k.endswith(_IGNORED_SUFFIXES)
                       and not (cfg.tie_embeddings and k == "lm_head.weight"))
@@ -237,3 +255,33 @@ def load_hf_checkpoint(checkpoint_dir: str, *, dtype=jnp.float32,
     raise CheckpointError(f"unexpected tensor(s) in {checkpoint_dir} that this "
                           f"{cfg.family} config does not use: {unexpected[:5]}{more}")
   return cfg, params
+
+
+def save_hf_checkpoint(checkpoint_dir: str | os.PathLike, cfg: ModelConfig, params: dict, *,
+                       dtype=np.float32) -> str:
+  """Writes (cfg, params) as an HF checkpoint directory: `config.json` and `model.safetensors`
+  in the per-expert layout `load_hf_checkpoint` reads (and transformers loads); returns it.
+
+  Args:
+    checkpoint_dir: output directory (created; existing files of these names are replaced).
+    cfg: the model's config (`to_hf_config` must express it).
+    params: pure param dict of `cfg`.
+    dtype: dtype of the saved tensors (float32 or ml_dtypes.bfloat16).
+  """
+  checkpoint_dir = os.fspath(checkpoint_dir)
+  hf = to_hf_config(cfg) | {"dtype": "bfloat16" if np.dtype(dtype) == ml_dtypes.bfloat16
+                            else np.dtype(dtype).name, "pad_token_id": 0}
+  tensors = {}
+  for path, keys, layout, shape, ours in _entries(cfg):
+    x = np.asarray(_get(params, path), dtype=np.float32)
+    if x.shape != ours:
+      raise CheckpointError(f"param {'/'.join(map(str, path))} has shape {x.shape}, expected "
+                            f"{ours} for this config")
+    for key, tensor in zip(keys, _to_hf(layout, x, shape), strict=True):
+      tensors[key] = tensor.astype(dtype)
+  os.makedirs(checkpoint_dir, exist_ok=True)
+  safetensors.numpy.save_file(tensors, os.path.join(checkpoint_dir, "model.safetensors"),
+                              metadata={"format": "pt"})
+  with open(os.path.join(checkpoint_dir, "config.json"), "w") as f:
+    json.dump(hf, f, indent=1)
+  return checkpoint_dir

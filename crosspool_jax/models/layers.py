@@ -74,17 +74,42 @@ def swiglu(x_TD: jax.Array, w_gate_DF: jax.Array, w_up_DF: jax.Array,
   return h_TF @ w_down_FD
 
 
+def router_logits(w_router_DE: jax.Array, x_TD: jax.Array) -> jax.Array:
+  """The router's f32 logits [T, E] (what HF's load-balancing loss reads)."""
+  return (x_TD @ w_router_DE).astype(jnp.float32)
+
+
 def route(w_router_DE: jax.Array, x_TD: jax.Array, cfg: ModelConfig):
   """Router: softmax over all experts (f32), top-k, optional renormalisation of the k weights.
 
   Returns (topk_ids_TK int32, topk_weights_TK f32).
   """
-  logits_TE = (x_TD @ w_router_DE).astype(jnp.float32)
+  return route_logits(router_logits(w_router_DE, x_TD), cfg)
+
+
+def route_logits(logits_TE: jax.Array, cfg: ModelConfig):
+  """`route` from the router's logits: (topk_ids_TK int32, topk_weights_TK f32)."""
   probs_TE = jax.nn.softmax(logits_TE, axis=-1)
   weights_TK, ids_TK = jax.lax.top_k(probs_TE, cfg.top_k)
   if cfg.norm_topk_prob:
     weights_TK = weights_TK / jnp.sum(weights_TK, axis=-1, keepdims=True)
   return ids_TK.astype(jnp.int32), weights_TK
+
+
+def dense_experts(h_TD: jax.Array, ids_TK: jax.Array, weights_TK: jax.Array,
+                  w_gate_EDF: jax.Array, w_up_EDF: jax.Array, w_down_EFD: jax.Array) -> jax.Array:
+  """The routed experts' weighted sum [T, D] computed densely: every expert on every token,
+  each token's outputs combined with its top-k weights (0 for the experts it did not pick).
+
+  The same sum as the expert dispatch (`stages.routed_experts`), differentiable in the
+  weights and the router (the training path); it costs E / top_k times the dispatch's FLOPs.
+  """
+  combine_TE = jnp.sum(jax.nn.one_hot(ids_TK, w_gate_EDF.shape[0], dtype=weights_TK.dtype)
+                       * weights_TK[..., None], axis=-2)
+  gate_ETF = jnp.einsum("td,edf->etf", h_TD, w_gate_EDF)
+  up_ETF = jnp.einsum("td,edf->etf", h_TD, w_up_EDF)
+  out_ETD = jnp.einsum("etf,efd->etd", jax.nn.silu(gate_ETF) * up_ETF, w_down_EFD)
+  return jnp.einsum("te,etd->td", combine_TE.astype(out_ETD.dtype), out_ETD)
 
 
 def add_shared_expert(p: Params, x_TD: jax.Array, y_TD: jax.Array, cfg: ModelConfig):

@@ -2,7 +2,8 @@
 
 The NNX modules define the parameters (names, shapes, initialisers). Hot paths never call
 the modules: `nnx.split` once, `nnx.to_pure_dict` the state, and pass that dict to the pure
-stages (`stages.py`) under a plain `jax.jit`; `forward` composes them over a `KVCache`.
+stages (`stages.py`) under a plain `jax.jit`; `forward` composes them over a `KVCache`,
+`forward_train` over whole sequences with no cache (training).
 """
 
 from __future__ import annotations
@@ -161,3 +162,33 @@ def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array, cache: 
                                moe=cfg.moe_layers[i], impl=moe_impl)
   logits_BTV = stages.head(params, x_TD, None, cfg=cfg).reshape(b, t, -1)
   return logits_BTV, KVCache(k_LBSKH, v_LBSKH)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def forward_train(params: dict, tokens_BT: jax.Array, *, cfg: ModelConfig
+                  ) -> tuple[jax.Array, jax.Array]:
+  """The forward pass of training: whole sequences from position 0, no cache, differentiable.
+
+  The same logits as `forward` on an empty cache (every expert is computed densely and
+  weighted by the router's top-k choice, `stages.train_layer`).
+
+  Args:
+    params: pure param dict.
+    tokens_BT: int32 token ids, each row a sequence from its start.
+    cfg: model config (static).
+
+  Returns:
+    (logits_BTV f32, router logits [MoE layers, B x T, E] f32), the router logits in layer
+    order over the MoE layers only (HF's `router_logits`).
+  """
+  b, t = tokens_BT.shape
+  positions_BT = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  x_TD, _ = stages.embed(params["embed_VD"], tokens_BT.reshape(-1), positions_BT.reshape(-1))
+  router_logits = []
+  for i in range(cfg.num_layers):
+    x_TD, logits_TE = stages.train_layer(params["layers"][i], x_TD, positions_BT, cfg=cfg,
+                                         moe=cfg.moe_layers[i])
+    if logits_TE is not None:
+      router_logits.append(logits_TE)
+  logits_BTV = stages.head(params, x_TD, None, cfg=cfg).reshape(b, t, -1)
+  return logits_BTV, jnp.stack(router_logits)

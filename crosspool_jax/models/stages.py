@@ -6,10 +6,12 @@ contiguous cache), `post_attention` (LSE merge of several partials, output proje
 residual, FFN norm, then the router of a MoE layer or the whole dense MLP) and, for a MoE
 layer, `routed_experts` (through a slot table) and `combine`; `attention_side` is a layer up to
 its experts in one program (one device's pages); `finish_layer` is the tail with the layer's
-own experts. Around the layers: `embed`, `head`, `head_and_sample`. Invariant: no
-layer math outside this module and `layers.py`. Each stage is jitted with its config static:
-an executor dispatches a stage on its own, a one-jit forward pass inlines it. Shape suffixes:
-WORKSPACE.md; arrays are flat over tokens (T), the contiguous cache reshapes to [B, T].
+own experts; `train_layer` is a whole layer with no cache and every expert computed densely
+(differentiable: the training path). Around the layers: `embed`, `head`, `head_and_sample`.
+Invariant: no layer math outside this module and `layers.py`. Each stage is jitted with its
+config static: an executor dispatches a stage on its own, a one-jit forward pass inlines it.
+Shape suffixes: WORKSPACE.md; arrays are flat over tokens (T), the contiguous cache reshapes
+to [B, T].
 """
 
 from __future__ import annotations
@@ -208,6 +210,39 @@ def finish_layer(p: layers.Params, x_TD: jax.Array, outs_MTNH, lses_MTN, valid_T
   y_TD = routed_experts(h_TD, ids_TK, weights_TK, valid_T, identity_E, f["w_gate_EDF"],
                         f["w_up_EDF"], f["w_down_EFD"], impl=impl)
   return combine(f, x_TD, h_TD, y_TD, cfg=cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "moe"))
+def train_layer(p: layers.Params, x_TD: jax.Array, positions_BT: jax.Array, *,
+                cfg: ModelConfig, moe: bool):
+  """A whole layer over whole sequences with no cache, differentiable (the training path).
+
+  `attention_inputs`, causal attention of each sequence over its own keys, `post_attention`,
+  then for a MoE layer every routed expert densely (`layers.dense_experts`) and `combine`.
+
+  Args:
+    p: the layer's params.
+    x_TD: residual stream, T = B x T' flattened.
+    positions_BT: int32 [B, T'], each row 0, 1, ..., T' - 1 (a sequence from its start).
+    cfg: model config.
+    moe: the layer is a MoE layer (else dense).
+
+  Returns:
+    (x_TD after the layer, the router's f32 logits [T, E] of a MoE layer or None).
+  """
+  bt = positions_BT.shape
+  q_TNH, k_TKH, v_TKH = attention_inputs(p, x_TD, positions_BT.reshape(-1), cfg=cfg)
+  o_BTNH = layers.attend_contiguous(*(a.reshape(*bt, *a.shape[1:]) for a in (q_TNH, k_TKH,
+                                                                             v_TKH)),
+                                    positions_BT)
+  out = post_attention(p, x_TD, [o_BTNH.reshape(q_TNH.shape)], None, cfg=cfg, moe=moe)
+  if not moe:
+    return out[0], None
+  x_TD, h_TD, ids_TK, weights_TK = out
+  f = p["ffn"]
+  y_TD = layers.dense_experts(h_TD, ids_TK, weights_TK, f["w_gate_EDF"], f["w_up_EDF"],
+                              f["w_down_EFD"])
+  return combine(f, x_TD, h_TD, y_TD, cfg=cfg), layers.router_logits(f["w_router_DE"], h_TD)
 
 
 def last_token_rows(cu_q_lens_S1: jax.Array) -> jax.Array:

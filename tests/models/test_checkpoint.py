@@ -1,4 +1,5 @@
-"""HF import errors name what is wrong; orbax round trips are bit-exact and keep dtypes."""
+"""HF import errors name what is wrong; orbax round trips are bit-exact and keep dtypes; an
+exported HF checkpoint reads back bit-exact and holds what transformers writes."""
 
 import json
 import os
@@ -12,8 +13,14 @@ import safetensors.torch as safetensors_torch
 import torch
 
 from crosspool_jax.models.checkpoint import load_checkpoint, restore_params, save_params
-from crosspool_jax.models.config import UnsupportedConfigError
-from crosspool_jax.models.hf_import import CheckpointError, load_hf_checkpoint
+from crosspool_jax.models.config import UnsupportedConfigError, tiny_config
+from crosspool_jax.models.hf_import import (
+  CheckpointError,
+  load_hf_checkpoint,
+  save_hf_checkpoint,
+)
+from crosspool_jax.models.model import init_params
+from tests.conftest import FAMILIES
 
 EXPERT = "model.layers.0.mlp.experts.3.up_proj.weight"
 Q_PROJ = "model.layers.2.self_attn.q_proj.weight"
@@ -129,3 +136,32 @@ def test_orbax_refuses_to_overwrite(tiny_checkpoint, tmp_path):
   with pytest.raises(FileExistsError, match="overwrite=True"):
     save_params(tmp_path / "o", cfg, params)
   save_params(tmp_path / "o", cfg, params, overwrite=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_export_round_trip_is_bit_exact(family, tmp_path):
+  cfg = tiny_config(family)
+  params = init_params(cfg, seed=2)
+  save_hf_checkpoint(tmp_path, cfg, params)
+  cfg_back, params_back = load_hf_checkpoint(tmp_path)
+  assert cfg_back == cfg
+  jax.tree.map(np.testing.assert_array_equal, params, params_back)
+
+
+def test_hf_export_writes_the_tensors_transformers_writes(tiny_checkpoint, tmp_path):
+  src = tiny_checkpoint("qwen2_moe")
+  cfg, params = load_hf_checkpoint(src)
+  save_hf_checkpoint(tmp_path, cfg, params)
+  theirs = safetensors_torch.load_file(os.path.join(src, "model.safetensors"))
+  ours = safetensors_torch.load_file(tmp_path / "model.safetensors")
+  assert set(ours) == set(theirs)
+  for key, tensor in theirs.items():
+    assert torch.equal(ours[key], tensor), key
+
+
+def test_hf_export_names_a_misshapen_param(tmp_path):
+  cfg = tiny_config("mixtral")
+  params = init_params(cfg)
+  params["layers"][1]["attn"]["w_q_DNH"] = params["layers"][1]["attn"]["w_q_DNH"][:, :2]
+  with pytest.raises(CheckpointError, match=r"param 1/attn/w_q_DNH has shape \(64, 2, 16\)"):
+    save_hf_checkpoint(tmp_path, cfg, params)

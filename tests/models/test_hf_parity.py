@@ -1,4 +1,5 @@
-"""Every family vs HF transformers on a tiny random f32 checkpoint: logits and greedy tokens."""
+"""Every family vs HF transformers on a tiny random f32 checkpoint, and on trained ones (a few
+optax steps on the stdlib corpus, exported by `save_hf_checkpoint`): logits and greedy tokens."""
 
 import jax
 import jax.numpy as jnp
@@ -10,12 +11,20 @@ import transformers
 from crosspool_jax.models.decode import generate
 from crosspool_jax.models.hf_import import load_hf_checkpoint
 from crosspool_jax.models.model import KVCache, forward
+from crosspool_jax.models.tokenizer import load_tokenizer
 from tests.conftest import FAMILIES
 
 pytestmark = pytest.mark.hf
 
 LOGITS_ATOL = 1e-4
+# (family, kind): every family's random checkpoint (written by transformers) and, for the
+# logits, trained checkpoints (written by us) of the families with the most switches (dense
+# layers and a shared expert; full q/k norm and clip). Greedy decoding of a model trained
+# for seconds emits spaces (the most frequent byte), so greedy parity runs on random ones.
+CHECKPOINTS = [*((f, "random") for f in FAMILIES), ("qwen2_moe", "trained"), ("olmoe", "trained")]
 PROMPTS = ([5, 17, 300, 42, 7, 99, 256, 3, 11], [12, 400, 8], [61, 62, 63, 64, 65, 66])
+# A trained byte-level model continues text (random ids would make it emit spaces).
+TEXT_PROMPTS = ("def __init__(self, ", "Return the", "import os\n")
 
 
 def _hf_model(path):
@@ -32,26 +41,34 @@ def _left_padded(prompts):
   return torch.tensor(ids), torch.tensor(mask)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_logits_match_transformers_on_ragged_batch(family, tiny_checkpoint):
-  path = tiny_checkpoint(family)
+def _checkpoint(request, family, kind):
+  """(checkpoint directory, prompts) of a random or trained checkpoint of `family`."""
+  if kind == "random":
+    return request.getfixturevalue("tiny_checkpoint")(family), PROMPTS
+  path = request.getfixturevalue("trained_checkpoint")(family)
+  return path, tuple(load_tokenizer(path).encode(t).ids for t in TEXT_PROMPTS)
+
+
+@pytest.mark.parametrize(("family", "kind"), CHECKPOINTS)
+def test_logits_match_transformers_on_ragged_batch(family, kind, request):
+  path, prompts = _checkpoint(request, family, kind)
   cfg, params = load_hf_checkpoint(path)
-  ids, mask = _left_padded(PROMPTS)
+  ids, mask = _left_padded(prompts)
   position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
   with torch.no_grad():
     hf_logits = _hf_model(path)(input_ids=ids, attention_mask=mask,
                                 position_ids=position_ids).logits.numpy()
 
-  width = max(map(len, PROMPTS))
-  tokens = np.zeros((len(PROMPTS), width), np.int32)
-  positions = np.full((len(PROMPTS), width), -1, np.int32)
-  for i, p in enumerate(PROMPTS):  # ours right-pads
+  width = max(map(len, prompts))
+  tokens = np.zeros((len(prompts), width), np.int32)
+  positions = np.full((len(prompts), width), -1, np.int32)
+  for i, p in enumerate(prompts):  # ours right-pads
     tokens[i, : len(p)] = p
     positions[i, : len(p)] = np.arange(len(p))
-  cache = KVCache.zeros(cfg, len(PROMPTS), width)
+  cache = KVCache.zeros(cfg, len(prompts), width)
   logits, _ = forward(params, jnp.asarray(tokens), jnp.asarray(positions), cache, cfg=cfg)
   logits = np.asarray(logits)
-  for i, p in enumerate(PROMPTS):
+  for i, p in enumerate(prompts):
     ours, theirs = logits[i, : len(p)], hf_logits[i, width - len(p):]
     np.testing.assert_allclose(ours, theirs, atol=LOGITS_ATOL, rtol=0,
                                err_msg=f"{family} prompt {i}")
@@ -60,17 +77,17 @@ def test_logits_match_transformers_on_ragged_batch(family, tiny_checkpoint):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_generation_matches_transformers(family, tiny_checkpoint):
-  path = tiny_checkpoint(family)
+def test_greedy_generation_matches_transformers(family, request):
+  path, prompts = _checkpoint(request, family, "random")
   cfg, params = load_hf_checkpoint(path)
   new_tokens = 24
-  ids, mask = _left_padded(PROMPTS)
+  ids, mask = _left_padded(prompts)
   with torch.no_grad():
     out = _hf_model(path).generate(input_ids=ids, attention_mask=mask, do_sample=False,
                                    max_new_tokens=new_tokens, min_new_tokens=new_tokens,
                                    pad_token_id=0, eos_token_id=None)
   theirs = out[:, ids.shape[1]:].tolist()
-  ours = generate(params, cfg, PROMPTS, max_new_tokens=new_tokens)
+  ours = generate(params, cfg, list(prompts), max_new_tokens=new_tokens)
   assert ours == theirs
   assert any(len(set(t)) > 3 for t in ours)  # not a degenerate constant sequence
 
