@@ -23,6 +23,7 @@ from __future__ import annotations
 import ml_collections
 
 from crosspool_jax.experiments.config_lib import (
+  config_variant,
   engine_block,
   fleet_entry,
   length_dist,
@@ -33,9 +34,7 @@ from crosspool_jax.experiments.config_lib import (
 
 def get_config(arg: str | None = None):
   """The demo config; arg "runlocal" gives the small variant (tests, a first try)."""
-  variant = arg or "demo"
-  if variant not in ("demo", "runlocal"):
-    raise ValueError(f"config arg must be empty, 'demo' or 'runlocal', got {arg!r}")
+  variant = config_variant("demo", arg, ("demo", "runlocal"))
   small = variant == "runlocal"
   c = ml_collections.ConfigDict()
   c.variant = variant

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from crosspool_jax.experiments.config_lib import config_variant
 from crosspool_jax.models.config import FAMILIES
 from crosspool_jax.train.corpus import DOMAINS
 
@@ -34,9 +35,7 @@ def _train_block(*, steps, warmup_steps, learning_rate, batch_size, seq_len, eva
 
 def get_config(arg: str | None = None):
   """The default fleet; arg "smoke" gives the seconds-long variant of the tests."""
-  variant = arg or "default"
-  if variant not in ("default", "smoke"):
-    raise ValueError(f"config arg must be empty, 'default' or 'smoke', got {arg!r}")
+  variant = config_variant("fleet", arg, ("default", "smoke"))
   smoke = variant == "smoke"
   c = ml_collections.ConfigDict()
   c.variant = variant

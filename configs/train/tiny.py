@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import ml_collections
 
+from crosspool_jax.experiments.config_lib import config_variant
+
 
 def get_config(arg: str | None = None):
   """The default config; arg "smoke" gives the seconds-long variant of the tests."""
-  variant = arg or "default"
-  if variant not in ("default", "smoke"):
-    raise ValueError(f"config arg must be empty, 'default' or 'smoke', got {arg!r}")
+  variant = config_variant("train", arg, ("default", "smoke"))
   smoke = variant == "smoke"
   c = ml_collections.ConfigDict()
   c.variant = variant

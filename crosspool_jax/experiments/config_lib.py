@@ -171,6 +171,15 @@ def three_policies(*, kv_devices=(0, 1), weight_devices=(2, 3), **crosspool):
   ))
 
 
+def config_variant(name: str, arg: str | None, variants: tuple[str, ...]) -> str:
+  """The variant a config file's argument (`--config=FILE:arg`) picks: `arg`, or the first of
+  `variants` if empty; ValueError naming `name` and the variants otherwise."""
+  variant = arg or variants[0]
+  if variant not in variants:
+    raise ValueError(f"{name}: the variant must be one of {variants}, got {arg!r}")
+  return variant
+
+
 def experiment_base(name: str, arg: str | None, description: str, *,
                     variants: tuple[str, ...] = ("cpu", "full")):
   """The fields every experiment config has besides the serving blocks.
@@ -181,9 +190,7 @@ def experiment_base(name: str, arg: str | None, description: str, *,
     description: one line for the results and BENCHMARKS.md.
     variants: the variants this config has.
   """
-  variant = arg or variants[0]
-  if variant not in variants:
-    raise ValueError(f"{name}: the variant must be one of {variants}, got {arg!r}")
+  variant = config_variant(name, arg, variants)
   c = ml_collections.ConfigDict()
   c.name = name
   c.variant = variant
