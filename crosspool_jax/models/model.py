@@ -143,8 +143,9 @@ def _zero_layers(num_layers: int, shape: tuple[int, ...], dtype):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "moe_impl"), donate_argnames=("cache",))
-def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache, *,
-            cfg: ModelConfig, moe_impl: str | None = None) -> tuple[jax.Array, KVCache]:
+def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache,
+            last_B: jax.Array | None = None, *, cfg: ModelConfig,
+            moe_impl: str | None = None) -> tuple[jax.Array, KVCache]:
   """Runs tokens through the model on a contiguous KV cache (the reference forward pass).
 
   Args:
@@ -153,11 +154,13 @@ def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array, cache: 
     positions_BT: int32 position of each token in its sequence; -1 marks padding (its K/V is
       not written, its logits are garbage).
     cache: contiguous cache, donated and returned updated.
+    last_B: optional int32 [B]: the head runs on token last_B[b] of each row only (a prefill
+      needs the last prompt token's logits, not the [B, T, V] of every token).
     cfg: model config (static).
     moe_impl: expert dispatch implementation.
 
   Returns:
-    (logits_BTV f32, updated cache).
+    (logits_BTV f32, or logits_BV of the `last_B` tokens; updated cache).
   """
   b, t = tokens_BT.shape
   positions_T = positions_BT.reshape(-1)
@@ -170,5 +173,7 @@ def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array, cache: 
         k_LBKCH[i], v_LBKCH[i], q_TNH, k_TKH, v_TKH, positions_BT)
     x_TD = stages.finish_layer(p, x_TD, [o_TNH], None, valid_T, cfg=cfg,
                                moe=cfg.moe_layers[i], impl=moe_impl)
-  logits_BTV = stages.head(params, x_TD, None, cfg=cfg).reshape(b, t, -1)
-  return logits_BTV, KVCache(tuple(k_LBKCH), tuple(v_LBKCH))
+  cache = KVCache(tuple(k_LBKCH), tuple(v_LBKCH))
+  if last_B is not None:
+    return stages.head(params, x_TD, jnp.arange(b) * t + last_B, cfg=cfg), cache
+  return stages.head(params, x_TD, None, cfg=cfg).reshape(b, t, -1), cache
