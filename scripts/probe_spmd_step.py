@@ -4,7 +4,7 @@ today's per-stage dispatch, on a toy L-layer MoE model. A feasibility probe, not
 The toy step: two micro-batches of T decode tokens (one new token per sequence), micro-batch m
 homed on KV device m (0, 1) and served by weights device 2 + m (2, 3). A layer is the project's
 stages: on the KV device `stages.attention_inputs`, `stages.write_and_attend_contiguous` (a
-contiguous [L, B, C, K, H] cache instead of the paged pool: the paged gather is a separate
+contiguous [L, B, K, C, H] cache instead of the paged pool: the paged gather is a separate
 question, see below) and `stages.post_attention` (merge, residual, FFN norm, router); on the
 weights device `stages.routed_experts` through a slot table into [Z, D, F] slot buffers (the
 weights pool's layout; the Z - L*E spare slots hold NaN, so reading an unmapped slot shows); back
@@ -51,7 +51,7 @@ module has.
 
 Names: shape suffixes as in the project (WORKSPACE.md, "Shape suffixes"), new-code letters C
 (contiguous cache positions), Z (expert slots), J (top-k choices), and A for the devices of the
-mesh (a stacked per-device argument, e.g. `k_ALBCKH`); M is the micro-batches here.
+mesh (a stacked per-device argument, e.g. `k_ALBKCH`); M is the micro-batches here.
 
   # 4 host CPU devices (the script asks for 4 if XLA_FLAGS does not say), defaults L=4, T=8,
   # D=256, E=16, K=4, F=128; a few minutes on two busy cores:
@@ -213,28 +213,29 @@ def make_problem(s: Shapes, seed: int, steps: int = 1) -> Problem:
 
 
 def zero_cache(s: Shapes) -> np.ndarray:
-  """One KV device's K (or V) cache [L, B, C, K, H], B = the micro-batch's T sequences."""
-  return np.zeros((s.layers, s.tokens, s.context, s.kv_heads, s.head_dim), np.float32)
+  """One KV device's K (or V) cache [L, B, K, C, H], B = the micro-batch's T sequences."""
+  return np.zeros((s.layers, s.tokens, s.kv_heads, s.context, s.head_dim), np.float32)
 
 
 # ---------------------------------------------------------------------------------------------
 # The step's pieces, shared by every variant.
 
 
-def kv_layer(p, x_TD, y_TD, k_LBCKH, v_LBCKH, positions_T, layer, *, cfg: ModelConfig):
+def kv_layer(p, x_TD, y_TD, k_LBKCH, v_LBKCH, positions_T, layer, *, cfg: ModelConfig):
   """The attention side of a layer: the previous layer's residual add of its experts' output
   `y_TD` (`stages.combine` without a shared expert), attention over the micro-batch's cache
   (one new token per sequence), merge/residual/FFN norm/router.
 
-  Returns (x_TD, h_TD, ids_TJ, weights_TJ, k_LBCKH, v_LBCKH).
+  Returns (x_TD, h_TD, ids_TJ, weights_TJ, k_LBKCH, v_LBKCH).
   """
   x_TD = x_TD + y_TD
   q_TNH, k_TKH, v_TKH = stages.attention_inputs(p, x_TD, positions_T, cfg=cfg)
-  o_TNH, k_LBCKH, v_LBCKH = stages.write_and_attend_contiguous(
-      k_LBCKH, v_LBCKH, q_TNH, k_TKH, v_TKH, positions_T[:, None], layer)
+  o_TNH, k_BKCH, v_BKCH = stages.write_and_attend_contiguous(
+      k_LBKCH[layer], v_LBKCH[layer], q_TNH, k_TKH, v_TKH, positions_T[:, None])
+  k_LBKCH, v_LBKCH = k_LBKCH.at[layer].set(k_BKCH), v_LBKCH.at[layer].set(v_BKCH)
   x_TD, h_TD, ids_TJ, weights_TJ = stages.post_attention(p, x_TD, [o_TNH], None, cfg=cfg,
                                                          moe=True)
-  return x_TD, h_TD, ids_TJ, weights_TJ, k_LBCKH, v_LBCKH
+  return x_TD, h_TD, ids_TJ, weights_TJ, k_LBKCH, v_LBKCH
 
 
 def expert_layer(h_TD, ids_TJ, weights_TJ, valid_T, table_LE, layer, w_gate_ZDF, w_up_ZDF,
@@ -260,8 +261,8 @@ class StepOut(NamedTuple):
 
   next_MT: np.ndarray
   x_MTD: np.ndarray
-  k_MLBCKH: np.ndarray
-  v_MLBCKH: np.ndarray
+  k_MLBKCH: np.ndarray
+  v_MLBKCH: np.ndarray
 
 
 # ---------------------------------------------------------------------------------------------
@@ -362,18 +363,18 @@ def colocated_step(top, layers_L, tables_M, w_gate_M, w_up_M, w_down_M, tokens_M
     x_TD, valid_T = stages.embed(top["embed_VD"], tokens_MT[m], positions_MT[m])
 
     def layer_fn(carry, xs, m=m, valid_T=valid_T):
-      x_TD, y_TD, k_LBCKH, v_LBCKH = carry
+      x_TD, y_TD, k_LBKCH, v_LBKCH = carry
       layer, p = xs
-      x_TD, h_TD, ids_TJ, weights_TJ, k_LBCKH, v_LBCKH = kv_layer(
-          p, x_TD, y_TD, k_LBCKH, v_LBCKH, positions_MT[m], layer, cfg=cfg)
+      x_TD, h_TD, ids_TJ, weights_TJ, k_LBKCH, v_LBKCH = kv_layer(
+          p, x_TD, y_TD, k_LBKCH, v_LBKCH, positions_MT[m], layer, cfg=cfg)
       y_TD = expert_layer(h_TD, ids_TJ, weights_TJ, valid_T, tables_M[m], layer, w_gate_M[m],
                           w_up_M[m], w_down_M[m])
-      return (x_TD, y_TD, k_LBCKH, v_LBCKH), None
+      return (x_TD, y_TD, k_LBKCH, v_LBKCH), None
 
     init = (x_TD, jnp.zeros_like(x_TD), k_M[m], v_M[m])
-    (x_TD, y_TD, k_LBCKH, v_LBCKH), _ = lax.scan(
+    (x_TD, y_TD, k_LBKCH, v_LBKCH), _ = lax.scan(
         layer_fn, init, (jnp.arange(cfg.num_layers, dtype=jnp.int32), layers_L))
-    outs.append((*head(top, x_TD, y_TD, cfg=cfg), k_LBCKH, v_LBCKH))
+    outs.append((*head(top, x_TD, y_TD, cfg=cfg), k_LBKCH, v_LBKCH))
   next_M, x_M, k_M, v_M = zip(*outs, strict=True)
   return jnp.stack(next_M), jnp.stack(x_M), k_M, v_M
 
@@ -413,8 +414,8 @@ def spmd_step_fn(s: Shapes, mesh: Mesh, *, layer_mode: str = "scan", branch: str
 
   Arguments (A = the 4 devices; a per-device argument is stacked on A, sharded over the mesh,
   rows of the other role zeros): top, layers_L (replicated: on every device), tables_ALE,
-  w_gate_AZDF, w_up_AZDF, w_down_AZFD, tokens_AT, positions_AT, k_ALBCKH, v_ALBCKH.
-  Returns (next_AT, x_ATD, k_ALBCKH, v_ALBCKH); only the KV devices' rows of next and x mean
+  w_gate_AZDF, w_up_AZDF, w_down_AZFD, tokens_AT, positions_AT, k_ALBKCH, v_ALBKCH.
+  Returns (next_AT, x_ATD, k_ALBKCH, v_ALBKCH); only the KV devices' rows of next and x mean
   anything. `steps` > 1: that many decode steps in a `lax.fori_loop` (tokens fed back,
   positions + 1), the last step's next tokens and hidden states returned.
 
@@ -438,7 +439,7 @@ def spmd_step_fn(s: Shapes, mesh: Mesh, *, layer_mode: str = "scan", branch: str
     return jax.tree.map(lambda u, w: jnp.where(is_kv, u, w), a, b)
 
   def body(top, layers_L, tables_ALE, w_gate_AZDF, w_up_AZDF, w_down_AZFD, tokens_AT,
-           positions_AT, k_ALBCKH, v_ALBCKH):
+           positions_AT, k_ALBKCH, v_ALBKCH):
     table_LE, w_gate_ZDF, w_up_ZDF, w_down_ZFD = (a[0] for a in (tables_ALE, w_gate_AZDF,
                                                                 w_up_AZDF, w_down_AZFD))
     is_kv = lax.axis_index(AXIS) < NUM_KV
@@ -450,49 +451,49 @@ def spmd_step_fn(s: Shapes, mesh: Mesh, *, layer_mode: str = "scan", branch: str
          (jnp.zeros((T, D), jnp.float32), jnp.zeros((T, J), jnp.int32),
           jnp.zeros((T, J), jnp.float32))))
 
-    def one_step(tokens_T, positions_T, k_LBCKH, v_LBCKH):
+    def one_step(tokens_T, positions_T, k_LBKCH, v_LBKCH):
       # Cheap on every device (the weights devices' rows are dummies); valid_T to the weights.
       x_TD, valid_T = stages.embed(top["embed_VD"], tokens_T, positions_T)
       valid_w_T = lax.ppermute(valid_T, AXIS, TO_WEIGHTS)
 
       def layer_fn(carry, layer, p):
-        x_TD, y_TD, k_LBCKH, v_LBCKH = carry
-        x_TD, h_TD, ids_TJ, weights_TJ, k_LBCKH, v_LBCKH = by_role(
-            is_kv, lambda: kv_layer(p, x_TD, y_TD, k_LBCKH, v_LBCKH, positions_T, layer,
+        x_TD, y_TD, k_LBKCH, v_LBKCH = carry
+        x_TD, h_TD, ids_TJ, weights_TJ, k_LBKCH, v_LBKCH = by_role(
+            is_kv, lambda: kv_layer(p, x_TD, y_TD, k_LBKCH, v_LBKCH, positions_T, layer,
                                     cfg=cfg),
-            lambda: (x_TD, *idle_moe, k_LBCKH, v_LBCKH))
+            lambda: (x_TD, *idle_moe, k_LBKCH, v_LBKCH))
         h_TD, ids_TJ, weights_TJ = lax.ppermute((h_TD, ids_TJ, weights_TJ), AXIS, TO_WEIGHTS)
         y_TD = by_role(is_kv, lambda: zeros_TD, lambda: expert_layer(
             h_TD, ids_TJ, weights_TJ, valid_w_T, table_LE, layer, w_gate_ZDF, w_up_ZDF,
             w_down_ZFD, impl=moe_impl))
         y_TD = lax.ppermute(y_TD, AXIS, TO_KV)
-        return x_TD, y_TD, k_LBCKH, v_LBCKH
+        return x_TD, y_TD, k_LBKCH, v_LBKCH
 
-      carry = (x_TD, zeros_TD, k_LBCKH, v_LBCKH)
+      carry = (x_TD, zeros_TD, k_LBKCH, v_LBKCH)
       if layer_mode == "scan":
         carry, _ = lax.scan(lambda c, xs: (layer_fn(c, *xs), None), carry,
                             (jnp.arange(s.layers, dtype=jnp.int32), layers_L))
       else:
         for i in range(s.layers):
           carry = layer_fn(carry, jnp.int32(i), jax.tree.map(lambda a, i=i: a[i], layers_L))
-      x_TD, y_TD, k_LBCKH, v_LBCKH = carry
+      x_TD, y_TD, k_LBKCH, v_LBKCH = carry
       next_T, x_TD = by_role(is_kv, lambda: head(top, x_TD, y_TD, cfg=cfg),
                              lambda: (zeros_T, x_TD))
-      return next_T, x_TD, k_LBCKH, v_LBCKH
+      return next_T, x_TD, k_LBKCH, v_LBKCH
 
-    tokens_T, positions_T, k_LBCKH, v_LBCKH = (a[0] for a in (tokens_AT, positions_AT,
-                                                              k_ALBCKH, v_ALBCKH))
+    tokens_T, positions_T, k_LBKCH, v_LBKCH = (a[0] for a in (tokens_AT, positions_AT,
+                                                              k_ALBKCH, v_ALBKCH))
     if steps == 1:
-      next_T, x_TD, k_LBCKH, v_LBCKH = one_step(tokens_T, positions_T, k_LBCKH, v_LBCKH)
+      next_T, x_TD, k_LBKCH, v_LBKCH = one_step(tokens_T, positions_T, k_LBKCH, v_LBKCH)
     else:
       def step_fn(_, c):
-        tokens_T, positions_T, _, k_LBCKH, v_LBCKH = c
-        next_T, x_TD, k_LBCKH, v_LBCKH = one_step(tokens_T, positions_T, k_LBCKH, v_LBCKH)
-        return next_T, positions_T + 1, x_TD, k_LBCKH, v_LBCKH
+        tokens_T, positions_T, _, k_LBKCH, v_LBKCH = c
+        next_T, x_TD, k_LBKCH, v_LBKCH = one_step(tokens_T, positions_T, k_LBKCH, v_LBKCH)
+        return next_T, positions_T + 1, x_TD, k_LBKCH, v_LBKCH
 
-      next_T, _, x_TD, k_LBCKH, v_LBCKH = lax.fori_loop(
-          0, steps, step_fn, (tokens_T, positions_T, zeros_TD, k_LBCKH, v_LBCKH))
-    return tuple(a[None] for a in (next_T, x_TD, k_LBCKH, v_LBCKH))
+      next_T, _, x_TD, k_LBKCH, v_LBKCH = lax.fori_loop(
+          0, steps, step_fn, (tokens_T, positions_T, zeros_TD, k_LBKCH, v_LBKCH))
+    return tuple(a[None] for a in (next_T, x_TD, k_LBKCH, v_LBKCH))
 
   shard = P(AXIS)
   return jax.shard_map(body, mesh=mesh, in_specs=(P(), P(), *(shard,) * 8),
@@ -554,7 +555,7 @@ def check_same(name: str, got: StepOut, want: StepOut, *, rtol=1e-4, atol=1e-4) 
   """Asserts `got` matches the per-stage `want`; returns the largest differences."""
   np.testing.assert_array_equal(got.next_MT, want.next_MT, err_msg=f"{name}: next tokens")
   diffs = {}
-  for field in ("x_MTD", "k_MLBCKH", "v_MLBCKH"):
+  for field in ("x_MTD", "k_MLBKCH", "v_MLBKCH"):
     a, b = getattr(got, field), getattr(want, field)
     np.testing.assert_allclose(a, b, rtol=rtol, atol=atol, err_msg=f"{name}: {field}")
     diffs[field] = float(np.max(np.abs(a - b)))

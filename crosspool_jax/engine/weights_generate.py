@@ -48,9 +48,10 @@ def _attention_part(p, p_next, x_TD, positions_BT, cache: KVCache, *, cfg: Model
     cache).
   """
   q_TNH, k_TKH, v_TKH = stages.attention_inputs(p, x_TD, positions_BT.reshape(-1), cfg=cfg)
-  o_TNH, k_LBSKH, v_LBSKH = stages.write_and_attend_contiguous(
-      cache.k_LBSKH, cache.v_LBSKH, q_TNH, k_TKH, v_TKH, positions_BT, layer)
-  cache = KVCache(k_LBSKH, v_LBSKH)
+  k_LBKCH, v_LBKCH = list(cache.k_LBKCH), list(cache.v_LBKCH)
+  o_TNH, k_LBKCH[layer], v_LBKCH[layer] = stages.write_and_attend_contiguous(
+      k_LBKCH[layer], v_LBKCH[layer], q_TNH, k_TKH, v_TKH, positions_BT)
+  cache = KVCache(tuple(k_LBKCH), tuple(v_LBKCH))
   out = stages.post_attention(p, x_TD, [o_TNH], None, cfg=cfg, moe=cfg.moe_layers[layer])
   if not cfg.moe_layers[layer]:
     return out[0], cache

@@ -113,9 +113,8 @@ def generate(params: dict, cfg: ModelConfig, prompts: Sequence[Sequence[int]], *
   cache = KVCache.zeros(cfg, b, t + max_new_tokens, dtype)
   sampling_arrays = {k: jnp.asarray(v) for k, v in stack_params(sampling).items()}
 
-  logits_BTV, cache = forward(params, jnp.asarray(tokens_BT), jnp.asarray(positions_BT), cache,
-                              cfg=cfg, moe_impl=moe_impl)
-  last_BV = logits_BTV[jnp.arange(b), jnp.asarray(lengths_B - 1)]
+  last_BV, cache = forward(params, jnp.asarray(tokens_BT), jnp.asarray(positions_BT), cache,
+                           jnp.asarray(lengths_B - 1), cfg=cfg, moe_impl=moe_impl)
   first_B = sample(last_BV, jnp.asarray(lengths_B), **sampling_arrays)
   out_BT, _ = _decode_loop(params, cache, first_B, jnp.asarray(lengths_B), sampling_arrays,
                            cfg=cfg, num_steps=max_new_tokens - 1, moe_impl=moe_impl)

@@ -121,24 +121,27 @@ def add_shared_expert(p: Params, x_TD: jax.Array, y_TD: jax.Array, cfg: ModelCon
   return y_TD + (gate_T1 * shared_TD).astype(y_TD.dtype)
 
 
-def attend_contiguous(q_BTNH: jax.Array, k_BSKH: jax.Array, v_BSKH: jax.Array,
+def attend_contiguous(q_BTNH: jax.Array, k_BKCH: jax.Array, v_BKCH: jax.Array,
                       q_positions_BT: jax.Array) -> jax.Array:
   """Causal GQA attention of queries at `q_positions` over a contiguous cache.
 
-  Query at position p sees cache positions j <= p (every such position was written by this
-  sequence). Softmax in f32. Queries with negative positions (padding) get finite garbage.
+  The cache is [B, K, C, H] (kv heads before positions) and both products are plain matmuls
+  batched over (B, K) with the cache as their right operand as it lies: the G * T queries of a
+  kv head are rows (a transposed copy of the small q and output, never of K or V). Query at
+  position p sees cache positions j <= p (every such position was written by this sequence).
+  Softmax in f32. Queries with negative positions (padding) get finite garbage.
   """
   b, t, n, h = q_BTNH.shape
-  kv = k_BSKH.shape[2]
-  q_BTKGH = q_BTNH.reshape(b, t, kv, n // kv, h)
-  scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BSKH,
-                            preferred_element_type=jnp.float32) * (h ** -0.5)
-  s = k_BSKH.shape[1]
-  visible_BTS = jnp.arange(s)[None, None, :] <= q_positions_BT[:, :, None]
-  scores_BKGTS = jnp.where(visible_BTS[:, None, None], scores_BKGTS, -1e30)
-  probs = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BSKH.dtype)
-  o_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BSKH)
-  return o_BTKGH.reshape(b, t, n, h)
+  kv, c = k_BKCH.shape[1], k_BKCH.shape[2]
+  g = n // kv
+  q_BKQH = q_BTNH.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, h)
+  scores_BKGTC = jnp.einsum("bkqh,bkch->bkqc", q_BKQH, k_BKCH,
+                            preferred_element_type=jnp.float32).reshape(b, kv, g, t, c)
+  visible_BTC = jnp.arange(c)[None, None, :] <= q_positions_BT[:, :, None]
+  scores_BKGTC = jnp.where(visible_BTC[:, None, None], scores_BKGTC * (h ** -0.5), -1e30)
+  probs_BKQC = jax.nn.softmax(scores_BKGTC, axis=-1).astype(v_BKCH.dtype).reshape(b, kv, g * t, c)
+  o_BKQH = jnp.einsum("bkqc,bkch->bkqh", probs_BKQC, v_BKCH)
+  return o_BKQH.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
 def lm_head(params: Params, x_TD: jax.Array, cfg: ModelConfig) -> jax.Array:

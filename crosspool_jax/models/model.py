@@ -121,20 +121,32 @@ def abstract_params(cfg: ModelConfig, *, dtype=jnp.float32) -> dict:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-  """Contiguous per-sequence cache: the reference layout (the pools use pages instead)."""
+  """Contiguous per-sequence cache: the reference layout (the pools use pages instead).
 
-  k_LBSKH: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
-  v_LBSKH: jax.Array  # [layers, batch, max_len, kv_heads, head_dim]
+  One array per layer, not a stacked [L, ...] one: a layer's slice of a stacked cache is a
+  copy on XLA:CPU, every layer of every step. Kv heads come before positions, so attention
+  reads a layer's cache as it lies (`layers.attend_contiguous`).
+  """
+
+  k_LBKCH: tuple[jax.Array, ...]  # per layer [batch, kv_heads, max_len, head_dim]
+  v_LBKCH: tuple[jax.Array, ...]  # per layer [batch, kv_heads, max_len, head_dim]
 
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+    shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
+    return cls(*_zero_layers(cfg.num_layers, shape, jnp.dtype(dtype)))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _zero_layers(num_layers: int, shape: tuple[int, ...], dtype):
+  """K and V zeros of `num_layers` layers, in one dispatch."""
+  return tuple(tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)) for _ in range(2))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "moe_impl"), donate_argnames=("cache",))
-def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache, *,
-            cfg: ModelConfig, moe_impl: str | None = None) -> tuple[jax.Array, KVCache]:
+def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache,
+            last_B: jax.Array | None = None, *, cfg: ModelConfig,
+            moe_impl: str | None = None) -> tuple[jax.Array, KVCache]:
   """Runs tokens through the model on a contiguous KV cache (the reference forward pass).
 
   Args:
@@ -143,25 +155,29 @@ def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array, cache: 
     positions_BT: int32 position of each token in its sequence; -1 marks padding (its K/V is
       not written, its logits are garbage).
     cache: contiguous cache, donated and returned updated.
+    last_B: optional int32 [B]: the head runs on token last_B[b] of each row only (a prefill
+      needs the last prompt token's logits, not the [B, T, V] of every token).
     cfg: model config (static).
     moe_impl: expert dispatch implementation.
 
   Returns:
-    (logits_BTV f32, updated cache).
+    (logits_BTV f32, or logits_BV of the `last_B` tokens; updated cache).
   """
   b, t = tokens_BT.shape
   positions_T = positions_BT.reshape(-1)
   x_TD, valid_T = stages.embed(params["embed_VD"], tokens_BT.reshape(-1), positions_T)
-  k_LBSKH, v_LBSKH = cache.k_LBSKH, cache.v_LBSKH
+  k_LBKCH, v_LBKCH = list(cache.k_LBKCH), list(cache.v_LBKCH)
   for i in range(cfg.num_layers):
     p = params["layers"][i]
     q_TNH, k_TKH, v_TKH = stages.attention_inputs(p, x_TD, positions_T, cfg=cfg)
-    o_TNH, k_LBSKH, v_LBSKH = stages.write_and_attend_contiguous(
-        k_LBSKH, v_LBSKH, q_TNH, k_TKH, v_TKH, positions_BT, i)
+    o_TNH, k_LBKCH[i], v_LBKCH[i] = stages.write_and_attend_contiguous(
+        k_LBKCH[i], v_LBKCH[i], q_TNH, k_TKH, v_TKH, positions_BT)
     x_TD = stages.finish_layer(p, x_TD, [o_TNH], None, valid_T, cfg=cfg,
                                moe=cfg.moe_layers[i], impl=moe_impl)
-  logits_BTV = stages.head(params, x_TD, None, cfg=cfg).reshape(b, t, -1)
-  return logits_BTV, KVCache(k_LBSKH, v_LBSKH)
+  cache = KVCache(tuple(k_LBKCH), tuple(v_LBKCH))
+  if last_B is not None:
+    return stages.head(params, x_TD, jnp.arange(b) * t + last_B, cfg=cfg), cache
+  return stages.head(params, x_TD, None, cfg=cfg).reshape(b, t, -1), cache
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))

@@ -79,36 +79,35 @@ def write_and_attend_paged(pool_PE: jax.Array, q_TNH: jax.Array, k_TKH: jax.Arra
   return o_TNH, lse_TN, pool_PE
 
 
-@functools.partial(jax.jit, donate_argnames=("k_LBSKH", "v_LBSKH"))
-def write_and_attend_contiguous(k_LBSKH: jax.Array, v_LBSKH: jax.Array, q_TNH: jax.Array,
-                                k_TKH: jax.Array, v_TKH: jax.Array, positions_BT: jax.Array,
-                                layer):
-  """One layer's KV write and attention on the contiguous cache (the reference's store).
+@functools.partial(jax.jit, donate_argnames=("k_BKCH", "v_BKCH"))
+def write_and_attend_contiguous(k_BKCH: jax.Array, v_BKCH: jax.Array, q_TNH: jax.Array,
+                                k_TKH: jax.Array, v_TKH: jax.Array, positions_BT: jax.Array):
+  """One layer's KV write and attention on its contiguous cache (the reference's store).
 
   Args:
-    k_LBSKH, v_LBSKH: the cache (donated, returned updated).
+    k_BKCH, v_BKCH: the layer's cache (donated, returned updated).
     q_TNH, k_TKH, v_TKH: the layer's rotated q/k/v, T = B x T' flattened.
     positions_BT: int32 [B, T'] positions; negative = padding (its K/V is not written).
-    layer: the layer (an int, traced).
 
   Returns:
-    (out_TNH in the cache dtype, updated k_LBSKH, updated v_LBSKH).
+    (out_TNH in the cache dtype, updated k_BKCH, updated v_BKCH).
   """
   bt = positions_BT.shape
-  k_LBSKH = _write_cache(k_LBSKH, layer, k_TKH.reshape(*bt, *k_TKH.shape[1:]), positions_BT)
-  v_LBSKH = _write_cache(v_LBSKH, layer, v_TKH.reshape(*bt, *v_TKH.shape[1:]), positions_BT)
-  o_BTNH = layers.attend_contiguous(q_TNH.reshape(*bt, *q_TNH.shape[1:]), k_LBSKH[layer],
-                                    v_LBSKH[layer], positions_BT)
-  return o_BTNH.reshape(q_TNH.shape), k_LBSKH, v_LBSKH
+  k_BKCH = _write_cache(k_BKCH, k_TKH.reshape(*bt, *k_TKH.shape[1:]), positions_BT)
+  v_BKCH = _write_cache(v_BKCH, v_TKH.reshape(*bt, *v_TKH.shape[1:]), positions_BT)
+  o_BTNH = layers.attend_contiguous(q_TNH.reshape(*bt, *q_TNH.shape[1:]), k_BKCH, v_BKCH,
+                                    positions_BT)
+  return o_BTNH.reshape(q_TNH.shape), k_BKCH, v_BKCH
 
 
-def _write_cache(cache_LBSKH, layer, new_BTKH, positions_BT):
+def _write_cache(cache_BKCH, new_BTKH, positions_BT):
   """Writes one layer's new K or V at their positions; negative positions are dropped."""
-  s = cache_LBSKH.shape[2]
-  pos_BT = jnp.where(positions_BT < 0, s, positions_BT)
-  b_BT = jnp.broadcast_to(jnp.arange(cache_LBSKH.shape[1])[:, None], pos_BT.shape)
-  new_BTKH = new_BTKH.astype(cache_LBSKH.dtype)
-  return cache_LBSKH.at[layer, b_BT, pos_BT].set(new_BTKH, mode="drop")
+  c = cache_BKCH.shape[2]
+  pos_BT = jnp.where(positions_BT < 0, c, positions_BT)
+  b_BT = jnp.broadcast_to(jnp.arange(cache_BKCH.shape[0])[:, None], pos_BT.shape)
+  new_BTKH = new_BTKH.astype(cache_BKCH.dtype)
+  # Index arrays split by the K slice: the indexed view is [B, T', K, H], as new_BTKH.
+  return cache_BKCH.at[b_BT, :, pos_BT].set(new_BTKH, mode="drop")
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -232,8 +231,9 @@ def train_layer(p: layers.Params, x_TD: jax.Array, positions_BT: jax.Array, *,
   """
   bt = positions_BT.shape
   q_TNH, k_TKH, v_TKH = attention_inputs(p, x_TD, positions_BT.reshape(-1), cfg=cfg)
-  o_BTNH = layers.attend_contiguous(*(a.reshape(*bt, *a.shape[1:]) for a in (q_TNH, k_TKH,
-                                                                             v_TKH)),
+  # the sequence is its own cache: keys and values as [B, K, C = T', H]
+  k_BKCH, v_BKCH = (a.reshape(*bt, *a.shape[1:]).transpose(0, 2, 1, 3) for a in (k_TKH, v_TKH))
+  o_BTNH = layers.attend_contiguous(q_TNH.reshape(*bt, *q_TNH.shape[1:]), k_BKCH, v_BKCH,
                                     positions_BT)
   out = post_attention(p, x_TD, [o_BTNH.reshape(q_TNH.shape)], None, cfg=cfg, moe=moe)
   if not moe:

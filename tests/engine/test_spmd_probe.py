@@ -10,7 +10,7 @@ def test_every_variant_matches_per_stage_at_tiny_shapes():
   report = probe.compare(probe.TINY, probe.VARIANTS, multi_steps=3, devices=jax.devices()[:4])
   assert set(report) == set(probe.VARIANTS)
   for name, r in report.items():
-    assert set(r["max_abs_diff"]) == {"x_MTD", "k_MLBCKH", "v_MLBCKH"}, name
+    assert set(r["max_abs_diff"]) == {"x_MTD", "k_MLBKCH", "v_MLBKCH"}, name
 
 
 def test_spmd_step_moves_hidden_states_between_roles():

@@ -236,6 +236,51 @@ def test_experts_without_tokens_are_never_read():
   assert_close(dispatch(x, ids, w, table, *pools, impl="reference"), expected, jnp.float32)
 
 
+def test_batched_capacities():
+  caps = reference_lib.batched_capacities
+  assert caps(128, 16, 16) == (8, 12, 16)  # decode of 32 tokens, top-4 of 16 experts: mean 8
+  assert caps(32, 16, 16) == (2, 3, 4, 8)  # 8 tokens: mean 2, up to 8
+  assert caps(36, 16, 16) == (3, 4, 8)  # mean 2.25 -> 3, then multiples of 4
+  assert caps(4096, 16, 16) == (256, 320, 384)  # a prefill of 1024 tokens: steps of 256 / 4
+  assert caps(16, 16, 16) == ()  # 4 tokens: too few pairs, the loop
+  assert caps(128, 24, 16) == ()  # a pool holding more than the layer's experts: the loop
+
+
+# Routings of T=12 tokens over E=8 experts (K=2), the last 2 tokens padding: (ids of token t,
+# the batched path's branch: 0 to 2 its capacities 3, 4 and 8, 3 the loop).
+OWN_EXPERT_ROUTINGS = {
+    "even": (lambda t: [(2 * t) % 8, (2 * t + 1) % 8], 0),  # every expert, <= 3 pairs each
+    "balanced": (lambda t: [(2 * t) % 6, (2 * t + 1) % 6], 1),  # 6 experts, <= 4 pairs each
+    "skewed": (lambda t: [t % 3, 3 + t % 2], 2),  # experts 3 and 4: 5 pairs each
+    "one": (lambda t: [4, 4], 3),  # 20 pairs on one expert
+}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("routing", list(OWN_EXPERT_ROUTINGS))
+def test_batched_path_on_the_layers_own_experts(routing, dtype):
+  """A pool of exactly the layer's E experts (permuted): the batched path, a switch over the
+  capacities, with the loop past them; each case's branch is checked from its group sizes.
+  The experts nobody picked hold NaN and padding tokens carry garbage ids and weights:
+  neither reaches a result."""
+  ids_of, branch = OWN_EXPERT_ROUTINGS[routing]
+  x, _, w, table, *pools = make_case(18, T=T, K=2, E=E, S=E, dtype=dtype)
+  valid = np.arange(T) < T - 2
+  ids = np.asarray([ids_of(t) if valid[t] else [-5, 99] for t in range(T)], np.int32)
+  sizes = np.bincount(ids[valid].ravel(), minlength=E)
+  capacities = reference_lib.batched_capacities(T * 2, E, E)
+  assert capacities == (3, 4, 8)
+  assert sum(sizes.max() > c for c in capacities) == branch
+  pools = [p.at[np.asarray(table)[sizes == 0]].set(jnp.nan) for p in pools]
+  w = jnp.where(jnp.asarray(valid)[:, None], w, jnp.nan)
+  expected = loop_oracle(x, ids, w, table, *pools, valid_T=valid)
+  y = dispatch(x, jnp.asarray(ids), w, table, *pools, valid_T=jnp.asarray(valid),
+               impl="reference")
+  assert y.dtype == dtype
+  assert_close(y, expected, dtype)
+  assert not np.asarray(y)[~valid].any()
+
+
 def test_visit_metadata_covers_every_row_once():
   sizes = jnp.asarray([0, 5, 0, 0, 27, 16, 0], jnp.int32)
   offsets, groups, tiles = kernel_lib.visit_metadata(sizes, 64, 16)

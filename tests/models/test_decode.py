@@ -80,3 +80,15 @@ def test_random_init_is_seeded():
   a, b, c = init_params(cfg, seed=0), init_params(cfg, seed=0), init_params(cfg, seed=1)
   np.testing.assert_array_equal(a["embed_VD"], b["embed_VD"])
   assert not np.array_equal(a["embed_VD"], c["embed_VD"])
+
+
+def test_forward_last_tokens_only_equals_their_rows_of_the_full_logits(model):
+  cfg, params = model
+  tokens = jnp.asarray([[5, 6, 7, 8], [9, 10, 0, 0]], jnp.int32)
+  positions = jnp.asarray([[0, 1, 2, 3], [0, 1, -1, -1]], jnp.int32)
+  last = jnp.asarray([3, 1], jnp.int32)
+  full, _ = forward(params, tokens, positions, KVCache.zeros(cfg, 2, 8), cfg=cfg)
+  only, _ = forward(params, tokens, positions, KVCache.zeros(cfg, 2, 8), last, cfg=cfg)
+  assert only.shape == (2, cfg.vocab_size)
+  np.testing.assert_allclose(np.asarray(only), np.asarray(full)[[0, 1], [3, 1]], rtol=1e-5,
+                             atol=1e-6)

@@ -51,7 +51,7 @@ def test_attention_spread_over_two_kv_devices_equals_the_contiguous_store(impl):
   devices = jax.devices()[:2]
   buffers = allocate_kv_buffers(pool, devices, dtype=jnp.float32, fill=float("nan"))
   cache = KVCache.zeros(CFG, 1, 48)
-  k_cache, v_cache = cache.k_LBSKH, cache.v_LBSKH
+  k_cache, v_cache = cache.k_LBKCH[0], cache.v_LBKCH[0]
   rng = np.random.default_rng(0)
   start = 0
   for n in CHUNKS:
@@ -67,7 +67,7 @@ def test_attention_spread_over_two_kv_devices_equals_the_contiguous_store(impl):
       lses.append(jax.device_put(lse, devices[0]))
     spread = stages.post_attention(p, x_TD, outs, lses, cfg=CFG, moe=True)
     o, k_cache, v_cache = stages.write_and_attend_contiguous(
-        k_cache, v_cache, q, k, v, positions_T[None], 0)
+        k_cache, v_cache, q, k, v, positions_T[None])
     want = stages.post_attention(p, x_TD, [o], None, cfg=CFG, moe=True)
     for got, ref in zip(spread[:3], want[:3], strict=True):  # x, h, and the routing ids
       np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
