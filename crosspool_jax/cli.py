@@ -21,6 +21,11 @@ from absl import app, flags, logging
 EXPECTED_ERRORS = (flags.Error, app.UsageError, ValueError, OSError)
 
 
+def progress(line: str) -> None:
+  """A script's progress or log line: on stderr, flushed (stdout keeps the results)."""
+  print(line, file=sys.stderr, flush=True)
+
+
 def start_script(argv: Sequence[str]) -> None:
   """Rejects stray positional arguments; keeps library INFO logs off unless --verbosity is set."""
   if len(argv) > 1:

@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Sequence
 
 from absl import flags
 from ml_collections import config_flags
 
-from crosspool_jax.cli import run_script, start_script
+from crosspool_jax.cli import progress, run_script, start_script
 from crosspool_jax.train.fleet import FLEET_FILE, build_fleet
 
 FLAGS = flags.FLAGS
@@ -38,13 +37,9 @@ def define_flags() -> None:
   flags.DEFINE_string("out", None, "Output directory of the fleet (created).", required=True)
 
 
-def _log(line: str) -> None:
-  print(line, file=sys.stderr, flush=True)
-
-
 def main(argv: Sequence[str]) -> None:
   start_script(argv)
-  manifest = build_fleet(FLAGS.config, FLAGS.out, log=_log)
+  manifest = build_fleet(FLAGS.config, FLAGS.out, log=progress)
   print(json.dumps({"fleet": os.path.join(FLAGS.out, FLEET_FILE),
                     "models": [m["id"] for m in manifest["models"]],
                     "build_s": manifest["build_s"],

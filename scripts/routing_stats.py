@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from crosspool_jax.cli import run_script, start_script
+from crosspool_jax.cli import progress, run_script, start_script
 from crosspool_jax.train.routing_stats import fleet_stats, plot_stats
 
 FLAGS = flags.FLAGS
@@ -31,10 +31,6 @@ def define_flags() -> None:
   flags.DEFINE_string("out", None, "Output JSON file.", required=True)
   flags.DEFINE_integer("windows", 16, "Held-out windows per domain each model routes.",
                        lower_bound=2)
-
-
-def _log(line: str) -> None:
-  print(line, file=sys.stderr, flush=True)
 
 
 def format_table(stats: dict) -> str:
@@ -59,7 +55,7 @@ def format_table(stats: dict) -> str:
 
 def main(argv: Sequence[str]) -> None:
   start_script(argv)
-  stats = fleet_stats(FLAGS.fleet, windows=FLAGS.windows, log=_log)
+  stats = fleet_stats(FLAGS.fleet, windows=FLAGS.windows, log=progress)
   os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
   with open(FLAGS.out, "w") as f:
     json.dump(stats, f, indent=1)

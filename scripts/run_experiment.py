@@ -44,7 +44,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from crosspool_jax.cli import run_script, start_script
+from crosspool_jax.cli import progress, run_script, start_script
 from crosspool_jax.experiments.plots import write_plots
 from crosspool_jax.experiments.report import comparison_table
 from crosspool_jax.experiments.runner import (
@@ -76,10 +76,6 @@ def define_flags() -> None:
                       "per-step arrays are also written here (e.g. benchmarks/sim/NAME.json).")
 
 
-def _err(msg: str) -> None:
-  print(msg, file=sys.stderr, flush=True)
-
-
 def main(argv: Sequence[str]) -> None:
   start_script(argv)
   config = FLAGS.config
@@ -97,21 +93,21 @@ def main(argv: Sequence[str]) -> None:
   os.makedirs(workdir, exist_ok=True)
   where = (f"simulated {config.sim.device} devices" if simulated else
            f"{len(jax.devices())} {jax.devices()[0].platform} device(s)")
-  _err(f"experiment {config.name} ({config.variant}) on {where}: runs "
-       f"{', '.join(run_names(config))}"
-       + (f" x {config.sweep.field} in {tuple(config.sweep.points)}" if config.sweep.field
-          else ""))
+  progress(f"experiment {config.name} ({config.variant}) on {where}: runs "
+           f"{', '.join(run_names(config))}"
+           + (f" x {config.sweep.field} in {tuple(config.sweep.points)}" if config.sweep.field
+              else ""))
   start = time.perf_counter()
   outputs: dict = {}
   command = shlex.join(["python", *sys.argv])
   if simulated:
-    results = simulate_experiment(config, log=_err, command=command, trace_dir=workdir)
+    results = simulate_experiment(config, log=progress, command=command, trace_dir=workdir)
   else:
     profile = None
     if FLAGS.profile_dir:
       def profile(run: str) -> Profile:
         return Profile(os.path.join(FLAGS.profile_dir, run), steps=FLAGS.profile_steps)
-    results = run_experiment(config, log=_err, command=command, outputs=outputs,
+    results = run_experiment(config, log=progress, command=command, outputs=outputs,
                              trace_dir=workdir, profile=profile)
     device = jax.devices()[0]
     results["device"] = {"platform": device.platform, "device_kind": device.device_kind,

@@ -32,7 +32,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import sys
 import time
 from collections.abc import Sequence
 
@@ -40,7 +39,7 @@ import jax
 from absl import flags
 from ml_collections import config_flags
 
-from crosspool_jax.cli import run_script, start_script
+from crosspool_jax.cli import progress, run_script, start_script
 from crosspool_jax.experiments.serving import (
   Profile,
   build_engine,
@@ -69,10 +68,6 @@ def define_flags() -> None:
                        f"{Profile.warmup} warm-up steps).", lower_bound=1)
 
 
-def _err(msg: str) -> None:
-  print(msg, file=sys.stderr, flush=True)
-
-
 def main(argv: Sequence[str]) -> None:
   start_script(argv)
   config = FLAGS.config
@@ -84,14 +79,14 @@ def main(argv: Sequence[str]) -> None:
   workdir = FLAGS.workdir
   os.makedirs(workdir, exist_ok=True)
   write_jsonl(os.path.join(workdir, "trace.jsonl"), records, meta=trace_meta)
-  _err(f"trace: {len(records)} requests over {records[-1].arrival_s if records else 0:.1f}s "
-       f"(x{1 / config.replay_speed:g} wall), models {trace_stats(records).get('per_model')}")
+  progress(f"trace: {len(records)} requests over {records[-1].arrival_s if records else 0:.1f}s "
+           f"(x{1 / config.replay_speed:g} wall), models {trace_stats(records).get('per_model')}")
 
   start = time.perf_counter()
   engine, cfgs = build_engine(config)
   startup_s = time.perf_counter() - start
-  _err(f"engine started in {startup_s:.1f}s ({engine.config.kv_policy} KV policy, "
-       f"{jax.devices()[0].platform})")
+  progress(f"engine started in {startup_s:.1f}s ({engine.config.kv_policy} KV policy, "
+           f"{jax.devices()[0].platform})")
 
   profile = Profile(FLAGS.profile_dir, steps=FLAGS.profile_steps) if FLAGS.profile_dir else None
   serve_m = serve(engine, cfgs, config, records, profile=profile)
@@ -110,9 +105,9 @@ def main(argv: Sequence[str]) -> None:
   with open(os.path.join(workdir, "metrics.json"), "w") as f:
     json.dump(metrics, f, indent=1)
   print(format_table(metrics))
-  _err(f"wrote {os.path.join(workdir, 'metrics.json')}")
+  progress(f"wrote {os.path.join(workdir, 'metrics.json')}")
   if profile is not None:
-    _err(describe_profile(serve_m["profile"]))
+    progress(describe_profile(serve_m["profile"]))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from absl import flags
 
 from crosspool_jax.capacity import REFERENCE_HF_CONFIGS, reference_config
-from crosspool_jax.cli import run_script, start_script
+from crosspool_jax.cli import progress, run_script, start_script
 from crosspool_jax.engine import EngineConfig
 from crosspool_jax.engine.policies import POLICIES, FleetModel, get_policy
 from crosspool_jax.engine.policies.sizes import dtype_itemsize
@@ -81,10 +81,6 @@ def define_flags() -> None:
   flags.DEFINE_float("slo_tbt_s", 0.1, "SLO on the p90 of a request's token gaps.")
   flags.DEFINE_float("progress_interval_s", 5.0, "Wall seconds between progress lines.")
   flags.DEFINE_string("out", None, "Write the results JSON here.")
-
-
-def _err(msg: str) -> None:
-  print(msg, file=sys.stderr, flush=True)
 
 
 def _engine_config(policy: str, plan, page_elems: int, kv_devices: int,
@@ -153,8 +149,8 @@ def main(argv: Sequence[str]) -> None:
   records = generate_trace(workload)
   routing = Routing(kind=FLAGS.routing, exponent=FLAGS.routing_exponent, seed=FLAGS.seed)
   slo = SLO(ttft_s=FLAGS.slo_ttft_s, tbt_s=FLAGS.slo_tbt_s)
-  _err(f"simulating {FLAGS.copies} x {FLAGS.reference} on {FLAGS.num_devices} x "
-       f"{FLAGS.device}, {len(records)} requests, policies {', '.join(FLAGS.policies)}")
+  progress(f"simulating {FLAGS.copies} x {FLAGS.reference} on {FLAGS.num_devices} x "
+           f"{FLAGS.device}, {len(records)} requests, policies {', '.join(FLAGS.policies)}")
   runs, start = {}, time.perf_counter()
   for policy in FLAGS.policies:
     pools_experts = get_policy(policy).pools_experts
@@ -166,21 +162,21 @@ def main(argv: Sequence[str]) -> None:
                        check=False)
     why = refusal(plan)
     if why:
-      _err(f"== {policy}: refused: {why}")
+      progress(f"== {policy}: refused: {why}")
       runs[policy] = {"plan": dataclasses.asdict(plan), "refused": why}
       continue
     config = _engine_config(policy, plan, page_elems, kv, weights)
     models = {m: SimModel(cfg, FLAGS.max_batch, plan.max_context[m], plan.groups[m])
               for m in ids}
-    _err(f"== {policy}: {kv} KV device(s) of {plan.pages_per_device} pages"
-         + (f", {weights} weights device(s) of {plan.expert_slots_per_device} expert slots "
-            f"per class" if weights else ""))
+    progress(f"== {policy}: {kv} KV device(s) of {plan.pages_per_device} pages"
+             + (f", {weights} weights device(s) of {plan.expert_slots_per_device} expert slots "
+                f"per class" if weights else ""))
     run = simulate(config, models, records, device=FLAGS.device, slo=slo,
-                   weight_dtype=FLAGS.dtype, routing=routing, log=_err,
+                   weight_dtype=FLAGS.dtype, routing=routing, log=progress,
                    progress_interval_s=FLAGS.progress_interval_s)
     c = run["counts"]
-    _err(f"   {policy}: {c['finished']}/{c['requests']} finished, {c['rejected']} rejected, "
-         f"{c['preemptions']} preemptions, {c['steps']} steps in {run['wall_s']:.1f}s")
+    progress(f"   {policy}: {c['finished']}/{c['requests']} finished, {c['rejected']} rejected, "
+             f"{c['preemptions']} preemptions, {c['steps']} steps in {run['wall_s']:.1f}s")
     runs[policy] = {"engine": dataclasses.asdict(config), "plan": dataclasses.asdict(plan),
                     **run}
   print(f"\n{FLAGS.copies} x {FLAGS.reference} on {FLAGS.num_devices} x {FLAGS.device} "

@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from collections.abc import Sequence
 
 from absl import flags
 from ml_collections import config_flags
 
-from crosspool_jax.cli import run_script, start_script
+from crosspool_jax.cli import progress, run_script, start_script
 from crosspool_jax.models.config import tiny_config
 from crosspool_jax.models.model import init_params
 from crosspool_jax.train.corpus import build_corpus
@@ -46,10 +45,6 @@ def define_flags() -> None:
                        "an interrupted run would.")
 
 
-def _log(line: str) -> None:
-  print(line, file=sys.stderr, flush=True)
-
-
 def main(argv: Sequence[str]) -> None:
   start_script(argv)
   config = FLAGS.config
@@ -57,10 +52,10 @@ def main(argv: Sequence[str]) -> None:
   tc = train_config(config.train, seed=config.seed)
   corpus = build_corpus(seed=config.seed, vocab_size=cfg.vocab_size, domains=tc.domains,
                         **config.corpus)
-  _log(f"corpus: {json.dumps(corpus.summary())}")
+  progress(f"corpus: {json.dumps(corpus.summary())}")
   os.makedirs(FLAGS.workdir, exist_ok=True)
   result = train(cfg, init_params(cfg, seed=config.seed), corpus, tc, workdir=FLAGS.workdir,
-                 stop_at=FLAGS.stop_at, log=_log)
+                 stop_at=FLAGS.stop_at, log=progress)
   with open(os.path.join(FLAGS.workdir, "history.json"), "w") as f:
     json.dump(result.history, f)
   plot = plot_history(result.history, os.path.join(FLAGS.workdir, "loss.png"),
