@@ -49,7 +49,9 @@ from crosspool_jax.engine.executors.api import (
   fake_tokens,
 )
 from crosspool_jax.engine.executors.crosspool import (
+  chosen_by_partition,
   expert_group,
+  holds_together,
   ping_pong,
   plan_expert_calls,
   predict_resident,
@@ -200,7 +202,8 @@ class SimExecutor:
     chosen: dict[tuple[str, int], list] = {}
     calls = [self._expert_calls(mbs, phases, cfgs, layer, chosen)
              for layer in range(max(cfg.num_layers for cfg in cfgs))]
-    self._last_chosen.update({k: np.unique(np.concatenate(v)) for k, v in chosen.items()})
+    step_chosen = {k: np.unique(np.concatenate(v)) for k, v in chosen.items()}
+    self._last_chosen.update(step_chosen)
     missed = self.weights_pool.stats.misses > misses
     self.miss_steps += missed
     served = [0] * len(mbs)  # expert calls per micro-batch: two transfers each
@@ -223,7 +226,7 @@ class SimExecutor:
     speculative = [[dataclasses.replace(call, swap_s=0.0) for call in layer_calls]
                    for layer_calls in calls]
     first = pipelined_step_s(homes, attention, speculative, transfer_s, head_s, prefetch_s)
-    if self._fits(chosen):
+    if holds_together(self.weights_pool, chosen_by_partition(self.weights_pool, step_chosen)):
       self.retry_runs += 1
       cost.work.rerun(0)
       loads: dict[int, float] = {}  # the misses' swap-ins, issued before the retry
@@ -234,16 +237,6 @@ class SimExecutor:
     cost.work.rerun(reads)
     return (first + pipelined_step_s(homes, attention, calls, transfer_s, head_s)
             + reads * cost.spec.link_latency_s)
-
-  def _fits(self, chosen: dict[tuple[str, int], list]) -> bool:
-    """Whether every (class, weights device) partition can hold what the step chose in it
-    together (the executor's condition for a retry after a miss)."""
-    pool = self.weights_pool
-    parts: dict[tuple[int, int], set] = {}
-    for (m, layer), experts in chosen.items():
-      parts.setdefault((pool.model_class(m), pool.home_device(m, layer)), set()).update(
-          (m, layer, int(e)) for es in experts for e in es)
-    return all(pool.can_hold(keys) for keys in parts.values())
 
   def _prefetch_s(self, mbs: list[ModelBatch], cfgs: list) -> dict[int, float]:
     """Makes resident what the executor predicts for the step's MoE layers (`predict_resident`

@@ -362,6 +362,25 @@ def prefetch_predicted(prefetch: Callable[..., SwapPlan],
   return plans
 
 
+def chosen_by_partition(pool: WeightsPool, chosen: Mapping[tuple[str, int], Iterable[int]]
+                        ) -> list[list[tuple[str, int, list[int]]]]:
+  """What a step's layers chose ((model, layer) -> experts) as (model, layer, experts), one list
+  per (class, weights device) partition: what one `access_many` makes resident together."""
+  by_part: dict[tuple[int, int], list] = {}
+  for (m, layer), es in chosen.items():
+    part = (pool.model_class(m), pool.home_device(m, layer))
+    by_part.setdefault(part, []).append((m, layer, [int(e) for e in es]))
+  return list(by_part.values())
+
+
+def holds_together(pool: WeightsPool, by_part: list[list[tuple[str, int, list[int]]]]) -> bool:
+  """Whether each partition of `chosen_by_partition` can hold its share at once (`can_hold`):
+  the condition for retrying a missed step (else it takes the sync path). Shared by the
+  executor and the simulator."""
+  return all(pool.can_hold({(m, layer, e) for m, layer, es in requests for e in es})
+             for requests in by_part)
+
+
 @dataclasses.dataclass
 class _MicroBatch:
   index: int
@@ -830,24 +849,13 @@ class DisaggregatedExecutor:
     accesses (its misses load), if they fit each partition together; False if not (then the
     step takes the sync path). Exact up to the first layer that missed; later layers' routing
     saw a filler slot's output, so the retry may choose otherwise (and miss again)."""
-    by_part = self._by_partition(chosen)
-    if not all(self.wpool.pool.can_hold({(m, layer, e) for m, layer, es in requests
-                                         for e in es}) for requests in by_part):
+    by_part = chosen_by_partition(self.wpool.pool, chosen)
+    if not holds_together(self.wpool.pool, by_part):
       return False
     for requests in by_part:
       self.wpool.access_many(requests)
     self._refresh_tables()
     return True
-
-  def _by_partition(self, chosen: dict[tuple[str, int], np.ndarray]) -> list[list]:
-    """The (model, layer, experts) of `chosen`, one list per (class, weights device)
-    partition: what one `access_many` may make resident together."""
-    pool = self.wpool.pool
-    by_part: dict[tuple[int, int], list] = {}
-    for (m, layer), es in chosen.items():
-      part = (pool.model_class(m), pool.home_device(m, layer))
-      by_part.setdefault(part, []).append((m, layer, es.tolist()))
-    return list(by_part.values())
 
   def _account(self, mbs: list[_MicroBatch], *, count: bool = True
                ) -> dict[tuple[str, int], np.ndarray] | None:
@@ -867,7 +875,7 @@ class DisaggregatedExecutor:
     if miss:
       return chosen
     if count:
-      for requests in self._by_partition(chosen):
+      for requests in chosen_by_partition(self.wpool.pool, chosen):
         self.wpool.access_many(requests)
     self._last_chosen.update(chosen)
     return None
