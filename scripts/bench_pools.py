@@ -44,6 +44,7 @@ from absl import app, flags
 
 from crosspool_jax.cli import run_script, start_script
 from crosspool_jax.engine.weights_generate import generate_pooled
+from crosspool_jax.experiments.report import policy_rows
 from crosspool_jax.models.checkpoint import load_checkpoint
 from crosspool_jax.models.config import FAMILIES, tiny_config
 from crosspool_jax.models.model import init_params
@@ -51,6 +52,7 @@ from crosspool_jax.pools.expert_policies import POLICIES
 from crosspool_jax.pools.expert_trace import (
   TraceEvent,
   belady_stats,
+  prediction_accuracy,
   read_jsonl,
   replay,
   write_jsonl,
@@ -261,6 +263,7 @@ def run_weights_section(fractions: Sequence[float]) -> dict[str, Any]:
     return {"weights_pool": {
         "source": "trace", "trace_events": len(events),
         "fleet": {s.model_id: s.num_pooled_experts for s in specs},
+        "prediction": _prediction(events, specs),
         "replay": replay_records(events, specs, fractions, FLAGS.policies), "live": []}}
   fleet = make_fleet(FLAGS.families, FLAGS.models_per_family, FLAGS.seed)
   trained, text = (None, None) if FLAGS.fleet is None else trained_fleet(
@@ -279,6 +282,11 @@ def run_weights_section(fractions: Sequence[float]) -> dict[str, Any]:
     result["weights_pool_trained"] = {"fleet_dir": FLAGS.fleet} | weights_benchmark(
         trained, workload, fractions)
   return result
+
+
+def _prediction(events: Sequence[TraceEvent], specs: Sequence[ExpertModelSpec]
+                ) -> dict[str, int | float]:
+  return prediction_accuracy(events, {s.model_id: s.num_experts for s in specs})
 
 
 def weights_benchmark(fleet, workload, fractions: Sequence[float], *,
@@ -306,6 +314,7 @@ def weights_benchmark(fleet, workload, fractions: Sequence[float], *,
   return {"source": "recorded", "trace_events": len(events),
           "fleet": {s.model_id: s.num_pooled_experts for s in specs},
           "workload": [{"model": m, "prompts": len(p)} for m, p in workload],
+          "prediction": _prediction(events, specs),
           "replay": replay_records(events, specs, fractions, FLAGS.policies),
           "live": live_records(fleet, workload, reference, fractions, FLAGS.live_policies,
                                FLAGS.new_tokens)}
@@ -327,27 +336,24 @@ def format_table(result: dict[str, Any]) -> str:
                  f"{r['bytes_swapped'] / 2**20:.2f}",
                  f"{lv['hidden_fraction']:.2f}" if lv else "-",
                  str(lv["tokens_match"]) if lv else "-"))
+  return _fixed_width(rows)
+
+
+def _fixed_width(rows: Sequence[Sequence[str]]) -> str:
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
                    for row in rows)
 
 
 def format_comparison(random: dict[str, Any], trained: dict[str, Any]) -> str:
-  """Replay hit rates and loads against MIN's, the random fleet's next to the trained one's."""
-  rows = [("resident", "policy", "random: hit", "MIN hit", "loads", "MIN loads",
-           "trained: hit", "MIN hit", "loads", "MIN loads")]
-  by = {(r["fraction"], r["policy"]): r for r in trained["replay"]}
-  for r in random["replay"]:
-    t = by.get((r["fraction"], r["policy"]))
-    if "error" in r or t is None or "error" in t:
-      continue
-    rows.append((f"{r['fraction']:.0%}", r["policy"],
-                 *(cell for x in (r, t) for cell in (
-                     f"{x['hit_rate']:.3f}", f"{x['belady_hit_rate']:.3f}", str(x["loads"]),
-                     str(x["belady_loads"])))))
-  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-  return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
-                   for row in rows)
+  """Replay hit rates and loads against MIN's, the random fleet's next to the trained one's,
+  and the activation-aware predictor's precision and recall on each."""
+  lines = [_fixed_width(policy_rows(random, trained)), ""]
+  for name, result in (("random", random), ("trained", trained)):
+    p = result["prediction"]
+    lines.append(f"next-layer prediction ({name}): precision {p['precision']:.3f} (chance "
+                 f"{p['chance_precision']:.3f}), recall {p['recall']:.3f}")
+  return "\n".join(lines)
 
 
 # =============================================================================================

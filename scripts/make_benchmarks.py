@@ -6,7 +6,8 @@ r"""Writes BENCHMARKS.md from results files: never typed by hand.
 
 Each `scripts/run_experiment.py` results.json becomes a section with what ran, the exact
 command that produced it, the git revision, the device and the comparison table; a
-`scripts/bench_vs_hf.py` JSON file becomes the peer-benchmark table. Simulated results
+`scripts/bench_vs_hf.py` JSON file becomes the peer-benchmark table, a `scripts/bench_pools.py
+--fleet` JSON file the weights-pool policy table (random vs trained routing). Simulated results
 (`--config.mode=sim`, committed under benchmarks/sim/ by `--summary_out`) given with
 `--sim_results` come last, under "## Simulated experiments" (`simulated_part`), after the
 simulator's validation against measured runs (`--validation`, a `scripts/calibrate.py` JSON
@@ -28,6 +29,7 @@ from crosspool_jax.cli import run_script, start_script
 from crosspool_jax.experiments.report import (
     benchmarks_section,
     is_simulated,
+    policy_section,
     validation_section,
     vs_hf_section,
 )
@@ -39,6 +41,8 @@ def define_flags() -> None:
   """Defines the flags; called only when the script runs as a program."""
   flags.DEFINE_multi_string("results", [], "results.json files, in the order wanted.")
   flags.DEFINE_string("vs_hf", None, "A scripts/bench_vs_hf.py JSON file (optional).")
+  flags.DEFINE_string("pools", None, "A scripts/bench_pools.py --fleet JSON file (optional): "
+                      "the weights-pool policies on random and trained routing.")
   flags.DEFINE_multi_string("sim_results", [], "Simulated results files (--config.mode=sim), "
                             "in the order wanted: the last part of the file.")
   flags.DEFINE_multi_string("validation", [], "scripts/calibrate.py JSON files: the "
@@ -96,9 +100,10 @@ def simulated_part(paths: Sequence[str], validations: Sequence[str] = ()) -> str
 
 def main(argv: Sequence[str]) -> None:
   start_script(argv)
-  if not FLAGS.results and not FLAGS.vs_hf and not FLAGS.sim_results and not FLAGS.validation:
-    raise app.UsageError("give at least one --results=FILE (or --vs_hf=FILE, --sim_results=FILE, "
-                         "--validation=FILE)")
+  if not (FLAGS.results or FLAGS.vs_hf or FLAGS.pools or FLAGS.sim_results
+          or FLAGS.validation):
+    raise app.UsageError("give at least one --results=FILE (or --vs_hf=FILE, --pools=FILE, "
+                         "--sim_results=FILE, --validation=FILE)")
   sections = []
   for path in FLAGS.results:
     results = _load("results", path)
@@ -110,6 +115,12 @@ def main(argv: Sequence[str]) -> None:
       sections.append(vs_hf_section(bench, source=os.path.relpath(FLAGS.vs_hf)))
     except (OSError, json.JSONDecodeError, KeyError) as e:
       raise app.UsageError(f"--vs_hf={FLAGS.vs_hf}: {e!r}") from e
+  if FLAGS.pools:
+    bench = _load_json("pools", FLAGS.pools)
+    if "weights_pool_trained" not in bench:
+      raise app.UsageError(f"--pools={FLAGS.pools} is not a scripts/bench_pools.py --fleet "
+                           "JSON file (it has no weights_pool_trained)")
+    sections.append(policy_section(bench, source=os.path.relpath(FLAGS.pools)))
   if FLAGS.sim_results or FLAGS.validation:
     sections.append(simulated_part(FLAGS.sim_results, FLAGS.validation))
   header = [

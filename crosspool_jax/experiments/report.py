@@ -615,3 +615,94 @@ def validation_section(validation: dict, *, source: str) -> str:
                   f"{100 * VALIDATION_TARGETS['p99']:.0f}% at p99: {over} of "
                   f"{len(rows) * len(keys)} cells miss it (bold)."]
   return "\n".join(lines) + "\n"
+
+
+PREFETCHING_POLICIES = ("activation_aware",)
+
+
+def policy_rows(random: dict, trained: dict) -> list[tuple[str, ...]]:
+  """The weights-pool policies on a random fleet next to a trained one (two `weights_pool`
+  results of `scripts/bench_pools.py --fleet`): per pool size and policy, the replay's hit rate
+  and loads against Belady's MIN's on the same trace, and the share of the prefetched experts
+  a layer read before their eviction. The first row is the header."""
+  rows = [("resident", "policy", "random: hit", "MIN hit", "loads", "MIN loads",
+           "prefetch used", "trained: hit", "MIN hit", "loads", "MIN loads", "prefetch used")]
+  by = {(r["fraction"], r["policy"]): r for r in trained["replay"]}
+  for r in random["replay"]:
+    t = by.get((r["fraction"], r["policy"]))
+    if "error" in r or t is None or "error" in t:
+      continue
+    rows.append((f"{r['fraction']:.0%}", r["policy"], *(cell for x in (r, t) for cell in (
+        f"{x['hit_rate']:.3f}", f"{x['belady_hit_rate']:.3f}", str(x["loads"]),
+        str(x["belady_loads"]),
+        f"{x['prefetch_accuracy']:.2f}" if x["policy"] in PREFETCHING_POLICIES else "-"))))
+  return rows
+
+
+def _prediction_sentence(name: str, result: dict) -> str:
+  p = result["prediction"]
+  return (f"{name}: precision {p['precision']:.2f} (a random pick of as many experts: "
+          f"{p['chance_precision']:.2f}), recall {p['recall']:.2f}, over {p['predictions']:,} "
+          "predictions")
+
+
+def policy_gap_sentences(result: dict) -> list[str]:
+  """Per pool size, the best demand-fetching policy's hit rate against MIN's (a prefetching
+  policy's hit rate is not bounded by MIN's: it can buy hits with extra loads)."""
+  out = []
+  for fraction in sorted({r["fraction"] for r in result["replay"]}):
+    demand = [r for r in result["replay"] if r["fraction"] == fraction and "error" not in r
+              and r["policy"] not in PREFETCHING_POLICIES and r["policy"] != "pin_all"]
+    if not demand:
+      continue
+    best = max(demand, key=lambda r: r["hit_rate"])
+    gap = 100 * (best["belady_hit_rate"] - best["hit_rate"])
+    out.append(f"at {fraction:.0%} resident {best['policy']} {best['hit_rate']:.3f} against "
+               f"MIN's {best['belady_hit_rate']:.3f} ({gap:.1f} points)")
+  return out
+
+
+def policy_section(bench: dict, *, source: str) -> str:
+  """A BENCHMARKS.md section of a `scripts/bench_pools.py --fleet` JSON file."""
+  h = bench["header"]
+  flags = h["flags"]
+  random, trained = bench["weights_pool"], bench["weights_pool_trained"]
+  command = ["python scripts/bench_pools.py", f"--fleet={flags['fleet']}"]
+  for name in ("families", "models_per_family", "requests", "prompt_len", "new_tokens",
+               "batch", "zipf", "seed", "fractions", "policies", "live_policies", "sections",
+               "out"):
+    value = flags[name]
+    command.append(f"--{name}=" + (",".join(value) if isinstance(value, list) else str(value)))
+  rows = policy_rows(random, trained)
+  table = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+  table += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+  return "\n".join([
+      "## Weights-pool policies: random vs trained routing",
+      "",
+      "The expert-cache policies replayed on the routing trace of one workload "
+      f"({flags['requests']} requests of {flags['prompt_len']} held-out prompt tokens and "
+      f"{flags['new_tokens']} new tokens each, Zipf {flags['zipf']:g} over the models) served "
+      f"by {len(random['fleet'])} seeded random models and by {len(trained['fleet'])} models "
+      "of a trained fleet (`scripts/make_fleet.py`: bases and their fine-tunes, "
+      f"{', '.join(flags['families'])}), {sum(trained['fleet'].values()):,} pooled experts in "
+      "either fleet, at each share of them resident; Belady's MIN on the same trace bounds "
+      "the hits of demand-fetching policies and the loads of every policy. A prefetching "
+      "policy's hit rate counts prefetched experts, so compare its loads; \"prefetch used\" is "
+      "the share of its prefetched experts "
+      "a layer read before their eviction.",
+      "",
+      f"Command: `{' '.join(command)}`  ",
+      f"Source: `{source}`, git {h['git_revision'][:12]}, {h['device_kind']}, {h['date']}.",
+      "",
+      *table,
+      "",
+      "The activation-aware predictor (the next MoE layer's router applied to this layer's "
+      "hidden state), against the experts that layer then used: "
+      + "; ".join(_prediction_sentence(n, r) for n, r in (("random", random),
+                                                             ("trained", trained))) + ".",
+      "",
+      "Best demand-fetching policy against MIN on the trained fleet: "
+      + "; ".join(policy_gap_sentences(trained)) + ". On the random fleet: "
+      + "; ".join(policy_gap_sentences(random)) + ".",
+      "",
+  ])

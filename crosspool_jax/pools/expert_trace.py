@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from crosspool_jax.pools.expert_policies import ExpertKey, belady_min
 from crosspool_jax.pools.weights_pool import PoolStats, WeightsPool
@@ -129,3 +129,40 @@ def belady_stats(events: Sequence[TraceEvent], pool: WeightsPool) -> dict[str, i
   total = hits + misses
   return {"accesses": total, "hits": hits, "misses": misses,
           "hit_rate": hits / total if total else 0.0}
+
+
+def prediction_accuracy(events: Sequence[TraceEvent], num_experts: Mapping[str, int]
+                        ) -> dict[str, int | float]:
+  """How well the recorded next-layer predictions name the experts that layer then used.
+
+  Each event with a prediction is matched to the event of the same step and model at its
+  `next_layer`; residency plays no part (this is the predictor, not the pool). Returns
+  {"predictions": matched events, "predicted": experts predicted, "used": experts the
+  predicted layers used, "correct": predicted and used, "precision": correct / predicted,
+  "recall": correct / used, "chance_precision": the precision of as many experts drawn
+  uniformly at random per prediction (used / E of that model, weighted by experts predicted)}.
+
+  Args:
+    events: the trace.
+    num_experts: routed experts per layer of every model in the trace.
+  """
+  used = {(ev.step, ev.model, ev.layer): set(ev.experts) for ev in events}
+  n = predicted = used_total = correct = 0
+  chance = 0.0
+  for ev in events:
+    if ev.predicted is None or ev.next_layer is None:
+      continue
+    actual = used.get((ev.step, ev.model, ev.next_layer))
+    if actual is None:
+      raise ValueError(f"trace: step {ev.step} model {ev.model!r} predicts layer "
+                       f"{ev.next_layer}, which has no event in that step")
+    pred = set(ev.predicted)
+    n += 1
+    predicted += len(pred)
+    used_total += len(actual)
+    correct += len(pred & actual)
+    chance += len(pred) * len(actual) / num_experts[ev.model]
+  return {"predictions": n, "predicted": predicted, "used": used_total, "correct": correct,
+          "precision": correct / predicted if predicted else 0.0,
+          "recall": correct / used_total if used_total else 0.0,
+          "chance_precision": chance / predicted if predicted else 0.0}

@@ -143,6 +143,11 @@ class PoolStats:
     return self.misses + self.prefetch_loads + self.pin_loads
 
   @property
+  def prefetch_accuracy(self) -> float:
+    """Share of the prefetched experts that a layer read before they were evicted."""
+    return self.prefetch_hits / self.prefetch_loads if self.prefetch_loads else 0.0
+
+  @property
   def hidden_fraction(self) -> float:
     """Hidden share of the swap time of swaps whose layer ran."""
     total = self.swap_s_hidden + self.swap_s_exposed
@@ -150,6 +155,7 @@ class PoolStats:
 
   def to_dict(self) -> dict:
     return dataclasses.asdict(self) | {"hit_rate": self.hit_rate, "loads": self.loads,
+                                       "prefetch_accuracy": self.prefetch_accuracy,
                                        "hidden_fraction": self.hidden_fraction}
 
 

@@ -309,3 +309,17 @@ def test_memory_sentences_need_a_memory_sweep_and_name_unequal_devices():
   first, second = report.memory_at_slo_sentences(_memory_sweep(runs))
   assert "static at 8 x 2 GiB = 16 GiB; crosspool at 5 x 2 GiB + 3 x 3 GiB = 19 GiB." in first
   assert second == "crosspool needs 19% more than static."
+
+
+def test_policy_gap_is_the_best_demand_fetching_policy_against_min():
+  def rec(fraction, policy, hit, min_hit):
+    return {"fraction": fraction, "policy": policy, "hit_rate": hit, "belady_hit_rate": min_hit}
+
+  result = {"replay": [
+      rec(0.25, "lru", 0.80, 0.90), rec(0.25, "lfu", 0.85, 0.90),
+      rec(0.25, "activation_aware", 0.95, 0.90),  # prefetching: not bounded by MIN, left out
+      rec(1.0, "lru", 1.0, 1.0), rec(1.0, "pin_all", 1.0, 1.0),
+      {"fraction": 0.5, "policy": "lru", "error": "does not fit"}]}
+  assert report.policy_gap_sentences(result) == [
+      "at 25% resident lfu 0.850 against MIN's 0.900 (5.0 points)",
+      "at 100% resident lru 1.000 against MIN's 1.000 (0.0 points)"]

@@ -19,6 +19,7 @@ from crosspool_jax.pools.expert_policies import POLICIES, belady_min, make_polic
 from crosspool_jax.pools.expert_trace import (
     TraceEvent,
     belady_stats,
+    prediction_accuracy,
     read_jsonl,
     replay,
     write_jsonl,
@@ -130,7 +131,34 @@ def test_prefetch_is_best_effort_and_protects_the_running_layer():
   assert all(pool.residency(("a", 0, e)) for e in (0, 1, 2))
   pool.access("a", 1, [0])
   assert pool.stats.prefetch_hits == 1 and pool.stats.prefetch_loads == 1
+  assert pool.stats.to_dict()["prefetch_accuracy"] == 1.0
   pool.check_invariants()
+
+
+def test_prefetch_accuracy_counts_prefetched_experts_read_before_eviction():
+  pool = WeightsPool(device_bytes=1 << 20, policy="activation_aware")
+  pool.register_model(_spec("a"), slots_per_device=4)
+  pool.access("a", 0, [0, 1])
+  pool.prefetch("a", 1, [2, 3], protect=[("a", 0, 0), ("a", 0, 1)])  # the two free slots
+  pool.access("a", 1, [2])  # reads one of them: a prefetch hit
+  pool.access("a", 1, [2])  # a hit, not a second prefetch hit
+  assert (pool.stats.prefetch_loads, pool.stats.prefetch_hits) == (2, 1)
+  assert pool.stats.prefetch_accuracy == 0.5
+
+
+def test_prediction_accuracy_by_hand():
+  events = [TraceEvent(0, "a", 0, (0, 1), 1, (1, 2)),  # layer 1 uses {1, 3}: 1 of 2 right
+            TraceEvent(0, "a", 1, (1, 3)),
+            TraceEvent(0, "b", 0, (2,), 2, (0, 1, 3)),  # layer 2 uses {0, 3}: 2 of 3 right
+            TraceEvent(0, "b", 2, (0, 3)),
+            TraceEvent(1, "a", 0, (2, 3), None, None)]  # no prediction: not counted
+  acc = prediction_accuracy(events, {"a": 4, "b": 8})
+  assert (acc["predictions"], acc["predicted"], acc["used"], acc["correct"]) == (2, 5, 4, 3)
+  assert acc["precision"] == pytest.approx(3 / 5) and acc["recall"] == pytest.approx(3 / 4)
+  # a random pick of 2 of a's 4 experts hits 2/4 of the time; of 3 of b's 8, 2/8
+  assert acc["chance_precision"] == pytest.approx((2 * 2 / 4 + 3 * 2 / 8) / 5)
+  with pytest.raises(ValueError, match="predicts layer 1, which has no event"):
+    prediction_accuracy(events[:1], {"a": 4})
 
 
 # --- invariants under random sequences -------------------------------------------------------
