@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import importlib.util
 import os
 import sys
 
@@ -74,3 +75,11 @@ def trained_checkpoint(tmp_path_factory):
     return made[family]
 
   return get
+
+
+def get_config(arg, path=("train", "fleet.py")):
+  """A config file's config (default configs/train/fleet.py), loaded as the scripts load it."""
+  spec = importlib.util.spec_from_file_location("config", os.path.join(ROOT, "configs", *path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)

@@ -427,8 +427,10 @@ def run_experiment(config, *, log: Callable[[str], None], command: str = "",
     if trace_dir is not None:
       write_jsonl(os.path.join(trace_dir, f"trace_{key}.jsonl" if key else "trace.jsonl"),
                   records, meta=meta)
+    # The fleet as served: config.fleet after fleet_size and fleet_dir (`expand_fleet`).
     traces[key] = {"stats": trace_stats(records), "meta": meta,
-                   "arrivals": [[r.model_id, r.arrival_s] for r in records]}
+                   "arrivals": [[r.model_id, r.arrival_s] for r in records],
+                   "fleet": json.loads(base.fleet.to_json_best_effort())}
     for name in names:
       log(f"== run {len(runs) + 1}/{total}: {name}"
           + ("" if value is None else f", {config.sweep.field}={value}")

@@ -130,7 +130,7 @@ def test_outputs_equal_the_reference_generation(two_runs):
     outputs = json.load(f)
   records = read_jsonl(workdir / "trace.jsonl")
   assert len(records) == r["traces"][""]["stats"]["requests"] == 8
-  s, fleet = r["config"]["sampling"], r["config"]["fleet"]
+  s, fleet = r["config"]["sampling"], r["traces"][""]["fleet"]  # the fleet as served
   checked = 0
   for i, rec in enumerate(records[:4]):  # two long prompts static rejects, two short ones
     entry = fleet[rec.model_id]

@@ -1,7 +1,6 @@
 """The smoke fleet as a user builds it: its checkpoints load, generate and reproduce; its
 routing statistics, the pool benchmark and an experiment run on it."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,15 +17,7 @@ from crosspool_jax.models.tokenizer import load_tokenizer
 from crosspool_jax.train.fleet import build_fleet, read_fleet
 from crosspool_jax.train.routing_stats import fleet_stats, plot_stats
 from scripts.routing_stats import format_table
-from tests.conftest import FAMILIES, ROOT
-
-
-def get_config(arg, path=("train", "fleet.py")):
-  """A config file's config (default configs/train/fleet.py), loaded as the scripts load it."""
-  spec = importlib.util.spec_from_file_location("config", os.path.join(ROOT, "configs", *path))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+from tests.conftest import FAMILIES, ROOT, get_config
 
 
 def _run(script, *args, ok=True):

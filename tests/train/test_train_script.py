@@ -7,9 +7,11 @@ import subprocess
 import sys
 
 from crosspool_jax.models.checkpoint import load_checkpoint
+from crosspool_jax.models.config import tiny_config
 from crosspool_jax.models.decode import generate
 from crosspool_jax.models.tokenizer import load_tokenizer
-from tests.conftest import ROOT
+from crosspool_jax.train.trainer import train_config
+from tests.conftest import ROOT, get_config
 
 
 def _train(workdir, *args):
@@ -49,3 +51,11 @@ def test_train_tiny_names_a_bad_config_field(tmp_path):
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines()[-1] == (
       "train_tiny.py: error: train.warmup_steps must be in [0, steps=6), got 6")
+
+
+def test_text_variant_is_a_valid_wider_code_model():
+  config = get_config("text", ("train", "tiny.py"))
+  cfg = tiny_config(config.family, **config.model)
+  tc = train_config(config.train, seed=config.seed)
+  assert (cfg.d_model, cfg.d_ff_expert) == (128, 128) and tc.domains == ("code",)
+  assert tc.steps > get_config(None, ("train", "tiny.py")).train.steps
