@@ -8,7 +8,9 @@ round trips, --iters timed ones. The cost of one transfer is half a round trip (
 and p90 over the iterations), timed by process 0 from the send to the returned array being
 ready. The rounds interleave the transports (each round: every transport and shape for
 --iters / --rounds trips), so load from other jobs hits them alike. The array that comes back
-must equal the one sent (checked on each shape's first trip).
+must equal the one sent (checked on each shape's first trip). With --local_cpu_devices=2 (of
+launch_local.py) the baseline `one_process_put` is timed too: the same round trip between two
+devices of process 0 by `jax.device_put`, what the single-process executor pays.
 
 Process 0 writes JSON (header: jax version, git revision, load average at start and end,
 iterations; one record per transport and shape) to --out and prints a table.
@@ -20,6 +22,7 @@ iterations; one record per transport and shape) to --out and prints a table.
 from __future__ import annotations
 
 import datetime
+import functools
 import json
 import os
 import time
@@ -46,7 +49,7 @@ def define_flags() -> None:
   flags.DEFINE_string("out", None, "JSON output (process 0)")
 
 
-def round_trip(transport, x, spec, a, b) -> tuple[float | None, jax.Array | None]:
+def round_trip(transport, x, spec, *, a, b) -> tuple[float | None, jax.Array | None]:
   """One trip a -> b -> a; process 0 returns its seconds and the array back, process 1
   (None, None)."""
   if jax.process_index() == 0:
@@ -61,6 +64,17 @@ def round_trip(transport, x, spec, a, b) -> tuple[float | None, jax.Array | None
   return None, None
 
 
+def one_process_trip(x, spec, *, a, a2) -> tuple[float | None, jax.Array | None]:
+  """The baseline in process 0: a -> a2 -> a by `jax.device_put` between two of its own
+  devices (what the single-process executor pays); process 1 takes no part."""
+  if jax.process_index() != 0:
+    return None, None
+  start = time.perf_counter()
+  back = jax.device_put(jax.device_put(x, a2), a)
+  back.block_until_ready()
+  return time.perf_counter() - start, back
+
+
 def main(argv: list[str]) -> None:
   start_script(argv)
   config = runtime.ProcessConfig.from_environ()
@@ -70,7 +84,11 @@ def main(argv: list[str]) -> None:
   a, b = runtime.DeviceGroups.parse("0:0", "1:0").resolve()
   a, b = a[0], b[0]
   shapes = [(int(t), int(d)) for t in FLAGS.tokens for d in FLAGS.d_model]
-  transports = [make_transport(name, config) for name in FLAGS.transports]
+  trips = {name: functools.partial(round_trip, make_transport(name, config), a=a, b=b)
+           for name in FLAGS.transports}
+  if config.local_cpu_devices > 1:
+    a2 = runtime.DeviceGroups.parse("0:1", "1:1").resolve()[0][0]
+    trips["one_process_put"] = functools.partial(one_process_trip, a=a, a2=a2)
   header = {"jax": jax.__version__, "git_revision": git_revision(),
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "loadavg_start": list(os.getloadavg()), "iters": FLAGS.iters,
@@ -82,21 +100,21 @@ def main(argv: list[str]) -> None:
     spec = jax.ShapeDtypeStruct((t, d), np.float32)
     arrays[t, d] = (jax.device_put(host, a) if jax.process_index() == 0 else spec, spec, host)
   times: dict[tuple[str, int, int], list[float]] = {}
-  for transport in transports:
+  for name, trip in trips.items():
     for (t, d), (x, spec, host) in arrays.items():
       for i in range(FLAGS.warmup):
-        _, back = round_trip(transport, x, spec, a, b)
+        _, back = trip(x, spec)
         if i == 0 and back is not None and not np.array_equal(np.asarray(back), host):
-          raise RuntimeError(f"{transport.name}: the [{t}, {d}] array came back changed")
-      progress(f"probe: {transport.name} [{t}, {d}] warm")
+          raise RuntimeError(f"{name}: the [{t}, {d}] array came back changed")
+      progress(f"probe: {name} [{t}, {d}] warm")
   per_round = max(1, FLAGS.iters // FLAGS.rounds)
   for r in range(FLAGS.rounds):
-    for transport in transports:
+    for name, trip in trips.items():
       for (t, d), (x, spec, _) in arrays.items():
         for _ in range(per_round):
-          seconds, _ = round_trip(transport, x, spec, a, b)
+          seconds, _ = trip(x, spec)
           if seconds is not None:
-            times.setdefault((transport.name, t, d), []).append(seconds)
+            times.setdefault((name, t, d), []).append(seconds)
     progress(f"probe: round {r + 1} of {FLAGS.rounds}")
   if jax.process_index() != 0:
     return
