@@ -44,7 +44,7 @@ class _Child:
   popen: subprocess.Popen
   tail: collections.deque
   joined: threading.Event
-  reader: threading.Thread
+  reader: threading.Thread | None = None
 
 
 def _forward(child: _Child, stream, out: Callable[[str], None]) -> None:
@@ -68,8 +68,8 @@ def launch(command: Sequence[str], base: ProcessConfig, *, join_timeout_s: float
     with lock:
       (out or _print)(line)
 
-  if threading.current_thread() is threading.main_thread():
-    signal.signal(signal.SIGTERM, _terminated)
+  in_main = threading.current_thread() is threading.main_thread()
+  previous = signal.signal(signal.SIGTERM, _terminated) if in_main else None
   children = []
   for process_id in range(base.num_processes):
     config = dataclasses.replace(base, process_id=process_id)
@@ -77,8 +77,7 @@ def launch(command: Sequence[str], base: ProcessConfig, *, join_timeout_s: float
     popen = subprocess.Popen(list(command), env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, errors="replace",
                              start_new_session=True)
-    child = _Child(process_id, popen, collections.deque(maxlen=tail_lines), threading.Event(),
-                   None)
+    child = _Child(process_id, popen, collections.deque(maxlen=tail_lines), threading.Event())
     child.reader = threading.Thread(target=_forward, args=(child, popen.stdout, emit),
                                     daemon=True)
     child.reader.start()
@@ -87,6 +86,8 @@ def launch(command: Sequence[str], base: ProcessConfig, *, join_timeout_s: float
     _watch(children, join_timeout_s=join_timeout_s, timeout_s=timeout_s, grace_s=grace_s)
   finally:
     _stop(children)
+    if in_main:
+      signal.signal(signal.SIGTERM, previous)
 
 
 def _terminated(signum, frame) -> None:

@@ -19,10 +19,10 @@ from __future__ import annotations
 import datetime
 import functools
 import itertools
+from collections.abc import Callable
 from typing import Protocol
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax._src import distributed as jax_distributed  # the runtime's key-value store
 from jax.experimental import transfer
@@ -125,7 +125,7 @@ class PermuteTransport:
     if is_dst:
       key = (x.shape, np.dtype(x.dtype), dst)
       if key not in self._zeros:
-        self._zeros[key] = jax.device_put(jnp.zeros(x.shape, x.dtype), dst)
+        self._zeros[key] = jax.device_put(np.zeros(x.shape, x.dtype), dst)
       block = self._zeros[key]
     else:
       block = x
@@ -147,15 +147,16 @@ def _send_first_block(mesh: Mesh):
                                in_specs=spec, out_specs=spec))
 
 
+# Each transport's name and how it is made from this process's config.
+TRANSPORTS: dict[str, Callable[[ProcessConfig], Transport]] = {
+    "put": lambda config: PutTransport(),
+    "pull": PullTransport,
+    "permute": lambda config: PermuteTransport(),
+}
+
+
 def make_transport(name: str, config: ProcessConfig) -> Transport:
-  """The transport of `TRANSPORTS` called `name`; ValueError for another name."""
-  if name == "put":
-    return PutTransport()
-  if name == "pull":
-    return PullTransport(config)
-  if name == "permute":
-    return PermuteTransport()
-  raise ValueError(f"unknown transport {name!r}: one of {', '.join(TRANSPORTS)}")
-
-
-TRANSPORTS = ("put", "pull", "permute")
+  """The transport called `name` (`TRANSPORTS`); ValueError for another name."""
+  if name not in TRANSPORTS:
+    raise ValueError(f"unknown transport {name!r}: one of {', '.join(TRANSPORTS)}")
+  return TRANSPORTS[name](config)
