@@ -64,7 +64,8 @@ def main(argv: list[str]) -> None:
            join_timeout_s=FLAGS.join_timeout_s, timeout_s=FLAGS.timeout_s,
            grace_s=FLAGS.grace_s)
   except LaunchError as e:
-    progress(e.details)
+    if e.details:
+      progress(e.details)
     raise
 
 

@@ -58,31 +58,31 @@ def _forward(child: _Child, stream, out: Callable[[str], None]) -> None:
 
 
 def launch(command: Sequence[str], base: ProcessConfig, *, join_timeout_s: float,
-           timeout_s: float, grace_s: float = 0.0, tail_lines: int = 20,
-           out: Callable[[str], None] | None = None) -> None:
+           timeout_s: float, grace_s: float = 0.0, tail_lines: int = 20) -> None:
   """Runs `command` (argv) once per process of `base.num_processes`, each with its process
   id in the environment, until all exit 0; LaunchError otherwise (module docstring)."""
   lock = threading.Lock()
 
   def emit(line: str) -> None:
     with lock:
-      (out or _print)(line)
+      print(line, flush=True)
 
   in_main = threading.current_thread() is threading.main_thread()
   previous = signal.signal(signal.SIGTERM, _terminated) if in_main else None
-  children = []
-  for process_id in range(base.num_processes):
-    config = dataclasses.replace(base, process_id=process_id)
-    env = {**os.environ, **config.environ(), "PYTHONUNBUFFERED": "1"}
-    popen = subprocess.Popen(list(command), env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True, errors="replace",
-                             start_new_session=True)
-    child = _Child(process_id, popen, collections.deque(maxlen=tail_lines), threading.Event())
-    child.reader = threading.Thread(target=_forward, args=(child, popen.stdout, emit),
-                                    daemon=True)
-    child.reader.start()
-    children.append(child)
+  children: list[_Child] = []
   try:
+    for process_id in range(base.num_processes):
+      config = dataclasses.replace(base, process_id=process_id)
+      env = {**os.environ, **config.environ(), "PYTHONUNBUFFERED": "1"}
+      popen = subprocess.Popen(list(command), env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, errors="replace",
+                               start_new_session=True)
+      child = _Child(process_id, popen, collections.deque(maxlen=tail_lines),
+                     threading.Event())
+      child.reader = threading.Thread(target=_forward, args=(child, popen.stdout, emit),
+                                      daemon=True)
+      child.reader.start()
+      children.append(child)
     _watch(children, join_timeout_s=join_timeout_s, timeout_s=timeout_s, grace_s=grace_s)
   finally:
     _stop(children)
@@ -150,19 +150,22 @@ def _stop(children: list[_Child]) -> None:
   """Terminates the processes still running (their whole session), killing after 5 s."""
   for c in children:
     if c.popen.poll() is None:
-      os.killpg(c.popen.pid, signal.SIGTERM)
+      _signal_session(c.popen, signal.SIGTERM)
   deadline = time.monotonic() + 5.0
   for c in children:
     try:
       c.popen.wait(timeout=max(0.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
-      os.killpg(c.popen.pid, signal.SIGKILL)
+      _signal_session(c.popen, signal.SIGKILL)
       c.popen.wait()
     c.reader.join(timeout=1.0)
 
 
-def _print(line: str) -> None:
-  print(line, flush=True)
+def _signal_session(popen: subprocess.Popen, signum: int) -> None:
+  try:
+    os.killpg(popen.pid, signum)
+  except ProcessLookupError:  # it ended meanwhile
+    pass
 
 
 def python_command(target: str, args: Sequence[str]) -> list[str]:
