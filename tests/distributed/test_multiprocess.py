@@ -1,5 +1,6 @@
-"""Two local CPU processes started by scripts/launch_local.py: a hidden state's round trip by
-each transport (exact, against the state and a stand-in expert computed locally), a process
+"""Two local CPU processes started by scripts/launch_local.py: hidden states' round trips by
+each transport, three shapes in flight at once (exact, against the states and a stand-in
+expert computed locally; tests/distributed/worker.py), a process
 killed mid-run, a process that never joins. Each launch is bounded by the launcher's own
 timeouts and by the subprocess timeout (a hang fails the test)."""
 
