@@ -116,6 +116,7 @@ def main(argv: list[str]) -> None:
           if seconds is not None:
             times.setdefault((name, t, d), []).append(seconds)
     progress(f"probe: round {r + 1} of {FLAGS.rounds}")
+  runtime.barrier("probe done", config.transfer_timeout_s)  # every offer taken
   if jax.process_index() != 0:
     return
   header["loadavg_end"] = list(os.getloadavg())

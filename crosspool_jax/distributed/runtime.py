@@ -18,6 +18,7 @@ import socket
 from collections.abc import Mapping
 
 import jax
+from jax._src import distributed as jax_distributed  # the coordination service's client
 
 from crosspool_jax.cli import progress
 
@@ -146,6 +147,20 @@ def initialize(config: ProcessConfig) -> None:
       shutdown_timeout_seconds=config.shutdown_timeout_s)
   progress(f"{JOINED} process {config.process_id} of {config.num_processes}, "
            f"{jax.local_device_count()} local of {jax.device_count()} devices")
+
+
+def coordination_client():
+  """This process's client of the coordination service (its key-value store and barriers);
+  None before `initialize`."""
+  return jax_distributed.global_state.client
+
+
+def barrier(name: str, timeout_s: int) -> None:
+  """Waits until every process has reached the barrier `name` (each name once per run), at
+  most `timeout_s` seconds (then an error). Before a process exits or drops a transport, so
+  the arrays it offered have been taken: a pull from a server that is gone waits out its
+  deadline."""
+  coordination_client().wait_at_barrier(f"crosspool/{name}", timeout_s * 1000)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

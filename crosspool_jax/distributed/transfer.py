@@ -24,11 +24,10 @@ from typing import Protocol
 
 import jax
 import numpy as np
-from jax._src import distributed as jax_distributed  # the runtime's key-value store
 from jax.experimental import transfer
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
-from crosspool_jax.distributed.runtime import ProcessConfig
+from crosspool_jax.distributed.runtime import ProcessConfig, coordination_client
 
 Spec = jax.Array | jax.ShapeDtypeStruct
 
@@ -69,7 +68,9 @@ class PutTransport:
 
 class PullTransport:
   """`jax.experimental.transfer`: the source offers the array under an id both ends count
-  alike (one sequence per device pair), the destination pulls it from the source's server."""
+  alike (one sequence per device pair), the destination pulls it from the source's server.
+  The server lives as long as this object: keep it until the peers have pulled what it
+  offered (`runtime.barrier`)."""
 
   name = "pull"
 
@@ -78,7 +79,7 @@ class PullTransport:
     local = jax.local_devices()
     self._server = transfer.start_transfer_server(
         local[0].client, f"{config.host}:0", [f"{config.host}:0"] * len(local))
-    self._store = jax_distributed.global_state.client
+    self._store = coordination_client()
     self._store.key_value_set(self._key(jax.process_index()), self._server.address())
     self._connections: dict[int, transfer.TransferConnection] = {}
     self._sequences: dict[tuple[int, int], itertools.count] = {}

@@ -58,6 +58,7 @@ def main(mode: str, transport_name: str, kv: str, weights: str) -> None:
       os.kill(os.getpid(), signal.SIGKILL)
     for there in received:
       transport.move(jax.jit(stand_in_expert)(there), weights_device, kv_device)
+  runtime.barrier("round trips done", config.transfer_timeout_s)  # all offers taken
   print(f"process {jax.process_index()}: {mode} ok", flush=True)
 
 
