@@ -23,7 +23,7 @@ WORKER = os.path.join(ROOT, "tests", "distributed", "worker.py")
 
 
 def _launch(*worker_args, local_cpu_devices=1, target=WORKER, **flags):
-  args = {"num_processes": 2, "local_cpu_devices": local_cpu_devices, "heartbeat_timeout_s": 5,
+  args = {"num_processes": 2, "local_cpu_devices": local_cpu_devices, "heartbeat_timeout_s": 10,
           "shutdown_timeout_s": 5, "transfer_timeout_s": 20, "join_timeout_s": 40,
           "timeout_s": 50, **flags}
   cmd = [sys.executable, os.path.join(ROOT, "scripts", "launch_local.py"), f"--target={target}",
@@ -47,7 +47,7 @@ def test_hidden_state_round_trip_is_exact(transport, local_cpu_devices, kv, weig
 
 
 def test_a_killed_process_fails_the_run_and_the_survivor():
-  proc = _launch("die", "pull", "0:0", "1:0", grace_s=30)
+  proc = _launch("die", "pull", "0:0", "1:0", grace_s=30, heartbeat_timeout_s=5)
   assert proc.returncode == 1
   assert "launch_local.py: error: process 1 was killed by SIGKILL" in proc.stderr
   assert "[p1] process 1: killing itself" in proc.stderr  # its last lines
