@@ -17,7 +17,7 @@ from typing import Any
 from absl import app, flags
 
 from crosspool_jax.cli import run_script
-from crosspool_jax.models.config import FAMILIES, tiny_config, to_hf_config
+from crosspool_jax.models.config import MODEL_FAMILIES, tiny_config, to_hf_config
 from crosspool_jax.models.tokenizer import MIN_VOCAB_SIZE, byte_level_tokenizer, save_tokenizer
 
 FLAGS = flags.FLAGS
@@ -25,7 +25,7 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """Defines the flags; called only when the script runs as a program."""
-  flags.DEFINE_enum("family", "mixtral", FAMILIES, "Model family (HF model_type).")
+  flags.DEFINE_enum("family", "mixtral", MODEL_FAMILIES, "Model family (HF model_type).")
   flags.DEFINE_string("out", None, "Output directory.", required=True)
   flags.DEFINE_integer("seed", 0, "torch seed of the random weights.")
   flags.DEFINE_float("init_std", 0.05, "Std of the random weights (HF initializer_range).")
@@ -46,6 +46,10 @@ def make_tiny_checkpoint(family: str, out_dir: str, *, seed: int = 0, init_std: 
                                              pad_token_id=0)
   torch.manual_seed(seed)
   model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
+  with torch.no_grad():  # HF initialises DeepSeek-V3's routing correction bias to zeros
+    for name, buffer in model.named_buffers():
+      if name.endswith("e_score_correction_bias"):
+        buffer.normal_(0.0, 2 * init_std)
   os.makedirs(out_dir, exist_ok=True)
   total = sum(p.numel() * p.element_size() for p in model.parameters())
   shard = f"{max(1, total // num_shards // 1000 + 1)}KB" if num_shards > 1 else "10GB"
