@@ -219,6 +219,15 @@ class ModelConfig:
     return cls(**d)
 
 
+def check_paged_kv(cfg: ModelConfig) -> None:
+  """Raises UnsupportedConfigError for a model the paged KV pool cannot hold: latent attention
+  (the pool's pages are K and V of `num_kv_heads` heads per token)."""
+  if cfg.mla:
+    raise UnsupportedConfigError(
+        f"{cfg.family}: the paged KV pool does not support the latent (MLA) layout yet; this "
+        f"family runs on the reference forward (models.model.forward, models.decode.generate)")
+
+
 def _rope_theta(hf: dict[str, Any], default: float) -> float:
   """RoPE base from either the transformers-5 `rope_parameters` or the older top-level keys."""
   params = hf.get("rope_parameters") or hf.get("rope_scaling")
@@ -500,7 +509,8 @@ def tiny_config(family: str, **overrides: Any) -> ModelConfig:
   Qwen2-MoE gets a shared expert and a dense middle layer, so every switch is exercised. The
   DeepSeek families get latent attention with q LoRA (`q_lora_rank=None` turns it off), v and
   qk head dims that differ, a dense first layer, two shared experts and group-limited routing
-  (4 groups of 2 experts, 2 groups per token) with a routed scaling factor.
+  (4 groups of 2 experts, 2 groups per token; V2 top-3, where its max-score groups can differ
+  from plain top-k, V3 top-2) with a routed scaling factor.
   """
   if family not in MODEL_FAMILIES:
     raise UnsupportedConfigError(f"family {family!r} is not one of {MODEL_FAMILIES}")
@@ -521,7 +531,7 @@ def tiny_config(family: str, **overrides: Any) -> ModelConfig:
                  num_kv_heads=1, head_dim=32 + 8, kv_lora_rank=32, q_lora_rank=48,
                  qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=12, rope_interleave=True,
                  n_group=4, topk_group=2, norm_topk_prob=family == "deepseek_v3")
-    base |= (dict(topk_method="group_limited_greedy", routed_scaling_factor=2.0)
+    base |= (dict(topk_method="group_limited_greedy", routed_scaling_factor=2.0, top_k=3)
              if family == "deepseek_v2" else
              dict(topk_method="noaux_tc", routed_scaling_factor=2.5))
   base |= overrides

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from crosspool_jax.models import layers
-from crosspool_jax.models.config import ModelConfig, UnsupportedConfigError
+from crosspool_jax.models.config import ModelConfig, check_paged_kv
 from crosspool_jax.models.sampling import sample
 from pallas_kernels.expert_dispatch import expert_dispatch
 from pallas_kernels.kv_write import write_kv
@@ -131,16 +131,6 @@ def write_and_attend_latent(cache_BKCH: jax.Array, q_TNH: jax.Array, latent_TKH:
   o_BTNH = layers.attend_latent(q_TNH.reshape(*bt, *q_TNH.shape[1:]), cache_BKCH, w_kv_b_ANH,
                                 positions_BT, cfg, absorbed=absorbed)
   return o_BTNH.reshape(*q_TNH.shape[:-1], -1), cache_BKCH
-
-
-def check_paged_kv(cfg: ModelConfig) -> None:
-  """Raises UnsupportedConfigError for a model the paged KV pool cannot hold (latent
-  attention: the pool's pages are K and V of `num_kv_heads` heads)."""
-  if cfg.mla:
-    raise UnsupportedConfigError(
-        f"{cfg.family}: the paged KV pool does not support the latent (MLA) layout yet; "
-        f"this family runs on the reference forward (models.model.forward, models.decode."
-        f"generate) only")
 
 
 def _write_cache(cache_BKCH, new_BTKH, positions_BT):
