@@ -36,14 +36,20 @@ def define_flags() -> None:
 
 
 def make_tiny_checkpoint(family: str, out_dir: str, *, seed: int = 0, init_std: float = 0.05,
-                         num_shards: int = 1, **overrides: Any) -> str:
-  """Writes the tiny `family` checkpoint (and its byte-level tokenizer) to `out_dir`; returns it."""
+                         num_shards: int = 1, hf_fields: dict[str, Any] | None = None,
+                         **overrides: Any) -> str:
+  """Writes the tiny `family` checkpoint (and its byte-level tokenizer) to `out_dir`; returns it.
+
+  `overrides` change the tiny `ModelConfig`; `hf_fields` are set on its config.json fields
+  before transformers builds the model (what a ModelConfig does not export, e.g. YaRN's
+  rope_parameters).
+  """
   import torch
   import transformers
 
   cfg = tiny_config(family, **overrides)
-  hf_cfg = transformers.AutoConfig.for_model(**to_hf_config(cfg), initializer_range=init_std,
-                                             pad_token_id=0)
+  hf_cfg = transformers.AutoConfig.for_model(**to_hf_config(cfg) | (hf_fields or {}),
+                                             initializer_range=init_std, pad_token_id=0)
   torch.manual_seed(seed)
   model = transformers.AutoModelForCausalLM.from_config(hf_cfg, dtype=torch.float32)
   with torch.no_grad():  # HF initialises DeepSeek-V3's routing correction bias to zeros

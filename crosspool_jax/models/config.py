@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Literal
 
@@ -84,6 +85,11 @@ class ModelConfig:
     n_group, topk_group: the experts' groups and how many of them a token may pick from
       (group-limited methods).
     routed_scaling_factor: multiplies the routed experts' weights (after normalisation).
+    rope_yarn: YaRN rotary scaling (latent attention only) as (factor, low, high,
+      attention_factor): each frequency blends theta's and theta's / factor by a linear ramp
+      over the frequency index from low to high, and cos and sin are multiplied by
+      attention_factor; None = plain RoPE.
+    attn_mscale: multiplies the softmax scale (YaRN's mscale(factor, mscale_all_dim)^2).
   """
 
   family: str
@@ -121,6 +127,8 @@ class ModelConfig:
   n_group: int = 1
   topk_group: int = 1
   routed_scaling_factor: float = 1.0
+  rope_yarn: tuple[float, float, float, float] | None = None
+  attn_mscale: float = 1.0
 
   def __post_init__(self):
     positive = ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
@@ -142,8 +150,9 @@ class ModelConfig:
       raise ValueError(f"qk_norm must be 'none', 'per_head' or 'full', got {self.qk_norm!r}")
     if self.mla:
       self._check_latent_attention()
-    elif self.q_lora_rank is not None:
-      raise ValueError("q_lora_rank needs latent attention (kv_lora_rank > 0)")
+    elif self.q_lora_rank is not None or self.rope_yarn is not None or self.attn_mscale != 1.0:
+      raise ValueError("q_lora_rank, rope_yarn and attn_mscale need latent attention "
+                       "(kv_lora_rank > 0)")
     self._check_routing()
 
   def _check_latent_attention(self):
@@ -197,8 +206,9 @@ class ModelConfig:
 
   @property
   def attn_scale(self) -> float:
-    """The softmax scale of the attention scores: 1 / sqrt(qk_head_dim)."""
-    return self.qk_head_dim ** -0.5
+    """The softmax scale of the attention scores: 1 / sqrt(qk_head_dim) (times YaRN's
+    `attn_mscale`)."""
+    return self.qk_head_dim ** -0.5 * self.attn_mscale
 
   @property
   def max_context(self) -> int:
@@ -214,8 +224,9 @@ class ModelConfig:
   def from_json(cls, text: str) -> ModelConfig:
     d = json.loads(text)
     d["moe_layers"] = tuple(d["moe_layers"])
-    if isinstance(d.get("eos_token_id"), list):
-      d["eos_token_id"] = tuple(d["eos_token_id"])
+    for key in ("eos_token_id", "rope_yarn"):
+      if isinstance(d.get(key), list):
+        d[key] = tuple(d[key])
     return cls(**d)
 
 
@@ -240,6 +251,44 @@ def _rope_theta(hf: dict[str, Any], default: float) -> float:
     if "rope_theta" in params:
       return float(params["rope_theta"])
   return float(hf.get("rope_theta", default))
+
+
+def _yarn_mscale(factor: float, mscale: float = 1.0) -> float:
+  return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
+
+
+def _deepseek_rope(hf: dict[str, Any], dim: int):
+  """(rope_theta, rope_yarn, attn_mscale) of a DeepSeek config: plain RoPE, or YaRN as HF
+  transformers computes it for a rotary dim of `dim` (`ModelConfig.rope_yarn`)."""
+  params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+  rope_type = params.get("rope_type", params.get("type", "default"))
+  if rope_type != "yarn":
+    return _rope_theta(hf, 10000.0), None, 1.0
+  theta = float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
+  if params.get("partial_rotary_factor", 1.0) != 1.0:
+    raise UnsupportedConfigError("rope_parameters.partial_rotary_factor != 1 is not supported")
+  if params.get("factor") is None:
+    raise UnsupportedConfigError("YaRN rope_parameters / rope_scaling lacks 'factor'")
+  factor = float(params["factor"])
+  original = int(hf.get("original_max_position_embeddings")
+                 or params.get("original_max_position_embeddings")
+                 or hf.get("max_position_embeddings", 4096))
+  mscale, mscale_all_dim = params.get("mscale"), params.get("mscale_all_dim")
+  attention_factor = params.get("attention_factor")
+  if attention_factor is None:
+    attention_factor = (_yarn_mscale(factor, mscale) / _yarn_mscale(factor, mscale_all_dim)
+                        if mscale and mscale_all_dim else _yarn_mscale(factor))
+
+  def correction_dim(rotations: float) -> float:
+    return dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+  low = correction_dim(params.get("beta_fast") or 32)
+  high = correction_dim(params.get("beta_slow") or 1)
+  if params.get("truncate", True):
+    low, high = math.floor(low), math.ceil(high)
+  low, high = max(low, 0), min(high, dim - 1)
+  attn_mscale = _yarn_mscale(factor, mscale_all_dim) ** 2 if mscale_all_dim else 1.0
+  return theta, (factor, float(low), float(high), float(attention_factor)), attn_mscale
 
 
 def _require(hf: dict[str, Any], key: str) -> Any:
@@ -391,12 +440,13 @@ def _deepseek_config(hf: dict[str, Any], common: dict[str, Any]) -> ModelConfig:
   kv_lora_rank = int(_require(hf, "kv_lora_rank"))
   rope_dim = int(_require(hf, "qk_rope_head_dim"))
   q_lora_rank = hf.get("q_lora_rank", 1536)
+  rope_theta, rope_yarn, attn_mscale = _deepseek_rope(hf, rope_dim)
   return ModelConfig(
       **common | dict(num_kv_heads=1, head_dim=kv_lora_rank + rope_dim),
       d_ff_expert=d_ff, num_experts=_num_experts(hf), norm_topk_prob=norm_topk,
       d_ff_dense=0 if all(moe_layers) else int(_require(hf, "intermediate_size")),
       moe_layers=moe_layers, d_ff_shared=int(get("n_shared_experts") or 0) * d_ff,
-      shared_gate=False, rope_theta=_rope_theta(hf, 10000.0),
+      shared_gate=False, rope_theta=rope_theta, rope_yarn=rope_yarn, attn_mscale=attn_mscale,
       kv_lora_rank=kv_lora_rank,
       q_lora_rank=None if q_lora_rank is None else int(q_lora_rank),
       qk_nope_head_dim=int(_require(hf, "qk_nope_head_dim")), qk_rope_head_dim=rope_dim,
@@ -488,6 +538,9 @@ def _deepseek_hf_config(cfg: ModelConfig, hf: dict[str, Any]) -> dict[str, Any]:
                                         and not cfg.rope_interleave):
     raise UnsupportedConfigError(f"{cfg.family} cannot express topk_method="
                                  f"{cfg.topk_method!r}, rope_interleave={cfg.rope_interleave}")
+  if cfg.rope_yarn is not None or cfg.attn_mscale != 1.0:
+    raise UnsupportedConfigError(f"{cfg.family} with YaRN RoPE cannot be exported: the config "
+                                 f"keeps YaRN's derived values, not its rope_parameters")
   del hf["head_dim"]
   hf |= dict(
       num_key_value_heads=cfg.num_heads, n_routed_experts=cfg.num_experts,

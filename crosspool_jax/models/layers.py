@@ -24,16 +24,25 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
 
 
 def rope(x_TXH: jax.Array, positions_T: jax.Array, theta: float, *,
-         interleave: bool = False) -> jax.Array:
+         interleave: bool = False,
+         yarn: tuple[float, float, float, float] | None = None) -> jax.Array:
   """Rotary embedding of x [..., T, heads, H] at integer positions [..., T].
 
   Frequency i rotates the pair (x[i], x[i + H/2]) (rotate-half layout), or with `interleave`
-  the pair (x[2i], x[2i + 1]) (DeepSeek), each rotated pair left where it was.
+  the pair (x[2i], x[2i + 1]) (DeepSeek), each rotated pair left where it was. `yarn`: YaRN's
+  frequencies and cos/sin factor (`ModelConfig.rope_yarn`).
   """
   h = x_TXH.shape[-1]
   inv_freq_H2 = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  if yarn is not None:
+    factor, low, high, attention_factor = yarn
+    ramp_H2 = jnp.clip((jnp.arange(h // 2, dtype=jnp.float32) - low)
+                       / (high - low if high != low else 0.001), 0, 1)
+    inv_freq_H2 = inv_freq_H2 / factor * ramp_H2 + inv_freq_H2 * (1 - ramp_H2)
   angles_TH2 = positions_T.astype(jnp.float32)[..., None] * inv_freq_H2
   x32 = x_TXH.astype(jnp.float32)
+  if yarn is not None:
+    x32 = x32 * attention_factor
   if interleave:
     cos, sin = jnp.cos(angles_TH2)[..., None, :], jnp.sin(angles_TH2)[..., None, :]
     pairs = x32.reshape(*x32.shape[:-1], h // 2, 2)
@@ -87,11 +96,11 @@ def latent_qkv(p: Params, x_TD: jax.Array, positions_T: jax.Array, cfg: ModelCon
     q_TNH = jnp.einsum("...a,anh->...nh", c_q_TA, p["w_q_b_ANH"])
   nope = cfg.qk_nope_head_dim
   q_rope_TNH = rope(q_TNH[..., nope:], positions_T, cfg.rope_theta,
-                    interleave=cfg.rope_interleave)
+                    interleave=cfg.rope_interleave, yarn=cfg.rope_yarn)
   kv_TH = x_TD @ p["w_kv_a_DH"]
   c_kv_TA = rms_norm(kv_TH[..., : cfg.kv_lora_rank], p["kv_a_norm_A"], LATENT_NORM_EPS)
   k_rope_TKH = rope(kv_TH[..., None, cfg.kv_lora_rank:], positions_T, cfg.rope_theta,
-                    interleave=cfg.rope_interleave)
+                    interleave=cfg.rope_interleave, yarn=cfg.rope_yarn)
   q_TNH = jnp.concatenate([q_TNH[..., :nope], q_rope_TNH], axis=-1)
   return q_TNH, jnp.concatenate([c_kv_TA[..., None, :], k_rope_TKH], axis=-1)
 

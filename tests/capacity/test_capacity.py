@@ -12,6 +12,7 @@ import pytest
 from crosspool_jax.capacity import format_table, measure_capacity, reference_config
 from crosspool_jax.engine.policies.sizes import kv_bytes_per_token, param_bytes, param_counts
 from crosspool_jax.models.config import MODEL_FAMILIES, from_hf_config, tiny_config
+from tests.models.test_deepseek import DEEPSEEK_V2_LITE
 
 MIX = tiny_config("mixtral")
 W_TOTAL, W_NON_EXPERT, EXPERT = 759040, 365824, 24576
@@ -27,19 +28,6 @@ def _all_agree(res):
   for org in res["organisations"].values():
     for rec in org["models"].values():
       assert rec["closed_form_agrees"], rec
-
-
-# DeepSeek-V2-Lite's public config.json, less its YaRN rope_scaling (refused; the counts do
-# not depend on it).
-DEEPSEEK_V2_LITE = dict(
-    model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
-    moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16,
-    num_key_value_heads=16, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
-    first_k_dense_replace=1, moe_layer_freq=1, kv_lora_rank=512, q_lora_rank=None,
-    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, topk_method="greedy", n_group=1,
-    topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0, scoring_func="softmax",
-    max_position_embeddings=163840, rope_theta=10000, rms_norm_eps=1e-6,
-    tie_word_embeddings=False)
 
 
 @pytest.mark.parametrize(("family", "overrides"), [

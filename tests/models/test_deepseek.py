@@ -116,11 +116,43 @@ def test_training_forward_equals_reference_forward(family):
   assert router_logits.shape == (sum(cfg.moe_layers), 12, cfg.num_experts)
 
 
+# DeepSeek-V2-Lite's public config.json (the fields a ModelConfig reads).
+DEEPSEEK_V2_LITE = dict(
+    model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+    moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16,
+    num_key_value_heads=16, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
+    first_k_dense_replace=1, moe_layer_freq=1, kv_lora_rank=512, q_lora_rank=None,
+    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, topk_method="greedy", n_group=1,
+    topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0, scoring_func="softmax",
+    max_position_embeddings=163840, rope_theta=10000, rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                  "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707})
+
+
+def test_yarn_of_deepseek_v2_lite_by_hand():
+  cfg = from_hf_config(DEEPSEEK_V2_LITE)
+  # the ramp's ends: 64 ln(4096 / (2 pi beta)) / (2 ln 10000) for beta 32 and 1: 10.47 and
+  # 22.51, floored and ceiled; attention_factor = mscale(40, 0.707) / mscale(40, 0.707) = 1;
+  # the softmax scale x mscale(40, 0.707)^2 = (0.1 x 0.707 x ln 40 + 1)^2
+  assert cfg.rope_yarn == (40.0, 10.0, 23.0, 1.0)
+  assert cfg.attn_mscale == pytest.approx((0.0707 * np.log(40) + 1) ** 2)
+  assert cfg.attn_scale == pytest.approx(cfg.attn_mscale / np.sqrt(192))
+  # the rope_parameters spelling of transformers 5 reads the same
+  modern = {k: v for k, v in DEEPSEEK_V2_LITE.items() if k not in ("rope_scaling", "rope_theta")}
+  modern["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 10000.0} | {
+      k: v for k, v in DEEPSEEK_V2_LITE["rope_scaling"].items() if k != "type"}
+  assert from_hf_config(modern) == cfg
+  assert ModelConfig.from_json(cfg.to_json()) == cfg
+  with pytest.raises(UnsupportedConfigError, match="with YaRN RoPE cannot be exported"):
+    to_hf_config(cfg)
+
+
 @pytest.mark.parametrize(("family", "change", "message"), [
-    ("deepseek_v3", {"rope_parameters": {"rope_type": "yarn", "factor": 40.0,
-                                         "rope_theta": 1e4}}, "rope_type 'yarn'"),
-    ("deepseek_v2", {"rope_parameters": None, "rope_scaling": {"type": "yarn", "factor": 40.0}},
-     "rope_scaling"),
+    ("deepseek_v3", {"rope_parameters": {"rope_type": "linear", "factor": 4.0,
+                                         "rope_theta": 1e4}}, "rope_type 'linear'"),
+    ("deepseek_v2", {"rope_parameters": None, "rope_scaling": {"type": "yarn"}},
+     "rope_scaling lacks 'factor'"),
     ("deepseek_v2", {"moe_layer_freq": 2}, "moe_layer_freq=2"),
     ("deepseek_v2", {"norm_topk_prob": True}, "norm_topk_prob"),
     ("deepseek_v2", {"topk_method": "noaux_tc"}, "topk_method 'noaux_tc'"),

@@ -1,7 +1,7 @@
 """Every family vs HF transformers on a tiny random f32 checkpoint, and on trained ones (a few
 optax steps on the stdlib corpus, exported by `save_hf_checkpoint`): logits and greedy tokens.
-The DeepSeek families run twice: their tiny default (q LoRA, interleaved RoPE) and a variant
-(a plain q projection; V3 also the rotate-half RoPE layout)."""
+The DeepSeek families run three times: their tiny default (q LoRA, interleaved RoPE), a variant
+(a plain q projection; V3 also the rotate-half RoPE layout) and with YaRN RoPE."""
 
 import jax
 import jax.numpy as jnp
@@ -25,10 +25,16 @@ LOGITS_ATOL = 1e-4
 # layers and a shared expert; full q/k norm and clip). Greedy decoding of a model trained
 # for seconds emits spaces (the most frequent byte), so greedy parity runs on random ones.
 RANDOM = [*((f, "random") for f in FAMILIES + LATENT_FAMILIES),
-          *((f, "variant") for f in LATENT_FAMILIES)]
+          *((f, kind) for f in LATENT_FAMILIES for kind in ("variant", "yarn"))]
 CHECKPOINTS = [*RANDOM, ("qwen2_moe", "trained"), ("olmoe", "trained")]
 VARIANTS = {"deepseek_v2": {"q_lora_rank": None},
             "deepseek_v3": {"q_lora_rank": None, "rope_interleave": False}}
+# YaRN over the tiny models' rotary dim 8: factor 4 from 256 to their 1024 positions, the ramp
+# over frequencies 0-2, cos/sin x 1.025 (mscale 1 over mscale_all_dim 0.8), softmax scale
+# x 1.23 (mscale_all_dim's mscale squared).
+YARN = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                            "original_max_position_embeddings": 256, "mscale": 1.0,
+                            "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1}}
 PROMPTS = ([5, 17, 300, 42, 7, 99, 256, 3, 11], [12, 400, 8], [61, 62, 63, 64, 65, 66])
 # A trained byte-level model continues text (random ids would make it emit spaces).
 TEXT_PROMPTS = ("def __init__(self, ", "Return the", "import os\n")
@@ -51,9 +57,9 @@ def _left_padded(prompts):
 def _checkpoint(request, family, kind):
   """(checkpoint directory, prompts) of a random, random variant or trained checkpoint of
   `family`."""
-  if kind in ("random", "variant"):
-    overrides = VARIANTS[family] if kind == "variant" else {}
-    return request.getfixturevalue("tiny_checkpoint")(family, **overrides), PROMPTS
+  overrides = {"random": {}, "variant": VARIANTS.get(family), "yarn": {"hf_fields": YARN}}
+  if kind in overrides:
+    return request.getfixturevalue("tiny_checkpoint")(family, **overrides[kind]), PROMPTS
   path = request.getfixturevalue("trained_checkpoint")(family)
   return path, tuple(load_tokenizer(path).encode(t).ids for t in TEXT_PROMPTS)
 
