@@ -170,6 +170,8 @@ def route_logits(logits_TE: jax.Array, cfg: ModelConfig, bias_E: jax.Array | Non
   the weights the chosen experts' unbiased scores.
   """
   if cfg.topk_method == "noaux_tc":
+    if bias_E is None:
+      raise ValueError("noaux_tc routing chooses by score + the correction bias: give bias_E")
     scores_TE = jax.nn.sigmoid(logits_TE)
     choice_TE = _limit_groups(scores_TE + bias_E.astype(jnp.float32), cfg, -jnp.inf)
     ids_TK = jax.lax.top_k(choice_TE, cfg.top_k)[1]

@@ -170,6 +170,24 @@ def _zero_layers(num_layers: int, stores: int, shape: tuple[int, ...], dtype):
   return tuple(tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)) for _ in range(stores))
 
 
+def write_and_attend_layer(cache: KVCache, layer: int, p: dict, q_TNH: jax.Array,
+                           k_TKH: jax.Array, v_TKH: jax.Array | None, positions_BT: jax.Array,
+                           *, cfg: ModelConfig, absorbed: bool | None = None
+                           ) -> tuple[jax.Array, KVCache]:
+  """Layer `layer`'s write and attention on the reference cache in either layout: K and V
+  (`stages.write_and_attend_contiguous`) or latent rows (`stages.write_and_attend_latent`, in
+  the absorbed form for one token per row unless `absorbed` says). Returns (out_TNH, cache)."""
+  k_LBKCH, v_LBKCH = list(cache.k_LBKCH), list(cache.v_LBKCH)
+  if cfg.mla:
+    o_TNH, k_LBKCH[layer] = stages.write_and_attend_latent(
+        k_LBKCH[layer], q_TNH, k_TKH, p["attn"]["w_kv_b_ANH"], positions_BT, cfg=cfg,
+        absorbed=positions_BT.shape[1] == 1 if absorbed is None else absorbed)
+  else:
+    o_TNH, k_LBKCH[layer], v_LBKCH[layer] = stages.write_and_attend_contiguous(
+        k_LBKCH[layer], v_LBKCH[layer], q_TNH, k_TKH, v_TKH, positions_BT)
+  return o_TNH, KVCache(tuple(k_LBKCH), tuple(v_LBKCH))
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "moe_impl", "absorbed"),
                    donate_argnames=("cache",))
 def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache,
@@ -198,20 +216,13 @@ def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array, cache: 
   b, t = tokens_BT.shape
   positions_T = positions_BT.reshape(-1)
   x_TD, valid_T = stages.embed(params["embed_VD"], tokens_BT.reshape(-1), positions_T)
-  k_LBKCH, v_LBKCH = list(cache.k_LBKCH), list(cache.v_LBKCH)
   for i in range(cfg.num_layers):
     p = params["layers"][i]
     q_TNH, k_TKH, v_TKH = stages.attention_inputs(p, x_TD, positions_T, cfg=cfg)
-    if cfg.mla:
-      o_TNH, k_LBKCH[i] = stages.write_and_attend_latent(
-          k_LBKCH[i], q_TNH, k_TKH, p["attn"]["w_kv_b_ANH"], positions_BT, cfg=cfg,
-          absorbed=t == 1 if absorbed is None else absorbed)
-    else:
-      o_TNH, k_LBKCH[i], v_LBKCH[i] = stages.write_and_attend_contiguous(
-          k_LBKCH[i], v_LBKCH[i], q_TNH, k_TKH, v_TKH, positions_BT)
+    o_TNH, cache = write_and_attend_layer(cache, i, p, q_TNH, k_TKH, v_TKH, positions_BT,
+                                          cfg=cfg, absorbed=absorbed)
     x_TD = stages.finish_layer(p, x_TD, [o_TNH], None, valid_T, cfg=cfg,
                                moe=cfg.moe_layers[i], impl=moe_impl)
-  cache = KVCache(tuple(k_LBKCH), tuple(v_LBKCH))
   if last_B is not None:
     return stages.head(params, x_TD, jnp.arange(b) * t + last_B, cfg=cfg), cache
   return stages.head(params, x_TD, None, cfg=cfg).reshape(b, t, -1), cache
