@@ -12,7 +12,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 # Families served end to end (reference forward, paged KV pool, engine).
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
@@ -28,7 +28,7 @@ QKNorm = Literal["none", "per_head", "full"]
 # score + correction bias inside the groups with the highest sum of their top-2 biased scores,
 # weighted by the unbiased scores.
 TopkMethod = Literal["greedy", "group_limited_greedy", "noaux_tc"]
-TOPK_METHODS = ("greedy", "group_limited_greedy", "noaux_tc")
+TOPK_METHODS = get_args(TopkMethod)
 # The RMSNorms of DeepSeek's latent projections (q_a_layernorm, kv_a_layernorm) are built
 # without the config's rms_norm_eps: HF uses their default epsilon.
 LATENT_NORM_EPS = 1e-6
