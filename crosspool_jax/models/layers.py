@@ -228,10 +228,11 @@ def add_shared_expert(p: Params, x_TD: jax.Array, y_TD: jax.Array, cfg: ModelCon
   gate where it has none), else y."""
   if not cfg.d_ff_shared:
     return y_TD
+  if cfg.shared_gate:
+    gate_T1 = jax.nn.sigmoid((x_TD @ p["shared_gate_D1"]).astype(jnp.float32))
   shared_TD = swiglu(x_TD, p["shared_w_gate_DF"], p["shared_w_up_DF"], p["shared_w_down_FD"])
   if not cfg.shared_gate:
     return y_TD + shared_TD.astype(y_TD.dtype)
-  gate_T1 = jax.nn.sigmoid((x_TD @ p["shared_gate_D1"]).astype(jnp.float32))
   return y_TD + (gate_T1 * shared_TD).astype(y_TD.dtype)
 
 

@@ -264,16 +264,15 @@ def train_layer(p: layers.Params, x_TD: jax.Array, positions_BT: jax.Array, *,
   """
   bt = positions_BT.shape
   q_TNH, k_TKH, v_TKH = attention_inputs(p, x_TD, positions_BT.reshape(-1), cfg=cfg)
-  q_BTNH = q_TNH.reshape(*bt, *q_TNH.shape[1:])
   # the sequence is its own cache: keys and values (or latent rows) as [B, K, C = T', H]
+  kv_BKCH = [a.reshape(*bt, *a.shape[1:]).transpose(0, 2, 1, 3)
+             for a in (k_TKH, v_TKH) if a is not None]
+  q_BTNH = q_TNH.reshape(*bt, *q_TNH.shape[1:])
   if cfg.mla:
-    cache_BKCH = k_TKH.reshape(*bt, *k_TKH.shape[1:]).transpose(0, 2, 1, 3)
-    o_BTNH = layers.attend_latent(q_BTNH, cache_BKCH, p["attn"]["w_kv_b_ANH"], positions_BT,
-                                  cfg, absorbed=False)
+    o_BTNH = layers.attend_latent(q_BTNH, *kv_BKCH, p["attn"]["w_kv_b_ANH"], positions_BT, cfg,
+                                  absorbed=False)
   else:
-    k_BKCH, v_BKCH = (a.reshape(*bt, *a.shape[1:]).transpose(0, 2, 1, 3)
-                      for a in (k_TKH, v_TKH))
-    o_BTNH = layers.attend_contiguous(q_BTNH, k_BKCH, v_BKCH, positions_BT)
+    o_BTNH = layers.attend_contiguous(q_BTNH, *kv_BKCH, positions_BT)
   out = post_attention(p, x_TD, [o_BTNH.reshape(*q_TNH.shape[:-1], -1)], None, cfg=cfg,
                        moe=moe)
   if not moe:
