@@ -40,7 +40,7 @@ def tiny_checkpoint(tmp_path_factory):
   made: dict[tuple, str] = {}
 
   def get(family: str, num_shards: int = 1, **overrides) -> str:
-    key = (family, num_shards, tuple(sorted(overrides.items())))
+    key = (family, num_shards, repr(sorted(overrides.items())))
     if key not in made:
       out = tmp_path_factory.mktemp(f"ckpt_{family}")
       made[key] = make_tiny_checkpoint(family, str(out), num_shards=num_shards, **overrides)

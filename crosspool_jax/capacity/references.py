@@ -2,10 +2,10 @@
 
 Only the values a `ModelConfig` needs, copied from each model's published config.json; the
 capacity analysis counts bytes from them and the simulator costs steps from them
-(`fleet.<id>.reference` in an experiment config). DeepSeek-V2-Lite is not here: its attention
-is MLA (a compressed latent KV, `kv_lora_rank`, and a decoupled RoPE key), which `ModelConfig`
-and the paged KV layout (K and V of `num_kv_heads` heads per token) do not express, and its
-`model_type` (deepseek_v2) is not a supported family.
+(`fleet.<id>.reference` in an experiment config). DeepSeek-V2-Lite is not here: `ModelConfig`
+parses it (latent attention, `LATENT_FAMILIES`), but the paged KV layout (K and V of
+`num_kv_heads` heads per token) does not hold its latent rows yet, so the policies refuse it
+(`check_paged_kv`).
 """
 
 from __future__ import annotations

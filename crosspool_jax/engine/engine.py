@@ -26,7 +26,7 @@ from crosspool_jax.engine.policies import Runtime, get_policy
 from crosspool_jax.engine.request import Request, Status
 from crosspool_jax.engine.scheduler import Scheduler
 from crosspool_jax.models.checkpoint import load_checkpoint
-from crosspool_jax.models.config import ModelConfig
+from crosspool_jax.models.config import ModelConfig, check_paged_kv
 from crosspool_jax.models.sampling import SamplingParams
 from crosspool_jax.pools.kv_pool import KVModelSpec, KVPool
 from crosspool_jax.pools.weights_buffers import DeviceWeightsPool
@@ -212,6 +212,7 @@ class Engine:
       cfg, params = load_checkpoint(checkpoint, dtype=dtype)
     if cfg is None:
       raise ValueError("params need their cfg")
+    check_paged_kv(cfg)
     if not 0 <= group < len(self.config.devices):
       raise ValueError(f"group {group} is not one of the {len(self.config.devices)} KV groups")
     max_context = min(max_context or cfg.max_context, cfg.max_context)

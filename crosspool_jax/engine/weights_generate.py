@@ -24,7 +24,7 @@ import numpy as np
 from crosspool_jax.models import stages
 from crosspool_jax.models.config import ModelConfig
 from crosspool_jax.models.decode import prepare_prompts, truncate_at_stop
-from crosspool_jax.models.model import KVCache
+from crosspool_jax.models.model import KVCache, write_and_attend_layer
 from crosspool_jax.models.sampling import SamplingParams, sample, stack_params
 from crosspool_jax.pools.expert_trace import TraceEvent
 from crosspool_jax.pools.weights_buffers import DeviceWeightsPool
@@ -48,10 +48,8 @@ def _attention_part(p, p_next, x_TD, positions_BT, cache: KVCache, *, cfg: Model
     cache).
   """
   q_TNH, k_TKH, v_TKH = stages.attention_inputs(p, x_TD, positions_BT.reshape(-1), cfg=cfg)
-  k_LBKCH, v_LBKCH = list(cache.k_LBKCH), list(cache.v_LBKCH)
-  o_TNH, k_LBKCH[layer], v_LBKCH[layer] = stages.write_and_attend_contiguous(
-      k_LBKCH[layer], v_LBKCH[layer], q_TNH, k_TKH, v_TKH, positions_BT)
-  cache = KVCache(tuple(k_LBKCH), tuple(v_LBKCH))
+  o_TNH, cache = write_and_attend_layer(cache, layer, p, q_TNH, k_TKH, v_TKH, positions_BT,
+                                        cfg=cfg)
   out = stages.post_attention(p, x_TD, [o_TNH], None, cfg=cfg, moe=cfg.moe_layers[layer])
   if not cfg.moe_layers[layer]:
     return out[0], cache

@@ -21,7 +21,7 @@ import ml_dtypes
 import numpy as np
 import safetensors.numpy
 
-from crosspool_jax.models.config import ModelConfig, load_hf_config, to_hf_config
+from crosspool_jax.models.config import LATENT_FAMILIES, ModelConfig, load_hf_config, to_hf_config
 
 _DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
@@ -146,10 +146,13 @@ def _entries(cfg: ModelConfig) -> Iterator[_Entry]:
     at = pre + "self_attn."
     yield (i, "attn_norm_D"), (pre + "input_layernorm.weight",), "same", (d,), (d,)
     yield (i, "ffn_norm_D"), (pre + "post_attention_layernorm.weight",), "same", (d,), (d,)
-    yield (i, "attn", "w_q_DNH"), (at + "q_proj.weight",), "t", (n * h, d), (d, n, h)
-    yield (i, "attn", "w_k_DKH"), (at + "k_proj.weight",), "t", (k * h, d), (d, k, h)
-    yield (i, "attn", "w_v_DKH"), (at + "v_proj.weight",), "t", (k * h, d), (d, k, h)
-    yield (i, "attn", "w_o_NHD"), (at + "o_proj.weight",), "t", (d, n * h), (n, h, d)
+    if cfg.mla:
+      yield from _latent_attention_entries(cfg, i, at)
+    else:
+      yield (i, "attn", "w_q_DNH"), (at + "q_proj.weight",), "t", (n * h, d), (d, n, h)
+      yield (i, "attn", "w_k_DKH"), (at + "k_proj.weight",), "t", (k * h, d), (d, k, h)
+      yield (i, "attn", "w_v_DKH"), (at + "v_proj.weight",), "t", (k * h, d), (d, k, h)
+      yield (i, "attn", "w_o_NHD"), (at + "o_proj.weight",), "t", (d, n * h), (n, h, d)
     if cfg.qkv_bias:
       yield (i, "attn", "b_q_NH"), (at + "q_proj.bias",), "same", (n * h,), (n, h)
       yield (i, "attn", "b_k_KH"), (at + "k_proj.bias",), "same", (k * h,), (k, h)
@@ -168,17 +171,39 @@ def _entries(cfg: ModelConfig) -> Iterator[_Entry]:
     moe = f"{pre}{moe_prefix}."
     f, e = cfg.d_ff_expert, cfg.num_experts
     yield (i, "ffn", "w_router_DE"), (moe + "gate.weight",), "t", (e, d), (d, e)
+    if cfg.topk_method == "noaux_tc":
+      yield (i, "ffn", "router_bias_E"), (moe + "gate.e_score_correction_bias",), "same", (e,), (
+          e,)
     for ours, theirs, shape in (("w_gate_EDF", names[0], (f, d)), ("w_up_EDF", names[1], (f, d)),
                                 ("w_down_EFD", names[2], (d, f))):
       keys = tuple(f"{moe}experts.{j}.{theirs}.weight" for j in range(e))
       yield (i, "ffn", ours), keys, "stack_t", shape, (e, *shape[::-1])
     if cfg.d_ff_shared:
-      fs, sh = cfg.d_ff_shared, moe + "shared_expert."
+      fs = cfg.d_ff_shared
+      sh = moe + ("shared_experts." if cfg.family in LATENT_FAMILIES else "shared_expert.")
       yield (i, "ffn", "shared_w_gate_DF"), (sh + "gate_proj.weight",), "t", (fs, d), (d, fs)
       yield (i, "ffn", "shared_w_up_DF"), (sh + "up_proj.weight",), "t", (fs, d), (d, fs)
       yield (i, "ffn", "shared_w_down_FD"), (sh + "down_proj.weight",), "t", (d, fs), (fs, d)
-      yield (i, "ffn", "shared_gate_D1"), (moe + "shared_expert_gate.weight",), "t", (1, d), (
-          d, 1)
+      if cfg.shared_gate:
+        yield (i, "ffn", "shared_gate_D1"), (moe + "shared_expert_gate.weight",), "t", (1, d), (
+            d, 1)
+
+
+def _latent_attention_entries(cfg: ModelConfig, i: int, at: str) -> Iterator[_Entry]:
+  """The latent-attention params of layer `i` (DeepSeek's names, prefix `at`)."""
+  d, n, a, row = cfg.d_model, cfg.num_heads, cfg.kv_lora_rank, cfg.head_dim
+  qk, kv_b, v = cfg.qk_head_dim, cfg.qk_nope_head_dim + cfg.v_head_dim, cfg.v_head_dim
+  if cfg.q_lora_rank is None:
+    yield (i, "attn", "w_q_DNH"), (at + "q_proj.weight",), "t", (n * qk, d), (d, n, qk)
+  else:
+    r = cfg.q_lora_rank
+    yield (i, "attn", "w_q_a_DA"), (at + "q_a_proj.weight",), "t", (r, d), (d, r)
+    yield (i, "attn", "q_a_norm_A"), (at + "q_a_layernorm.weight",), "same", (r,), (r,)
+    yield (i, "attn", "w_q_b_ANH"), (at + "q_b_proj.weight",), "t", (n * qk, r), (r, n, qk)
+  yield (i, "attn", "w_kv_a_DH"), (at + "kv_a_proj_with_mqa.weight",), "t", (row, d), (d, row)
+  yield (i, "attn", "kv_a_norm_A"), (at + "kv_a_layernorm.weight",), "same", (a,), (a,)
+  yield (i, "attn", "w_kv_b_ANH"), (at + "kv_b_proj.weight",), "t", (n * kv_b, a), (a, n, kv_b)
+  yield (i, "attn", "w_o_NHD"), (at + "o_proj.weight",), "t", (d, n * v), (n, v, d)
 
 
 def _to_ours(layout: str, arrays: list[np.ndarray], ours: tuple[int, ...]) -> np.ndarray:
@@ -247,9 +272,13 @@ def load_hf_checkpoint(checkpoint_dir: str, *, dtype=jnp.float32,
       arrays.append(a)
       used.add(key)
     _set(params, path, jnp.asarray(_to_ours(layout, arrays, ours), dtype=dtype))
+  # DeepSeek-V3 checkpoints carry their multi-token-prediction layer after the last one (HF
+  # ignores it too).
+  mtp = f"model.layers.{cfg.num_layers}." if cfg.family == "deepseek_v3" else None
   unexpected = sorted(k for k in reader.keys() - used
                       if not k.endswith(_IGNORED_SUFFIXES)
-                      and not (cfg.tie_embeddings and k == "lm_head.weight"))
+                      and not (cfg.tie_embeddings and k == "lm_head.weight")
+                      and not (mtp and k.startswith(mtp)))
   if unexpected:
     more = f" (and {len(unexpected) - 5} more)" if len(unexpected) > 5 else ""
     raise CheckpointError(f"unexpected tensor(s) in {checkpoint_dir} that this "

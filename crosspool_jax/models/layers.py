@@ -11,7 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from crosspool_jax.models.config import ModelConfig
+from crosspool_jax.models.config import LATENT_NORM_EPS, ModelConfig
 
 Params = dict
 
@@ -23,14 +23,34 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
   return w * x32.astype(x.dtype)
 
 
-def rope(x_TXH: jax.Array, positions_T: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding (rotate-half layout) of x [..., T, heads, H] at integer positions [..., T]."""
+def rope(x_TXH: jax.Array, positions_T: jax.Array, theta: float, *,
+         interleave: bool = False,
+         yarn: tuple[float, float, float, float] | None = None) -> jax.Array:
+  """Rotary embedding of x [..., T, heads, H] at integer positions [..., T].
+
+  Frequency i rotates the pair (x[i], x[i + H/2]) (rotate-half layout), or with `interleave`
+  the pair (x[2i], x[2i + 1]) (DeepSeek), each rotated pair left where it was. `yarn`: YaRN's
+  frequencies and cos/sin factor (`ModelConfig.rope_yarn`).
+  """
   h = x_TXH.shape[-1]
   inv_freq_H2 = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  if yarn is not None:
+    factor, low, high, attention_factor = yarn
+    ramp_H2 = jnp.clip((jnp.arange(h // 2, dtype=jnp.float32) - low)
+                       / (high - low if high != low else 0.001), 0, 1)
+    inv_freq_H2 = inv_freq_H2 / factor * ramp_H2 + inv_freq_H2 * (1 - ramp_H2)
   angles_TH2 = positions_T.astype(jnp.float32)[..., None] * inv_freq_H2
+  x32 = x_TXH.astype(jnp.float32)
+  if yarn is not None:
+    x32 = x32 * attention_factor
+  if interleave:
+    cos, sin = jnp.cos(angles_TH2)[..., None, :], jnp.sin(angles_TH2)[..., None, :]
+    pairs = x32.reshape(*x32.shape[:-1], h // 2, 2)
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    out = jnp.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.reshape(x_TXH.shape).astype(x_TXH.dtype)
   angles_TH = jnp.concatenate([angles_TH2, angles_TH2], axis=-1)[..., None, :]
   cos, sin = jnp.cos(angles_TH), jnp.sin(angles_TH)
-  x32 = x_TXH.astype(jnp.float32)
   x1, x2 = jnp.split(x32, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
   return (x32 * cos + rotated * sin).astype(x_TXH.dtype)
@@ -62,6 +82,57 @@ def attention_qkv(p: Params, x_TD: jax.Array, positions_T: jax.Array, cfg: Model
   return q_TNH, k_TKH, v_TKH
 
 
+def latent_qkv(p: Params, x_TD: jax.Array, positions_T: jax.Array, cfg: ModelConfig):
+  """Latent attention's inputs: the query [T, N, qk_nope + qk_rope] (its rope part rotated) and
+  the latent row a token caches, [T, 1, kv_lora_rank + qk_rope] as one KV head: the normed
+  compressed c_kv, then the rotated key shared by all heads.
+
+  Leading batch axes are allowed: x [..., T, D], positions [..., T].
+  """
+  if cfg.q_lora_rank is None:
+    q_TNH = jnp.einsum("...d,dnh->...nh", x_TD, p["w_q_DNH"])
+  else:
+    c_q_TA = rms_norm(x_TD @ p["w_q_a_DA"], p["q_a_norm_A"], LATENT_NORM_EPS)
+    q_TNH = jnp.einsum("...a,anh->...nh", c_q_TA, p["w_q_b_ANH"])
+  nope = cfg.qk_nope_head_dim
+  q_rope_TNH = rope(q_TNH[..., nope:], positions_T, cfg.rope_theta,
+                    interleave=cfg.rope_interleave, yarn=cfg.rope_yarn)
+  kv_TH = x_TD @ p["w_kv_a_DH"]
+  c_kv_TA = rms_norm(kv_TH[..., : cfg.kv_lora_rank], p["kv_a_norm_A"], LATENT_NORM_EPS)
+  k_rope_TKH = rope(kv_TH[..., None, cfg.kv_lora_rank:], positions_T, cfg.rope_theta,
+                    interleave=cfg.rope_interleave, yarn=cfg.rope_yarn)
+  q_TNH = jnp.concatenate([q_TNH[..., :nope], q_rope_TNH], axis=-1)
+  return q_TNH, jnp.concatenate([c_kv_TA[..., None, :], k_rope_TKH], axis=-1)
+
+
+def attend_latent(q_BTNH: jax.Array, cache_BKCH: jax.Array, w_kv_b_ANH: jax.Array,
+                  q_positions_BT: jax.Array, cfg: ModelConfig, *, absorbed: bool) -> jax.Array:
+  """Causal latent attention of queries [B, T, N, qk_nope + qk_rope] over a latent cache
+  [B, 1, C, kv_lora_rank + qk_rope]; returns the heads' values [B, T, N, v_head_dim].
+
+  Expanded form: each head's key (c_kv @ W_UK, then the shared rotary key) and value
+  (c_kv @ W_UV) over the cache, then attention as any family's. Absorbed form (decode): the
+  query's non-rotary part is taken into the latent space (q_nope @ W_UK^T), attention runs over
+  the cached rows as they lie (one KV head, the latent part as the value), and the result
+  leaves through W_UV; the same numbers to float rounding, without a per-head key or value.
+  `w_kv_b_ANH` is [kv_lora_rank, N, qk_nope + v_head_dim]: W_UK then W_UV.
+  """
+  nope, rank = cfg.qk_nope_head_dim, cfg.kv_lora_rank
+  w_uk_ANH, w_uv_ANH = w_kv_b_ANH[..., :nope], w_kv_b_ANH[..., nope:]
+  if absorbed:
+    q_lat_BTNA = jnp.einsum("btnh,anh->btna", q_BTNH[..., :nope], w_uk_ANH)
+    q_BTNH = jnp.concatenate([q_lat_BTNA, q_BTNH[..., nope:]], axis=-1)
+    o_BTNA = attend_contiguous(q_BTNH, cache_BKCH, cache_BKCH[..., :rank], q_positions_BT,
+                               scale=cfg.attn_scale)
+    return jnp.einsum("btna,anh->btnh", o_BTNA, w_uv_ANH)
+  c_BCA, k_rope_B1CH = cache_BKCH[:, 0, :, :rank], cache_BKCH[..., rank:]
+  k_nope_BNCH = jnp.einsum("bca,anh->bnch", c_BCA, w_uk_ANH)
+  v_BNCH = jnp.einsum("bca,anh->bnch", c_BCA, w_uv_ANH)
+  k_rope_BNCH = jnp.broadcast_to(k_rope_B1CH, (*k_nope_BNCH.shape[:-1], k_rope_B1CH.shape[-1]))
+  k_BNCH = jnp.concatenate([k_nope_BNCH, k_rope_BNCH], axis=-1)
+  return attend_contiguous(q_BTNH, k_BNCH, v_BNCH, q_positions_BT, scale=cfg.attn_scale)
+
+
 def attention_out(p: Params, o_TNH: jax.Array) -> jax.Array:
   """Output projection [..., T, N, H] -> [..., T, D]."""
   return jnp.einsum("...nh,nhd->...d", o_TNH, p["w_o_NHD"])
@@ -79,21 +150,61 @@ def router_logits(w_router_DE: jax.Array, x_TD: jax.Array) -> jax.Array:
   return (x_TD @ w_router_DE).astype(jnp.float32)
 
 
-def route(w_router_DE: jax.Array, x_TD: jax.Array, cfg: ModelConfig):
-  """Router: softmax over all experts (f32), top-k, optional renormalisation of the k weights.
+def route(p_ffn: Params, x_TD: jax.Array, cfg: ModelConfig):
+  """Router of a MoE layer's params (`cfg.topk_method`, f32 scores), top-k, optional
+  renormalisation of the k weights, routed scaling.
 
   Returns (topk_ids_TK int32, topk_weights_TK f32).
   """
-  return route_logits(router_logits(w_router_DE, x_TD), cfg)
+  return route_logits(router_logits(p_ffn["w_router_DE"], x_TD), cfg,
+                      p_ffn.get("router_bias_E"))
 
 
-def route_logits(logits_TE: jax.Array, cfg: ModelConfig):
-  """`route` from the router's logits: (topk_ids_TK int32, topk_weights_TK f32)."""
-  probs_TE = jax.nn.softmax(logits_TE, axis=-1)
-  weights_TK, ids_TK = jax.lax.top_k(probs_TE, cfg.top_k)
+def route_logits(logits_TE: jax.Array, cfg: ModelConfig, bias_E: jax.Array | None = None):
+  """`route` from the router's logits: (topk_ids_TK int32, topk_weights_TK f32).
+
+  greedy: the top-k softmax probabilities. group_limited_greedy: the top-k among the experts of
+  the `topk_group` groups with the highest best probability (the others scored 0). noaux_tc:
+  sigmoid scores; the choice by score + `bias_E` (the correction bias) among the experts of the
+  `topk_group` groups with the highest sum of their two best biased scores (the others -inf),
+  the weights the chosen experts' unbiased scores.
+  """
+  if cfg.topk_method == "noaux_tc":
+    if bias_E is None:
+      raise ValueError("noaux_tc routing chooses by score + the correction bias: give bias_E")
+    scores_TE = jax.nn.sigmoid(logits_TE)
+    choice_TE = _limit_groups(scores_TE + bias_E.astype(jnp.float32), cfg, -jnp.inf)
+    ids_TK = jax.lax.top_k(choice_TE, cfg.top_k)[1]
+    weights_TK = jnp.take_along_axis(scores_TE, ids_TK, axis=-1)
+  else:
+    scores_TE = jax.nn.softmax(logits_TE, axis=-1)
+    if cfg.topk_method == "group_limited_greedy":
+      scores_TE = _limit_groups(scores_TE, cfg, 0.0)
+    weights_TK, ids_TK = jax.lax.top_k(scores_TE, cfg.top_k)
   if cfg.norm_topk_prob:
-    weights_TK = weights_TK / jnp.sum(weights_TK, axis=-1, keepdims=True)
+    denominator_TK = jnp.sum(weights_TK, axis=-1, keepdims=True)
+    if cfg.topk_method == "noaux_tc":
+      denominator_TK = denominator_TK + 1e-20
+    weights_TK = weights_TK / denominator_TK
+  if cfg.routed_scaling_factor != 1.0:
+    weights_TK = weights_TK * cfg.routed_scaling_factor
   return ids_TK.astype(jnp.int32), weights_TK
+
+
+def _limit_groups(scores_TE: jax.Array, cfg: ModelConfig, fill: float) -> jax.Array:
+  """`scores_TE` with the experts outside each token's `topk_group` best groups set to `fill`.
+
+  A group's score is its best expert's (group_limited_greedy) or the sum of its best two
+  (noaux_tc).
+  """
+  grouped_TGE = scores_TE.reshape(*scores_TE.shape[:-1], cfg.n_group, -1)
+  if cfg.topk_method == "noaux_tc":
+    group_TG = jnp.sum(jax.lax.top_k(grouped_TGE, 2)[0], axis=-1)
+  else:
+    group_TG = jnp.max(grouped_TGE, axis=-1)
+  groups_TK = jax.lax.top_k(group_TG, cfg.topk_group)[1]
+  keep_TG = jnp.any(groups_TK[..., None] == jnp.arange(cfg.n_group), axis=-2)
+  return jnp.where(keep_TG[..., None], grouped_TGE, fill).reshape(scores_TE.shape)
 
 
 def dense_experts(h_TD: jax.Array, ids_TK: jax.Array, weights_TK: jax.Array,
@@ -113,35 +224,42 @@ def dense_experts(h_TD: jax.Array, ids_TK: jax.Array, weights_TK: jax.Array,
 
 
 def add_shared_expert(p: Params, x_TD: jax.Array, y_TD: jax.Array, cfg: ModelConfig):
-  """y + sigmoid(x @ gate) * SwiGLU_shared(x) if the family has a shared expert, else y."""
+  """y + sigmoid(x @ gate) * SwiGLU_shared(x) if the family has a shared expert (without the
+  gate where it has none), else y."""
   if not cfg.d_ff_shared:
     return y_TD
-  gate_T1 = jax.nn.sigmoid((x_TD @ p["shared_gate_D1"]).astype(jnp.float32))
+  if cfg.shared_gate:
+    gate_T1 = jax.nn.sigmoid((x_TD @ p["shared_gate_D1"]).astype(jnp.float32))
   shared_TD = swiglu(x_TD, p["shared_w_gate_DF"], p["shared_w_up_DF"], p["shared_w_down_FD"])
+  if not cfg.shared_gate:
+    return y_TD + shared_TD.astype(y_TD.dtype)
   return y_TD + (gate_T1 * shared_TD).astype(y_TD.dtype)
 
 
 def attend_contiguous(q_BTNH: jax.Array, k_BKCH: jax.Array, v_BKCH: jax.Array,
-                      q_positions_BT: jax.Array) -> jax.Array:
+                      q_positions_BT: jax.Array, *, scale: float | None = None) -> jax.Array:
   """Causal GQA attention of queries at `q_positions` over a contiguous cache.
 
   The cache is [B, K, C, H] (kv heads before positions) and both products are plain matmuls
   batched over (B, K) with the cache as their right operand as it lies: the G * T queries of a
   kv head are rows (a transposed copy of the small q and output, never of K or V). Query at
   position p sees cache positions j <= p (every such position was written by this sequence).
-  Softmax in f32. Queries with negative positions (padding) get finite garbage.
+  Softmax in f32, scores times `scale` (default 1 / sqrt(H)). The values' head dim may differ
+  from the keys' (latent attention). Queries with negative positions (padding) get finite
+  garbage.
   """
   b, t, n, h = q_BTNH.shape
-  kv, c = k_BKCH.shape[1], k_BKCH.shape[2]
+  kv, c, hv = k_BKCH.shape[1], k_BKCH.shape[2], v_BKCH.shape[3]
   g = n // kv
   q_BKQH = q_BTNH.reshape(b, t, kv, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, h)
   scores_BKGTC = jnp.einsum("bkqh,bkch->bkqc", q_BKQH, k_BKCH,
                             preferred_element_type=jnp.float32).reshape(b, kv, g, t, c)
   visible_BTC = jnp.arange(c)[None, None, :] <= q_positions_BT[:, :, None]
-  scores_BKGTC = jnp.where(visible_BTC[:, None, None], scores_BKGTC * (h ** -0.5), -1e30)
+  scale = h ** -0.5 if scale is None else scale
+  scores_BKGTC = jnp.where(visible_BTC[:, None, None], scores_BKGTC * scale, -1e30)
   probs_BKQC = jax.nn.softmax(scores_BKGTC, axis=-1).astype(v_BKCH.dtype).reshape(b, kv, g * t, c)
   o_BKQH = jnp.einsum("bkqc,bkch->bkqh", probs_BKQC, v_BKCH)
-  return o_BKQH.reshape(b, kv, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+  return o_BKQH.reshape(b, kv, g, t, hv).transpose(0, 3, 1, 2, 4).reshape(b, t, n, hv)
 
 
 def lm_head(params: Params, x_TD: jax.Array, cfg: ModelConfig) -> jax.Array:

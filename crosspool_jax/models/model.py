@@ -41,6 +41,9 @@ class Attention(nnx.Module):
   """GQA attention projections (+ optional q/k bias, q/k RMSNorm)."""
 
   def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    if cfg.mla:
+      self._init_latent(cfg, dtype, rngs)
+      return
     d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.w_q_DNH = _param(rngs, (d, n, h), dtype)
     self.w_k_DKH = _param(rngs, (d, k, h), dtype)
@@ -55,13 +58,32 @@ class Attention(nnx.Module):
     elif cfg.qk_norm == "full":
       self.q_norm, self.k_norm = _ones((n * h,), dtype), _ones((k * h,), dtype)
 
+  def _init_latent(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    """Latent attention: the query (one projection, or q LoRA: down, RMSNorm, up), the latent
+    row's projection (c_kv, then the shared rotary key), its RMSNorm, the up-projection of c_kv
+    to each head's key (no rope part) and value, the output projection."""
+    d, n, a = cfg.d_model, cfg.num_heads, cfg.kv_lora_rank
+    if cfg.q_lora_rank is None:
+      self.w_q_DNH = _param(rngs, (d, n, cfg.qk_head_dim), dtype)
+    else:
+      self.w_q_a_DA = _param(rngs, (d, cfg.q_lora_rank), dtype)
+      self.q_a_norm_A = _ones((cfg.q_lora_rank,), dtype)
+      self.w_q_b_ANH = _param(rngs, (cfg.q_lora_rank, n, cfg.qk_head_dim), dtype)
+    self.w_kv_a_DH = _param(rngs, (d, cfg.head_dim), dtype)
+    self.kv_a_norm_A = _ones((a,), dtype)
+    self.w_kv_b_ANH = _param(rngs, (a, n, cfg.qk_nope_head_dim + cfg.v_head_dim), dtype)
+    self.w_o_NHD = _param(rngs, (n, cfg.v_head_dim, d), dtype)
+
 
 class MoE(nnx.Module):
-  """Router, routed SwiGLU experts [E, ...], optional sigmoid-gated shared expert."""
+  """Router (+ the correction bias of noaux_tc routing), routed SwiGLU experts [E, ...],
+  optional shared expert (sigmoid-gated or not)."""
 
   def __init__(self, cfg: ModelConfig, *, dtype, rngs: nnx.Rngs):
     d, e, f = cfg.d_model, cfg.num_experts, cfg.d_ff_expert
     self.w_router_DE = _param(rngs, (d, e), dtype)
+    if cfg.topk_method == "noaux_tc":
+      self.router_bias_E = _param(rngs, (e,), dtype)
     self.w_gate_EDF = _param(rngs, (e, d, f), dtype)
     self.w_up_EDF = _param(rngs, (e, d, f), dtype)
     self.w_down_EFD = _param(rngs, (e, f, d), dtype)
@@ -70,7 +92,8 @@ class MoE(nnx.Module):
       self.shared_w_gate_DF = _param(rngs, (d, fs), dtype)
       self.shared_w_up_DF = _param(rngs, (d, fs), dtype)
       self.shared_w_down_FD = _param(rngs, (fs, d), dtype)
-      self.shared_gate_D1 = _param(rngs, (d, 1), dtype)
+      if cfg.shared_gate:
+        self.shared_gate_D1 = _param(rngs, (d, 1), dtype)
 
 
 class DenseMLP(nnx.Module):
@@ -125,33 +148,58 @@ class KVCache:
 
   One array per layer, not a stacked [L, ...] one: a layer's slice of a stacked cache is a
   copy on XLA:CPU, every layer of every step. Kv heads come before positions, so attention
-  reads a layer's cache as it lies (`layers.attend_contiguous`).
+  reads a layer's cache as it lies (`layers.attend_contiguous`). With latent attention a layer
+  caches one row per token as its one KV head, [B, 1, C, kv_lora_rank + qk_rope_head_dim] (the
+  normed latent c_kv, then the rotated shared key) in `k_LBKCH`, and `v_LBKCH` is empty.
   """
 
   k_LBKCH: tuple[jax.Array, ...]  # per layer [batch, kv_heads, max_len, head_dim]
-  v_LBKCH: tuple[jax.Array, ...]  # per layer [batch, kv_heads, max_len, head_dim]
+  v_LBKCH: tuple[jax.Array, ...]  # per layer [batch, kv_heads, max_len, head_dim]; () if MLA
 
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
     shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-    return cls(*_zero_layers(cfg.num_layers, shape, jnp.dtype(dtype)))
+    return cls(*_zero_layers(cfg.num_layers, 1 if cfg.mla else 2, shape, jnp.dtype(dtype)),
+               *(((),) if cfg.mla else ()))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1, 2))
-def _zero_layers(num_layers: int, shape: tuple[int, ...], dtype):
-  """K and V zeros of `num_layers` layers, in one dispatch."""
-  return tuple(tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)) for _ in range(2))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3))
+def _zero_layers(num_layers: int, stores: int, shape: tuple[int, ...], dtype):
+  """Zeros of `num_layers` layers for each of `stores` stores (K and V, or latent rows), in
+  one dispatch."""
+  return tuple(tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)) for _ in range(stores))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "moe_impl"), donate_argnames=("cache",))
+def write_and_attend_layer(cache: KVCache, layer: int, p: dict, q_TNH: jax.Array,
+                           k_TKH: jax.Array, v_TKH: jax.Array | None, positions_BT: jax.Array,
+                           *, cfg: ModelConfig, absorbed: bool | None = None
+                           ) -> tuple[jax.Array, KVCache]:
+  """Layer `layer`'s write and attention on the reference cache in either layout: K and V
+  (`stages.write_and_attend_contiguous`) or latent rows (`stages.write_and_attend_latent`, in
+  the absorbed form for one token per row unless `absorbed` says). Returns (out_TNH, cache)."""
+  k_LBKCH, v_LBKCH = list(cache.k_LBKCH), list(cache.v_LBKCH)
+  if cfg.mla:
+    o_TNH, k_LBKCH[layer] = stages.write_and_attend_latent(
+        k_LBKCH[layer], q_TNH, k_TKH, p["attn"]["w_kv_b_ANH"], positions_BT, cfg=cfg,
+        absorbed=positions_BT.shape[1] == 1 if absorbed is None else absorbed)
+  else:
+    o_TNH, k_LBKCH[layer], v_LBKCH[layer] = stages.write_and_attend_contiguous(
+        k_LBKCH[layer], v_LBKCH[layer], q_TNH, k_TKH, v_TKH, positions_BT)
+  return o_TNH, KVCache(tuple(k_LBKCH), tuple(v_LBKCH))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "moe_impl", "absorbed"),
+                   donate_argnames=("cache",))
 def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array, cache: KVCache,
             last_B: jax.Array | None = None, *, cfg: ModelConfig,
-            moe_impl: str | None = None) -> tuple[jax.Array, KVCache]:
+            moe_impl: str | None = None, absorbed: bool | None = None
+            ) -> tuple[jax.Array, KVCache]:
   """Runs tokens through the model on a contiguous KV cache (the reference forward pass).
 
   Args:
     params: pure param dict (`init_params`, `load_hf_checkpoint`, `restore_params`).
-    tokens_BT: int32 token ids.
+    tokens_BT: int32 token ids. Latent attention runs in the absorbed form for one token per
+      row (decode) and in the expanded form for more (prefill), unless `absorbed` says.
     positions_BT: int32 position of each token in its sequence; -1 marks padding (its K/V is
       not written, its logits are garbage).
     cache: contiguous cache, donated and returned updated.
@@ -159,6 +207,8 @@ def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array, cache: 
       needs the last prompt token's logits, not the [B, T, V] of every token).
     cfg: model config (static).
     moe_impl: expert dispatch implementation.
+    absorbed: latent attention's form (None: by the tokens per row, above); ignored by the
+      other families.
 
   Returns:
     (logits_BTV f32, or logits_BV of the `last_B` tokens; updated cache).
@@ -166,15 +216,13 @@ def forward(params: dict, tokens_BT: jax.Array, positions_BT: jax.Array, cache: 
   b, t = tokens_BT.shape
   positions_T = positions_BT.reshape(-1)
   x_TD, valid_T = stages.embed(params["embed_VD"], tokens_BT.reshape(-1), positions_T)
-  k_LBKCH, v_LBKCH = list(cache.k_LBKCH), list(cache.v_LBKCH)
   for i in range(cfg.num_layers):
     p = params["layers"][i]
     q_TNH, k_TKH, v_TKH = stages.attention_inputs(p, x_TD, positions_T, cfg=cfg)
-    o_TNH, k_LBKCH[i], v_LBKCH[i] = stages.write_and_attend_contiguous(
-        k_LBKCH[i], v_LBKCH[i], q_TNH, k_TKH, v_TKH, positions_BT)
+    o_TNH, cache = write_and_attend_layer(cache, i, p, q_TNH, k_TKH, v_TKH, positions_BT,
+                                          cfg=cfg, absorbed=absorbed)
     x_TD = stages.finish_layer(p, x_TD, [o_TNH], None, valid_T, cfg=cfg,
                                moe=cfg.moe_layers[i], impl=moe_impl)
-  cache = KVCache(tuple(k_LBKCH), tuple(v_LBKCH))
   if last_B is not None:
     return stages.head(params, x_TD, jnp.arange(b) * t + last_B, cfg=cfg), cache
   return stages.head(params, x_TD, None, cfg=cfg).reshape(b, t, -1), cache

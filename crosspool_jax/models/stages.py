@@ -2,7 +2,8 @@
 
 A layer is `attention_inputs`, a KV write + attention over a store (`write_and_attend_paged`:
 one device's page pool, a partial with its LSE; `write_and_attend_contiguous`: the reference's
-contiguous cache), `post_attention` (LSE merge of several partials, output projection,
+contiguous cache; `write_and_attend_latent`: its latent cache, latent attention in the expanded
+or the absorbed form), `post_attention` (LSE merge of several partials, output projection,
 residual, FFN norm, then the router of a MoE layer or the whole dense MLP) and, for a MoE
 layer, `routed_experts` (through a slot table) and `combine`; `attention_side` is a layer up to
 its experts in one program (one device's pages); `finish_layer` is the tail with the layer's
@@ -23,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from crosspool_jax.models import layers
-from crosspool_jax.models.config import ModelConfig
+from crosspool_jax.models.config import ModelConfig, check_paged_kv
 from crosspool_jax.models.sampling import sample
 from pallas_kernels.expert_dispatch import expert_dispatch
 from pallas_kernels.kv_write import write_kv
@@ -42,7 +43,9 @@ def embed(embed_VD: jax.Array, tokens_T: jax.Array, positions_T: jax.Array):
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def attention_inputs(p: layers.Params, x_TD: jax.Array, positions_T: jax.Array, *,
                      cfg: ModelConfig):
-  """Attention norm and rotated q [T, N, H], k [T, K, H], v [T, K, H] of one layer.
+  """Attention norm and rotated q [T, N, H], k [T, K, H], v [T, K, H] of one layer; with latent
+  attention (q [T, N, qk_nope + qk_rope], the latent row [T, 1, kv_lora_rank + qk_rope] as k,
+  None as v: `layers.latent_qkv`).
 
   Args:
     p: the layer's params.
@@ -51,6 +54,8 @@ def attention_inputs(p: layers.Params, x_TD: jax.Array, positions_T: jax.Array, 
     cfg: model config.
   """
   h_TD = layers.rms_norm(x_TD, p["attn_norm_D"], cfg.rms_eps)
+  if cfg.mla:
+    return (*layers.latent_qkv(p["attn"], h_TD, positions_T, cfg), None)
   return layers.attention_qkv(p["attn"], h_TD, positions_T, cfg)
 
 
@@ -69,6 +74,7 @@ def write_and_attend_paged(pool_PE: jax.Array, q_TNH: jax.Array, k_TKH: jax.Arra
   Returns:
     (out_TNH in the pool dtype, lse_TN f32, updated pool).
   """
+  check_paged_kv(cfg)
   slots_T = jax.lax.dynamic_index_in_dim(batch.slot_mapping_LT, layer, keepdims=False)
   table_SP = jax.lax.dynamic_index_in_dim(batch.page_tables_LSP, layer, keepdims=False)
   dtype = pool_PE.dtype
@@ -100,6 +106,33 @@ def write_and_attend_contiguous(k_BKCH: jax.Array, v_BKCH: jax.Array, q_TNH: jax
   return o_BTNH.reshape(q_TNH.shape), k_BKCH, v_BKCH
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "absorbed"), donate_argnames=("cache_BKCH",))
+def write_and_attend_latent(cache_BKCH: jax.Array, q_TNH: jax.Array, latent_TKH: jax.Array,
+                            w_kv_b_ANH: jax.Array, positions_BT: jax.Array, *,
+                            cfg: ModelConfig, absorbed: bool):
+  """One layer's latent write and latent attention on its contiguous cache (the reference's
+  store of the latent-attention families): `write_and_attend_contiguous`'s counterpart.
+
+  Args:
+    cache_BKCH: the layer's latent cache [B, 1, C, kv_lora_rank + qk_rope] (donated, returned
+      updated).
+    q_TNH, latent_TKH: the layer's query and latent rows (`attention_inputs`), T = B x T'.
+    w_kv_b_ANH: the layer's up-projection of the latent to keys and values.
+    positions_BT: int32 [B, T'] positions; negative = padding (its row is not written).
+    cfg: model config.
+    absorbed: the absorbed form (decode) instead of the expanded one (`layers.attend_latent`).
+
+  Returns:
+    (out_TNH [T, N, v_head_dim], updated cache).
+  """
+  bt = positions_BT.shape
+  cache_BKCH = _write_cache(cache_BKCH, latent_TKH.reshape(*bt, *latent_TKH.shape[1:]),
+                            positions_BT)
+  o_BTNH = layers.attend_latent(q_TNH.reshape(*bt, *q_TNH.shape[1:]), cache_BKCH, w_kv_b_ANH,
+                                positions_BT, cfg, absorbed=absorbed)
+  return o_BTNH.reshape(*q_TNH.shape[:-1], -1), cache_BKCH
+
+
 def _write_cache(cache_BKCH, new_BTKH, positions_BT):
   """Writes one layer's new K or V at their positions; negative positions are dropped."""
   c = cache_BKCH.shape[2]
@@ -114,7 +147,7 @@ def _write_cache(cache_BKCH, new_BTKH, positions_BT):
 def ffn_route(p: layers.Params, x_TD: jax.Array, *, cfg: ModelConfig):
   """FFN norm and router of a MoE layer: (h_TD normed, ids_TK int32, weights_TK f32)."""
   h_TD = layers.rms_norm(x_TD, p["ffn_norm_D"], cfg.rms_eps)
-  return (h_TD, *layers.route(p["ffn"]["w_router_DE"], h_TD, cfg))
+  return (h_TD, *layers.route(p["ffn"], h_TD, cfg))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "moe"))
@@ -231,11 +264,17 @@ def train_layer(p: layers.Params, x_TD: jax.Array, positions_BT: jax.Array, *,
   """
   bt = positions_BT.shape
   q_TNH, k_TKH, v_TKH = attention_inputs(p, x_TD, positions_BT.reshape(-1), cfg=cfg)
-  # the sequence is its own cache: keys and values as [B, K, C = T', H]
-  k_BKCH, v_BKCH = (a.reshape(*bt, *a.shape[1:]).transpose(0, 2, 1, 3) for a in (k_TKH, v_TKH))
-  o_BTNH = layers.attend_contiguous(q_TNH.reshape(*bt, *q_TNH.shape[1:]), k_BKCH, v_BKCH,
-                                    positions_BT)
-  out = post_attention(p, x_TD, [o_BTNH.reshape(q_TNH.shape)], None, cfg=cfg, moe=moe)
+  # the sequence is its own cache: keys and values (or latent rows) as [B, K, C = T', H]
+  kv_BKCH = [a.reshape(*bt, *a.shape[1:]).transpose(0, 2, 1, 3)
+             for a in (k_TKH, v_TKH) if a is not None]
+  q_BTNH = q_TNH.reshape(*bt, *q_TNH.shape[1:])
+  if cfg.mla:
+    o_BTNH = layers.attend_latent(q_BTNH, *kv_BKCH, p["attn"]["w_kv_b_ANH"], positions_BT, cfg,
+                                  absorbed=False)
+  else:
+    o_BTNH = layers.attend_contiguous(q_BTNH, *kv_BKCH, positions_BT)
+  out = post_attention(p, x_TD, [o_BTNH.reshape(*q_TNH.shape[:-1], -1)], None, cfg=cfg,
+                       moe=moe)
   if not moe:
     return out[0], None
   x_TD, h_TD, ids_TK, weights_TK = out

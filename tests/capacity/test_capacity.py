@@ -10,8 +10,9 @@ import math
 import pytest
 
 from crosspool_jax.capacity import format_table, measure_capacity, reference_config
-from crosspool_jax.engine.policies.sizes import param_bytes, param_counts
-from crosspool_jax.models.config import FAMILIES, tiny_config
+from crosspool_jax.engine.policies.sizes import kv_bytes_per_token, param_bytes, param_counts
+from crosspool_jax.models.config import MODEL_FAMILIES, from_hf_config, tiny_config
+from tests.models.test_deepseek import DEEPSEEK_V2_LITE
 
 MIX = tiny_config("mixtral")
 W_TOTAL, W_NON_EXPERT, EXPERT = 759040, 365824, 24576
@@ -29,11 +30,12 @@ def _all_agree(res):
       assert rec["closed_form_agrees"], rec
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_param_counts_match_the_model(family):
+@pytest.mark.parametrize(("family", "overrides"), [
+    *((f, {}) for f in MODEL_FAMILIES), ("deepseek_v2", {"q_lora_rank": None})])
+def test_param_counts_match_the_model(family, overrides):
   from crosspool_jax.models.model import abstract_params
 
-  cfg = tiny_config(family)
+  cfg = tiny_config(family, **overrides)
   leaves = __import__("jax").tree_util.tree_leaves(abstract_params(cfg))
   assert param_counts(cfg)["total"] == sum(math.prod(x.shape) for x in leaves)
 
@@ -41,8 +43,18 @@ def test_param_counts_match_the_model(family):
 def test_param_bytes_of_public_configs():
   assert round(param_counts(reference_config("mixtral-8x7b"))["total"] / 1e9, 1) == 46.7
   assert round(param_counts(reference_config("qwen1.5-moe-a2.7b"))["total"] / 1e9, 1) == 14.3
+  # the model card: 15.7B parameters
+  assert round(param_counts(from_hf_config(DEEPSEEK_V2_LITE))["total"] / 1e9, 1) == 15.7
   b = param_bytes(MIX, "float32")
   assert (b["total"], b["non_expert"], b["routed_experts"]) == (W_TOTAL, W_NON_EXPERT, 16 * EXPERT)
+
+
+def test_kv_bytes_per_token_by_hand():
+  # K and V of 2 heads of 16 over 2 layers, f32
+  assert kv_bytes_per_token(MIX, "float32") == 2 * 2 * 2 * 16 * 4
+  # DeepSeek-V2-Lite caches one latent row per token and layer: kv_lora_rank 512 + the rotary
+  # key 64, over 27 layers, bf16
+  assert kv_bytes_per_token(from_hf_config(DEEPSEEK_V2_LITE), "bfloat16") == 27 * (512 + 64) * 2
 
 
 def test_two_models_two_devices_by_hand():

@@ -1,11 +1,13 @@
 """The engine against the reference generation: 4 models of 3 shapes, both KV policies,
-forced preemption, seeded sampling, cancellation, bad input, and a 1,000-request soak."""
+forced preemption, seeded sampling, cancellation, bad input, a 1,000-request soak, and a
+latent-attention model refused by name."""
 
 import numpy as np
 import pytest
 
 from crosspool_jax.engine import Engine, EngineConfig, Status
-from crosspool_jax.models.config import tiny_config
+from crosspool_jax.engine.policies import FleetModel
+from crosspool_jax.models.config import UnsupportedConfigError, tiny_config
 from crosspool_jax.models.decode import generate
 from crosspool_jax.models.model import init_params
 from crosspool_jax.models.sampling import SamplingParams
@@ -141,3 +143,15 @@ def test_soak_returns_every_page_and_never_recompiles(shared):
   summary = metrics["summary"]["per_model"]
   assert set(summary) == set(FAMILIES)
   assert all(s["ttft_s"]["p99"] is not None for s in summary.values())
+
+
+def test_latent_attention_model_is_refused_by_name():
+  cfg = tiny_config("deepseek_v2")
+  eng = Engine(EngineConfig(kv_policy="shared", page_elems=512, pages_per_device=8,
+                            token_budget=48, token_buckets=(16,), max_batch=4,
+                            attn_impl="reference", moe_impl="reference"))
+  message = "deepseek_v2: the paged KV pool does not support the latent"
+  with pytest.raises(UnsupportedConfigError, match=message):
+    eng.register_model("ds", cfg=cfg, params=init_params(cfg))
+  with pytest.raises(UnsupportedConfigError, match=message):
+    FleetModel(cfg, "float32", max_batch=1, max_context=64)

@@ -13,7 +13,7 @@ import safetensors.torch as safetensors_torch
 import torch
 
 from crosspool_jax.models.checkpoint import load_checkpoint, restore_params, save_params
-from crosspool_jax.models.config import UnsupportedConfigError, tiny_config
+from crosspool_jax.models.config import LATENT_FAMILIES, UnsupportedConfigError, tiny_config
 from crosspool_jax.models.hf_import import (
   CheckpointError,
   load_hf_checkpoint,
@@ -97,8 +97,8 @@ def test_missing_shard_is_named(tiny_checkpoint, tmp_path):
 
 def test_unsupported_model_type(qwen_copy):
   cfg = json.loads((qwen_copy / "config.json").read_text())
-  (qwen_copy / "config.json").write_text(json.dumps(cfg | {"model_type": "deepseek_v3"}))
-  with pytest.raises(UnsupportedConfigError, match="model_type 'deepseek_v3'"):
+  (qwen_copy / "config.json").write_text(json.dumps(cfg | {"model_type": "llama"}))
+  with pytest.raises(UnsupportedConfigError, match="model_type 'llama'"):
     load_hf_checkpoint(qwen_copy)
 
 
@@ -138,7 +138,7 @@ def test_orbax_refuses_to_overwrite(tiny_checkpoint, tmp_path):
   save_params(tmp_path / "o", cfg, params, overwrite=True)
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", FAMILIES + LATENT_FAMILIES)
 def test_hf_export_round_trip_is_bit_exact(family, tmp_path):
   cfg = tiny_config(family)
   params = init_params(cfg, seed=2)
@@ -148,8 +148,9 @@ def test_hf_export_round_trip_is_bit_exact(family, tmp_path):
   jax.tree.map(np.testing.assert_array_equal, params, params_back)
 
 
-def test_hf_export_writes_the_tensors_transformers_writes(tiny_checkpoint, tmp_path):
-  src = tiny_checkpoint("qwen2_moe")
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v3"])
+def test_hf_export_writes_the_tensors_transformers_writes(family, tiny_checkpoint, tmp_path):
+  src = tiny_checkpoint(family)
   cfg, params = load_hf_checkpoint(src)
   save_hf_checkpoint(tmp_path, cfg, params)
   theirs = safetensors_torch.load_file(os.path.join(src, "model.safetensors"))

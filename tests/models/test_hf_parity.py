@@ -1,5 +1,7 @@
 """Every family vs HF transformers on a tiny random f32 checkpoint, and on trained ones (a few
-optax steps on the stdlib corpus, exported by `save_hf_checkpoint`): logits and greedy tokens."""
+optax steps on the stdlib corpus, exported by `save_hf_checkpoint`): logits and greedy tokens.
+The DeepSeek families run three times: their tiny default (q LoRA, interleaved RoPE), a variant
+(a plain q projection; V3 also the rotate-half RoPE layout) and with YaRN RoPE."""
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +10,7 @@ import pytest
 import torch
 import transformers
 
+from crosspool_jax.models.config import LATENT_FAMILIES
 from crosspool_jax.models.decode import generate
 from crosspool_jax.models.hf_import import load_hf_checkpoint
 from crosspool_jax.models.model import KVCache, forward
@@ -21,7 +24,17 @@ LOGITS_ATOL = 1e-4
 # logits, trained checkpoints (written by us) of the families with the most switches (dense
 # layers and a shared expert; full q/k norm and clip). Greedy decoding of a model trained
 # for seconds emits spaces (the most frequent byte), so greedy parity runs on random ones.
-CHECKPOINTS = [*((f, "random") for f in FAMILIES), ("qwen2_moe", "trained"), ("olmoe", "trained")]
+RANDOM = [*((f, "random") for f in FAMILIES + LATENT_FAMILIES),
+          *((f, kind) for f in LATENT_FAMILIES for kind in ("variant", "yarn"))]
+CHECKPOINTS = [*RANDOM, ("qwen2_moe", "trained"), ("olmoe", "trained")]
+VARIANTS = {"deepseek_v2": {"q_lora_rank": None},
+            "deepseek_v3": {"q_lora_rank": None, "rope_interleave": False}}
+# YaRN over the tiny models' rotary dim 8: factor 4 from 256 to their 1024 positions, the ramp
+# over frequencies 0-2, cos/sin x 1.025 (mscale 1 over mscale_all_dim 0.8), softmax scale
+# x 1.23 (mscale_all_dim's mscale squared).
+YARN = {"rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
+                            "original_max_position_embeddings": 256, "mscale": 1.0,
+                            "mscale_all_dim": 0.8, "beta_fast": 32, "beta_slow": 1}}
 PROMPTS = ([5, 17, 300, 42, 7, 99, 256, 3, 11], [12, 400, 8], [61, 62, 63, 64, 65, 66])
 # A trained byte-level model continues text (random ids would make it emit spaces).
 TEXT_PROMPTS = ("def __init__(self, ", "Return the", "import os\n")
@@ -42,9 +55,11 @@ def _left_padded(prompts):
 
 
 def _checkpoint(request, family, kind):
-  """(checkpoint directory, prompts) of a random or trained checkpoint of `family`."""
-  if kind == "random":
-    return request.getfixturevalue("tiny_checkpoint")(family), PROMPTS
+  """(checkpoint directory, prompts) of a random, random variant or trained checkpoint of
+  `family`."""
+  overrides = {"random": {}, "variant": VARIANTS.get(family), "yarn": {"hf_fields": YARN}}
+  if kind in overrides:
+    return request.getfixturevalue("tiny_checkpoint")(family, **overrides[kind]), PROMPTS
   path = request.getfixturevalue("trained_checkpoint")(family)
   return path, tuple(load_tokenizer(path).encode(t).ids for t in TEXT_PROMPTS)
 
@@ -76,9 +91,9 @@ def test_logits_match_transformers_on_ragged_batch(family, kind, request):
   assert np.abs(hf_logits).max() > 0.1
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_greedy_generation_matches_transformers(family, request):
-  path, prompts = _checkpoint(request, family, "random")
+@pytest.mark.parametrize(("family", "kind"), RANDOM)
+def test_greedy_generation_matches_transformers(family, kind, request):
+  path, prompts = _checkpoint(request, family, kind)
   cfg, params = load_hf_checkpoint(path)
   new_tokens = 24
   ids, mask = _left_padded(prompts)

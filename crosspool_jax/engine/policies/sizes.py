@@ -25,15 +25,19 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
   """Parameter counts of a model by where they live.
 
   Returns:
-    {"attention": q/k/v/o (+ biases, q/k norms) and the two RMSNorms of every layer,
+    {"attention": q/k/v/o (+ biases, q/k norms; or latent attention's projections and norms)
+       and the two RMSNorms of every layer,
      "embedding": embedding, LM head (unless tied), final norm,
-     "router": routers of the MoE layers,
+     "router": routers of the MoE layers (+ their correction biases),
      "dense_ffn": shared experts (+ their gates) and the MLPs of dense layers,
      "routed_experts": the routed experts,
      "non_expert": all but the routed experts, "total"}.
   """
   d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  attn = 2 * d * n * h + 2 * d * k * h + 2 * d
+  if cfg.mla:
+    attn = _latent_attention_count(cfg) + 2 * d
+  else:
+    attn = 2 * d * n * h + 2 * d * k * h + 2 * d
   if cfg.qkv_bias:
     attn += n * h + 2 * k * h
   if cfg.qk_norm == "per_head":
@@ -42,12 +46,13 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
     attn += (n + k) * h
   moe = sum(cfg.moe_layers)
   dense = cfg.num_layers - moe
+  router = d * cfg.num_experts + (cfg.num_experts if cfg.topk_method == "noaux_tc" else 0)
+  shared = 3 * d * cfg.d_ff_shared + (d if cfg.shared_gate else 0) if cfg.d_ff_shared else 0
   out = {
       "attention": cfg.num_layers * attn,
       "embedding": cfg.vocab_size * d * (1 if cfg.tie_embeddings else 2) + d,
-      "router": moe * d * cfg.num_experts,
-      "dense_ffn": (moe * (3 * d * cfg.d_ff_shared + d) if cfg.d_ff_shared else 0)
-                   + dense * 3 * d * cfg.d_ff_dense,
+      "router": moe * router,
+      "dense_ffn": moe * shared + dense * 3 * d * cfg.d_ff_dense,
       "routed_experts": moe * cfg.num_experts * 3 * d * cfg.d_ff_expert,
   }
   out["non_expert"] = out["attention"] + out["embedding"] + out["router"] + out["dense_ffn"]
@@ -61,6 +66,18 @@ def param_bytes(cfg: ModelConfig, dtype: str) -> dict[str, int]:
   return {key: v * size for key, v in param_counts(cfg).items()}
 
 
+def _latent_attention_count(cfg: ModelConfig) -> int:
+  """Latent attention's params of one layer: the query (plain, or q LoRA with its norm), the
+  latent row's projection and norm, the up-projection to keys and values, the output."""
+  d, n, a = cfg.d_model, cfg.num_heads, cfg.kv_lora_rank
+  q = (d * n * cfg.qk_head_dim if cfg.q_lora_rank is None
+       else cfg.q_lora_rank * (d + 1 + n * cfg.qk_head_dim))
+  return (q + d * cfg.head_dim + a + a * n * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+          + n * cfg.v_head_dim * d)
+
+
 def kv_bytes_per_token(cfg: ModelConfig, dtype: str) -> int:
-  """K and V of one token over all layers."""
-  return 2 * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype_itemsize(dtype)
+  """What one token caches over all layers: K and V of `num_kv_heads` heads, or with latent
+  attention one row of kv_lora_rank + qk_rope_head_dim (the cache's one KV head, no V)."""
+  stores = 1 if cfg.mla else 2
+  return stores * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype_itemsize(dtype)
