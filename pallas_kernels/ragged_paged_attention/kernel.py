@@ -22,6 +22,11 @@ page_tokens * K + h, ... (V part). All K heads of a page are processed in one st
 GPU: Triton (`pallas.triton.CompilerParams`), grid (items, kv heads), a `fori_loop` over the
 item's pages in the kernel, reading the page table from a ref; null pages skipped by `lax.cond`.
 Needs R, page_tokens and H powers of two >= 16 (Triton dot).
+
+Both pallas_calls take the page layout as arguments (`paged_attention_tpu`: the page view and
+how to read a kv head's keys and values from a page's block; `paged_attention_gpu`: how to get
+a page's scores and values), so the latent kernel (`latent_paged_attention`) runs on them too;
+`attention_tpu` / `attention_gpu` are the K/V layout's.
 """
 
 from __future__ import annotations
