@@ -8,6 +8,8 @@ every padding query row is NaN: a kernel or reference that reads another sequenc
 
 import functools
 
+import hypothesis
+import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -164,6 +166,34 @@ def test_interpret_matches_reference_and_oracle(num_heads, page_tokens, dtype, b
   assert_attention_close(got, ref, dtype, live)
   assert got[0].shape == (args[0].shape[0], num_heads, RANK)
   assert got[0].dtype == dtype and got[1].dtype == jnp.float32
+
+
+FIXED_T, FIXED_S, FIXED_PPS, FIXED_TP = 16, 3, 3, 8
+
+
+@hypothesis.settings(max_examples=10, deadline=None)
+@hypothesis.given(data=st.data())
+def test_random_ragged_batches(data):
+  """Random lengths (q_len 0 allowed) at fixed padded shapes (one compile): the reference
+  equals the float64 oracle and the TPU kernel (interpret) the reference."""
+  n = data.draw(st.integers(1, FIXED_S), label="num_seqs")
+  q_lens, kv_lens = [], []
+  budget = FIXED_T
+  for _ in range(n):
+    kv = data.draw(st.integers(1, FIXED_PPS * FIXED_TP))
+    q = data.draw(st.integers(0, min(kv, budget)))
+    q_lens.append(q)
+    kv_lens.append(kv)
+    budget -= q
+  seed = data.draw(st.integers(0, 2 ** 16))
+  args, live = make_batch(seed, q_lens, kv_lens, page_tokens=FIXED_TP, pages_per_seq=FIXED_PPS,
+                          num_tokens=FIXED_T, max_seqs=FIXED_S,
+                          spare_pages=FIXED_S * FIXED_PPS - sum(-(-k // FIXED_TP)
+                                                                for k in kv_lens))
+  validate_inputs(*args, kv_lora_rank=RANK)
+  ref = _run("reference", args)
+  assert_attention_close(ref, dense_oracle(args, RANK, SCALE), jnp.float32, live)
+  assert_attention_close(_run("interpret", args), ref, jnp.float32, live)
 
 
 def _skip_page(args, seq, page):
