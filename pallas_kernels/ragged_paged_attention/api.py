@@ -19,22 +19,15 @@ def _need(cond, msg):
     raise ValueError(msg)
 
 
-def _check_shapes(q_TNH, pool_PE, page_table_SP, cu_q_lens_S1, kv_lens_S, num_seqs, kv_heads,
-                  head_dim):
-  """Trace-time shape / dtype checks; raises ValueError naming the argument. Returns Tp."""
+def check_batch_shapes(q_TNH, pool_PE, page_table_SP, cu_q_lens_S1, kv_lens_S, num_seqs):
+  """Trace-time shape / dtype checks of a paged attention batch, whatever the page layout;
+  raises ValueError naming the argument."""
   _need(q_TNH.ndim == 3, f"q_TNH must be [T, N, H], got shape {q_TNH.shape}")
-  T, N, H = q_TNH.shape
-  _need(T >= 1, "q_TNH must have at least one token row (pad if needed)")
+  _need(q_TNH.shape[0] >= 1, "q_TNH must have at least one token row (pad if needed)")
   _need(jnp.issubdtype(q_TNH.dtype, jnp.floating), f"q_TNH must be floating, got {q_TNH.dtype}")
-  _need(head_dim is None or head_dim == H,
-        f"head_dim={head_dim} does not match q_TNH's last dim {H}")
-  _need(isinstance(kv_heads, int) and kv_heads > 0, f"kv_heads must be a positive int, got "
-        f"{kv_heads!r}")
-  _need(N % kv_heads == 0, f"q_TNH's {N} query heads are not a multiple of kv_heads={kv_heads}")
   _need(pool_PE.ndim == 2, f"pool_PE must be [num_pages, page_elems], got shape {pool_PE.shape}")
   _need(pool_PE.dtype == q_TNH.dtype,
         f"pool_PE dtype {pool_PE.dtype} must equal q_TNH dtype {q_TNH.dtype}")
-  page_tokens = page_tokens_of(pool_PE.shape[1], kv_heads, H)
   _need(page_table_SP.ndim == 2, f"page_table_SP must be [S, P], got shape {page_table_SP.shape}")
   S = page_table_SP.shape[0]
   _need(S >= 1 and page_table_SP.shape[1] >= 1, "page_table_SP must have S >= 1 and P >= 1, got "
@@ -44,7 +37,19 @@ def _check_shapes(q_TNH, pool_PE, page_table_SP, cu_q_lens_S1, kv_lens_S, num_se
                          ("num_seqs", num_seqs, (1,))):
     _need(a.shape == shape, f"{name} must have shape {shape}, got {a.shape}")
     _need(a.dtype == jnp.int32, f"{name} must be int32, got {a.dtype}")
-  return page_tokens
+
+
+def _check_shapes(q_TNH, pool_PE, page_table_SP, cu_q_lens_S1, kv_lens_S, num_seqs, kv_heads,
+                  head_dim):
+  """Trace-time shape / dtype checks; raises ValueError naming the argument. Returns Tp."""
+  check_batch_shapes(q_TNH, pool_PE, page_table_SP, cu_q_lens_S1, kv_lens_S, num_seqs)
+  _, N, H = q_TNH.shape
+  _need(head_dim is None or head_dim == H,
+        f"head_dim={head_dim} does not match q_TNH's last dim {H}")
+  _need(isinstance(kv_heads, int) and kv_heads > 0, f"kv_heads must be a positive int, got "
+        f"{kv_heads!r}")
+  _need(N % kv_heads == 0, f"q_TNH's {N} query heads are not a multiple of kv_heads={kv_heads}")
+  return page_tokens_of(pool_PE.shape[1], kv_heads, H)
 
 
 def ragged_paged_attention(q_TNH: jax.Array, pool_PE: jax.Array, page_table_SP: jax.Array,
@@ -143,14 +148,20 @@ def validate_inputs(q_TNH, pool_PE, page_table_SP, cu_q_lens_S1, kv_lens_S, num_
   `ragged_paged_attention` (numpy or jax arrays).
   """
   arrs = [np.asarray(a) for a in (page_table_SP, cu_q_lens_S1, kv_lens_S, num_seqs)]
-  page_table, cu, kv_lens, n_arr = arrs
-  q_shape = jax.ShapeDtypeStruct(q_TNH.shape, q_TNH.dtype)
-  pool_shape = jax.ShapeDtypeStruct(pool_PE.shape, pool_PE.dtype)
   page_tokens = _check_shapes(
-      q_shape, pool_shape, *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrs),
-      kv_heads, None)
-  T = q_shape.shape[0]
-  num_pages = pool_shape.shape[0]
+      jax.ShapeDtypeStruct(q_TNH.shape, q_TNH.dtype),
+      jax.ShapeDtypeStruct(pool_PE.shape, pool_PE.dtype),
+      *(jax.ShapeDtypeStruct(a.shape, a.dtype) for a in arrs), kv_heads, None)
+  validate_batch_values(*arrs, num_tokens=q_TNH.shape[0], num_pages=pool_PE.shape[0],
+                        page_tokens=page_tokens)
+
+
+def validate_batch_values(page_table_SP, cu_q_lens_S1, kv_lens_S, num_seqs, *, num_tokens: int,
+                          num_pages: int, page_tokens: int) -> None:
+  """The host-side value checks of `validate_inputs` (numpy), whatever the page layout."""
+  page_table, cu, kv_lens, n_arr = (np.asarray(a) for a in (page_table_SP, cu_q_lens_S1,
+                                                           kv_lens_S, num_seqs))
+  T = num_tokens
   S, P = page_table.shape
   n = int(n_arr[0])
   if not 0 <= n <= S:

@@ -2,7 +2,8 @@
 
 Glossary: T query tokens (packed over sequences), N query heads, K kv heads, G = N // K query
 heads per kv head, H head dim, S sequences (max_seqs), P pages per sequence in a page table,
-L = P * page_tokens key positions of a sequence. Query head n reads kv head n // G.
+L = P * page_tokens key positions of a sequence, V the values' head dim where it differs
+from H (`attend_pages` over latent pages). Query head n reads kv head n // G.
 
 Vectorised over work items (`work_items`: up to q_block consecutive query tokens of one
 sequence; a decode token is an item of its own): each item gathers the pages of its own
@@ -152,17 +153,7 @@ def ragged_paged_attention_reference(q_TNH: jax.Array, pages_P2TKH: jax.Array,
                                      q_block: int | None = None):
   """Ragged paged attention, plain jnp (see `api.ragged_paged_attention` for the contract).
 
-  Work items of `q_block` consecutive query tokens of one sequence (`work_items`) gather their
-  sequence's pages once for all their tokens (a prefill chunk does not gather its context once
-  per token). An item's keys fall in two sets: the *prefix*, positions before its first token,
-  which every token of the item sees, and the *diagonal*, its own tokens' positions, each seen
-  by the tokens at or after it. The prefix runs an online softmax over chunks of
-  `chunk_pages` pages, for as many chunks as the longest prefix needs (a `fori_loop` with a
-  traced trip count: the cost follows the batch's longest context, not the page table's width,
-  max_context; a table of one chunk needs no loop); the diagonal (at most q_block keys) is one
-  last update with a per-token mask, so a token never multiplies a value it does not see, even
-  by a zero weight. An item of one token (q_block 1, decode) has its own position in the
-  prefix and no diagonal step.
+  `attend_pages` over K/V pages: a page's K is `pages_P2TKH[:, 0]`, its V `pages_P2TKH[:, 1]`.
 
   Args:
     q_TNH: [T, N, H] queries.
@@ -180,8 +171,48 @@ def ragged_paged_attention_reference(q_TNH: jax.Array, pages_P2TKH: jax.Array,
     (out_TNH in q's dtype, lse_TN float32); padding tokens and tokens that see no key give
     out 0 and lse -inf.
   """
+  _, _, page_tokens, K, H = pages_P2TKH.shape
+  return attend_pages(
+      q_TNH, lambda pids: (pages_P2TKH[pids, 0], pages_P2TKH[pids, 1]),
+      lambda pids, slots: (pages_P2TKH[pids, 0, slots], pages_P2TKH[pids, 1, slots]),
+      page_table_SP, cu_q_lens_S1, kv_lens_S, num_seqs, page_tokens=page_tokens, kv_heads=K,
+      value_dim=H, sm_scale=sm_scale, chunk_pages=chunk_pages, q_block=q_block)
+
+
+def attend_pages(q_TNH: jax.Array, page_kv, slot_kv, page_table_SP: jax.Array,
+                 cu_q_lens_S1: jax.Array, kv_lens_S: jax.Array, num_seqs: jax.Array, *,
+                 page_tokens: int, kv_heads: int, value_dim: int, sm_scale: float,
+                 chunk_pages: int = 8, q_block: int | None = None):
+  """Ragged paged attention over any page layout, given how to read a page's keys and values.
+
+  Work items of `q_block` consecutive query tokens of one sequence (`work_items`) gather their
+  sequence's pages once for all their tokens (a prefill chunk does not gather its context once
+  per token). An item's keys fall in two sets: the *prefix*, positions before its first token,
+  which every token of the item sees, and the *diagonal*, its own tokens' positions, each seen
+  by the tokens at or after it. The prefix runs an online softmax over chunks of
+  `chunk_pages` pages, for as many chunks as the longest prefix needs (a `fori_loop` with a
+  traced trip count: the cost follows the batch's longest context, not the page table's width,
+  max_context; a table of one chunk needs no loop); the diagonal (at most q_block keys) is one
+  last update with a per-token mask, so a token never multiplies a value it does not see, even
+  by a zero weight. An item of one token (q_block 1, decode) has its own position in the
+  prefix and no diagonal step.
+
+  Args:
+    q_TNH: [T, N, H] queries (N = kv_heads * G).
+    page_kv: page ids [W, C] -> (keys [W, C, page_tokens, K, H], values [W, C, page_tokens, K,
+      value_dim]) of those pages (gathered by index, never a dynamic slice of the pool).
+    slot_kv: (page ids [W, J], slots [W, J]) -> (keys [W, J, K, H], values [W, J, K,
+      value_dim]) of those token slots.
+    page_table_SP, cu_q_lens_S1, kv_lens_S, num_seqs, sm_scale, chunk_pages, q_block: as
+      `ragged_paged_attention_reference`.
+    page_tokens: tokens per page. kv_heads: K. value_dim: the values' head dim.
+
+  Returns:
+    (out_TNV [T, N, value_dim] in q's dtype, lse_TN float32); padding tokens and tokens that
+    see no key give out 0 and lse -inf.
+  """
   T, N, H = q_TNH.shape
-  _, _, page_tokens, K, _ = pages_P2TKH.shape
+  K, Hv = kv_heads, value_dim
   G = N // K
   S, P = page_table_SP.shape
   B = q_block or default_q_block(T, S)
@@ -216,52 +247,51 @@ def ragged_paged_attention_reference(q_TNH: jax.Array, pages_P2TKH: jax.Array,
     return m_new_WKGB, alpha_WKGB * l_WKGB + jnp.sum(p_WKGBL, axis=-1), alpha_WKGB, p_WKGBL
 
   def prefix_chunk(c, carry):
-    m_WKGB, l_WKGB, acc_WKGBH = carry
+    m_WKGB, l_WKGB, acc_WKGBV = carry
     pids_WC = jax.lax.dynamic_slice_in_dim(table_WP, c * C, C, axis=1)
     l_L = c * CL + jnp.arange(CL, dtype=jnp.int32)
     seen_WL = (l_L[None] < prefix_W[:, None]) & jnp.repeat(pids_WC != 0, page_tokens, axis=1)
-    k_WLKH = pages_P2TKH[pids_WC, 0].reshape(W, CL, K, H)
+    k_WCTKH, v_WCTKV = page_kv(pids_WC)
+    k_WLKH = k_WCTKH.reshape(W, CL, K, H)
     # Garbage (NaN) in unseen slots: its scores are selected to -inf and its V rows to 0, so
     # it never reaches a product (p = 0 would not cancel a NaN V).
-    v_WLKH = jnp.where(seen_WL[..., None, None],
-                       pages_P2TKH[pids_WC, 1].reshape(W, CL, K, H).astype(jnp.float32), 0.0)
+    v_WLKV = jnp.where(seen_WL[..., None, None],
+                       v_WCTKV.reshape(W, CL, K, Hv).astype(jnp.float32), 0.0)
     m_WKGB, l_WKGB, alpha_WKGB, p_WKGBL = scores_update(
         m_WKGB, l_WKGB, k_WLKH, seen_WL[:, None] & live_WB[..., None])
-    acc_WKGBH = alpha_WKGB[..., None] * acc_WKGBH + jnp.einsum(
-        "wkgbl,wlkh->wkgbh", p_WKGBL, v_WLKH, precision="highest")
-    return m_WKGB, l_WKGB, acc_WKGBH
+    acc_WKGBV = alpha_WKGB[..., None] * acc_WKGBV + jnp.einsum(
+        "wkgbl,wlkh->wkgbh", p_WKGBL, v_WLKV, precision="highest")
+    return m_WKGB, l_WKGB, acc_WKGBV
 
-  def diagonal(m_WKGB, l_WKGB, acc_WKGBH):
+  def diagonal(m_WKGB, l_WKGB, acc_WKGBV):
     """The item's own positions: key j (position pos0 + j) is seen by its rows b >= j."""
     pos_WJ = items.pos0_W[:, None] + b_B
     pids_WJ = jnp.take_along_axis(table_WP, jnp.clip(pos_WJ // page_tokens, 0, P - 1), axis=1)
     seen_WBJ = ((b_B[None, None, :] <= b_B[None, :, None]) & live_WB[..., None]
                 & (pids_WJ != 0)[:, None, :])
-    slot_WJ = pos_WJ % page_tokens
-    k_WJKH = pages_P2TKH[pids_WJ, 0, slot_WJ]
-    v_WBJKH = jnp.where(seen_WBJ[..., None, None],
-                        pages_P2TKH[pids_WJ, 1, slot_WJ].astype(jnp.float32)[:, None], 0.0)
+    k_WJKH, v_WJKV = slot_kv(pids_WJ, pos_WJ % page_tokens)
+    v_WBJKV = jnp.where(seen_WBJ[..., None, None], v_WJKV.astype(jnp.float32)[:, None], 0.0)
     m_WKGB, l_WKGB, alpha_WKGB, p_WKGBJ = scores_update(m_WKGB, l_WKGB, k_WJKH, seen_WBJ)
-    acc_WKGBH = alpha_WKGB[..., None] * acc_WKGBH + jnp.einsum(
-        "wkgbj,wbjkh->wkgbh", p_WKGBJ, v_WBJKH, precision="highest")
-    return m_WKGB, l_WKGB, acc_WKGBH
+    acc_WKGBV = alpha_WKGB[..., None] * acc_WKGBV + jnp.einsum(
+        "wkgbj,wbjkh->wkgbh", p_WKGBJ, v_WBJKV, precision="highest")
+    return m_WKGB, l_WKGB, acc_WKGBV
 
   init = (jnp.full((W, K, G, B), NEG_INF, jnp.float32), jnp.zeros((W, K, G, B), jnp.float32),
-          jnp.zeros((W, K, G, B, H), jnp.float32))
+          jnp.zeros((W, K, G, B, Hv), jnp.float32))
   if chunks == 1:  # the whole table in one chunk: no loop (a chunk seeing nothing is a no-op)
-    m_WKGB, l_WKGB, acc_WKGBH = prefix_chunk(0, init)
+    m_WKGB, l_WKGB, acc_WKGBV = prefix_chunk(0, init)
   else:
     trips = jnp.minimum(-(-jnp.max(prefix_W) // CL), chunks)
-    m_WKGB, l_WKGB, acc_WKGBH = jax.lax.fori_loop(0, trips, prefix_chunk, init)
+    m_WKGB, l_WKGB, acc_WKGBV = jax.lax.fori_loop(0, trips, prefix_chunk, init)
   if B > 1:
-    m_WKGB, l_WKGB, acc_WKGBH = diagonal(m_WKGB, l_WKGB, acc_WKGBH)
-  out_WKGBH, lse_WKGB1 = finalize(m_WKGB[..., None], l_WKGB[..., None], acc_WKGBH)
+    m_WKGB, l_WKGB, acc_WKGBV = diagonal(m_WKGB, l_WKGB, acc_WKGBV)
+  out_WKGBV, lse_WKGB1 = finalize(m_WKGB[..., None], l_WKGB[..., None], acc_WKGBV)
   item_T, row_T, valid_T = items.tok_item_T, items.tok_row_T, items.tok_valid_T
-  out_TKGH = out_WKGBH.transpose(0, 3, 1, 2, 4)[item_T, row_T]
+  out_TKGV = out_WKGBV.transpose(0, 3, 1, 2, 4)[item_T, row_T]
   lse_TKG = lse_WKGB1[..., 0].transpose(0, 3, 1, 2)[item_T, row_T]
-  out_TNH = jnp.where(valid_T[:, None, None], out_TKGH.reshape(T, N, H), 0.0)
+  out_TNV = jnp.where(valid_T[:, None, None], out_TKGV.reshape(T, N, Hv), 0.0)
   lse_TN = jnp.where(valid_T[:, None], lse_TKG.reshape(T, N), NEG_INF)
-  return out_TNH.astype(q_TNH.dtype), lse_TN
+  return out_TNV.astype(q_TNH.dtype), lse_TN
 
 
 def merge_attention(outs, lses):
