@@ -134,8 +134,14 @@ def attend_latent(q_BTNH: jax.Array, cache_BKCH: jax.Array, w_kv_b_ANH: jax.Arra
 
 
 def attention_out(p: Params, o_TNH: jax.Array) -> jax.Array:
-  """Output projection [..., T, N, H] -> [..., T, D]."""
-  return jnp.einsum("...nh,nhd->...d", o_TNH, p["w_o_NHD"])
+  """Output projection [..., T, N, H] -> [..., T, D].
+
+  One matmul over N·H in the order both operands lie in (a free reshape): as the einsum
+  "...nh,nhd->...d", XLA:CPU contracted (h, n) and copied the output and the weight
+  transposed for it, the weight on every decode step.
+  """
+  n, h, d = p["w_o_NHD"].shape
+  return o_TNH.reshape(*o_TNH.shape[:-2], n * h) @ p["w_o_NHD"].reshape(n * h, d)
 
 
 def swiglu(x_TD: jax.Array, w_gate_DF: jax.Array, w_up_DF: jax.Array,

@@ -340,15 +340,15 @@ def batched_capacities(num_pairs: int, num_slots: int, num_experts: int) -> tupl
   The batched path multiplies every slot of the pool, so it is only taken where the pool is
   the layer's own experts (num_slots == num_experts) and there are pairs enough for nearly
   every expert to have some (num_pairs >= 2 * num_slots). Its capacities run from the mean
-  pairs per slot m up to 1.5 m + 4 (at least 8): 1, 2 and 3 where m is below 4, then multiples
-  of 4 (or of
-  m / 4 rounded down to a power of two, where that is larger: a few branches, each padding
-  under a quarter). Measured on CPU (D=256, F=128,
-  S=16, top-4; ms per call): a capacity costs about its rows rounded up to a multiple of 4 (32
-  tokens: capacity 12 0.46, 13 0.52, 16 0.56; 8 tokens: 4 0.23, 6 0.40, 8 0.41), the loop
-  about its groups and rows plus a copy of each busy expert's weights (which costs more inside
-  a model step than here, the weights no longer in cache), and the batched path wins up to
-  1.5 m + 4, or 8: 8 tokens (m=2) loop 0.43, capacity 8 0.41; 32 tokens (m=8) loop 0.77,
+  pairs per slot m up to 1.5 m + 4 (at least 8): 1, 2 and 3 where m is below 4, then even
+  numbers (or multiples of m / 8 rounded down to a power of two, where that is larger: each
+  branch padding under an eighth). Measured on CPU (D=256, F=128, S=16, top-4; ms per call,
+  the least of 40 under load): a capacity costs about its rows rounded up to an even number
+  (32 tokens: capacity 8 0.30, 10 0.38, 11 0.45, 12 0.44, 14 0.51, 16 0.57; 8 tokens: 4 0.19,
+  5 0.21, 6 0.26, 8 0.31; 1024 tokens: 256 10.1, 288 12.3, 320 13.0, 352 14.2, 384 15.3), the
+  loop about its groups and rows plus a copy of each busy expert's weights (which costs more
+  inside a model step than here, the weights no longer in cache), and the batched path wins up
+  to 1.5 m + 4, or 8: 8 tokens (m=2) loop 0.43, capacity 8 0.41; 32 tokens (m=8) loop 0.77,
   capacity 16 0.65, 24 1.03; 128 tokens (m=32) loop 2.6, 48 2.1, 64 3.9; 1024 tokens (m=256)
   loop 19, 384 17, 512 24. () otherwise: the loop only.
   """
@@ -356,9 +356,9 @@ def batched_capacities(num_pairs: int, num_slots: int, num_experts: int) -> tupl
     return ()
   mean = -(-num_pairs // num_slots)
   limit = min(num_pairs, max(8, (3 * mean) // 2 + 4))
-  step = max(4, (1 << (mean.bit_length() - 1)) // 4)
-  small = [c for c in (1, 2, 3) if mean <= c]
-  return (*small, *range(-(-mean // step) * step, limit + 1, step))
+  step = max(2, (1 << (mean.bit_length() - 1)) // 8)
+  small = {c for c in (1, 2, 3) if mean <= c}
+  return tuple(sorted(small | set(range(-(-mean // step) * step, limit + 1, step))))
 
 
 def expert_dispatch_reference(x_TD, topk_ids_TK, topk_weights_TK, slot_table_E, w_gate_SDF,

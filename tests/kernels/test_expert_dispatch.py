@@ -238,21 +238,24 @@ def test_experts_without_tokens_are_never_read():
 
 def test_batched_capacities():
   caps = reference_lib.batched_capacities
-  assert caps(128, 16, 16) == (8, 12, 16)  # decode of 32 tokens, top-4 of 16 experts: mean 8
-  assert caps(32, 16, 16) == (2, 3, 4, 8)  # 8 tokens: mean 2, up to 8
-  assert caps(36, 16, 16) == (3, 4, 8)  # mean 2.25 -> 3, then multiples of 4
-  assert caps(4096, 16, 16) == (256, 320, 384)  # a prefill of 1024 tokens: steps of 256 / 4
+  # decode of 32 tokens, top-4 of 16 experts: mean 8, up to 1.5 x 8 + 4
+  assert caps(128, 16, 16) == (8, 10, 12, 14, 16)
+  assert caps(32, 16, 16) == (2, 3, 4, 6, 8)  # 8 tokens: mean 2, up to 8
+  assert caps(36, 16, 16) == (3, 4, 6, 8)  # mean 2.25 -> 3, then even numbers
+  # a prefill of 1024 tokens: mean 256 in steps of 256 / 8
+  assert caps(4096, 16, 16) == (256, 288, 320, 352, 384)
   assert caps(16, 16, 16) == ()  # 4 tokens: too few pairs, the loop
   assert caps(128, 24, 16) == ()  # a pool holding more than the layer's experts: the loop
 
 
 # Routings of T=12 tokens over E=8 experts (K=2), the last 2 tokens padding: (ids of token t,
-# the batched path's branch: 0 to 2 its capacities 3, 4 and 8, 3 the loop).
+# the batched path's branch: 0 to 3 its capacities 3, 4, 6 and 8, 4 the loop).
 OWN_EXPERT_ROUTINGS = {
     "even": (lambda t: [(2 * t) % 8, (2 * t + 1) % 8], 0),  # every expert, <= 3 pairs each
     "balanced": (lambda t: [(2 * t) % 6, (2 * t + 1) % 6], 1),  # 6 experts, <= 4 pairs each
     "skewed": (lambda t: [t % 3, 3 + t % 2], 2),  # experts 3 and 4: 5 pairs each
-    "one": (lambda t: [4, 4], 3),  # 20 pairs on one expert
+    "crowded": (lambda t: [0 if t < 7 else 1 + t % 3, 4 + t % 3], 3),  # expert 0: 7 pairs
+    "one": (lambda t: [4, 4], 4),  # 20 pairs on one expert
 }
 
 
@@ -269,7 +272,7 @@ def test_batched_path_on_the_layers_own_experts(routing, dtype):
   ids = np.asarray([ids_of(t) if valid[t] else [-5, 99] for t in range(T)], np.int32)
   sizes = np.bincount(ids[valid].ravel(), minlength=E)
   capacities = reference_lib.batched_capacities(T * 2, E, E)
-  assert capacities == (3, 4, 8)
+  assert capacities == (3, 4, 6, 8)
   assert sum(sizes.max() > c for c in capacities) == branch
   pools = [p.at[np.asarray(table)[sizes == 0]].set(jnp.nan) for p in pools]
   w = jnp.where(jnp.asarray(valid)[:, None], w, jnp.nan)
