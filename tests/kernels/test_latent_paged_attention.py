@@ -30,10 +30,8 @@ from pallas_kernels.latent_paged_attention import (
 from pallas_kernels.latent_paged_attention import kernel as kernel_lib
 from pallas_kernels.ragged_paged_attention import kernel as ragged_kernel_lib
 from pallas_kernels.ragged_paged_attention import reference as ragged_reference_lib
+from tests.kernels.test_ragged_paged_attention import assert_attention_close
 
-# (atol, rtol) by dtype, as the ragged kernel's tests: inputs drawn in f32 and rounded to the
-# dtype; the kernels feed bf16 probabilities to the PV matmul and round the output to bf16.
-TOL = {jnp.float32: (2e-5, 2e-5), jnp.bfloat16: (2e-2, 2e-2)}
 RANK, ROPE = 32, 16  # kv_lora_rank and rope width of the kernel tests: D = 48
 SCALE = 0.1
 
@@ -103,22 +101,6 @@ def dense_oracle(args, rank, sm_scale):
       out[t] = p @ rows[:, :rank] / p.sum(axis=1, keepdims=True)
       lse[t] = m[:, 0] + np.log(p.sum(axis=1))
   return out, lse
-
-
-def assert_attention_close(actual, expected, dtype, num_live_tokens):
-  (out, lse), (out_ref, lse_ref) = actual, expected
-  atol, rtol = TOL[dtype]
-  out = np.asarray(jnp.asarray(out, jnp.float32))
-  out_ref = np.asarray(jnp.asarray(out_ref, jnp.float32))
-  lse, lse_ref = np.asarray(lse), np.asarray(lse_ref)
-  assert np.isfinite(out).all(), "NaN/inf in out"
-  assert not np.isnan(lse).any(), "NaN in lse"
-  np.testing.assert_allclose(out, out_ref, atol=atol, rtol=rtol)
-  np.testing.assert_array_equal(np.isneginf(lse), np.isneginf(lse_ref))
-  finite = np.isfinite(lse_ref)
-  np.testing.assert_allclose(lse[finite], lse_ref[finite], atol=atol, rtol=rtol)
-  assert (out[num_live_tokens:] == 0).all()
-  assert np.isneginf(lse[num_live_tokens:]).all()
 
 
 attn = jax.jit(latent_paged_attention,
