@@ -30,7 +30,11 @@ from pallas_kernels.latent_paged_attention import (
 from pallas_kernels.latent_paged_attention import kernel as kernel_lib
 from pallas_kernels.ragged_paged_attention import kernel as ragged_kernel_lib
 from pallas_kernels.ragged_paged_attention import reference as ragged_reference_lib
-from tests.kernels.test_ragged_paged_attention import assert_attention_close
+from tests.kernels.test_ragged_paged_attention import (
+    assert_attention_close,
+    live_keys,
+    oracle_inputs,
+)
 
 RANK, ROPE = 32, 16  # kv_lora_rank and rope width of the kernel tests: D = 48
 SCALE = 0.1
@@ -79,27 +83,18 @@ def make_batch(seed, q_lens, kv_lens, *, num_heads=4, rank=RANK, rope=ROPE, page
 def dense_oracle(args, rank, sm_scale):
   """Float64 numpy loop over sequences and tokens: causal latent attention over the live
   pages (key = the whole row, value = its first `rank` columns)."""
-  q, pool, table, cu, kv_lens, num_seqs = (np.asarray(jnp.asarray(a, jnp.float32))
-                                           if i < 2 else np.asarray(a)
-                                           for i, a in enumerate(args))
+  q, pool, table, cu, kv_lens, num_seqs = oracle_inputs(args)
   T, N, D = q.shape
   pages = pool.reshape(pool.shape[0], -1, D).astype(np.float64)
-  Tp = pages.shape[1]
   out = np.zeros((T, N, rank))
   lse = np.full((T, N), -np.inf)
-  for s in range(int(num_seqs[0])):
-    q_len = cu[s + 1] - cu[s]
-    for i in range(q_len):
-      t, pos = cu[s] + i, kv_lens[s] - q_len + i
-      keys = [j for j in range(pos + 1) if table[s, j // Tp] != 0]
-      if not keys:
-        continue
-      rows = np.stack([pages[table[s, j // Tp], j % Tp] for j in keys])  # [L, D]
-      sc = q[t] @ rows.T * sm_scale  # [N, L]
-      m = sc.max(axis=1, keepdims=True)
-      p = np.exp(sc - m)
-      out[t] = p @ rows[:, :rank] / p.sum(axis=1, keepdims=True)
-      lse[t] = m[:, 0] + np.log(p.sum(axis=1))
+  for t, keys in live_keys(table, cu, kv_lens, num_seqs, pages.shape[1]):
+    rows = np.stack([pages[page, j] for page, j in keys])  # [L, D]
+    sc = q[t] @ rows.T * sm_scale  # [N, L]
+    m = sc.max(axis=1, keepdims=True)
+    p = np.exp(sc - m)
+    out[t] = p @ rows[:, :rank] / p.sum(axis=1, keepdims=True)
+    lse[t] = m[:, 0] + np.log(p.sum(axis=1))
   return out, lse
 
 

@@ -185,32 +185,42 @@ def test_random_ragged_batches(data):
   assert_attention_close(got, ref, jnp.float32, info["num_live_tokens"])
 
 
-def dense_oracle(args, kv_heads, sm_scale):
-  """Float64 numpy loop over sequences and tokens: causal attention over the live pages."""
-  q, pool, table, cu, kv_lens, num_seqs = (np.asarray(jnp.asarray(a, jnp.float32))
-                                           if i < 2 else np.asarray(a)
-                                           for i, a in enumerate(args))
-  T, N, H = q.shape
-  pages = pool.reshape(pool.shape[0], 2, -1, kv_heads, H).astype(np.float64)
-  Tp = pages.shape[2]
-  G = N // kv_heads
-  out = np.zeros((T, N, H))
-  lse = np.full((T, N), -np.inf)
+def oracle_inputs(args):
+  """A batch's arrays as numpy (q and the pool in float32)."""
+  return [np.asarray(jnp.asarray(a, jnp.float32)) if i < 2 else np.asarray(a)
+          for i, a in enumerate(args)]
+
+
+def live_keys(table, cu, kv_lens, num_seqs, page_tokens):
+  """The oracles' causal walk: (query token t, [(page, offset) of every key t sees in a live
+  page]) for each live query token that sees at least one key."""
   for s in range(int(num_seqs[0])):
     q_len = cu[s + 1] - cu[s]
     for i in range(q_len):
       t, pos = cu[s] + i, kv_lens[s] - q_len + i
-      keys = [j for j in range(pos + 1) if table[s, j // Tp] != 0]
-      if not keys:
-        continue
-      k = np.stack([pages[table[s, j // Tp], 0, j % Tp] for j in keys])  # [L, K, H]
-      v = np.stack([pages[table[s, j // Tp], 1, j % Tp] for j in keys])
-      for n in range(N):
-        sc = k[:, n // G] @ q[t, n] * sm_scale
-        m = sc.max()
-        p = np.exp(sc - m)
-        out[t, n] = p @ v[:, n // G] / p.sum()
-        lse[t, n] = m + np.log(p.sum())
+      keys = [(table[s, j // page_tokens], j % page_tokens) for j in range(pos + 1)
+              if table[s, j // page_tokens] != 0]
+      if keys:
+        yield t, keys
+
+
+def dense_oracle(args, kv_heads, sm_scale):
+  """Float64 numpy loop over sequences and tokens: causal attention over the live pages."""
+  q, pool, table, cu, kv_lens, num_seqs = oracle_inputs(args)
+  T, N, H = q.shape
+  pages = pool.reshape(pool.shape[0], 2, -1, kv_heads, H).astype(np.float64)
+  G = N // kv_heads
+  out = np.zeros((T, N, H))
+  lse = np.full((T, N), -np.inf)
+  for t, keys in live_keys(table, cu, kv_lens, num_seqs, pages.shape[2]):
+    k = np.stack([pages[page, 0, j] for page, j in keys])  # [L, K, H]
+    v = np.stack([pages[page, 1, j] for page, j in keys])
+    for n in range(N):
+      sc = k[:, n // G] @ q[t, n] * sm_scale
+      m = sc.max()
+      p = np.exp(sc - m)
+      out[t, n] = p @ v[:, n // G] / p.sum()
+      lse[t, n] = m + np.log(p.sum())
   return out, lse
 
 
