@@ -80,10 +80,12 @@ class EngineConfig:
       `metrics()`, `pipeline.png`); 0 = none. crosspool*: each stage (a watcher thread waits
       on each stage's output, host time, so serving records only a sample); static/shared:
       each model program (no thread: its tokens are read anyway).
-    decode_steps_per_dispatch: static/shared only: a decode-only model batch runs up to this
-      many decode steps in one dispatch (on-device loop; KV pages reserved for them first,
-      never by preemption); its tokens all get the dispatch's end as their time, so TBT
-      within a dispatch reads 0. 1 = one step per dispatch.
+    decode_steps_per_dispatch: a decode-only model batch runs up to this many decode steps in
+      one dispatch (KV pages reserved for them first, never by preemption): static/shared in
+      one on-device loop, crosspool* as a chunk of steps enqueued with no read between them
+      when every batch of the iteration is decode-only and its pages are on its home device;
+      its tokens all get the dispatch's end as their time, so TBT within a dispatch reads 0.
+      1 = one step per dispatch.
   """
 
   kv_policy: str = "shared"

@@ -8,9 +8,11 @@ import numpy as np
 import pytest
 
 from crosspool_jax.engine import Engine, EngineConfig
+from crosspool_jax.engine.executors.api import HostCounters
 from crosspool_jax.engine.executors.crosspool import ping_pong, split_micro_batches
 from crosspool_jax.engine.scheduler import ModelBatch
-from tests.engine.test_engine import FAMILIES, MODELS, _references, _workload
+from crosspool_jax.models.sampling import SamplingParams
+from tests.engine.test_engine import FAMILIES, MODELS, _reference, _references, _workload
 
 
 def _crosspool(pages, models=FAMILIES, homes=None, **overrides):
@@ -83,6 +85,61 @@ def test_resident_experts_step_with_no_read_before_the_tokens():
   # Reads per step: each micro-batch's tokens and each weights device's routing, no more.
   assert host["steps"] > 0 and host["blocking_reads_per_step"] <= 2 * 4 + 2
   assert 0 < host["dispatches_per_step"] and host["host_us_per_token"] > 0
+
+
+def test_multistep_decode_equals_reference_with_preemption_and_swapping():
+  # 4 decode steps per dispatch with the module's small pools: pages spread over both KV
+  # devices and 25 % of the experts resident, so most decode iterations decline the chunk and
+  # run one step (each request gets one token of its reserved four); still exact.
+  eng = _crosspool(pages=24, decode_steps_per_dispatch=4)
+  work = _workload(10, seed=4)
+  rids = [eng.submit(model_id=m, prompt_ids=p, max_new_tokens=n) for m, p, n in work]
+  before = eng.metrics()["backend_compiles_since_start"]
+  out = eng.generate_all()
+  metrics = eng.metrics()
+  assert [out[r] for r in rids] == _references(work)
+  assert metrics["backend_compiles_since_start"] == before
+  assert metrics["pools"]["0"]["preemptions"] > 0 and metrics["weights_pool"]["misses"] > 0
+  assert metrics["expert_calls"]["chunk_declined"] > 0
+  assert metrics["pools"]["0"]["used_pages_now"] == 0
+
+
+def test_multistep_decode_chunks_read_tokens_once():
+  """pin_all and pages to spare on each home device: decode-only iterations run as chunks of
+  4 steps with no device read between them (under the transfer guard: no implicit transfer
+  either); greedy and seeded-sampled tokens equal the reference, a stop id ends a request
+  inside a chunk, nothing compiles after start, and the blocking reads per generated token
+  fall below half those of the same engine run one step per dispatch."""
+  work = _workload(8, seed=5, max_new=24, max_prompt=20)
+  sampling = [None if i % 2 else SamplingParams(temperature=0.9, top_k=40, top_p=0.95,
+                                                seed=100 + i) for i in range(len(work))]
+  expected = [_reference(m, p, n, s) for (m, p, n), s in zip(work, sampling, strict=True)]
+  k = next(k for k in range(3, 6) if expected[1][k] not in expected[1][:k])  # in a chunk
+  stops = [()] * len(work)
+  stops[1] = (expected[1][k],)
+  expected[1] = expected[1][:k + 1]
+  eng = _crosspool(pages=96, expert_policy="pin_all", expert_slots_per_device=32,
+                   decode_steps_per_dispatch=4)
+  before = eng.metrics()["backend_compiles_since_start"]
+  host, runs = {}, 0
+  for steps in (1, 4):  # the scheduler reserves pages for `steps` tokens: 1 = no chunk
+    eng.scheduler.decode_steps = steps
+    eng.executor.counters = HostCounters()
+    rids = [eng.submit(model_id=m, prompt_ids=p, max_new_tokens=n, sampling=s, stop_ids=stop)
+            for (m, p, n), s, stop in zip(work, sampling, stops, strict=True)]
+    with jax.transfer_guard("disallow"):
+      out = eng.generate_all()
+    metrics = eng.metrics()
+    assert [out[r] for r in rids] == expected, steps
+    assert eng._requests[rids[1]].finish_reason == "stop"
+    assert metrics["backend_compiles_since_start"] == before
+    calls = metrics["expert_calls"]
+    assert calls["reads_before_tokens"] == 0 and calls["miss_steps"] == 0
+    assert calls["chunk_declined"] == 0 and (calls["chunk_runs"] > runs) == (steps > 1)
+    runs = calls["chunk_runs"]
+    host[steps] = metrics["host"]
+    assert host[steps]["tokens"] == sum(map(len, expected))
+  assert host[4]["blocking_reads_per_token"] < host[1]["blocking_reads_per_token"] / 2
 
 
 def test_small_batches_are_not_cut_into_micro_batches():

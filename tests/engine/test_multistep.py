@@ -189,6 +189,3 @@ def test_packed_buffer_round_trips():
 def test_decode_steps_per_dispatch_is_validated():
   with pytest.raises(ValueError, match="decode_steps_per_dispatch must be an integer >= 1"):
     EngineConfig(decode_steps_per_dispatch=0)
-  with pytest.raises(ValueError, match="not supported by the crosspool policy yet"):
-    EngineConfig(kv_policy="crosspool", devices=(0, 1), weight_devices=(2, 3),
-                 decode_steps_per_dispatch=4)

@@ -19,7 +19,7 @@ import numpy as np
 
 from crosspool_jax.engine.scheduler import ModelBatch
 from crosspool_jax.models.paged import PagedBatch
-from crosspool_jax.models.sampling import NO_TOKEN, SamplingParams, stack_params
+from crosspool_jax.models.sampling import INVALID_TOKEN, NO_TOKEN, SamplingParams, stack_params
 from crosspool_jax.pools.kv_pool import KVPool
 
 
@@ -156,29 +156,55 @@ def step_inputs(arrays: dict[str, jax.Array]):
   return paged, {k: arrays[k] for k in SAMPLING_KEYS}, arrays["next_positions_S"]
 
 
-def decode_arrays(pool: KVPool, batch: ModelBatch, max_batch: int) -> dict[str, np.ndarray]:
-  """Host arrays of a multi-step decode batch (`batch.decode_steps` set), padded to
-  `max_batch`: each request's pending token and its position, the tokens it may generate
-  (0 on padding rows), its page tables (the pool's device 0: a colocated pool has one), up to
-  `MAX_STOP_IDS` of its stop ids (`NO_TOKEN` fills; the host commit checks them all), its
-  sampling arrays."""
+def decode_limits(batch: ModelBatch, max_batch: int) -> dict[str, np.ndarray]:
+  """How far each request of a multi-step decode batch may run, padded to `max_batch`: the
+  tokens it may generate (`steps_S`, 0 on padding rows, and on every row of a batch that is
+  not multi-step) and up to `MAX_STOP_IDS` of its stop ids (`stop_ids_S4`, `NO_TOKEN` fills;
+  the host commit checks them all)."""
   s, n = max_batch, len(batch.requests)
   if n > s:
     raise RuntimeError(f"{n} sequences exceed max_batch {s}")
-  tokens = np.zeros(s, np.int32)
-  positions = np.zeros(s, np.int32)
   steps = np.zeros(s, np.int32)
   stops = np.full((s, MAX_STOP_IDS), NO_TOKEN, np.int32)
-  for i, (r, k) in enumerate(zip(batch.requests, batch.decode_steps, strict=True)):
-    tokens[i] = r.pending_ids(1)[0]
-    positions[i] = r.num_cached
+  for i, (r, k) in enumerate(zip(batch.requests, batch.decode_steps or (), strict=False)):
     steps[i] = k
     ids = sorted(r.stop_ids)[:MAX_STOP_IDS]
     stops[i, :len(ids)] = ids
+  return {"steps_S": steps, "stop_ids_S4": stops}
+
+
+def decode_arrays(pool: KVPool, batch: ModelBatch, max_batch: int) -> dict[str, np.ndarray]:
+  """Host arrays of a multi-step decode batch (`batch.decode_steps` set), padded to
+  `max_batch`: each request's pending token and its position, its `decode_limits`, its page
+  tables (the pool's device 0: a colocated pool has one), its sampling arrays."""
+  s, n = max_batch, len(batch.requests)
+  limits = decode_limits(batch, s)
+  tokens = np.zeros(s, np.int32)
+  positions = np.zeros(s, np.int32)
+  for i, r in enumerate(batch.requests):
+    tokens[i] = r.pending_ids(1)[0]
+    positions[i] = r.num_cached
   tables = pool.tables(batch.model_id, [r.request_id for r in batch.requests])
   local = np.zeros((tables.shape[0], s, tables.shape[2]), np.int32)
   local[:, :n] = pool.local_tables(tables, 0)
   sampling = stack_params_padded([r.sampling for r in batch.requests], s)
-  return ({"tokens_S": tokens, "positions_S": positions, "steps_S": steps,
+  return ({"tokens_S": tokens, "positions_S": positions, "steps_S": limits["steps_S"],
            "num_seqs_1": np.asarray([n], np.int32), "page_tables_LSP": local,
-           "stop_ids_S4": stops} | {k: sampling[k] for k in SAMPLING_KEYS})
+           "stop_ids_S4": limits["stop_ids_S4"]} | {k: sampling[k] for k in SAMPLING_KEYS})
+
+
+def decode_slots(tables_LSP: jax.Array, pos_S: jax.Array, alive_S: jax.Array,
+                 page_tokens: int) -> jax.Array:
+  """int32 [L, S] local KV slot of each live sequence's token at `pos_S` (its page from the
+  page table); 0 (the null page) for a finished or padding sequence or a page held elsewhere."""
+  page_LS = tables_LSP[:, jnp.arange(pos_S.shape[0]), pos_S // page_tokens]
+  return jnp.where(alive_S & (page_LS > 0), page_LS * page_tokens + pos_S % page_tokens,
+                   0).astype(jnp.int32)
+
+
+def decode_stopped(next_S: jax.Array, count_S: jax.Array, steps_S: jax.Array,
+                   stops_S4: jax.Array) -> jax.Array:
+  """Whether a sequence of a multi-step decode stops after sampling `next_S`: an
+  `INVALID_TOKEN`, one of its stop ids, or its `count_S`-th token reaching its `steps_S`."""
+  return ((next_S == INVALID_TOKEN) | (next_S[:, None] == stops_S4).any(-1)
+          | (count_S >= steps_S))

@@ -25,6 +25,8 @@ from crosspool_jax.engine.executors.batching import (
   SAMPLING_KEYS,
   PackedLayout,
   decode_arrays,
+  decode_slots,
+  decode_stopped,
   pack,
   pack_batch,
   stack_params_padded,
@@ -36,7 +38,7 @@ from crosspool_jax.engine.executors.batching import (
 from crosspool_jax.engine.executors.crosspool import Timeline
 from crosspool_jax.engine.scheduler import ModelBatch
 from crosspool_jax.models.paged import PagedBatch, forward_paged
-from crosspool_jax.models.sampling import INVALID_TOKEN, NO_TOKEN, sample
+from crosspool_jax.models.sampling import NO_TOKEN, sample
 from crosspool_jax.pools.kv_buffers import allocate_kv_buffer
 from crosspool_jax.pools.kv_pool import KVPool
 
@@ -77,14 +79,11 @@ def _decode_loop(params, pool_PE, packed_N, *, layout: PackedLayout, num_steps: 
 
   def step(carry):
     i, pool_PE, tokens_S, alive_S, pos_S, count_S, out_SN = carry
-    page_LS = tables_LSP[:, rows_S, pos_S // page_tokens]
-    slots_LS = jnp.where(alive_S & (page_LS > 0), page_LS * page_tokens + pos_S % page_tokens,
-                         0)
     batch = PagedBatch(tokens_T=tokens_S, positions_T=jnp.where(alive_S, pos_S, -1),
                        cu_q_lens_S1=cu_q_lens_S1,
                        kv_lens_S=jnp.where(rows_S < num_seqs_1[0], pos_S + alive_S, 0),
                        num_seqs_1=num_seqs_1, page_tables_LSP=tables_LSP,
-                       slot_mapping_LT=slots_LS.astype(jnp.int32))
+                       slot_mapping_LT=decode_slots(tables_LSP, pos_S, alive_S, page_tokens))
     logits_SV, pool_PE = forward_paged(params, pool_PE, batch, cfg=cfg, attn_impl=attn_impl,
                                        moe_impl=moe_impl)
     next_S = sample(logits_SV, pos_S + 1, **sampling)
@@ -92,8 +91,7 @@ def _decode_loop(params, pool_PE, packed_N, *, layout: PackedLayout, num_steps: 
     count_S = count_S + alive_S
     tokens_S = jnp.where(alive_S, next_S, tokens_S)
     pos_S = pos_S + alive_S
-    stopped_S = ((next_S == INVALID_TOKEN) | (next_S[:, None] == stops_S4).any(-1)
-                 | (count_S >= steps_S))
+    stopped_S = decode_stopped(next_S, count_S, steps_S, stops_S4)
     return i + 1, pool_PE, tokens_S, alive_S & ~stopped_S, pos_S, count_S, out_SN
 
   alive_S = steps_S > 0

@@ -28,6 +28,9 @@ import numpy as np
 from crosspool_jax.engine.executors.api import HostCounters, LoadedModel, blame
 from crosspool_jax.engine.executors.batching import (
     PackedLayout,
+    decode_limits,
+    decode_slots,
+    decode_stopped,
     pack,
     pack_batch,
     step_arrays,
@@ -37,6 +40,8 @@ from crosspool_jax.engine.executors.batching import (
 )
 from crosspool_jax.engine.scheduler import ModelBatch
 from crosspool_jax.models import stages
+from crosspool_jax.models.paged import PagedBatch
+from crosspool_jax.models.sampling import NO_TOKEN
 from crosspool_jax.pools.kv_buffers import allocate_kv_buffer
 from crosspool_jax.pools.kv_pool import KVPool
 from crosspool_jax.pools.weights_buffers import DeviceWeightsPool
@@ -243,13 +248,63 @@ def _none_used(tables_RE):
   return tables_RE != tables_RE
 
 
+_LIMITS = ("steps_S", "stop_ids_S4")  # `decode_limits`, packed when decode_steps > 1
+
+
 @functools.partial(jax.jit, static_argnames=("layout",))
 def _unpack_and_embed(packed_N, embed_VD, *, layout: PackedLayout):
   """A micro-batch's packed inputs on its home KV device: (PagedBatch, sampling, next
-  positions, token embeddings x_TD, valid mask valid_T)."""
-  batch, sampling, next_positions_S = step_inputs(unpack(packed_N, layout))
+  positions, token embeddings x_TD, valid mask valid_T, its `decode_limits` if packed)."""
+  arrays = unpack(packed_N, layout)
+  batch, sampling, next_positions_S = step_inputs(arrays)
   return (batch, sampling, next_positions_S,
-          *stages.embed(embed_VD, batch.tokens_T, batch.positions_T))
+          *stages.embed(embed_VD, batch.tokens_T, batch.positions_T),
+          {k: arrays[k] for k in _LIMITS if k in arrays})
+
+
+@functools.partial(jax.jit, static_argnames=("num_steps",))
+def _chunk_start(steps_S, *, num_steps: int):
+  """A multi-step decode's state on a micro-batch's home device: (live sequences: those that
+  may generate, tokens generated so far [S], tokens [S, num_steps] all `NO_TOKEN`)."""
+  return (steps_S > 0, jnp.zeros_like(steps_S),
+          jnp.full((steps_S.shape[0], num_steps), NO_TOKEN, jnp.int32))
+
+
+def _fit(a, size: int, fill: int = 0):
+  """`a` cut or padded (with `fill`) along its last axis to `size` (sequences -> tokens)."""
+  n = a.shape[-1]
+  if n >= size:
+    return a[..., :size]
+  return jnp.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, size - n)], constant_values=fill)
+
+
+@functools.partial(jax.jit, static_argnames=("page_tokens",), donate_argnames=("out_SN",))
+def _advance(embed_VD, batch: PagedBatch, next_pos_S, tokens_S, alive_S, count_S, limits,
+             out_SN, step, *, page_tokens: int):
+  """One decode step of a multi-step chunk ends and the next one's inputs follow, on device.
+
+  Each live sequence's sampled token `tokens_S` is recorded in column `step` of `out_SN`
+  (donated); a sequence stops on a stop id, an invalid token or its `steps_S`
+  (`decode_stopped`). The next step feeds each live sequence its token at `next_pos_S` (KV
+  slot from its page table, which holds the pages reserved for the chunk); a stopped one
+  becomes padding (position -1, KV slot 0: the null page). Decode batches hold one token per
+  sequence, row i of T for sequence i. Returns (next PagedBatch, next positions, live, counts,
+  out_SN, token embeddings x_TD, valid_T).
+  """
+  out_SN = out_SN.at[:, step].set(jnp.where(alive_S, tokens_S, NO_TOKEN))
+  count_S = count_S + alive_S
+  alive_S = alive_S & ~decode_stopped(tokens_S, count_S, limits["steps_S"],
+                                      limits["stop_ids_S4"])
+  t = batch.tokens_T.shape[0]
+  fed = dataclasses.replace(
+      batch, tokens_T=_fit(jnp.where(alive_S, tokens_S, 0), t),
+      positions_T=_fit(jnp.where(alive_S, next_pos_S, -1), t, fill=-1),
+      kv_lens_S=jnp.where(jnp.arange(alive_S.shape[0]) < batch.num_seqs_1[0],
+                          next_pos_S + alive_S, 0),
+      slot_mapping_LT=_fit(decode_slots(batch.page_tables_LSP, next_pos_S, alive_S,
+                                        page_tokens), t))
+  return (fed, next_pos_S + alive_S, alive_S, count_S, out_SN,
+          *stages.embed(embed_VD, fed.tokens_T, fed.positions_T))
 
 
 @functools.partial(jax.jit, static_argnames=("layout",))
@@ -269,7 +324,8 @@ def split_micro_batches(batch: ModelBatch, micro_batches: int, min_tokens: int
   n = len(batch.requests)
   parts = min(micro_batches, n, max(1, batch.num_tokens // max(1, min_tokens)))
   bounds = np.linspace(0, n, parts + 1).round().astype(int)
-  return [ModelBatch(batch.model_id, batch.requests[a:b], batch.num_new[a:b])
+  return [ModelBatch(batch.model_id, batch.requests[a:b], batch.num_new[a:b],
+                     None if batch.decode_steps is None else batch.decode_steps[a:b])
           for a, b in itertools.pairwise(bounds) if b > a]
 
 
@@ -393,6 +449,7 @@ class _MicroBatch:
   valid_T: jax.Array  # on the home KV device
   valid_host: np.ndarray  # bool [T], the same on the host
   x_TD: jax.Array
+  limits: dict  # on the home KV device: `decode_limits` when packed (decode_steps > 1)
   valid_on: dict = dataclasses.field(default_factory=dict)  # weights device -> valid_T there
   moe: tuple | None = None  # (x_TD after attention, h_TD, ids_TK, weights_TK) between stages
   pending: tuple | None = None  # (p_ffn, h_TD, y_TD) of a MoE layer awaiting its combine
@@ -437,6 +494,10 @@ class DisaggregatedExecutor:
       call per layer (False: one call per micro-batch, the ablation).
     fused_token_buckets: padded token counts of an expert call (default: `token_buckets`); a
       group with more valid tokens than the largest is split over several calls.
+    decode_steps: decode steps of one multi-step chunk (1: none). An iteration whose every
+      batch is multi-step (`ModelBatch.decode_steps`) and whose pages are all on their home
+      KV devices is enqueued as that many steps, each step's inputs made on device from the
+      last one's tokens, with one read of all its tokens (`_run_chunk`).
   """
 
   def __init__(self, models: dict[str, LoadedModel], kv_pool: KVPool,
@@ -445,7 +506,9 @@ class DisaggregatedExecutor:
                micro_batch_min_tokens: int = 0,
                attn_impl: str | None = None, moe_impl: str | None = None,
                timeline_every: int = 1, fuse_experts: bool = True,
-               fused_token_buckets: tuple[int, ...] | None = None):
+               fused_token_buckets: tuple[int, ...] | None = None, decode_steps: int = 1):
+    if decode_steps < 1:
+      raise ValueError(f"decode_steps must be >= 1, got {decode_steps}")
     if not 1 <= micro_batches <= max_batch:
       raise ValueError(f"micro_batches must be in [1, max_batch={max_batch}] (a micro-batch "
                        f"needs at least one request), got {micro_batches}")
@@ -474,6 +537,7 @@ class DisaggregatedExecutor:
     if self.fused_token_buckets[-1] < self.token_buckets[-1]:
       raise ValueError(f"fused_token_buckets {self.fused_token_buckets} must reach the largest "
                        f"token bucket {self.token_buckets[-1]}")
+    self.decode_steps = decode_steps
     self.steps = 0
     self.counters = HostCounters()
     self.expert_calls = 0  # expert-dispatch calls issued in served steps
@@ -482,6 +546,9 @@ class DisaggregatedExecutor:
     self.miss_steps = 0  # steps whose routing missed a resident expert: rerun with loads
     self.retry_runs = 0  # of them, rerun speculatively with what the missed run chose loaded
     self.retry_misses = 0  # retries that missed again (then the sync path)
+    self.chunk_runs = 0  # multi-step decode chunks enqueued (`_run_chunk`)
+    self.chunk_declined = 0  # multi-step iterations run as one step (pages off their home
+    # device, or experts of their layers not resident)
     self._tally = [0, 0, 0]  # calls, members, splits of the run in progress
     self._warm: set[tuple[str, int]] = set()
     # (class, weights device, tables shape, fused bucket | (tokens, top_k) of a one-member call)
@@ -509,14 +576,15 @@ class DisaggregatedExecutor:
     """Expert-dispatch calls of served steps and the micro-batches they served; the steps
     whose speculative run missed a non-resident expert, their retries with its choices loaded,
     the retries that missed again, and blocking reads made before a step's tokens (the sync
-    path's)."""
+    path's); multi-step decode chunks run and declined (`_chunk_steps`)."""
     return {"fused": self.fuse_experts, "calls": self.expert_calls,
             "micro_batches": self.expert_members, "splits": self.expert_splits,
             "mean_members_per_call": (self.expert_members / self.expert_calls
                                       if self.expert_calls else 0.0),
             "miss_steps": self.miss_steps, "retry_runs": self.retry_runs,
             "retry_misses": self.retry_misses,
-            "reads_before_tokens": self.reads_before_tokens}
+            "reads_before_tokens": self.reads_before_tokens,
+            "chunk_runs": self.chunk_runs, "chunk_declined": self.chunk_declined}
 
   # --- host helpers: device scalars, counted transfers and reads ---------------------------
 
@@ -567,6 +635,8 @@ class DisaggregatedExecutor:
         for spread in (False, True):
           self._run_micro_batches(self._prepare([(model, empty, bucket, 0)], spread=spread),
                                   track=False, sync=False)
+        if self.decode_steps > 1:
+          self._run_chunk(self._prepare([(model, empty, bucket, 0)]), 1, track=False)
         self._warm.add((model_id, bucket))
         if log:
           log(f"compiled {model_id} tokens={bucket}")
@@ -734,6 +804,15 @@ class DisaggregatedExecutor:
     layer); if that cannot load (the choices do not fit a partition together) or misses again,
     it runs in the sync mode: a read of each layer's routing before its expert call, loading
     what it chose. Every rerun is exact: the same KV slots rewritten, the same sampling keys.
+
+    An iteration of multi-step batches only (`ModelBatch.decode_steps`, pages reserved for
+    them) runs as a chunk of decode steps (`_run_chunk`, no read between them) when it cannot
+    miss: every micro-batch's pages on its home KV device and, once `_make_resident` ran,
+    every expert of its MoE layers resident. Else it runs one step as above (each request
+    gets one token, its pages stay reserved): a miss inside a chunk would be found only after
+    all its steps, and a speculative chunk of N steps with swapped experts missed nearly every
+    time. A multi-step batch's tokens are [B, decode_steps] (`NO_TOKEN` past each request's
+    last), else [B].
     """
     start, self._read_s = time.perf_counter(), 0.0
     phased = ping_pong(batches, self.micro_batches, self.micro_batch_min_tokens)
@@ -756,8 +835,17 @@ class DisaggregatedExecutor:
     mbs = prepare()
     self._make_resident(mbs)
     events = len(self.timeline.events)
-    tokens = self._run_micro_batches(mbs, track=track, sync=False)
-    missed = self._account(mbs)
+    chunk = self._chunk_steps(batches, mbs)
+    if chunk:
+      self.chunk_runs += 1
+      tokens = self._run_chunk(mbs, chunk, track)
+      missed = self._account(mbs)
+      if missed is not None:
+        raise RuntimeError(f"a multi-step chunk chose non-resident experts {missed} although "
+                           "every expert of its layers was resident before it")
+    else:
+      tokens = self._run_micro_batches(mbs, track=track, sync=False)
+      missed = self._account(mbs)
     if missed is not None:
       self.miss_steps += 1
       self._discard(events)
@@ -780,13 +868,34 @@ class DisaggregatedExecutor:
     swaps = self.wpool.pool.stats.swap_calls - swaps  # each: one put of 4 arrays, one write
     self.counters.transfers += 4 * swaps
     self._dispatched(swaps)
-    self.counters.steps += 1
-    self.counters.tokens += sum(b.num_sampled for b in batches)
-    self.counters.host_s += time.perf_counter() - start - self._read_s
     out = [[] for _ in batches]
     for i, t in zip(owner, tokens, strict=True):
       out[i].append(t)
-    return [np.concatenate(t) for t in out]
+    out = [np.concatenate(t) for t in out]
+    for i, b in enumerate(batches):
+      if b.decode_steps is not None and not chunk:  # one step of a multi-step batch
+        out[i] = np.concatenate([out[i][:, None], np.full(
+            (len(out[i]), self.decode_steps - 1), NO_TOKEN, out[i].dtype)], axis=1)
+    self.counters.steps += max(1, chunk)
+    self.counters.tokens += sum(
+        int((t != NO_TOKEN).sum()) if b.decode_steps is not None else b.num_sampled
+        for b, t in zip(batches, out, strict=True))
+    self.counters.host_s += time.perf_counter() - start - self._read_s
+    return out
+
+  def _chunk_steps(self, batches: list[ModelBatch], mbs: list[_MicroBatch]) -> int:
+    """Decode steps to run as one chunk: the most any request may generate, if every batch
+    is multi-step, every micro-batch's pages are on its home KV device and every expert of
+    the step's MoE layers is resident; else 0 (counted in `chunk_declined` when only the
+    pages or the residency prevent it)."""
+    if self.decode_steps == 1 or any(b.decode_steps is None for b in batches):
+      return 0
+    pool = self.wpool.pool
+    if any(len(mb.paged) > 1 for mb in mbs) or not all(
+        pool.resident_mask(m, layer).all() for m, layer in self._step_layers(mbs)):
+      self.chunk_declined += 1
+      return 0
+    return max(k for b in batches for k in b.decode_steps)
 
   def _prepare(self, specs: list[tuple[LoadedModel, ModelBatch, int, int]], *,
                 spread: bool = False) -> list[_MicroBatch]:
@@ -802,6 +911,8 @@ class DisaggregatedExecutor:
         for d, b in enumerate(paged):
           if spread or d == model.group or b.page_tables_LSP.any():
             arrays = step_arrays(b, sampling, next_pos)
+            if self.decode_steps > 1:
+              arrays |= decode_limits(batch, self.max_batch)
             if key not in self._layouts:
               self._layouts[key] = PackedLayout.like(arrays)
             host.append(pack(arrays, self._layouts[key]))
@@ -817,13 +928,13 @@ class DisaggregatedExecutor:
       with blame([model.model_id]):
         for d in mine:
           if d == model.group:
-            on[d], sampling, next_pos, x_TD, valid_T = _unpack_and_embed(
+            on[d], sampling, next_pos, x_TD, valid_T, limits = _unpack_and_embed(
                 next(bufs), model.params["embed_VD"], layout=layout)
           else:
             on[d] = _unpack(next(bufs), layout=layout)
           self._dispatched()
       mbs.append(_MicroBatch(index, phase, model, batch, on, sampling, next_pos, valid_T,
-                             valid_host, x_TD))
+                             valid_host, x_TD, limits))
     return mbs
 
   def _make_resident(self, mbs: list[_MicroBatch]) -> None:
@@ -887,6 +998,12 @@ class DisaggregatedExecutor:
 
     Raises `StepError` naming the models of the stage that raised.
     """
+    self._start_run()
+    tokens = self._read(self._enqueue_step(mbs, track, sync))
+    return [t[:len(mb.batch.requests)] for t, mb in zip(tokens, mbs, strict=True)]
+
+  def _start_run(self) -> None:
+    """Before a run's first step: no expert chosen yet, nothing read, nothing tallied."""
     self._tally = [0, 0, 0]
     self._tokens_read = False
     self._sync_chosen: dict[tuple[str, int], np.ndarray] = {}  # what a sync run's layers chose
@@ -894,6 +1011,38 @@ class DisaggregatedExecutor:
       if t.rows:
         t.used_RE = _none_used(t.tables_RE)
         self._dispatched()
+
+  def _run_chunk(self, mbs: list[_MicroBatch], steps: int, track: bool) -> list[np.ndarray]:
+    """Enqueues `steps` decode steps of every micro-batch with no device read between them:
+    after each step's sampling, `_advance` records the tokens and makes the next step's
+    inputs on the home device. Then ONE read of every micro-batch's tokens [B, decode_steps].
+    """
+    self._start_run()
+    state = {}
+    for mb in mbs:
+      with blame([mb.model.model_id]):
+        state[mb.index] = _chunk_start(mb.limits["steps_S"], num_steps=self.decode_steps)
+        self._dispatched()
+    for step in range(steps):
+      sampled = self._enqueue_step(mbs, track, sync=False)
+      for i, (mb, tokens_S) in enumerate(zip(mbs, sampled, strict=True)):
+        with blame([mb.model.model_id]):
+          alive_S, count_S, out_SN = state[mb.index]
+          fed, next_pos, alive_S, count_S, out_SN, x_TD, valid_T = _advance(
+              mb.model.params["embed_VD"], mb.paged[mb.home], mb.next_pos, tokens_S,
+              alive_S, count_S, mb.limits, out_SN, self._scalar(self.kv_devices[mb.home], step),
+              page_tokens=self.kv_pool.page_tokens(mb.model.model_id))
+          self._dispatched()
+        state[mb.index] = alive_S, count_S, out_SN
+        mbs[i] = dataclasses.replace(mb, paged={mb.home: fed}, next_pos=next_pos,
+                                     valid_T=valid_T, x_TD=x_TD, valid_on={})
+    self._tokens_read = True
+    tokens = self._read([state[mb.index][2] for mb in mbs])
+    return [t[:len(mb.batch.requests)] for t, mb in zip(tokens, mbs, strict=True)]
+
+  def _enqueue_step(self, mbs: list[_MicroBatch], track: bool, sync: bool) -> list[jax.Array]:
+    """Enqueues every layer of every micro-batch and its sampling; the tokens [S] on each
+    micro-batch's home device (not read)."""
     depth = max(mb.model.cfg.num_layers for mb in mbs)
     for layer in range(depth):
       live = [mb for mb in mbs if layer < mb.model.cfg.num_layers]
@@ -910,9 +1059,8 @@ class DisaggregatedExecutor:
                                           mb.paged[mb.home].cu_q_lens_S1, mb.sampling,
                                           mb.next_pos, cfg=mb.model.cfg))
         self._dispatched()
-    self._tokens_read = True  # the read below is the tokens' own
-    tokens = self._read(out)
-    return [t[:len(mb.batch.requests)] for t, mb in zip(tokens, mbs, strict=True)]
+    self._tokens_read = True  # the caller's read is the tokens' own
+    return out
 
   def _track(self, track, out, mbs, layer, kind, device):
     if track:

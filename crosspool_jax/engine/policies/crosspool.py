@@ -47,10 +47,6 @@ class CrossPoolPolicy(MemoryPolicy):
 
   def validate(self, config) -> None:
     make_policy(config.expert_policy)  # an unknown expert policy is named here
-    if config.decode_steps_per_dispatch != 1:
-      raise ValueError(f"decode_steps_per_dispatch={config.decode_steps_per_dispatch}: "
-                       f"multi-step decode is not supported by the {self.name} policy yet "
-                       "(use 1, or the static / shared policy)")
 
   def new_weights_pool(self, *, device_bytes: int, num_devices: int,
                        expert_policy: str) -> WeightsPool:
@@ -179,7 +175,7 @@ class CrossPoolPolicy(MemoryPolicy):
         micro_batch_min_tokens=config.micro_batch_min_tokens,
         attn_impl=config.attn_impl, moe_impl=config.moe_impl, fuse_experts=config.fuse_experts,
         timeline_every=config.timeline_every,
-        fused_token_buckets=fused_buckets)
+        fused_token_buckets=fused_buckets, decode_steps=config.decode_steps_per_dispatch)
     return Runtime(pools, model_pools, executor, weights_pool)
 
   def add_model(self, runtime: Runtime, config, model: LoadedModel, spec: KVModelSpec, *,
