@@ -97,7 +97,8 @@ def engine_block(**kw):
       expert_policy="lru",        # pin_all | lru | lfu | activation_aware
       fuse_experts=True,          # micro-batches of one shape class share an expert call
       timeline_every=16,          # stage timeline of every Nth step (0: none)
-      # static/shared: decode steps of a decode-only batch per dispatch (an on-device loop)
+      # decode steps of a decode-only batch per dispatch (static/shared: an on-device loop;
+      # crosspool*: a chunk of steps with no read between them, when its experts are resident)
       decode_steps_per_dispatch=1,
   )
   return ml_collections.ConfigDict(base | kw)
@@ -164,10 +165,8 @@ def three_policies(*, kv_devices=(0, 1), weight_devices=(2, 3), **crosspool):
   return ml_collections.ConfigDict(dict(
       static=dict(kv_policy="static", devices=every, weight_devices=()),
       shared=dict(kv_policy="shared", devices=every, weight_devices=()),
-      # multi-step decode is not supported by the crosspool executor yet: one step there
       crosspool=dict(kv_policy="crosspool", devices=tuple(kv_devices),
-                     weight_devices=tuple(weight_devices), decode_steps_per_dispatch=1,
-                     **crosspool),
+                     weight_devices=tuple(weight_devices), **crosspool),
   ))
 
 
@@ -293,5 +292,5 @@ def paper_scale_setup(c, *, references: dict[str, int], num_devices: int = 8,
                                  weight_devices=tuple(range(len(kv), num_devices)))
   c.policies.crosspool_partitioned = ml_collections.ConfigDict(dict(
       kv_policy="crosspool_partitioned", devices=kv,
-      weight_devices=tuple(range(len(kv), num_devices)), decode_steps_per_dispatch=1))
+      weight_devices=tuple(range(len(kv), num_devices))))
   c.slo.ttft_s, c.slo.tbt_s = 2.0, 0.1

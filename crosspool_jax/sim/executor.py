@@ -111,6 +111,10 @@ class SimExecutor:
                kv_pools: dict[str, KVPool] | None = None):
     if weights_pool is not None and router is None:
       raise ValueError("a CrossPool simulation needs a router (the routing model)")
+    if weights_pool is not None and config.decode_steps_per_dispatch != 1:
+      raise ValueError(f"decode_steps_per_dispatch={config.decode_steps_per_dispatch}: the "
+                       "simulator models the crosspool executor's multi-step chunks not yet; "
+                       "simulate crosspool policies with 1")
     self.models = models
     self.config = config
     self.cost = cost

@@ -251,6 +251,19 @@ def _none_used(tables_RE):
 _LIMITS = ("steps_S", "stop_ids_S4")  # `decode_limits`, packed when decode_steps > 1
 
 
+@functools.partial(jax.jit, static_argnames=("num_steps",))
+def _chunk_used(tables_RE, *, num_steps: int):
+  """A chunk's fresh `used_NRE` [num_steps, rows, E']: no expert chosen in any step (from the
+  tables, so it is committed to their device; see `_none_used`)."""
+  return jnp.broadcast_to(tables_RE != tables_RE, (num_steps, *tables_RE.shape))
+
+
+@functools.partial(jax.jit, donate_argnames=("used_NRE", "used_RE"))
+def _keep_step(used_NRE, used_RE, step):
+  """A chunk step's routing marks kept in `used_NRE[step]`; the next step's fresh `used_RE`."""
+  return used_NRE.at[step].set(used_RE), used_RE & False
+
+
 @functools.partial(jax.jit, static_argnames=("layout",))
 def _unpack_and_embed(packed_N, embed_VD, *, layout: PackedLayout):
   """A micro-batch's packed inputs on its home KV device: (PagedBatch, sampling, next
@@ -473,6 +486,7 @@ class _Tables:
   used_RE: jax.Array  # bool, experts chosen in the step being run
   host_RE: np.ndarray  # the tables as last written
   resident_RE: np.ndarray  # bool: which of them were resident then
+  used_NRE: jax.Array | None = None  # bool, per step of the chunk being run: its used_RE
 
 
 class DisaggregatedExecutor:
@@ -547,8 +561,9 @@ class DisaggregatedExecutor:
     self.retry_runs = 0  # of them, rerun speculatively with what the missed run chose loaded
     self.retry_misses = 0  # retries that missed again (then the sync path)
     self.chunk_runs = 0  # multi-step decode chunks enqueued (`_run_chunk`)
-    self.chunk_declined = 0  # multi-step iterations run as one step (pages off their home
-    # device, or experts of their layers not resident)
+    self.chunk_cuts = 0  # of them, cut at a step that missed (it and later steps discarded)
+    self.chunk_declined = 0  # multi-step iterations run as one step (`_chunk_steps`)
+    self._chunk_backoff = False  # the last step run alone missed: no chunk until one hits
     self._tally = [0, 0, 0]  # calls, members, splits of the run in progress
     self._warm: set[tuple[str, int]] = set()
     # (class, weights device, tables shape, fused bucket | (tokens, top_k) of a one-member call)
@@ -576,7 +591,8 @@ class DisaggregatedExecutor:
     """Expert-dispatch calls of served steps and the micro-batches they served; the steps
     whose speculative run missed a non-resident expert, their retries with its choices loaded,
     the retries that missed again, and blocking reads made before a step's tokens (the sync
-    path's); multi-step decode chunks run and declined (`_chunk_steps`)."""
+    path's); multi-step decode chunks run, cut at a missed step, and declined
+    (`_chunk_steps`)."""
     return {"fused": self.fuse_experts, "calls": self.expert_calls,
             "micro_batches": self.expert_members, "splits": self.expert_splits,
             "mean_members_per_call": (self.expert_members / self.expert_calls
@@ -584,7 +600,8 @@ class DisaggregatedExecutor:
             "miss_steps": self.miss_steps, "retry_runs": self.retry_runs,
             "retry_misses": self.retry_misses,
             "reads_before_tokens": self.reads_before_tokens,
-            "chunk_runs": self.chunk_runs, "chunk_declined": self.chunk_declined}
+            "chunk_runs": self.chunk_runs, "chunk_cuts": self.chunk_cuts,
+            "chunk_declined": self.chunk_declined}
 
   # --- host helpers: device scalars, counted transfers and reads ---------------------------
 
@@ -806,13 +823,13 @@ class DisaggregatedExecutor:
     what it chose. Every rerun is exact: the same KV slots rewritten, the same sampling keys.
 
     An iteration of multi-step batches only (`ModelBatch.decode_steps`, pages reserved for
-    them) runs as a chunk of decode steps (`_run_chunk`, no read between them) when it cannot
-    miss: every micro-batch's pages on its home KV device and, once `_make_resident` ran,
-    every expert of its MoE layers resident. Else it runs one step as above (each request
-    gets one token, its pages stay reserved): a miss inside a chunk would be found only after
-    all its steps, and a speculative chunk of N steps with swapped experts missed nearly every
-    time. A multi-step batch's tokens are [B, decode_steps] (`NO_TOKEN` past each request's
-    last), else [B].
+    them) whose micro-batches' pages are all on their home KV devices runs as a chunk of
+    decode steps (`_run_chunk`: no read between them, the experts predicted once before it),
+    its routing recorded per step. The steps before the first that missed are exact and kept
+    (`_account_chunk`); that step and the later ones are discarded (their KV slots are
+    rewritten when their tokens are fed again). If the first step missed, the iteration runs
+    one step as above. Each request keeps its reserved pages. A multi-step batch's tokens are
+    [B, decode_steps] (`NO_TOKEN` past each request's last), else [B].
     """
     start, self._read_s = time.perf_counter(), 0.0
     phased = ping_pong(batches, self.micro_batches, self.micro_batch_min_tokens)
@@ -836,16 +853,23 @@ class DisaggregatedExecutor:
     self._make_resident(mbs)
     events = len(self.timeline.events)
     chunk = self._chunk_steps(batches, mbs)
+    kept, missed = 0, None
     if chunk:
       self.chunk_runs += 1
-      tokens = self._run_chunk(mbs, chunk, track)
-      missed = self._account(mbs)
-      if missed is not None:
-        raise RuntimeError(f"a multi-step chunk chose non-resident experts {missed} although "
-                           "every expert of its layers was resident before it")
-    else:
+      tokens, marks = self._run_chunk(mbs, chunk, track)
+      kept = self._account_chunk(mbs, chunk)
+      if kept < chunk:  # a step missed: it and the later ones are discarded
+        self.chunk_cuts += 1
+        self._discard(marks[kept])
+        tokens = [np.where(np.arange(t.shape[1]) < kept, t, NO_TOKEN) for t in tokens]
+      if not kept:  # its first step missed: the iteration runs one step instead
+        mbs = prepare()
+        self._make_resident(mbs)
+        events = len(self.timeline.events)
+    if not kept:
       tokens = self._run_micro_batches(mbs, track=track, sync=False)
       missed = self._account(mbs)
+      self._chunk_backoff = missed is not None
     if missed is not None:
       self.miss_steps += 1
       self._discard(events)
@@ -873,10 +897,10 @@ class DisaggregatedExecutor:
       out[i].append(t)
     out = [np.concatenate(t) for t in out]
     for i, b in enumerate(batches):
-      if b.decode_steps is not None and not chunk:  # one step of a multi-step batch
+      if b.decode_steps is not None and not kept:  # one step of a multi-step batch
         out[i] = np.concatenate([out[i][:, None], np.full(
             (len(out[i]), self.decode_steps - 1), NO_TOKEN, out[i].dtype)], axis=1)
-    self.counters.steps += max(1, chunk)
+    self.counters.steps += max(1, kept)
     self.counters.tokens += sum(
         int((t != NO_TOKEN).sum()) if b.decode_steps is not None else b.num_sampled
         for b, t in zip(batches, out, strict=True))
@@ -885,14 +909,13 @@ class DisaggregatedExecutor:
 
   def _chunk_steps(self, batches: list[ModelBatch], mbs: list[_MicroBatch]) -> int:
     """Decode steps to run as one chunk: the most any request may generate, if every batch
-    is multi-step, every micro-batch's pages are on its home KV device and every expert of
-    the step's MoE layers is resident; else 0 (counted in `chunk_declined` when only the
-    pages or the residency prevent it)."""
+    is multi-step and every micro-batch's pages are on its home KV device (`_advance` makes
+    KV slots from the home page table only), unless the last step run alone missed (its
+    prediction is failing: a chunk would likely be cut at its first step); else 0 (counted in
+    `chunk_declined` when only the pages or that miss prevent it)."""
     if self.decode_steps == 1 or any(b.decode_steps is None for b in batches):
       return 0
-    pool = self.wpool.pool
-    if any(len(mb.paged) > 1 for mb in mbs) or not all(
-        pool.resident_mask(m, layer).all() for m, layer in self._step_layers(mbs)):
+    if self._chunk_backoff or any(len(mb.paged) > 1 for mb in mbs):
       self.chunk_declined += 1
       return 0
     return max(k for b in batches for k in b.decode_steps)
@@ -973,16 +996,7 @@ class DisaggregatedExecutor:
     """After a speculative run (tokens read): reads which experts each layer chose. A miss
     (one was not resident: rerun): returns them. Else None, the accesses counted (all hits)
     unless `count` is False (a retry: `_load_chosen` counted the step's)."""
-    devices = sorted({d for d, t in self._tables.items() if t.rows})
-    used = dict(zip(devices, self._read([self._tables[d].used_RE for d in devices]),
-                    strict=True))
-    chosen: dict[tuple[str, int], np.ndarray] = {}
-    miss = False
-    for key in self._step_layers(mbs):
-      d = self.wpool.pool.home_device(*key)
-      row = self._tables[d].rows[key]
-      chosen[key] = np.flatnonzero(used[d][row])
-      miss |= bool((~self._tables[d].resident_RE[row][chosen[key]]).any())
+    chosen, miss = self._chosen(mbs, self._read_used("used_RE"))
     if miss:
       return chosen
     if count:
@@ -990,6 +1004,45 @@ class DisaggregatedExecutor:
         self.wpool.access_many(requests)
     self._last_chosen.update(chosen)
     return None
+
+  def _account_chunk(self, mbs: list[_MicroBatch], steps: int) -> int:
+    """After a chunk (tokens read): reads which experts each layer chose in each step, and
+    returns how many steps came before the first that missed (all `steps` if none did). Those
+    steps' accesses are counted (all hits) as one step's each; the choices of the last step
+    read (the missed one if they fit their partitions together) are the next prediction."""
+    used = self._read_used("used_NRE")
+    pool = self.wpool.pool
+    for step in range(steps):
+      chosen, miss = self._chosen(mbs, {d: u[step] for d, u in used.items()})
+      chosen = {k: v for k, v in chosen.items() if v.size}  # sequences stopped: none
+      if miss:
+        if holds_together(pool, chosen_by_partition(pool, chosen)):
+          self._last_chosen.update(chosen)
+        return step
+      for requests in chosen_by_partition(pool, chosen):
+        self.wpool.access_many(requests)
+      self._last_chosen.update(chosen)
+    return steps
+
+  def _read_used(self, name: str) -> dict[int, np.ndarray]:
+    """One blocking read of each weights device's routing marks (`used_RE`, or a chunk's
+    `used_NRE`), by device."""
+    devices = sorted({d for d, t in self._tables.items() if t.rows})
+    return dict(zip(devices, self._read([getattr(self._tables[d], name) for d in devices]),
+                    strict=True))
+
+  def _chosen(self, mbs: list[_MicroBatch], used: dict[int, np.ndarray]
+              ) -> tuple[dict[tuple[str, int], np.ndarray], bool]:
+    """The experts each MoE layer of the step chose by `used` (per weights device, [rows,
+    E']), and whether one of them was not resident."""
+    chosen: dict[tuple[str, int], np.ndarray] = {}
+    miss = False
+    for key in self._step_layers(mbs):
+      d = self.wpool.pool.home_device(*key)
+      row = self._tables[d].rows[key]
+      chosen[key] = np.flatnonzero(used[d][row])
+      miss |= bool((~self._tables[d].resident_RE[row][chosen[key]]).any())
+    return chosen, miss
 
   def _run_micro_batches(self, mbs: list[_MicroBatch], *, track: bool,
                          sync: bool) -> list[np.ndarray]:
@@ -1012,19 +1065,32 @@ class DisaggregatedExecutor:
         t.used_RE = _none_used(t.tables_RE)
         self._dispatched()
 
-  def _run_chunk(self, mbs: list[_MicroBatch], steps: int, track: bool) -> list[np.ndarray]:
+  def _run_chunk(self, mbs: list[_MicroBatch], steps: int, track: bool
+                 ) -> tuple[list[np.ndarray], list[int]]:
     """Enqueues `steps` decode steps of every micro-batch with no device read between them:
     after each step's sampling, `_advance` records the tokens and makes the next step's
-    inputs on the home device. Then ONE read of every micro-batch's tokens [B, decode_steps].
+    inputs on the home device, and each weights device keeps the step's routing marks
+    (`used_NRE[step]`). Then ONE read of every micro-batch's tokens [B, decode_steps].
+    Returns them and the timeline's event count at each step's start.
     """
     self._start_run()
-    state = {}
+    for t in self._tables.values():
+      if t.rows:
+        t.used_NRE = _chunk_used(t.tables_RE, num_steps=self.decode_steps)
+        self._dispatched()
+    state, marks = {}, []
     for mb in mbs:
       with blame([mb.model.model_id]):
         state[mb.index] = _chunk_start(mb.limits["steps_S"], num_steps=self.decode_steps)
         self._dispatched()
     for step in range(steps):
+      marks.append(len(self.timeline.events))
       sampled = self._enqueue_step(mbs, track, sync=False)
+      for d, t in self._tables.items():
+        if t.rows:
+          t.used_NRE, t.used_RE = _keep_step(t.used_NRE, t.used_RE,
+                                             self._scalar(self.wpool.devices[d], step))
+          self._dispatched()
       for i, (mb, tokens_S) in enumerate(zip(mbs, sampled, strict=True)):
         with blame([mb.model.model_id]):
           alive_S, count_S, out_SN = state[mb.index]
@@ -1038,7 +1104,7 @@ class DisaggregatedExecutor:
                                      valid_T=valid_T, x_TD=x_TD, valid_on={})
     self._tokens_read = True
     tokens = self._read([state[mb.index][2] for mb in mbs])
-    return [t[:len(mb.batch.requests)] for t, mb in zip(tokens, mbs, strict=True)]
+    return [t[:len(mb.batch.requests)] for t, mb in zip(tokens, mbs, strict=True)], marks
 
   def _enqueue_step(self, mbs: list[_MicroBatch], track: bool, sync: bool) -> list[jax.Array]:
     """Enqueues every layer of every micro-batch and its sampling; the tokens [S] on each
