@@ -1,0 +1,151 @@
+"""The engine in one process of a multi-process run: the crosspool executor's transfers across
+processes (`CrossProcessTransfers`) and the backend that serves with them (`ProcessBackend`).
+
+Control design (replicated, deterministic): every process runs the same engine loop on the
+same registrations and requests, so the scheduler, the KV pool's and the weights pool's host
+state agree in every process without being sent. Every process issues every program; JAX runs
+a program only where its devices are (an array of another process's device is a placeholder
+with no local data), so each process computes on its own devices only. What crosses processes
+goes through the one transport of `transfer.py` in the same order in every process: hidden
+states, routing and expert outputs (`put`), and the device values the host state depends on,
+the sampled tokens and the experts each layer chose (`read`: the owner sends them to every
+other process). Invariant: a process's host state is a function of the registrations, the
+requests and the values `read` returns, which are the same everywhere. WORKSPACE.md,
+"Multi-process".
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+from jax.sharding import SingleDeviceSharding
+
+from crosspool_jax.distributed.transfer import Transport
+from crosspool_jax.engine.backend import DeviceBackend
+from crosspool_jax.engine.executors.api import PeerLostError
+
+
+def _device(x: jax.Array) -> jax.Device:
+  (device,) = x.sharding.device_set
+  return device
+
+
+def _placeholder(shape, dtype, device: jax.Device) -> jax.Array:
+  """An array of another process's device, with no local data (JAX runs nothing of it here)."""
+  return jax.make_array_from_single_device_arrays(shape, SingleDeviceSharding(device), [],
+                                                  dtype=dtype)
+
+
+class CrossProcessTransfers:
+  """The executor's `Transfers` across processes (the module docstring).
+
+  `put` of an array between two processes' devices is a `transport.move` in both (the source
+  sends, the destination receives, any other process makes a placeholder); a put within one
+  process is `jax.device_put` there and a placeholder elsewhere; host data is put by
+  `jax.device_put` everywhere (a placeholder where the device is another process's). `read`
+  gives every process the values: the owner of each array sends it to every other process's
+  first device. A failed move raises `PeerLostError`.
+
+  Counts the arrays and bytes this process sent and received (`stats`).
+  """
+
+  def __init__(self, transport: Transport):
+    self.transport = transport
+    self.process = jax.process_index()
+    self._first = {}
+    for device in sorted(jax.devices(), key=lambda d: d.id):
+      self._first.setdefault(device.process_index, device)
+    self.sent = self.received = self.sent_bytes = self.received_bytes = 0
+
+  def stats(self) -> dict:
+    return {"transport": self.transport.name, "sent": self.sent, "received": self.received,
+            "sent_bytes": self.sent_bytes, "received_bytes": self.received_bytes}
+
+  def _move(self, x, src: jax.Device, dst: jax.Device) -> jax.Array | None:
+    try:
+      return self.transport.move(x, src, dst)
+    except Exception as e:
+      raise PeerLostError(f"cross-process transfer {src} -> {dst} ({self.transport.name}) "
+                          f"failed: {type(e).__name__}: {e}") from e
+
+  def _send(self, x: jax.Array, dst: jax.Device) -> None:
+    self._move(x, _device(x), dst)
+    self.sent += 1
+    self.sent_bytes += x.nbytes
+
+  def _receive(self, x: jax.Array, dst: jax.Device) -> jax.Array:
+    out = self._move(jax.ShapeDtypeStruct(x.shape, x.dtype), _device(x), dst)
+    self.received += 1
+    self.received_bytes += out.nbytes
+    return out
+
+  def put(self, tree, device):
+    if isinstance(device, (list, tuple)):
+      return [self._put_tree(t, d) for t, d in zip(tree, device, strict=True)]
+    return self._put_tree(tree, device)
+
+  def _put_tree(self, tree, dst: jax.Device):
+    leaves, treedef = jax.tree.flatten(tree)
+    out: list = [None] * len(leaves)
+    local = []  # indices of the leaves one `jax.device_put` puts
+    for i, x in enumerate(leaves):
+      if not isinstance(x, jax.Array):
+        local.append(i)
+        continue
+      src = _device(x)
+      if self.process not in (src.process_index, dst.process_index):
+        out[i] = _placeholder(x.shape, x.dtype, dst)
+      elif src.process_index == dst.process_index:
+        local.append(i)
+      elif self.process == src.process_index:
+        self._send(x, dst)
+        out[i] = _placeholder(x.shape, x.dtype, dst)
+      else:
+        out[i] = self._receive(x, dst)
+    if local:
+      for i, y in zip(local, jax.device_put([leaves[i] for i in local], dst), strict=True):
+        out[i] = y
+    return jax.tree.unflatten(treedef, out)
+
+  def read(self, arrays: list) -> list:
+    received = {}
+    for i, x in enumerate(arrays):  # the same order in every process
+      src = _device(x)
+      if src.process_index == self.process:
+        for process, first in self._first.items():
+          if process != self.process:
+            self._send(x, first)
+      else:
+        received[i] = self._receive(x, self._first[self.process])
+    try:
+      there = dict(zip(received, jax.device_get(list(received.values())), strict=True))
+    except Exception as e:
+      raise PeerLostError(f"reading values another process sent failed: "
+                          f"{type(e).__name__}: {e}") from e
+    mine = [i for i in range(len(arrays)) if i not in received]
+    here = dict(zip(mine, jax.device_get([arrays[i] for i in mine]), strict=True))
+    return [there[i] if i in there else here[i] for i in range(len(arrays))]
+
+
+class ProcessBackend(DeviceBackend):
+  """Serves the crosspool policies in one process of a multi-process run: params stay on the
+  host until the policy places them (every process keeps a host copy, since the weights pool's
+  expert store reads them in every process), and the executor moves and reads arrays by
+  `transfers`. `EngineConfig.devices` and `weight_devices` index `jax.devices()`, which lists
+  every process's devices (`runtime.DeviceGroups` names them by process)."""
+
+  def __init__(self, transfers: CrossProcessTransfers):
+    self.transfers = transfers
+
+  def place(self, config, params: dict, group: int) -> dict:
+    del config, group
+    return jax.tree.map(np.asarray, params)
+
+  def start(self, policy, config, models, specs):
+    if not policy.pools_experts:
+      raise ValueError(f"policy {policy.name!r}: a multi-process run serves the crosspool "
+                       f"policies only (the KV pool and the weights pool in different "
+                       f"processes)")
+    runtime = policy.start(config, models, specs)
+    runtime.executor.transfers = self.transfers
+    return runtime
