@@ -44,7 +44,10 @@ class CrossProcessTransfers:
   process is `jax.device_put` there and a placeholder elsewhere; host data is put by
   `jax.device_put` everywhere (a placeholder where the device is another process's). `read`
   gives every process the values: the owner of each array sends it to every other process's
-  first device. A failed move raises `PeerLostError`.
+  first device. A failed move, or a read of values a failed transfer fed, raises
+  `PeerLostError`: in a multi-process run a runtime error of a read is taken for a lost peer
+  (a pull from a process that is gone fails the programs downstream of it asynchronously,
+  so the error shows at the next read, with no way to tell it from another device error).
 
   Counts the arrays and bytes this process sent and received (`stats`).
   """
@@ -65,8 +68,8 @@ class CrossProcessTransfers:
     try:
       return self.transport.move(x, src, dst)
     except Exception as e:
-      raise PeerLostError(f"cross-process transfer {src} -> {dst} ({self.transport.name}) "
-                          f"failed: {type(e).__name__}: {e}") from e
+      raise PeerLostError(f"a transfer between processes failed ({src} -> {dst}, "
+                          f"{self.transport.name}): {type(e).__name__}: {e}") from e
 
   def _send(self, x: jax.Array, dst: jax.Device) -> None:
     self._move(x, _device(x), dst)
@@ -118,13 +121,12 @@ class CrossProcessTransfers:
       else:
         received[i] = self._receive(x, self._first[self.process])
     try:
-      there = dict(zip(received, jax.device_get(list(received.values())), strict=True))
-    except Exception as e:
-      raise PeerLostError(f"reading values another process sent failed: "
-                          f"{type(e).__name__}: {e}") from e
-    mine = [i for i in range(len(arrays)) if i not in received]
-    here = dict(zip(mine, jax.device_get([arrays[i] for i in mine]), strict=True))
-    return [there[i] if i in there else here[i] for i in range(len(arrays))]
+      return jax.device_get([received.get(i, x) for i, x in enumerate(arrays)])
+    except jax.errors.JaxRuntimeError as e:
+      # A transfer that failed fails the programs fed by its array, and shows here (the
+      # first blocking read after it), in this process's own arrays too.
+      raise PeerLostError(f"a transfer between processes failed (seen reading a step's "
+                          f"values: is another process gone?): {e}") from e
 
 
 class ProcessBackend(DeviceBackend):

@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import sys
+import time
 
 import jax
 
@@ -70,12 +71,13 @@ def main(spec_path: str, out_path: str, mode: str) -> None:
     while engine.scheduler.has_work():
       engine.step()
       if mode == "die" and me == 1 and engine.steps == spec["die_after_steps"]:
-        print(f"process 1: killing itself after step {engine.steps}", flush=True)
+        print(f"process 1: killing itself after step {engine.steps} at {time.time():.3f}",
+              flush=True)
         os.kill(os.getpid(), signal.SIGKILL)
   except PeerLostError:
     failed = [r for r in rids if engine.status(r).name == "FAILED"]
-    print(f"process {me}: peer lost at step {engine.steps}; failed {len(failed)} of "
-          f"{len(rids)} requests: {', '.join(failed)}", flush=True)
+    print(f"process {me}: peer lost at step {engine.steps} at {time.time():.3f}; failed "
+          f"{len(failed)} of {len(rids)} requests: {', '.join(failed)}", flush=True)
     if me == 0:
       with open(out_path, "w") as f:
         json.dump(result(engine, rids), f)
