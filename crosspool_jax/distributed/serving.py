@@ -39,15 +39,16 @@ def _placeholder(shape, dtype, device: jax.Device) -> jax.Array:
 class CrossProcessTransfers:
   """The executor's `Transfers` across processes (the module docstring).
 
-  `put` of an array between two processes' devices is a `transport.move` in both (the source
-  sends, the destination receives, any other process makes a placeholder); a put within one
-  process is `jax.device_put` there and a placeholder elsewhere; host data is put by
-  `jax.device_put` everywhere (a placeholder where the device is another process's). `read`
-  gives every process the values: the owner of each array sends it to every other process's
-  first device. A failed move, or a read of values a failed transfer fed, raises
-  `PeerLostError`: in a multi-process run a runtime error of a read is taken for a lost peer
-  (a pull from a process that is gone fails the programs downstream of it asynchronously,
-  so the error shows at the next read, with no way to tell it from another device error).
+  `put` of arrays between two processes' devices is, per device pair, one
+  `transport.move_all` in both (the source sends, the destination receives; any other
+  process, and the source, make placeholders); a put within one process is `jax.device_put`
+  there and a placeholder elsewhere; host data is put by `jax.device_put` everywhere (a
+  placeholder where the device is another process's). `read` gives every process the values:
+  the owner of each array sends it to every other process's first device. A failed move, or
+  a read of values a failed transfer fed, raises `PeerLostError`: in a multi-process run a
+  runtime error of a read is taken for a lost peer (a pull from a process that is gone fails
+  the programs downstream of it asynchronously, so the error shows at the next read, with no
+  way to tell it from another device error).
 
   Counts the arrays and bytes this process sent and received (`stats`).
   """
@@ -64,64 +65,74 @@ class CrossProcessTransfers:
     return {"transport": self.transport.name, "sent": self.sent, "received": self.received,
             "sent_bytes": self.sent_bytes, "received_bytes": self.received_bytes}
 
-  def _move(self, x, src: jax.Device, dst: jax.Device) -> jax.Array | None:
+  def _move_all(self, xs: list, src: jax.Device, dst: jax.Device) -> list | None:
+    """One `transport.move_all` of arrays of one device pair: sent (None) or received."""
     try:
-      return self.transport.move(x, src, dst)
+      out = self.transport.move_all(xs, src, dst)
     except Exception as e:
       raise PeerLostError(f"a transfer between processes failed ({src} -> {dst}, "
                           f"{self.transport.name}): {type(e).__name__}: {e}") from e
-
-  def _send(self, x: jax.Array, dst: jax.Device) -> None:
-    self._move(x, _device(x), dst)
-    self.sent += 1
-    self.sent_bytes += x.nbytes
-
-  def _receive(self, x: jax.Array, dst: jax.Device) -> jax.Array:
-    out = self._move(jax.ShapeDtypeStruct(x.shape, x.dtype), _device(x), dst)
-    self.received += 1
-    self.received_bytes += out.nbytes
+    moved = sum(x.nbytes for x in (xs if out is None else out))
+    if out is None:
+      self.sent, self.sent_bytes = self.sent + len(xs), self.sent_bytes + moved
+    else:
+      self.received, self.received_bytes = self.received + len(xs), self.received_bytes + moved
     return out
+
+  def _exchange(self, moves: dict[tuple, list[tuple[int, jax.Array]]], out: list) -> None:
+    """Per (source, destination) device pair, in order of first use (the same in every
+    process), one `_move_all` of its arrays: `out[i]` gets what this process received."""
+    for (src, dst), items in moves.items():
+      if self.process == src.process_index:
+        self._move_all([x for _, x in items], src, dst)
+      else:
+        specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for _, x in items]
+        for (i, _), y in zip(items, self._move_all(specs, src, dst), strict=True):
+          out[i] = y
 
   def put(self, tree, device):
     if isinstance(device, (list, tuple)):
-      return [self._put_tree(t, d) for t, d in zip(tree, device, strict=True)]
-    return self._put_tree(tree, device)
-
-  def _put_tree(self, tree, dst: jax.Device):
-    leaves, treedef = jax.tree.flatten(tree)
+      trees, dsts = list(tree), list(device)
+    else:
+      trees, dsts = [tree], [device]
+    flat = [jax.tree.flatten(t) for t in trees]
+    leaves = [(x, dst) for (xs, _), dst in zip(flat, dsts, strict=True) for x in xs]
     out: list = [None] * len(leaves)
-    local = []  # indices of the leaves one `jax.device_put` puts
-    for i, x in enumerate(leaves):
-      if not isinstance(x, jax.Array):
-        local.append(i)
-        continue
-      src = _device(x)
-      if self.process not in (src.process_index, dst.process_index):
-        out[i] = _placeholder(x.shape, x.dtype, dst)
-      elif src.process_index == dst.process_index:
-        local.append(i)
-      elif self.process == src.process_index:
-        self._send(x, dst)
-        out[i] = _placeholder(x.shape, x.dtype, dst)
+    local: dict[jax.Device, list[int]] = {}  # leaves one `jax.device_put` puts, per device
+    moves: dict[tuple, list] = {}
+    for i, (x, dst) in enumerate(leaves):
+      src = _device(x) if isinstance(x, jax.Array) else None
+      if src is None or src.process_index == dst.process_index == self.process:
+        local.setdefault(dst, []).append(i)  # host data, or within this process
+      elif (src.process_index == dst.process_index
+            or self.process not in (src.process_index, dst.process_index)):
+        out[i] = _placeholder(x.shape, x.dtype, dst)  # other processes' business
       else:
-        out[i] = self._receive(x, dst)
-    if local:
-      for i, y in zip(local, jax.device_put([leaves[i] for i in local], dst), strict=True):
+        moves.setdefault((src, dst), []).append((i, x))
+        if self.process == src.process_index:
+          out[i] = _placeholder(x.shape, x.dtype, dst)
+    self._exchange(moves, out)
+    for dst, idx in local.items():
+      for i, y in zip(idx, jax.device_put([leaves[i][0] for i in idx], dst), strict=True):
         out[i] = y
-    return jax.tree.unflatten(treedef, out)
+    it = iter(out)
+    trees = [jax.tree.unflatten(treedef, [next(it) for _ in xs]) for xs, treedef in flat]
+    return trees if isinstance(device, (list, tuple)) else trees[0]
 
   def read(self, arrays: list) -> list:
-    received = {}
-    for i, x in enumerate(arrays):  # the same order in every process
+    received: list = list(arrays)
+    moves: dict[tuple, list] = {}
+    for i, x in enumerate(arrays):
       src = _device(x)
-      if src.process_index == self.process:
+      if src.process_index == self.process:  # sent to every other process
         for process, first in self._first.items():
           if process != self.process:
-            self._send(x, first)
+            moves.setdefault((src, first), []).append((i, x))
       else:
-        received[i] = self._receive(x, self._first[self.process])
+        moves.setdefault((src, self._first[self.process]), []).append((i, x))
+    self._exchange(moves, received)
     try:
-      return jax.device_get([received.get(i, x) for i, x in enumerate(arrays)])
+      return jax.device_get(received)
     except jax.errors.JaxRuntimeError as e:
       # A transfer that failed fails the programs fed by its array, and shows here (the
       # first blocking read after it), in this process's own arrays too.
