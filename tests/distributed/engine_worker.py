@@ -6,7 +6,7 @@ SPEC (JSON): `checkpoints` {model: dir}, `engine` (EngineConfig fields but the d
 `kv` and `weights` (device groups, process:local), `work` [[model, prompt, max_new_tokens,
 sampling fields or null], ...]. Every process registers the models and submits the requests
 alike; process 0 writes OUT (JSON: each request's tokens, status and error, the executor's
-stats, the transfers' counts).
+stats, the transfers' counts, the serving loop's wall time `serve_s`).
 
   serve  runs every request to completion.
   die    process 1 kills itself (SIGKILL) after `die_after_steps` (SPEC) steps; process 0
@@ -51,7 +51,8 @@ def result(engine: Engine, rids: list[str]) -> dict:
   return {"outputs": [engine.output(r) for r in rids],
           "status": [rows[r]["status"] for r in rids], "errors": [rows[r]["error"] for r in rids],
           "preemptions": metrics["pools"]["0"]["preemptions"],
-          "weights_pool": metrics["weights_pool"], "expert_calls": metrics["expert_calls"]}
+          "weights_pool": metrics["weights_pool"], "expert_calls": metrics["expert_calls"],
+          "steps": engine.steps, "host": metrics["host"]}
 
 
 def main(spec_path: str, out_path: str, mode: str) -> None:
@@ -67,6 +68,7 @@ def main(spec_path: str, out_path: str, mode: str) -> None:
                        backend=ProcessBackend(transfers))
   me = jax.process_index()
   print(f"process {me}: started, serving {len(rids)} requests", flush=True)
+  start = time.perf_counter()
   try:
     while engine.scheduler.has_work():
       engine.step()
@@ -84,7 +86,8 @@ def main(spec_path: str, out_path: str, mode: str) -> None:
     raise
   if me == 0:
     with open(out_path, "w") as f:
-      json.dump(result(engine, rids) | {"transfers": transfers.stats()}, f)
+      json.dump(result(engine, rids) | {"transfers": transfers.stats(),
+                                         "serve_s": time.perf_counter() - start}, f)
   print(f"process {me}: served, {engine.steps} steps, transfers {transfers.stats()}",
         flush=True)
   runtime.barrier("served", config.transfer_timeout_s)  # every offer taken
