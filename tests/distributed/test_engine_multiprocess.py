@@ -26,19 +26,21 @@ pytestmark = [
 ]
 
 WORKER = os.path.join(ROOT, "tests", "distributed", "engine_worker.py")
-MODELS = ("mixtral", "qwen3_moe")  # one expert shape class: fused expert calls
+# KV shapes 2 x 16, 1 x 32, 4 x 16; one expert shape class (fused expert calls).
+MODELS = ("mixtral", "qwen3_moe", "olmoe")
 
 
-def _spec(tiny_checkpoint, n=8, seed=0):
-  """8 requests of 2 models, every other one seeded-sampled; 15 usable KV pages (a request
-  holds up to 8: preemption) and 8 expert slots for the 2 x 8 experts of each layer (swaps)."""
+def _spec(tiny_checkpoint, n=12, seed=0):
+  """12 requests of 3 models, every other one seeded-sampled; 23 usable KV pages (an olmoe
+  request holds up to 16: preemption) and 8 expert slots for the 3 x 8 experts of each layer
+  (swaps, groups split over several calls)."""
   rng = np.random.default_rng(seed)
-  work = [[MODELS[i % 2], rng.integers(0, 512, size=int(rng.integers(6, 25))).tolist(), 8,
-           {"temperature": 0.9, "top_k": 40, "top_p": 0.95, "seed": i} if i % 2 else None]
-          for i in range(n)]
+  sampled = {"temperature": 0.9, "top_k": 40, "top_p": 0.95}
+  work = [[MODELS[i % len(MODELS)], rng.integers(0, 512, size=int(rng.integers(6, 25))).tolist(),
+           8, sampled | {"seed": i} if i % 2 else None] for i in range(n)]
   return {"checkpoints": {m: tiny_checkpoint(m) for m in MODELS}, "max_context": 48,
           "kv": "0:0", "weights": "1:0", "die_after_steps": 3, "work": work,
-          "engine": {"page_elems": 512, "pages_per_device": 16, "token_budget": 48,
+          "engine": {"page_elems": 512, "pages_per_device": 24, "token_budget": 48,
                      "token_buckets": [16, 48], "max_batch": 4, "attn_impl": "reference",
                      "moe_impl": "reference", "expert_slots_per_device": 8,
                      "expert_policy": "lru", "micro_batches": 2, "timeline_every": 0}}
@@ -61,7 +63,9 @@ def test_two_processes_serve_the_tokens_of_one(tiny_checkpoint, tmp_path):
   engine, rids = build(spec, devices=[0], weight_devices=[1])  # one process, its devices 0, 1
   engine.generate_all()
   want = result(engine, rids)
-  assert want["preemptions"] > 0 and want["weights_pool"]["evictions"] > 0  # what is exercised
+  # What is exercised: preemption, swaps, fused calls split for want of slots, missed runs.
+  assert want["preemptions"] > 0 and want["weights_pool"]["evictions"] > 0
+  assert want["expert_calls"]["splits"] > 0 and want["expert_calls"]["miss_steps"] > 0
 
   proc, got = _launch(tmp_path, spec, "serve")
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -86,8 +90,8 @@ def test_a_killed_weights_process_fails_the_requests_in_flight(tiny_checkpoint, 
   # The survivor ended by itself (not terminated by the launcher) after reporting every
   # unfinished request failed, well within 60 s of the kill.
   assert "process 0 (running)" not in proc.stderr
-  report = re.search(r"\[p0\] process 0: peer lost at step \d+ at ([\d.]+); failed (\d+) of 8",
-                     proc.stdout)
+  report = re.search(r"\[p0\] process 0: peer lost at step \d+ at ([\d.]+); failed (\d+) of "
+                     rf"{len(spec['work'])} requests", proc.stdout)
   assert report, proc.stdout[-3000:]
   assert float(report[1]) - killed < 60
   assert "PeerLostError" in proc.stdout
