@@ -20,6 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import SingleDeviceSharding
 
+from crosspool_jax.distributed.runtime import DeviceGroups
 from crosspool_jax.distributed.transfer import Transport
 from crosspool_jax.engine.backend import DeviceBackend
 from crosspool_jax.engine.executors.api import PeerLostError
@@ -140,12 +141,22 @@ class CrossProcessTransfers:
                           f"values: is another process gone?): {e}") from e
 
 
+def engine_devices(groups: DeviceGroups) -> dict[str, tuple[int, ...]]:
+  """The `EngineConfig` fields `devices` and `weight_devices` (indices into `jax.devices()`,
+  which lists every process's devices) of the KV and weights groups, resolved and checked
+  once (`DeviceGroups.resolve`)."""
+  kv, weights = groups.resolve()
+  index = {d: i for i, d in enumerate(jax.devices())}
+  return {"devices": tuple(index[d] for d in kv),
+          "weight_devices": tuple(index[d] for d in weights)}
+
+
 class ProcessBackend(DeviceBackend):
   """Serves the crosspool policies in one process of a multi-process run: params stay on the
   host until the policy places them (every process keeps a host copy, since the weights pool's
   expert store reads them in every process), and the executor moves and reads arrays by
   `transfers`. `EngineConfig.devices` and `weight_devices` index `jax.devices()`, which lists
-  every process's devices (`runtime.DeviceGroups` names them by process)."""
+  every process's devices (`engine_devices` gives them from the groups named by process)."""
 
   def __init__(self, transfers: CrossProcessTransfers):
     self.transfers = transfers

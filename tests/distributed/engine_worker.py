@@ -6,7 +6,8 @@ SPEC (JSON): `checkpoints` {model: dir}, `engine` (EngineConfig fields but the d
 `kv` and `weights` (device groups, process:local), `work` [[model, prompt, max_new_tokens,
 sampling fields or null], ...]. Every process registers the models and submits the requests
 alike; process 0 writes OUT (JSON: each request's tokens, status and error, the executor's
-stats, the transfers' counts, the serving loop's wall time `serve_s`).
+stats, the transfers' counts (all, and `serving_transfers`: those after start-up), the serving
+loop's wall time `serve_s`).
 
   serve  runs every request to completion.
   die    process 1 kills itself (SIGKILL) after `die_after_steps` (SPEC) steps; process 0
@@ -24,7 +25,11 @@ import time
 import jax
 
 from crosspool_jax.distributed import runtime
-from crosspool_jax.distributed.serving import CrossProcessTransfers, ProcessBackend
+from crosspool_jax.distributed.serving import (
+    CrossProcessTransfers,
+    ProcessBackend,
+    engine_devices,
+)
 from crosspool_jax.distributed.transfer import make_transport
 from crosspool_jax.engine import Engine, EngineConfig
 from crosspool_jax.engine.executors.api import PeerLostError
@@ -60,12 +65,11 @@ def main(spec_path: str, out_path: str, mode: str) -> None:
     spec = json.load(f)
   config = runtime.ProcessConfig.from_environ()
   runtime.initialize(config)
-  kv, weights = runtime.DeviceGroups.parse(spec["kv"], spec["weights"]).resolve()
-  index = {d: i for i, d in enumerate(jax.devices())}
   transfers = CrossProcessTransfers(make_transport("pull", config))
-  engine, rids = build(spec, devices=[index[d] for d in kv],
-                       weight_devices=[index[d] for d in weights],
+  engine, rids = build(spec, **engine_devices(runtime.DeviceGroups.parse(spec["kv"],
+                                                                        spec["weights"])),
                        backend=ProcessBackend(transfers))
+  at_start = transfers.stats()  # start-up's transfers (compile_all's warm-up steps)
   me = jax.process_index()
   print(f"process {me}: started, serving {len(rids)} requests", flush=True)
   start = time.perf_counter()
@@ -86,7 +90,10 @@ def main(spec_path: str, out_path: str, mode: str) -> None:
     raise
   if me == 0:
     with open(out_path, "w") as f:
+      serving = {k: v - at_start[k] for k, v in transfers.stats().items()
+                 if k != "transport"}
       json.dump(result(engine, rids) | {"transfers": transfers.stats(),
+                                         "serving_transfers": serving,
                                          "serve_s": time.perf_counter() - start}, f)
   print(f"process {me}: served, {engine.steps} steps, transfers {transfers.stats()}",
         flush=True)
