@@ -12,11 +12,21 @@ must equal the one sent (checked on each shape's first trip). With --local_cpu_d
 launch_local.py) the baseline `one_process_put` is timed too: the same round trip between two
 devices of process 0 by `jax.device_put`, what the single-process executor pays.
 
+With --engine_path, each transport is also timed through the engine's own path
+(crosspool_jax.distributed.serving.CrossProcessTransfers, what the crosspool executor calls in a
+multi-process run): one MoE layer's exchange of a micro-batch of T tokens, the hidden state
+[T, D] with its routing (ids and weights [T, --top_k]) put on the weights device in one call,
+the expert output [T, D] put back (record `engine_layer/<transport>`: `median_us` etc. are half
+the layer's round trip, `layer_*_us` the whole of it, `bytes_out` / `bytes_back` what crosses).
+
 Process 0 writes JSON (header: jax version, git revision, load average at start and end,
 iterations; one record per transport and shape) to --out and prints a table.
 
   python scripts/launch_local.py --num_processes=2 --target=scripts/probe_multihost.py \
       --target_args="--iters=400 --out=workdir/probe/multihost.json"
+  python scripts/launch_local.py --num_processes=2 --target=scripts/probe_multihost.py \
+      --target_args="--engine_path --transports=pull --tokens=4,16 --d_model=64,2048 \
+      --out=workdir/probe/engine_layer.json"
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ from absl import flags
 
 from crosspool_jax.cli import progress, run_script, start_script
 from crosspool_jax.distributed import runtime
+from crosspool_jax.distributed.serving import CrossProcessTransfers
 from crosspool_jax.distributed.transfer import TRANSPORTS, make_transport
 from crosspool_jax.provenance import git_revision
 
@@ -47,6 +58,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("rounds", 4, "rounds the timed trips are spread over")
   flags.DEFINE_integer("warmup", 5, "untimed round trips per transport and shape first")
   flags.DEFINE_string("out", None, "JSON output (process 0)")
+  flags.DEFINE_bool("engine_path", False, "also time a MoE layer's exchange through the "
+                    "engine's CrossProcessTransfers, per transport")
+  flags.DEFINE_integer("top_k", 2, "experts per token of --engine_path's routing")
 
 
 def round_trip(transport, x, spec, *, a, b) -> tuple[float | None, jax.Array | None]:
@@ -75,6 +89,41 @@ def one_process_trip(x, spec, *, a, a2) -> tuple[float | None, jax.Array | None]
   return time.perf_counter() - start, back
 
 
+class EngineLayerTrip:
+  """One MoE layer's exchange a -> b -> a as the crosspool executor makes it across processes
+  (`CrossProcessTransfers.put`): (hidden state, ids, weights) to b in one put, the output
+  back (here the hidden state itself: the expert call is not timed). Both processes hold the
+  inputs as the executor's replicated program does (process 1's are placeholders of a's)."""
+
+  def __init__(self, transfers: CrossProcessTransfers, top_k: int, *, a, b):
+    self.transfers, self.top_k, self.a, self.b = transfers, top_k, a, b
+    self._inputs: dict[tuple[int, int], tuple] = {}
+
+  def inputs(self, spec) -> tuple:
+    """The layer's inputs on a for a [T, D] hidden state (the probe's array of that shape)."""
+    t, d = spec.shape
+    if (t, d) not in self._inputs:
+      host = np.random.default_rng(t * d).standard_normal((t, d), dtype=np.float32)
+      ids = np.arange(t * self.top_k, dtype=np.int32).reshape(t, self.top_k) % 8
+      weights = np.full((t, self.top_k), 1 / self.top_k, np.float32)
+      self._inputs[t, d] = jax.device_put((host, ids, weights), self.a)
+    return self._inputs[t, d]
+
+  def bytes_out(self, spec) -> int:
+    return sum(x.nbytes for x in self.inputs(spec))
+
+  def __call__(self, x, spec) -> tuple[float | None, jax.Array | None]:
+    del x
+    inputs = self.inputs(spec)
+    start = time.perf_counter()
+    h, _, _ = self.transfers.put(inputs, self.b)
+    back = self.transfers.put(h, self.a)
+    if jax.process_index() != 0:
+      return None, None
+    back.block_until_ready()
+    return time.perf_counter() - start, back
+
+
 def main(argv: list[str]) -> None:
   start_script(argv)
   config = runtime.ProcessConfig.from_environ()
@@ -84,8 +133,15 @@ def main(argv: list[str]) -> None:
   a, b = runtime.DeviceGroups.parse("0:0", "1:0").resolve()
   a, b = a[0], b[0]
   shapes = [(int(t), int(d)) for t in FLAGS.tokens for d in FLAGS.d_model]
-  trips = {name: functools.partial(round_trip, make_transport(name, config), a=a, b=b)
-           for name in FLAGS.transports}
+  transports = {name: make_transport(name, config) for name in FLAGS.transports}
+  trips = {name: functools.partial(round_trip, transport, a=a, b=b)
+           for name, transport in transports.items()}
+  layer_trips = {}
+  if FLAGS.engine_path:
+    for name, transport in transports.items():
+      layer_trips[f"engine_layer/{name}"] = EngineLayerTrip(
+          CrossProcessTransfers(transport), FLAGS.top_k, a=a, b=b)
+    trips.update(layer_trips)
   if config.local_cpu_devices > 1:
     a2 = runtime.DeviceGroups.parse("0:1", "1:1").resolve()[0][0]
     trips["one_process_put"] = functools.partial(one_process_trip, a=a, a2=a2)
@@ -93,7 +149,7 @@ def main(argv: list[str]) -> None:
             "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
             "loadavg_start": list(os.getloadavg()), "iters": FLAGS.iters,
             "rounds": FLAGS.rounds, "warmup": FLAGS.warmup, "dtype": "float32",
-            "device_kind": a.device_kind}
+            "device_kind": a.device_kind, "top_k": FLAGS.top_k}
   arrays = {}
   for t, d in shapes:
     host = np.random.default_rng(t * d).standard_normal((t, d), dtype=np.float32)
@@ -123,10 +179,15 @@ def main(argv: list[str]) -> None:
   records = []
   for (name, t, d), seconds in times.items():
     one_way_us = np.asarray(seconds) * 1e6 / 2
-    records.append({"transport": name, "T": t, "D": d, "bytes": t * d * 4,
-                    "trips": len(seconds), "median_us": float(np.median(one_way_us)),
-                    "p10_us": float(np.percentile(one_way_us, 10)),
-                    "p90_us": float(np.percentile(one_way_us, 90))})
+    record = {"transport": name, "T": t, "D": d, "bytes": t * d * 4,
+              "trips": len(seconds), "median_us": float(np.median(one_way_us)),
+              "p10_us": float(np.percentile(one_way_us, 10)),
+              "p90_us": float(np.percentile(one_way_us, 90))}
+    if name in layer_trips:
+      spec = arrays[t, d][1]
+      record |= {"bytes_out": layer_trips[name].bytes_out(spec), "bytes_back": t * d * 4,
+                 **{f"layer_{k}": 2 * record[k] for k in ("median_us", "p10_us", "p90_us")}}
+    records.append(record)
   print(format_table(records))
   if FLAGS.out:
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)

@@ -39,6 +39,17 @@ class Transport(Protocol):
     """In the source process `x` is the array on `src` (returns None); in the destination
     process `x` gives its shape and dtype (returns the array on `dst`)."""
 
+  def move_all(self, xs: list[Spec], src: jax.Device, dst: jax.Device
+               ) -> list[jax.Array] | None:
+    """`move` of several arrays of one device pair (one exchange where the transport can)."""
+
+
+def move_each(transport: Transport, xs: list[Spec], src: jax.Device, dst: jax.Device
+              ) -> list[jax.Array] | None:
+  """`move_all` as one `move` per array (the transports with no batched exchange)."""
+  out = [transport.move(x, src, dst) for x in xs]
+  return None if out and out[0] is None else out
+
 
 def _role(src: jax.Device, dst: jax.Device) -> bool:
   """True in the destination process; ValueError in a process that is neither end, or for a
@@ -64,6 +75,10 @@ class PutTransport:
     remote = jax.make_array_from_single_device_arrays(x.shape, SingleDeviceSharding(src), [],
                                                       dtype=x.dtype)
     return jax.device_put(remote, SingleDeviceSharding(dst))
+
+  def move_all(self, xs: list[Spec], src: jax.Device, dst: jax.Device
+               ) -> list[jax.Array] | None:
+    return move_each(self, xs, src, dst)
 
 
 class PullTransport:
@@ -102,13 +117,20 @@ class PullTransport:
     return next(sequence) << 32 | src.id << 16 | dst.id
 
   def move(self, x: Spec, src: jax.Device, dst: jax.Device) -> jax.Array | None:
+    out = self.move_all([x], src, dst)
+    return None if out is None else out[0]
+
+  def move_all(self, xs: list[Spec], src: jax.Device, dst: jax.Device
+               ) -> list[jax.Array] | None:
+    """One offer and one pull of all of `xs` under one id."""
     is_dst, uuid = _role(src, dst), self._uuid(src, dst)
     deadline = datetime.datetime.now() + self._timeout
     if not is_dst:
-      self._server.await_pull(uuid, [x], timeout=deadline)
+      self._server.await_pull(uuid, list(xs), timeout=deadline)
       return None
-    want = jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=SingleDeviceSharding(dst))
-    return self._connection(src.process_index).pull(uuid, [want], timeout=deadline)[0]
+    want = [jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=SingleDeviceSharding(dst))
+            for x in xs]
+    return self._connection(src.process_index).pull(uuid, want, timeout=deadline)
 
 
 class PermuteTransport:
@@ -134,6 +156,10 @@ class PermuteTransport:
         (2 * x.shape[0], *x.shape[1:]), NamedSharding(mesh, PartitionSpec("pair")), [block])
     out = _send_first_block(mesh)(pair)
     return out.addressable_data(0) if is_dst else None
+
+  def move_all(self, xs: list[Spec], src: jax.Device, dst: jax.Device
+               ) -> list[jax.Array] | None:
+    return move_each(self, xs, src, dst)
 
 
 @functools.cache

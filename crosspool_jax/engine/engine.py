@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from crosspool_jax.engine.backend import Backend, DeviceBackend
-from crosspool_jax.engine.executors.api import LoadedModel, StepError
+from crosspool_jax.engine.executors.api import LoadedModel, PeerLostError, StepError
 from crosspool_jax.engine.executors.colocated import ColocatedExecutor
 from crosspool_jax.engine.executors.crosspool import DisaggregatedExecutor
 from crosspool_jax.engine.metrics import request_metrics, summarize
@@ -418,6 +418,9 @@ class Engine:
       self.steps += 1
       self._sample_pools()
       return events
+    except PeerLostError as e:
+      self._fail_unfinished(e)
+      raise
     now = self.clock()  # the time of every token of the step (of a multi-step dispatch)
     for batch, tokens in zip(batches, results, strict=True):
       commit = self.scheduler.commit if batch.decode_steps is None else self.scheduler.commit_many
@@ -448,6 +451,19 @@ class Engine:
         r.status, r.finish_reason, r.error, r.finish_s = Status.FAILED, "error", reason, now
         events.append(TokenEvent(r.request_id, r.model_id, None, True, "error"))
     return events
+
+  def _fail_unfinished(self, error: PeerLostError) -> None:
+    """Another process of a multi-process run is gone: every unfinished request (running or
+    waiting: none can be served) fails with the reason, its pages return, and the log names
+    them."""
+    now, failed = self.clock(), []
+    for r in self._requests.values():
+      if not r.done:
+        self.scheduler.remove(r)
+        r.status, r.finish_reason, r.error, r.finish_s = Status.FAILED, "error", str(error), now
+        failed.append(r.request_id)
+    self.log(f"step {self.steps}: {error}; {len(failed)} unfinished request(s) failed: "
+             f"{', '.join(failed)}")
 
   def _sample_pools(self) -> None:
     t = self.clock()

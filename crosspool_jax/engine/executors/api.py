@@ -12,12 +12,19 @@ import dataclasses
 from collections.abc import Callable
 from typing import Protocol
 
+import jax
 import numpy as np
 
 from crosspool_jax.engine.scheduler import ModelBatch
 from crosspool_jax.models.config import ModelConfig
 from crosspool_jax.models.sampling import NO_TOKEN
 from crosspool_jax.pools.kv_pool import KVPool
+
+
+class PeerLostError(RuntimeError):
+  """Another process of a multi-process run is gone (a transfer to or from it failed): no step
+  can run any more. The engine fails every unfinished request with this reason and re-raises
+  it (never isolated to the models of one step, as a `StepError` is)."""
 
 
 class StepError(RuntimeError):
@@ -35,7 +42,7 @@ def blame(model_ids):
   """Turns an exception raised inside into a `StepError` naming `model_ids`."""
   try:
     yield
-  except StepError:
+  except (StepError, PeerLostError):
     raise
   except Exception as e:
     raise StepError(model_ids, e) from e
@@ -49,6 +56,30 @@ class LoadedModel:
   cfg: ModelConfig
   params: dict
   group: int
+
+
+class Transfers(Protocol):
+  """How an executor moves arrays between devices and reads them on the host: in one
+  process `LocalTransfers`; in a multi-process run, arrays of other processes' devices cross
+  by JAX's distributed transfers (`crosspool_jax.distributed.serving`)."""
+
+  def put(self, tree, device):
+    """`jax.device_put(tree, device)`: one device, or a list of devices for a list of trees."""
+
+  def read(self, arrays: list) -> list:
+    """`jax.device_get(arrays)`: the arrays' values on the host."""
+
+
+class LocalTransfers:
+  """Every device in this process: `jax.device_put` and `jax.device_get`."""
+
+  @staticmethod
+  def put(tree, device):
+    return jax.device_put(tree, device)
+
+  @staticmethod
+  def read(arrays: list) -> list:
+    return jax.device_get(arrays)
 
 
 @dataclasses.dataclass

@@ -25,7 +25,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crosspool_jax.engine.executors.api import HostCounters, LoadedModel, blame
+from crosspool_jax.engine.executors.api import (
+    HostCounters,
+    LoadedModel,
+    LocalTransfers,
+    Transfers,
+    blame,
+)
 from crosspool_jax.engine.executors.batching import (
     PackedLayout,
     decode_limits,
@@ -512,6 +518,9 @@ class DisaggregatedExecutor:
       batch is multi-step (`ModelBatch.decode_steps`) and whose pages are all on their home
       KV devices is enqueued as that many steps, each step's inputs made on device from the
       last one's tokens, with one read of all its tokens (`_run_chunk`).
+
+  Attribute `transfers` moves arrays between devices and reads them (`LocalTransfers`: every
+  device in this process); a multi-process backend sets its own before `compile_all`.
   """
 
   def __init__(self, models: dict[str, LoadedModel], kv_pool: KVPool,
@@ -538,6 +547,7 @@ class DisaggregatedExecutor:
     self.kv_devices = [b.devices().pop() for b in kv_buffers]
     self.wpool = wpool
     wpool.on_swap = self._on_swap
+    self.transfers: Transfers = LocalTransfers()
     self.token_buckets = tuple(token_buckets)
     self.max_batch = max_batch
     self.micro_batches = micro_batches
@@ -613,14 +623,15 @@ class DisaggregatedExecutor:
     return self._scalars[key]
 
   def _put(self, tree, device):
-    """`jax.device_put`, counted; one call for a list of trees with a list of devices."""
+    """`jax.device_put` (`transfers.put`), counted; one call for a list of trees with a list
+    of devices."""
     self.counters.transfers += len(jax.tree.leaves(tree))
-    return jax.device_put(tree, device)
+    return self.transfers.put(tree, device)
 
   def _read(self, arrays: list) -> list:
     """One blocking device-to-host read of `arrays` (counted and timed)."""
     start = time.perf_counter()
-    out = jax.device_get(arrays)
+    out = self.transfers.read(arrays)
     self._read_s += time.perf_counter() - start
     self.counters.blocking_reads += len(arrays)
     if not self._tokens_read:
