@@ -16,10 +16,10 @@ MODELS = {f: (tiny_config(f), init_params(tiny_config(f), seed=i)) for i, f in e
 MAX_CONTEXT = 48
 
 
-def _engine(policy, pages, buckets=(16, 48), models=MODELS):
-  eng = Engine(EngineConfig(kv_policy=policy, page_elems=512, pages_per_device=pages,
-                            token_budget=48, token_buckets=buckets, max_batch=4,
-                            attn_impl="reference", moe_impl="reference"))
+def _engine(policy, pages, buckets=(16, 48), models=MODELS, **overrides):
+  eng = Engine(EngineConfig(**dict(kv_policy=policy, page_elems=512, pages_per_device=pages,
+                                   token_budget=48, token_buckets=buckets, max_batch=4,
+                                   attn_impl="reference", moe_impl="reference") | overrides))
   for f, (cfg, params) in models.items():
     eng.register_model(f, cfg=cfg, params=params, max_context=MAX_CONTEXT, max_batch=4)
   eng.start()

@@ -1,7 +1,8 @@
 """A DeepSeek-V2 model (latent attention: pages of latent rows; a dense first layer,
 group-limited routing, shared experts) served by the paged engine next to a Mixtral model in
-ONE KV pool, under the colocated policies (shared with preemption, static) and crosspool (with
-preemption and a sequence spread over 2 KV devices): greedy tokens equal `generate`'s."""
+ONE KV pool, under the colocated policies (shared with preemption, static with multi-step
+decode) and crosspool (with preemption and a sequence spread over 2 KV devices): greedy tokens
+equal `generate`'s."""
 
 import numpy as np
 import pytest
@@ -34,16 +35,19 @@ def _run(eng, work):
   return [out[r] for r in rids], preempted
 
 
-@pytest.mark.parametrize("policy, pages", [("shared", 24), ("static", 97)])
-def test_colocated_greedy_equals_reference(policy, pages):
+@pytest.mark.parametrize("policy, pages, steps", [("shared", 24, 1), ("static", 97, 4)])
+def test_colocated_greedy_equals_reference(policy, pages, steps):
   # shared: 23 pages for 8 requests of up to 12 pages each, so requests are preempted and
-  # recomputed (DeepSeek's among them); static reserves 6 pages x 4 rows x 2 layers per model (96).
-  eng = _engine(policy, pages=pages, models=FLEET)
+  # recomputed (DeepSeek's among them); static reserves 6 pages x 4 rows x 2 layers per model
+  # (96) and decodes up to 4 steps a dispatch.
+  eng = _engine(policy, pages=pages, models=FLEET, decode_steps_per_dispatch=steps)
   assert eng.pools[0].page_tokens("deepseek_v2") == eng.pools[0].page_tokens("mixtral") == 8
   work = _workload(10, seed=1, families=NAMES)
   out, preempted = _run(eng, work)
   assert out == _references(work, models=FLEET)
   assert (preempted > 0) == (policy == "shared")
+  # one dispatch or more a step, unless several decode steps share one
+  assert (eng.metrics()["host"]["dispatches_per_step"] < 1) == (steps > 1)
   assert all(pool.used_pages == 0 for pool in eng.pools.values())
 
 
