@@ -62,8 +62,9 @@ def test_deepseek_v2_lite_kv_capacity_by_hand():
   cfg = from_hf_config(DEEPSEEK_V2_LITE)
   row_bytes = (512 + 64) * 2
   assert kv_bytes_per_token(cfg, "bfloat16") == 27 * row_bytes == 31104
-  # A page of 16 rows (18,432 B; K and V of 16 heads of 192 would take 6,144 B a token); one
-  # device: the bf16 weights, the null page, and 2,700 pages = 100 per layer.
+  # A page of 16 rows (18,432 B; its 16 heads' expanded keys of 192 and values of 128 would take
+  # 10,240 B a token and layer); one device: the bf16 weights, the null page, and 2,700 pages =
+  # 100 per layer.
   page = 16 * row_bytes
   weights = param_bytes(cfg, "bfloat16")["total"]
   res = measure_capacity({"lite": cfg}, num_devices=1, device_bytes=weights + 2701 * page,
