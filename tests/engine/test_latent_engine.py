@@ -52,8 +52,9 @@ def test_colocated_greedy_equals_reference(policy, pages, steps):
 
 
 def test_crosspool_spreads_a_latent_sequence_over_two_kv_devices_and_preempts():
-  # 9 usable pages per KV device; DeepSeek at home on device 1, Mixtral on device 0.
-  eng = _crosspool(pages=10, models=NAMES, homes=(0, 1), registry=FLEET)
+  # 9 usable pages per KV device; DeepSeek at home on device 1, Mixtral on device 0; one token
+  # bucket (compiling fewer programs at start-up).
+  eng = _crosspool(pages=10, models=NAMES, homes=(0, 1), registry=FLEET, token_buckets=(48,))
   rng = np.random.default_rng(9)
   long = ("deepseek_v2", rng.integers(0, 512, size=40).tolist(), 8)  # 5 pages x 2 layers > 9
   rid = eng.submit(model_id=long[0], prompt_ids=long[1], max_new_tokens=long[2])
