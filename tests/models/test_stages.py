@@ -79,3 +79,17 @@ def test_attention_spread_over_two_kv_devices_equals_the_contiguous_store(impl, 
       np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
     start += n
   assert all(np.isfinite(np.asarray(lse)).all() for lse in lses)  # the last chunk saw both
+
+
+def test_the_absorbed_form_is_named_where_it_does_not_apply():
+  x_TD, positions_T = jnp.zeros((3, CFG.d_model)), jnp.arange(3, dtype=jnp.int32)
+  p = init_params(CFG, seed=0)["layers"][0]
+  with pytest.raises(ValueError, match="absorbed=True is latent attention's form; a mixtral"):
+    stages.attention_inputs(p, x_TD, positions_T, cfg=CFG, absorbed=True)
+  pool, tables = _spread_pool(LATENT)
+  p = init_params(LATENT, seed=0)["layers"][0]
+  q, k, v = stages.attention_inputs(p, x_TD, positions_T, cfg=LATENT)  # not absorbed
+  buffer = jnp.zeros((pool.pages_per_device, pool.page_elems))
+  with pytest.raises(ValueError, match=r"takes the absorbed query \[T, N, 64\] and no v"):
+    stages.write_and_attend_paged(buffer, q, k, v, _paged_batch(pool, tables, 0, 3, 0), 0,
+                                  cfg=LATENT)
