@@ -163,7 +163,8 @@ def _measure(policy: MemoryPolicy, fleet: Mapping[str, FleetModel], s: _Settings
       rows = max(fleet[m].max_batch,
                  pages // (cfg.num_layers * math.ceil(cap / page_tokens(cfg, s.page_elems, tp)))
                  + 1)
-    specs[m] = KVModelSpec(m, cfg.num_layers, heads_per_rank(cfg, tp), cfg.head_dim, cap, rows)
+    specs[m] = KVModelSpec(m, cfg.num_layers, heads_per_rank(cfg, tp), cfg.head_dim, cap, rows,
+                           stores=cfg.kv_stores)
 
   def pool_of(m: str, spec: KVModelSpec | None = None):
     """A fresh pool of `m` with every served model registered (or `spec` alone)."""

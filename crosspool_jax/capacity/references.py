@@ -2,10 +2,10 @@
 
 Only the values a `ModelConfig` needs, copied from each model's published config.json; the
 capacity analysis counts bytes from them and the simulator costs steps from them
-(`fleet.<id>.reference` in an experiment config). DeepSeek-V2-Lite is not here: `ModelConfig`
-parses it (latent attention, `LATENT_FAMILIES`), but the paged KV layout (K and V of
-`num_kv_heads` heads per token) does not hold its latent rows yet, so the policies refuse it
-(`check_paged_kv`).
+(`fleet.<id>.reference` in an experiment config). DeepSeek-V2-Lite is not here yet: the pools
+and policies hold its latent rows (one row of kv_lora_rank + qk_rope_head_dim per token and
+layer), but the roofline's step costs, which the simulator reads, count GQA projections and
+K/V reads only.
 """
 
 from __future__ import annotations

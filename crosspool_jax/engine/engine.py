@@ -26,7 +26,7 @@ from crosspool_jax.engine.policies import Runtime, get_policy
 from crosspool_jax.engine.request import Request, Status
 from crosspool_jax.engine.scheduler import Scheduler
 from crosspool_jax.models.checkpoint import load_checkpoint
-from crosspool_jax.models.config import ModelConfig, check_paged_kv
+from crosspool_jax.models.config import ModelConfig
 from crosspool_jax.models.sampling import SamplingParams
 from crosspool_jax.pools.kv_pool import KVModelSpec, KVPool
 from crosspool_jax.pools.weights_buffers import DeviceWeightsPool
@@ -56,7 +56,9 @@ class EngineConfig:
   Attributes:
     kv_policy: the memory policy, a name of `engine.policies.POLICIES` ("static", "shared",
       "crosspool", ...); it validates the rest of the config.
-    page_elems: elements per KV page (every model's 2 * kv_heads * head_dim must divide it).
+    page_elems: elements per KV page; every model's elements per token must divide it: 2 x
+      kv_heads x head_dim (K and V), or a latent-attention model's one row of kv_lora_rank +
+      qk_rope_head_dim.
     pages_per_device: pages of each KV group's buffer, the null page included.
     kv_dtype: dtype of the KV pages.
     token_budget: tokens fed per iteration over all models (chunked prefill splits prompts).
@@ -214,13 +216,12 @@ class Engine:
       cfg, params = load_checkpoint(checkpoint, dtype=dtype)
     if cfg is None:
       raise ValueError("params need their cfg")
-    check_paged_kv(cfg)
     if not 0 <= group < len(self.config.devices):
       raise ValueError(f"group {group} is not one of the {len(self.config.devices)} KV groups")
     max_context = min(max_context or cfg.max_context, cfg.max_context)
     model = LoadedModel(model_id, cfg, self.backend.place(self.config, params, group), group)
     spec = KVModelSpec(model_id, cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max_context,
-                       max_batch or self.config.max_batch)
+                       max_batch or self.config.max_batch, stores=cfg.kv_stores)
     if self._started:
       before = _BACKEND_COMPILES[0]
       self._add_running(model, spec)

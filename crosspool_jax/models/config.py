@@ -14,11 +14,11 @@ import math
 import os
 from typing import Any, Literal, get_args
 
-# Families served end to end (reference forward, paged KV pool, engine).
+# Families with grouped-query attention (K and V per head): every path, training and the
+# scripts' tiny fleets included.
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
-# Families with multi-head latent attention: the model code (reference forward on the
-# contiguous latent cache, HF import and export) only; the paged KV pool does not take their
-# latent layout yet.
+# Families with multi-head latent attention: a page of the KV pool holds one latent row per
+# token (`ModelConfig.kv_stores` 1), not per-head K and V.
 LATENT_FAMILIES = ("deepseek_v2", "deepseek_v3")
 MODEL_FAMILIES = FAMILIES + LATENT_FAMILIES
 
@@ -200,6 +200,12 @@ class ModelConfig:
     return self.kv_lora_rank > 0
 
   @property
+  def kv_stores(self) -> int:
+    """Arrays a layer caches per KV head and token: K and V (2), or latent attention's one
+    row (1: the latent c_kv and the rope key, `head_dim` wide, no V)."""
+    return 1 if self.mla else 2
+
+  @property
   def qk_head_dim(self) -> int:
     """Head dim of the queries and keys attention multiplies."""
     return self.qk_nope_head_dim + self.qk_rope_head_dim if self.mla else self.head_dim
@@ -228,15 +234,6 @@ class ModelConfig:
       if isinstance(d.get(key), list):
         d[key] = tuple(d[key])
     return cls(**d)
-
-
-def check_paged_kv(cfg: ModelConfig) -> None:
-  """Raises UnsupportedConfigError for a model the paged KV pool cannot hold: latent attention
-  (the pool's pages are K and V of `num_kv_heads` heads per token)."""
-  if cfg.mla:
-    raise UnsupportedConfigError(
-        f"{cfg.family}: the paged KV pool does not support the latent (MLA) layout yet; this "
-        f"family runs on the reference forward (models.model.forward, models.decode.generate)")
 
 
 def _rope_theta(hf: dict[str, Any], default: float) -> float:

@@ -118,19 +118,31 @@ def attend_latent(q_BTNH: jax.Array, cache_BKCH: jax.Array, w_kv_b_ANH: jax.Arra
   `w_kv_b_ANH` is [kv_lora_rank, N, qk_nope + v_head_dim]: W_UK then W_UV.
   """
   nope, rank = cfg.qk_nope_head_dim, cfg.kv_lora_rank
-  w_uk_ANH, w_uv_ANH = w_kv_b_ANH[..., :nope], w_kv_b_ANH[..., nope:]
   if absorbed:
-    q_lat_BTNA = jnp.einsum("btnh,anh->btna", q_BTNH[..., :nope], w_uk_ANH)
-    q_BTNH = jnp.concatenate([q_lat_BTNA, q_BTNH[..., nope:]], axis=-1)
-    o_BTNA = attend_contiguous(q_BTNH, cache_BKCH, cache_BKCH[..., :rank], q_positions_BT,
-                               scale=cfg.attn_scale)
-    return jnp.einsum("btna,anh->btnh", o_BTNA, w_uv_ANH)
+    o_BTNA = attend_contiguous(absorb_query(q_BTNH, w_kv_b_ANH, cfg), cache_BKCH,
+                               cache_BKCH[..., :rank], q_positions_BT, scale=cfg.attn_scale)
+    return latent_values(o_BTNA, w_kv_b_ANH, cfg)
+  w_uk_ANH, w_uv_ANH = w_kv_b_ANH[..., :nope], w_kv_b_ANH[..., nope:]
   c_BCA, k_rope_B1CH = cache_BKCH[:, 0, :, :rank], cache_BKCH[..., rank:]
   k_nope_BNCH = jnp.einsum("bca,anh->bnch", c_BCA, w_uk_ANH)
   v_BNCH = jnp.einsum("bca,anh->bnch", c_BCA, w_uv_ANH)
   k_rope_BNCH = jnp.broadcast_to(k_rope_B1CH, (*k_nope_BNCH.shape[:-1], k_rope_B1CH.shape[-1]))
   k_BNCH = jnp.concatenate([k_nope_BNCH, k_rope_BNCH], axis=-1)
   return attend_contiguous(q_BTNH, k_BNCH, v_BNCH, q_positions_BT, scale=cfg.attn_scale)
+
+
+def absorb_query(q_TNH: jax.Array, w_kv_b_ANH: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """Latent attention's query in the absorbed form: [..., N, qk_nope + qk_rope] ->
+  [..., N, kv_lora_rank + qk_rope] (q_nope @ W_UK^T, then q_rope), the width of a cached row."""
+  nope = cfg.qk_nope_head_dim
+  q_lat_TNA = jnp.einsum("...nh,anh->...na", q_TNH[..., :nope], w_kv_b_ANH[..., :nope])
+  return jnp.concatenate([q_lat_TNA, q_TNH[..., nope:]], axis=-1)
+
+
+def latent_values(o_TNA: jax.Array, w_kv_b_ANH: jax.Array, cfg: ModelConfig) -> jax.Array:
+  """The absorbed form's attention output, in the latent space [..., N, kv_lora_rank], out
+  through W_UV: [..., N, v_head_dim]."""
+  return jnp.einsum("...na,anh->...nh", o_TNA, w_kv_b_ANH[..., cfg.qk_nope_head_dim:])
 
 
 def attention_out(p: Params, o_TNH: jax.Array) -> jax.Array:

@@ -159,7 +159,7 @@ class KVCache:
   @classmethod
   def zeros(cls, cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
     shape = (batch, cfg.num_kv_heads, max_len, cfg.head_dim)
-    return cls(*_zero_layers(cfg.num_layers, 1 if cfg.mla else 2, shape, jnp.dtype(dtype)),
+    return cls(*_zero_layers(cfg.num_layers, cfg.kv_stores, shape, jnp.dtype(dtype)),
                *(((),) if cfg.mla else ()))
 
 

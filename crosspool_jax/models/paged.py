@@ -3,7 +3,8 @@
 One call runs a packed, ragged batch of one model — prefill chunks and single decode tokens of
 several sequences together — against one device's pool buffer, which is donated and updated
 in place: one jit composing the stages (`stages.py`) layer by layer, the KV store being
-`stages.write_and_attend_paged`. All host-side inputs are in one `PagedBatch` pytree,
+`stages.write_and_attend_paged` (latent attention: latent rows, the absorbed form for every
+token, prefill chunks included). All host-side inputs are in one `PagedBatch` pytree,
 precomputable by the pools, so a later executor can loop this step on device.
 """
 
@@ -49,10 +50,11 @@ def forward_paged(params: dict, pool_PE: jax.Array, batch: PagedBatch, *, cfg: M
   x_TD, valid_T = stages.embed(params["embed_VD"], batch.tokens_T, batch.positions_T)
   for i in range(cfg.num_layers):
     p = params["layers"][i]
-    q_TNH, k_TKH, v_TKH = stages.attention_inputs(p, x_TD, batch.positions_T, cfg=cfg)
+    q_TNH, k_TKH, v_TKH = stages.attention_inputs(p, x_TD, batch.positions_T, cfg=cfg,
+                                                  absorbed=cfg.mla)
     o_TNH, lse_TN, pool_PE = stages.write_and_attend_paged(pool_PE, q_TNH, k_TKH, v_TKH, batch,
                                                            i, cfg=cfg, impl=attn_impl)
     x_TD = stages.finish_layer(p, x_TD, [o_TNH], [lse_TN], valid_T, cfg=cfg,
-                               moe=cfg.moe_layers[i], impl=moe_impl)
+                               moe=cfg.moe_layers[i], impl=moe_impl, absorbed=cfg.mla)
   rows_S = stages.last_token_rows(batch.cu_q_lens_S1)
   return stages.head(params, x_TD, rows_S, cfg=cfg), pool_PE

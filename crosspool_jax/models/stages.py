@@ -1,7 +1,8 @@
 """The per-layer stages of the MoE transformer: every forward path composes these.
 
 A layer is `attention_inputs`, a KV write + attention over a store (`write_and_attend_paged`:
-one device's page pool, a partial with its LSE; `write_and_attend_contiguous`: the reference's
+one device's page pool, a partial with its LSE, K and V or latent rows (latent attention in the
+absorbed form: `absorbed`, below); `write_and_attend_contiguous`: the reference's
 contiguous cache; `write_and_attend_latent`: its latent cache, latent attention in the expanded
 or the absorbed form), `post_attention` (LSE merge of several partials, output projection,
 residual, FFN norm, then the router of a MoE layer or the whole dense MLP) and, for a MoE
@@ -13,6 +14,12 @@ Invariant: no layer math outside this module and `layers.py`. Each stage is jitt
 config static: an executor dispatches a stage on its own, a one-jit forward pass inlines it.
 Shape suffixes: WORKSPACE.md; arrays are flat over tokens (T), the contiguous cache reshapes
 to [B, T].
+
+`absorbed` (latent attention on the page pool, every token): `attention_inputs` gives the query
+absorbed into the latent space (`layers.absorb_query`), `write_and_attend_paged` attends over
+the latent rows, its output (and so each device's partial) in the latent space [T, N,
+kv_lora_rank], and `post_attention` takes it out through W_UV after the LSE merge (exact: W_UV
+is linear), so a KV device needs none of the model's weights.
 """
 
 from __future__ import annotations
@@ -24,10 +31,11 @@ import jax
 import jax.numpy as jnp
 
 from crosspool_jax.models import layers
-from crosspool_jax.models.config import ModelConfig, check_paged_kv
+from crosspool_jax.models.config import ModelConfig
 from crosspool_jax.models.sampling import sample
 from pallas_kernels.expert_dispatch import expert_dispatch
 from pallas_kernels.kv_write import write_kv
+from pallas_kernels.latent_paged_attention import latent_paged_attention, write_latent_rows
 from pallas_kernels.ragged_paged_attention import merge_attention, ragged_paged_attention
 
 if TYPE_CHECKING:
@@ -40,9 +48,15 @@ def embed(embed_VD: jax.Array, tokens_T: jax.Array, positions_T: jax.Array):
   return embed_VD[tokens_T], positions_T >= 0
 
 
-@functools.partial(jax.jit, static_argnames=("cfg",))
+def _check_absorbed(cfg: ModelConfig, absorbed: bool) -> None:
+  if absorbed and not cfg.mla:
+    raise ValueError(f"absorbed=True is latent attention's form; a {cfg.family} model has "
+                     f"none (kv_lora_rank 0)")
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "absorbed"))
 def attention_inputs(p: layers.Params, x_TD: jax.Array, positions_T: jax.Array, *,
-                     cfg: ModelConfig):
+                     cfg: ModelConfig, absorbed: bool = False):
   """Attention norm and rotated q [T, N, H], k [T, K, H], v [T, K, H] of one layer; with latent
   attention (q [T, N, qk_nope + qk_rope], the latent row [T, 1, kv_lora_rank + qk_rope] as k,
   None as v: `layers.latent_qkv`).
@@ -52,10 +66,16 @@ def attention_inputs(p: layers.Params, x_TD: jax.Array, positions_T: jax.Array, 
     x_TD: residual stream.
     positions_T: int32 position of each token (rotary angle).
     cfg: model config.
+    absorbed: latent attention only: q absorbed into the latent space, [T, N, kv_lora_rank +
+      qk_rope] (`layers.absorb_query`; the page pool's form, module docstring).
   """
+  _check_absorbed(cfg, absorbed)
   h_TD = layers.rms_norm(x_TD, p["attn_norm_D"], cfg.rms_eps)
   if cfg.mla:
-    return (*layers.latent_qkv(p["attn"], h_TD, positions_T, cfg), None)
+    q_TNH, latent_TKH = layers.latent_qkv(p["attn"], h_TD, positions_T, cfg)
+    if absorbed:
+      q_TNH = layers.absorb_query(q_TNH, p["attn"]["w_kv_b_ANH"], cfg)
+    return q_TNH, latent_TKH, None
   return layers.attention_qkv(p["attn"], h_TD, positions_T, cfg)
 
 
@@ -69,15 +89,27 @@ def write_and_attend_paged(pool_PE: jax.Array, q_TNH: jax.Array, k_TKH: jax.Arra
   serves every layer) picks its slot mapping and page table inside the jit, so a layer-by-layer
   caller dispatches no slicing of its own. With a device-local table (pages elsewhere = 0) the
   result is the partial attention over this device's pages; `post_attention` merges the
-  partials of several devices.
+  partials of several devices. Latent attention: q_TNH absorbed (`attention_inputs(absorbed=
+  True)`), k_TKH the latent rows [T, 1, kv_lora_rank + qk_rope], v_TKH None; a page holds
+  latent rows (`latent_paged_attention`) and the output is in the latent space.
 
   Returns:
-    (out_TNH in the pool dtype, lse_TN f32, updated pool).
+    (out_TNH in the pool dtype (latent attention: [T, N, kv_lora_rank]), lse_TN f32, updated
+    pool).
   """
-  check_paged_kv(cfg)
   slots_T = jax.lax.dynamic_index_in_dim(batch.slot_mapping_LT, layer, keepdims=False)
   table_SP = jax.lax.dynamic_index_in_dim(batch.page_tables_LSP, layer, keepdims=False)
   dtype = pool_PE.dtype
+  if cfg.mla:
+    if q_TNH.shape[-1] != cfg.head_dim or v_TKH is not None:
+      raise ValueError(f"latent attention on pages takes the absorbed query [T, N, "
+                       f"{cfg.head_dim}] and no v (attention_inputs(absorbed=True)), got q "
+                       f"{q_TNH.shape} and v {None if v_TKH is None else v_TKH.shape}")
+    pool_PE = write_latent_rows(pool_PE, k_TKH[:, 0].astype(dtype), slots_T)
+    o_TNA, lse_TN = latent_paged_attention(
+        q_TNH.astype(dtype), pool_PE, table_SP, batch.cu_q_lens_S1, batch.kv_lens_S,
+        batch.num_seqs_1, kv_lora_rank=cfg.kv_lora_rank, sm_scale=cfg.attn_scale, impl=impl)
+    return o_TNA, lse_TN, pool_PE
   pool_PE = write_kv(pool_PE, k_TKH.astype(dtype), v_TKH.astype(dtype), slots_T, impl=impl)
   o_TNH, lse_TN = ragged_paged_attention(
       q_TNH.astype(dtype), pool_PE, table_SP, batch.cu_q_lens_S1, batch.kv_lens_S,
@@ -150,9 +182,9 @@ def ffn_route(p: layers.Params, x_TD: jax.Array, *, cfg: ModelConfig):
   return (h_TD, *layers.route(p["ffn"], h_TD, cfg))
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "moe"))
+@functools.partial(jax.jit, static_argnames=("cfg", "moe", "absorbed"))
 def post_attention(p: layers.Params, x_TD: jax.Array, outs_MTNH, lses_MTN, *,
-                   cfg: ModelConfig, moe: bool):
+                   cfg: ModelConfig, moe: bool, absorbed: bool = False):
   """The layer after its attention, up to the routed experts.
 
   Args:
@@ -162,16 +194,22 @@ def post_attention(p: layers.Params, x_TD: jax.Array, outs_MTNH, lses_MTN, *,
     lses_MTN: their f32 LSEs; read only to merge several partials (None with one).
     cfg: model config.
     moe: the layer is a MoE layer (else dense).
+    absorbed: latent attention only: the outputs are in the latent space (the page pool's
+      form), taken out through W_UV after the merge (`layers.latent_values`).
 
   Returns:
     MoE layer: (x_TD after attention, h_TD normed FFN input, ids_TK, weights_TK);
     dense layer: (x_TD after the whole layer,).
   """
+  _check_absorbed(cfg, absorbed)
   if len(outs_MTNH) == 1:
     o_TNH = outs_MTNH[0]
   else:
     o_TNH, _ = merge_attention(outs_MTNH, lses_MTN)
-  x_TD = x_TD + layers.attention_out(p["attn"], o_TNH.astype(x_TD.dtype))
+  o_TNH = o_TNH.astype(x_TD.dtype)
+  if absorbed:
+    o_TNH = layers.latent_values(o_TNH, p["attn"]["w_kv_b_ANH"], cfg)
+  x_TD = x_TD + layers.attention_out(p["attn"], o_TNH)
   if moe:
     return (x_TD, *ffn_route(p, x_TD, cfg=cfg))
   h_TD = layers.rms_norm(x_TD, p["ffn_norm_D"], cfg.rms_eps)
@@ -219,21 +257,23 @@ def attention_side(p: layers.Params, x_TD: jax.Array, pool_PE: jax.Array, batch:
   """
   if pending is not None:
     x_TD = combine(pending[0], x_TD, pending[1], pending[2], cfg=cfg)
-  q_TNH, k_TKH, v_TKH = attention_inputs(p, x_TD, batch.positions_T, cfg=cfg)
+  q_TNH, k_TKH, v_TKH = attention_inputs(p, x_TD, batch.positions_T, cfg=cfg, absorbed=cfg.mla)
   o_TNH, lse_TN, pool_PE = write_and_attend_paged(pool_PE, q_TNH, k_TKH, v_TKH, batch, layer,
                                                   cfg=cfg, impl=impl)
-  return post_attention(p, x_TD, [o_TNH], [lse_TN], cfg=cfg, moe=moe), pool_PE
+  return (post_attention(p, x_TD, [o_TNH], [lse_TN], cfg=cfg, moe=moe, absorbed=cfg.mla),
+          pool_PE)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "moe", "impl"))
+@functools.partial(jax.jit, static_argnames=("cfg", "moe", "impl", "absorbed"))
 def finish_layer(p: layers.Params, x_TD: jax.Array, outs_MTNH, lses_MTN, valid_T: jax.Array, *,
-                 cfg: ModelConfig, moe: bool, impl: str | None = None):
-  """`post_attention`, then for a MoE layer `routed_experts` over the layer's own experts
-  (identity slot table) and `combine`: the layer's tail where its experts are its params.
+                 cfg: ModelConfig, moe: bool, impl: str | None = None, absorbed: bool = False):
+  """`post_attention` (`absorbed` as there), then for a MoE layer `routed_experts` over the
+  layer's own experts (identity slot table) and `combine`: the layer's tail where its experts
+  are its params.
 
   Returns x_TD after the layer.
   """
-  out = post_attention(p, x_TD, outs_MTNH, lses_MTN, cfg=cfg, moe=moe)
+  out = post_attention(p, x_TD, outs_MTNH, lses_MTN, cfg=cfg, moe=moe, absorbed=absorbed)
   if not moe:
     return out[0]
   x_TD, h_TD, ids_TK, weights_TK = out

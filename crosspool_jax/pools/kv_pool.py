@@ -35,6 +35,8 @@ class KVModelSpec:
     max_context: longest sequence (tokens) of a request; sizes the block tables.
     max_batch: most concurrent requests of this model (rows of its block tables; also the
       reservation of the `static` policy).
+    stores: arrays cached per head and token: 2 (K and V) or 1 (a latent-attention model's
+      one row of `head_dim`, no V).
   """
 
   model_id: str
@@ -43,11 +45,20 @@ class KVModelSpec:
   head_dim: int
   max_context: int
   max_batch: int
+  stores: int = 2
 
   def __post_init__(self):
     for name in ("num_layers", "kv_heads", "head_dim", "max_context", "max_batch"):
       if getattr(self, name) <= 0:
         raise ValueError(f"KVModelSpec.{name} must be > 0, got {getattr(self, name)}")
+    if self.stores not in (1, 2):
+      raise ValueError(f"KVModelSpec.stores must be 1 (latent rows) or 2 (K and V), got "
+                       f"{self.stores}")
+
+  @property
+  def elems_per_token(self) -> int:
+    """Elements one token of one layer takes in a page."""
+    return self.stores * self.kv_heads * self.head_dim
 
 
 @dataclasses.dataclass
@@ -125,10 +136,11 @@ class KVPool:
     """
     if spec.model_id in self._models:
       raise ValueError(f"model {spec.model_id!r} is already registered")
-    per_token = 2 * spec.kv_heads * spec.head_dim
+    per_token = spec.elems_per_token
     if self.page_elems % per_token:
       raise ValueError(f"model {spec.model_id!r}: page_elems {self.page_elems} is not a multiple "
-                       f"of 2 * kv_heads * head_dim = {per_token}")
+                       f"of stores * kv_heads * head_dim = {spec.stores} * {spec.kv_heads} * "
+                       f"{spec.head_dim} = {per_token}")
     if home_device is not None and not 0 <= home_device < self.num_devices:
       raise ValueError(f"model {spec.model_id!r}: home_device {home_device} out of range "
                        f"[0, {self.num_devices})")

@@ -1,7 +1,11 @@
 """Latent (MLA) paged attention: ragged prefill chunks + decode over pages of latent rows,
-absorbed queries, LSE out."""
+absorbed queries, LSE out; the rows' write."""
 
-from pallas_kernels.latent_paged_attention.api import latent_paged_attention, validate_inputs
+from pallas_kernels.latent_paged_attention.api import (
+  latent_paged_attention,
+  validate_inputs,
+  write_latent_rows,
+)
 from pallas_kernels.latent_paged_attention.kernel import default_block_sizes
 from pallas_kernels.latent_paged_attention.layout import (
   latent_page_tokens_of,
@@ -20,4 +24,5 @@ __all__ = [
   "unview_latent_pages",
   "validate_inputs",
   "view_latent_pages",
+  "write_latent_rows",
 ]

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels._impl import resolve_impl
 from pallas_kernels.latent_paged_attention import kernel as _kernel
 from pallas_kernels.latent_paged_attention import reference as _reference
-from pallas_kernels.latent_paged_attention.layout import latent_page_tokens_of, view_latent_pages
+from pallas_kernels.latent_paged_attention.layout import (
+  latent_page_tokens_of,
+  unview_latent_pages,
+  view_latent_pages,
+)
 from pallas_kernels.ragged_paged_attention.api import (
   check_batch_shapes,
   validate_batch_values,
@@ -115,3 +122,33 @@ def validate_inputs(q_TND, pool_PE, page_table_SP, cu_q_lens_S1, kv_lens_S, num_
   validate_batch_values(page_table_SP, cu_q_lens_S1, kv_lens_S, num_seqs,
                         num_tokens=q_TND.shape[0], num_pages=pool_PE.shape[0],
                         page_tokens=page_tokens)
+
+
+@functools.partial(jax.jit, donate_argnames=("pool_PE",))
+def write_latent_rows(pool_PE: jax.Array, rows_TD: jax.Array,
+                      slot_mapping_T: jax.Array) -> jax.Array:
+  """Writes the new tokens' latent rows into their page slots; the pool is donated (in place).
+
+  One scatter on every backend (XLA updates the donated buffer in place; a row is one
+  contiguous [D] run of its page, so there is no Pallas kernel).
+
+  Args:
+    pool_PE: [num_pages, page_elems] the device's pool (DONATED), viewed as
+      [num_pages, page_tokens, D] (`view_latent_pages`).
+    rows_TD: [T, D] the rows of the T new tokens, pool dtype.
+    slot_mapping_T: int32 [T] slot = page_id * page_tokens + offset of each token; negative =
+      drop (padding), any slot of the null page 0 is harmless; live slots distinct.
+
+  Returns:
+    The updated pool [num_pages, page_elems] (reusing the donated buffer).
+  """
+  if rows_TD.ndim != 2:
+    raise ValueError(f"rows_TD must be [T, D], got shape {rows_TD.shape}")
+  if rows_TD.dtype != pool_PE.dtype:
+    raise ValueError(f"rows_TD dtype {rows_TD.dtype} must equal pool_PE dtype {pool_PE.dtype}")
+  if slot_mapping_T.shape != rows_TD.shape[:1] or slot_mapping_T.dtype != jnp.int32:
+    raise ValueError(f"slot_mapping_T must be int32 [T={rows_TD.shape[0]}], got "
+                     f"{slot_mapping_T.dtype} {slot_mapping_T.shape}")
+  pages_PTD = view_latent_pages(pool_PE, row_dim=rows_TD.shape[1])
+  return unview_latent_pages(
+      _reference.write_latent_rows_reference(pages_PTD, rows_TD, slot_mapping_T))

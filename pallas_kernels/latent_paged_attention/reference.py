@@ -10,6 +10,7 @@ kv_lora_rank columns. Glossary as `layout` (D row, A = kv_lora_rank) and the rag
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels.ragged_paged_attention.reference import attend_pages
 
@@ -46,3 +47,17 @@ def latent_paged_attention_reference(q_TND: jax.Array, pages_PTD: jax.Array,
   return attend_pages(q_TND, page_kv, slot_kv, page_table_SP, cu_q_lens_S1, kv_lens_S, num_seqs,
                       page_tokens=pages_PTD.shape[1], kv_heads=1, value_dim=A,
                       sm_scale=sm_scale, chunk_pages=chunk_pages, q_block=q_block)
+
+
+def write_latent_rows_reference(pages_PTD: jax.Array, rows_TD: jax.Array,
+                                slot_mapping_T: jax.Array) -> jax.Array:
+  """Scatters token t's latent row into slot slot_mapping_T[t] (= page * page_tokens +
+  offset) of the viewed pool [num_pages, page_tokens, D]; a negative slot drops the token.
+  Index arrays, so a donated pool is updated in place (as `kv_write`'s reference)."""
+  num_pages, page_tokens = pages_PTD.shape[:2]
+  slot_T = slot_mapping_T.astype(jnp.int32)
+  # Negative slots go out of bounds (page num_pages) and are dropped by the scatter.
+  page_T = jnp.where(slot_T < 0, num_pages, slot_T // page_tokens)
+  off_T = jnp.where(slot_T < 0, 0, slot_T % page_tokens)
+  return pages_PTD.at[page_T, off_T].set(rows_TD.astype(pages_PTD.dtype), mode="drop",
+                                         unique_indices=False)

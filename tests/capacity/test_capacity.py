@@ -57,6 +57,27 @@ def test_kv_bytes_per_token_by_hand():
   assert kv_bytes_per_token(from_hf_config(DEEPSEEK_V2_LITE), "bfloat16") == 27 * (512 + 64) * 2
 
 
+def test_deepseek_v2_lite_kv_capacity_by_hand():
+  # One latent row per token and layer: (512 + 64) x 2 B = 1,152 B, 31,104 B over 27 layers.
+  cfg = from_hf_config(DEEPSEEK_V2_LITE)
+  row_bytes = (512 + 64) * 2
+  assert kv_bytes_per_token(cfg, "bfloat16") == 27 * row_bytes == 31104
+  # A page of 16 rows (18,432 B; its 16 heads' expanded keys of 192 and values of 128 would take
+  # 10,240 B a token and layer); one device: the bf16 weights, the null page, and 2,700 pages =
+  # 100 per layer.
+  page = 16 * row_bytes
+  weights = param_bytes(cfg, "bfloat16")["total"]
+  res = measure_capacity({"lite": cfg}, num_devices=1, device_bytes=weights + 2701 * page,
+                         page_bytes=page, dtype="bfloat16", max_batch=1,
+                         organisations=("static", "shared"))
+  _all_agree(res)
+  for org in res["organisations"].values():
+    rec = org["models"]["lite"]
+    assert (org["kv_pages"], rec["page_tokens"], rec["tp"]) == (2700, 16, 1)
+    assert rec["longest_context_raw"] == rec["kv_tokens_reachable"] == 100 * 16
+    assert org["kv_bytes"] == 1600 * kv_bytes_per_token(cfg, "bfloat16")
+
+
 def test_two_models_two_devices_by_hand():
   # Each device: one model's weights + 101 pages (100 usable, the null page aside).
   res = _run(2, num_devices=2, device_bytes=W_TOTAL + 101 * PAGE)

@@ -15,14 +15,14 @@ from crosspool_jax.models.sampling import SamplingParams
 from tests.engine.test_engine import FAMILIES, MODELS, _reference, _references, _workload
 
 
-def _crosspool(pages, models=FAMILIES, homes=None, **overrides):
+def _crosspool(pages, models=FAMILIES, homes=None, registry=MODELS, **overrides):
   cfg = dict(kv_policy="crosspool", devices=(0, 1), weight_devices=(2, 3), page_elems=512,
              pages_per_device=pages, token_budget=48, token_buckets=(16, 48), max_batch=4,
              attn_impl="reference", moe_impl="reference", expert_slots_per_device=8,
              expert_policy="lru", micro_batches=2, timeline_every=1) | overrides
   eng = Engine(EngineConfig(**cfg))
   for i, f in enumerate(models):  # home KV devices alternate: 0, 1, 0, 1 (unless given)
-    eng.register_model(f, cfg=MODELS[f][0], params=MODELS[f][1], max_context=48, max_batch=4,
+    eng.register_model(f, cfg=registry[f][0], params=registry[f][1], max_context=48, max_batch=4,
                        group=i % 2 if homes is None else homes[i])
   eng.start()
   return eng

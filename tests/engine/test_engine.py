@@ -1,13 +1,12 @@
 """The engine against the reference generation: 4 models of 3 shapes, both KV policies,
-forced preemption, seeded sampling, cancellation, bad input, a 1,000-request soak, and a
-latent-attention model refused by name."""
+forced preemption, seeded sampling, cancellation, bad input, a 1,000-request soak (a
+latent-attention model mixed in: test_latent_engine.py)."""
 
 import numpy as np
 import pytest
 
 from crosspool_jax.engine import Engine, EngineConfig, Status
-from crosspool_jax.engine.policies import FleetModel
-from crosspool_jax.models.config import UnsupportedConfigError, tiny_config
+from crosspool_jax.models.config import tiny_config
 from crosspool_jax.models.decode import generate
 from crosspool_jax.models.model import init_params
 from crosspool_jax.models.sampling import SamplingParams
@@ -17,11 +16,11 @@ MODELS = {f: (tiny_config(f), init_params(tiny_config(f), seed=i)) for i, f in e
 MAX_CONTEXT = 48
 
 
-def _engine(policy, pages, buckets=(16, 48)):
-  eng = Engine(EngineConfig(kv_policy=policy, page_elems=512, pages_per_device=pages,
-                            token_budget=48, token_buckets=buckets, max_batch=4,
-                            attn_impl="reference", moe_impl="reference"))
-  for f, (cfg, params) in MODELS.items():
+def _engine(policy, pages, buckets=(16, 48), models=MODELS, **overrides):
+  eng = Engine(EngineConfig(**dict(kv_policy=policy, page_elems=512, pages_per_device=pages,
+                                   token_budget=48, token_buckets=buckets, max_batch=4,
+                                   attn_impl="reference", moe_impl="reference") | overrides))
+  for f, (cfg, params) in models.items():
     eng.register_model(f, cfg=cfg, params=params, max_context=MAX_CONTEXT, max_batch=4)
   eng.start()
   return eng
@@ -38,10 +37,11 @@ def static():
   return _engine("static", pages=265, buckets=(48,))
 
 
-def _workload(n, seed, max_new=8, max_prompt=30):
+def _workload(n, seed, max_new=8, max_prompt=30, families=FAMILIES):
   rng = np.random.default_rng(seed)
-  return [(FAMILIES[i % 4], rng.integers(0, 512, size=int(rng.integers(1, max_prompt))).tolist(),
-           max_new) for i in range(n)]
+  return [(families[i % len(families)],
+           rng.integers(0, 512, size=int(rng.integers(1, max_prompt))).tolist(), max_new)
+          for i in range(n)]
 
 
 def _reference(model, prompt, max_new, sampling=None):
@@ -49,12 +49,12 @@ def _reference(model, prompt, max_new, sampling=None):
   return generate(params, cfg, [prompt], max_new_tokens=max_new, sampling=sampling)[0]
 
 
-def _references(work):
+def _references(work, models=MODELS):
   """Greedy reference of every (model, prompt, max_new), one batched call per model."""
   out = [None] * len(work)
   for m in {w[0] for w in work}:
     idx = [i for i, w in enumerate(work) if w[0] == m]
-    cfg, params = MODELS[m]
+    cfg, params = models[m]
     gens = generate(params, cfg, [work[i][1] for i in idx], max_new_tokens=work[idx[0]][2])
     for i, g in zip(idx, gens, strict=True):
       out[i] = g
@@ -143,15 +143,3 @@ def test_soak_returns_every_page_and_never_recompiles(shared):
   summary = metrics["summary"]["per_model"]
   assert set(summary) == set(FAMILIES)
   assert all(s["ttft_s"]["p99"] is not None for s in summary.values())
-
-
-def test_latent_attention_model_is_refused_by_name():
-  cfg = tiny_config("deepseek_v2")
-  eng = Engine(EngineConfig(kv_policy="shared", page_elems=512, pages_per_device=8,
-                            token_budget=48, token_buckets=(16,), max_batch=4,
-                            attn_impl="reference", moe_impl="reference"))
-  message = "deepseek_v2: the paged KV pool does not support the latent"
-  with pytest.raises(UnsupportedConfigError, match=message):
-    eng.register_model("ds", cfg=cfg, params=init_params(cfg))
-  with pytest.raises(UnsupportedConfigError, match=message):
-    FleetModel(cfg, "float32", max_batch=1, max_context=64)

@@ -26,6 +26,7 @@ from pallas_kernels.latent_paged_attention import (
   unview_latent_pages,
   validate_inputs,
   view_latent_pages,
+  write_latent_rows,
 )
 from pallas_kernels.latent_paged_attention import kernel as kernel_lib
 from pallas_kernels.ragged_paged_attention import kernel as ragged_kernel_lib
@@ -289,6 +290,29 @@ def test_layout_and_trace_time_errors():
     run_gpu_kernel(args, RANK, SCALE)  # page_tokens = 8 is too small for the Triton dot
   with pytest.raises(ValueError, match=r"kv_lens_S\[0\]=9 must be in"):
     validate_inputs(q, pool, table, cu, jnp.asarray([9, 3, 0], jnp.int32), n, kv_lora_rank=RANK)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_write_latent_rows_fills_exactly_its_slots(dtype):
+  D, Tp = RANK + ROPE, 4
+  pool = np.full((5, Tp * D), np.nan, np.float32)
+  rows = np.random.default_rng(0).standard_normal((5, D)).astype(np.float32)
+  # page 2 slot 1, page 1 slot 0, dropped, page 4 slot 3, the null page (never read)
+  slots = np.asarray([9, 4, -1, 19, 1], np.int32)
+  got = write_latent_rows(jnp.asarray(pool, dtype), jnp.asarray(rows, dtype), jnp.asarray(slots))
+  want = view_latent_pages(pool, row_dim=D).copy()
+  for row, slot in zip(rows, slots, strict=True):
+    if slot >= 0:
+      want[slot // Tp, slot % Tp] = row
+  assert got.dtype == dtype and got.shape == pool.shape
+  np.testing.assert_array_equal(np.asarray(view_latent_pages(got, row_dim=D), np.float32),
+                                np.asarray(jnp.asarray(want, dtype), np.float32))
+  with pytest.raises(ValueError, match="rows_TD dtype bfloat16 must equal pool_PE dtype float32"):
+    write_latent_rows(jnp.asarray(pool), jnp.asarray(rows, jnp.bfloat16), jnp.asarray(slots))
+  with pytest.raises(ValueError, match=r"slot_mapping_T must be int32 \[T=5\]"):
+    write_latent_rows(jnp.asarray(pool), jnp.asarray(rows), jnp.asarray(slots[:4]))
+  with pytest.raises(ValueError, match="not a positive multiple of the latent row width 40"):
+    write_latent_rows(jnp.asarray(pool), jnp.asarray(rows[:, :40]), jnp.asarray(slots))
 
 
 @pytest.mark.parametrize("family", LATENT_FAMILIES)

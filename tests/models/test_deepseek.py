@@ -1,9 +1,9 @@
 """DeepSeek-V2/V3 beyond the HF parity runs: hand-computed routing (V2's group-limited
 selection, V3's biased selection), latent attention's absorbed form against its expanded one,
-the training forward, the config fields refused by name, and the paged path's refusal."""
+the training forward and the config fields refused by name. On the page pool:
+tests/models/test_paged.py, test_stages.py, tests/engine/test_latent_engine.py."""
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +20,6 @@ from crosspool_jax.models.config import (
     to_hf_config,
 )
 from crosspool_jax.models.model import KVCache, forward, forward_train, init_params
-from crosspool_jax.models.paged import PagedBatch, forward_paged
 
 
 def _chosen(ids_TK, weights_TK):
@@ -205,14 +204,3 @@ def test_params_have_the_latent_shapes():
                           "w_kv_a_DH": (64, 40), "kv_a_norm_A": (32,),
                           "w_kv_b_ANH": (32, 4, 28), "w_o_NHD": (4, 12, 64)}
   assert attn["ffn"]["router_bias_E"] == (8,) and "shared_gate_D1" not in attn["ffn"]
-
-
-def test_paged_path_refuses_the_latent_layout():
-  cfg = tiny_config("deepseek_v3")
-  i32 = functools.partial(jnp.zeros, dtype=jnp.int32)
-  batch = PagedBatch(tokens_T=i32(4), positions_T=i32(4), cu_q_lens_S1=i32(2), kv_lens_S=i32(1),
-                     num_seqs_1=i32(1), page_tables_LSP=i32((2, 1, 1)),
-                     slot_mapping_LT=i32((2, 4)))
-  with pytest.raises(UnsupportedConfigError, match="deepseek_v3: the paged KV pool does not "
-                     "support the latent"):
-    forward_paged(init_params(cfg), jnp.zeros((4, 80)), batch, cfg=cfg)

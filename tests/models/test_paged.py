@@ -1,5 +1,5 @@
 """The model step on the paged KV pool (`forward_paged`, run by the engine's colocated
-executor) vs its contiguous-cache reference.
+executor; latent attention on pages of latent rows) vs its contiguous-cache reference.
 
 The KV buffers start NaN-filled, so any read of a page (or slot) a sequence does not own shows
 up. A sequence spread over several KV devices: tests/models/test_stages.py (the stages) and
@@ -23,7 +23,9 @@ def _models():
   shapes = {"mix": tiny_config("mixtral"),  # K=2, H=16
             "q3": tiny_config("qwen3_moe"),  # K=1, H=32
             "olmo": tiny_config("olmoe"),  # K=4, H=16
-            "q2": tiny_config("qwen2_moe")}  # dense middle layer, shared expert, qkv bias
+            "q2": tiny_config("qwen2_moe"),  # dense middle layer, shared expert, qkv bias
+            # latent rows of 56 + 8 (8 a page), noaux_tc routing, a dense first layer, no q LoRA
+            "ds3": tiny_config("deepseek_v3", kv_lora_rank=56, head_dim=64, q_lora_rank=None)}
   return {name: (cfg, init_params(cfg, seed=i)) for i, (name, cfg) in enumerate(shapes.items())}
 
 
@@ -75,9 +77,10 @@ def _serve(names, pages, impl, reqs):
 
 
 @pytest.mark.parametrize("impl", ["reference", "interpret"])
-def test_paged_greedy_equals_contiguous_reference(impl):
-  reqs = _requests(["q2"], n_per_model=3)
-  out, _ = _serve(["q2"], pages=64, impl=impl, reqs=reqs)
+@pytest.mark.parametrize("name", ["q2", "ds3"])
+def test_paged_greedy_equals_contiguous_reference(impl, name):
+  reqs = _requests([name], n_per_model=3)
+  out, _ = _serve([name], pages=64, impl=impl, reqs=reqs)
   assert out == _reference(reqs)
 
 

@@ -16,16 +16,19 @@ from hypothesis.stateful import (
 
 from crosspool_jax.pools.kv_pool import KVModelSpec, KVPool, PoolExhaustedError
 
-# Three models of different shapes sharing one page size of 256 elements.
+# Four models of different shapes sharing one page size of 256 elements; "d" caches latent
+# rows (one row of 32 per token and layer, no V).
 SPECS = (
     KVModelSpec("a", num_layers=2, kv_heads=2, head_dim=16, max_context=40, max_batch=3),  # 4 t/p
     KVModelSpec("b", num_layers=3, kv_heads=1, head_dim=32, max_context=24, max_batch=2),  # 4 t/p
     KVModelSpec("c", num_layers=1, kv_heads=1, head_dim=16, max_context=64, max_batch=4),  # 8 t/p
+    KVModelSpec("d", num_layers=2, kv_heads=1, head_dim=32, max_context=40, max_batch=2,
+                stores=1),  # 8 t/p
 )
 
 
 class KVPoolMachine(RuleBasedStateMachine):
-  """Random register/admit/grow/finish/cancel/preempt/limit sequences over three models."""
+  """Random register/admit/grow/finish/cancel/preempt/limit sequences over four models."""
 
   @initialize(policy=st.sampled_from(["shared", "static"]), devices=st.integers(1, 3),
               pages=st.integers(12, 40))
@@ -153,6 +156,19 @@ def test_victim_is_most_recently_admitted_other_request():
   pool.check_invariants()
 
 
+def test_latent_and_kv_models_take_pages_of_one_pool():
+  pool = KVPool(page_elems=256, pages_per_device=9)  # 8 usable
+  assert pool.register_model(SPECS[0]) == 4  # K and V: 256 / (2 x 2 x 16)
+  assert pool.register_model(SPECS[3]) == 8  # a latent row of 32: 256 / 32
+  pool.add_request("a", "kv")
+  pool.add_request("d", "latent")
+  pool.grow("kv", 8)  # 2 pages per layer x 2 layers
+  pool.grow("latent", 8)  # 1 page per layer x 2 layers
+  assert pool.free_pages() == 2
+  assert pool.grow_with_preemption("latent", 24) == ["kv"]  # 3 pages per layer: 6 in all
+  pool.check_invariants()
+
+
 def test_static_policy_quota_and_isolation():
   pool = KVPool(page_elems=256, pages_per_device=80, policy="static")
   pool.register_model(SPECS[0])  # reserves 2 layers x 10 pages x 3 = 60
@@ -225,9 +241,14 @@ def test_bad_input_is_named():
   pool = _pool()
   with pytest.raises(ValueError, match="already registered"):
     pool.register_model(SPECS[0])
-  with pytest.raises(ValueError, match="not a multiple of 2 \\* kv_heads \\* head_dim"):
+  with pytest.raises(ValueError, match=r"stores \* kv_heads \* head_dim = 2 \* 3 \* 16"):
     pool.register_model(KVModelSpec("z", 1, kv_heads=3, head_dim=16, max_context=8,
                                     max_batch=1))
+  with pytest.raises(ValueError, match="= 1 \\* 1 \\* 48 = 48"):  # a latent row of 48
+    pool.register_model(KVModelSpec("y", 1, kv_heads=1, head_dim=48, max_context=8,
+                                    max_batch=1, stores=1))
+  with pytest.raises(ValueError, match="stores must be 1 .latent rows. or 2 .K and V., got 3"):
+    KVModelSpec("x", 1, kv_heads=1, head_dim=16, max_context=8, max_batch=1, stores=3)
   with pytest.raises(KeyError, match="unknown model 'nope'"):
     pool.add_request("nope", "r")
   pool.add_request("a", "r")

@@ -1179,7 +1179,8 @@ class DisaggregatedExecutor:
       self._track(track, result, mb, layer, "attention_side", home)
     else:
       self._combine_pending(mb)
-      q, k, v = stages.attention_inputs(p, mb.x_TD, mb.paged[mb.home].positions_T, cfg=cfg)
+      q, k, v = stages.attention_inputs(p, mb.x_TD, mb.paged[mb.home].positions_T, cfg=cfg,
+                                        absorbed=cfg.mla)
       self._dispatched()
       outs, lses = [], []
       for d, b in mb.paged.items():
@@ -1194,7 +1195,7 @@ class DisaggregatedExecutor:
           o, lse = self._put((o, lse), home)
         outs.append(o)
         lses.append(lse)
-      result = stages.post_attention(p, mb.x_TD, outs, lses, cfg=cfg, moe=moe)
+      result = stages.post_attention(p, mb.x_TD, outs, lses, cfg=cfg, moe=moe, absorbed=cfg.mla)
       self._dispatched()
       self._track(track, result, mb, layer, "merge_router", home)
     if moe:

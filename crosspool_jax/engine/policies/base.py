@@ -20,7 +20,7 @@ from crosspool_jax.engine.executors.api import LoadedModel
 from crosspool_jax.engine.executors.colocated import ColocatedExecutor
 from crosspool_jax.engine.policies.placement import fill_closed_form, page_tokens
 from crosspool_jax.engine.policies.sizes import dtype_itemsize
-from crosspool_jax.models.config import ModelConfig, check_paged_kv
+from crosspool_jax.models.config import ModelConfig
 from crosspool_jax.pools.kv_pool import KVModelSpec, KVPool
 from crosspool_jax.pools.weights_buffers import DeviceWeightsPool
 
@@ -37,9 +37,6 @@ class FleetModel:
   dtype: str
   max_batch: int
   max_context: int
-
-  def __post_init__(self):
-    check_paged_kv(self.cfg)
 
 
 @dataclasses.dataclass(frozen=True)

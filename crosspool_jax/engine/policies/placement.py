@@ -49,11 +49,13 @@ def page_tokens(cfg: ModelConfig, page_elems: int, tp: int = 1) -> int:
   """Tokens of one layer a page holds for `cfg` (per rank under tensor parallelism).
 
   Raises:
-    ValueError: the page is not a whole number of the model's per-token K and V.
+    ValueError: the page is not a whole number of the model's per-token K and V (or latent
+      row: `ModelConfig.kv_stores`).
   """
-  per_token = 2 * heads_per_rank(cfg, tp) * cfg.head_dim
+  per_token = cfg.kv_stores * heads_per_rank(cfg, tp) * cfg.head_dim
   if page_elems % per_token:
-    raise ValueError(f"page_elems={page_elems} is not a multiple of 2 x kv_heads x head_dim = "
+    raise ValueError(f"page_elems={page_elems} is not a multiple of stores x kv_heads x "
+                     f"head_dim = {cfg.kv_stores} x {heads_per_rank(cfg, tp)} x {cfg.head_dim} = "
                      f"{per_token} of a {cfg.family} model"
                      + (f" ({heads_per_rank(cfg, tp)} KV heads per rank of {tp})" if tp > 1
                         else ""))

@@ -79,5 +79,4 @@ def _latent_attention_count(cfg: ModelConfig) -> int:
 def kv_bytes_per_token(cfg: ModelConfig, dtype: str) -> int:
   """What one token caches over all layers: K and V of `num_kv_heads` heads, or with latent
   attention one row of kv_lora_rank + qk_rope_head_dim (the cache's one KV head, no V)."""
-  stores = 1 if cfg.mla else 2
-  return stores * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype_itemsize(dtype)
+  return cfg.kv_stores * cfg.num_layers * cfg.num_kv_heads * cfg.head_dim * dtype_itemsize(dtype)
