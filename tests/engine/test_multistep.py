@@ -1,7 +1,8 @@
 """Multi-step decode (`EngineConfig.decode_steps_per_dispatch`) and the packed step transfer of
 the colocated executor: outputs equal the reference generation (greedy and seeded sampling,
 stop ids mid-dispatch, preemption), pages all return, nothing compiles after start, and the
-host's dispatches and blocking reads per token fall with the steps per dispatch."""
+host's dispatches and blocking reads per token fall with the steps per dispatch. The crosspool
+executor's chunks cut at a missed step (the rest of its multi-step tests: test_crosspool.py)."""
 
 import jax
 import jax.numpy as jnp
@@ -164,6 +165,32 @@ def test_dispatches_and_blocking_reads_per_token_fall_with_the_steps():
   assert host[STEPS]["blocking_reads_per_token"] < host[1]["blocking_reads_per_token"] / 2
   assert host[STEPS]["dispatches_per_token"] < host[1]["dispatches_per_token"] / 2
   assert host[STEPS]["dispatches_per_step"] < host[1]["dispatches_per_step"] / 2
+
+
+def test_crosspool_chunks_cut_at_a_missed_step_are_exact():
+  """crosspool, 15 expert slots per weights device for 16 experts per (class, device): a few
+  are swapped, so 4-step chunks are cut at a step that chose a non-resident expert (the steps
+  before it kept, the rest run again) or, when their first step missed, run as one step;
+  greedy tokens equal the reference and nothing compiles after start."""
+  eng = Engine(EngineConfig(kv_policy="crosspool", devices=(0, 1), weight_devices=(2, 3),
+                            page_elems=512, pages_per_device=60, token_budget=48,
+                            token_buckets=(16, 48), max_batch=4, attn_impl="reference",
+                            moe_impl="reference", decode_steps_per_dispatch=STEPS,
+                            expert_slots_per_device=15, expert_policy="lru"))
+  for i, f in enumerate(FAMILIES):
+    eng.register_model(f, cfg=MODELS[f][0], params=MODELS[f][1], max_context=MAX_CONTEXT,
+                       max_batch=4, group=i)
+  eng.start()
+  work = [(m, p, 24) for m, p, _ in _workload(8, seed=2, max_prompt=20)]
+  rids = [eng.submit(model_id=m, prompt_ids=p, max_new_tokens=n) for m, p, n in work]
+  out = eng.generate_all()
+  metrics = eng.metrics()
+  assert [out[r] for r in rids] == _references(work)
+  assert metrics["backend_compiles_since_start"] == 0
+  assert metrics["weights_pool"]["misses"] > 0
+  calls = metrics["expert_calls"]
+  assert calls["chunk_cuts"] > 0 and calls["chunk_runs"] >= calls["chunk_cuts"]
+  assert metrics["host"]["tokens"] == sum(map(len, _references(work)))
 
 
 def test_packed_buffer_round_trips():

@@ -571,7 +571,8 @@ class DisaggregatedExecutor:
     self.retry_runs = 0  # of them, rerun speculatively with what the missed run chose loaded
     self.retry_misses = 0  # retries that missed again (then the sync path)
     self.chunk_runs = 0  # multi-step decode chunks enqueued (`_run_chunk`)
-    self.chunk_cuts = 0  # of them, cut at a step that missed (it and later steps discarded)
+    self.chunk_cuts = 0  # of them, cut at a later step that missed (the steps before it kept)
+    self.chunk_reruns = 0  # of them, whose first step missed (the iteration ran one step)
     self.chunk_declined = 0  # multi-step iterations run as one step (`_chunk_steps`)
     self._chunk_backoff = False  # the last step run alone missed: no chunk until one hits
     self._tally = [0, 0, 0]  # calls, members, splits of the run in progress
@@ -601,8 +602,8 @@ class DisaggregatedExecutor:
     """Expert-dispatch calls of served steps and the micro-batches they served; the steps
     whose speculative run missed a non-resident expert, their retries with its choices loaded,
     the retries that missed again, and blocking reads made before a step's tokens (the sync
-    path's); multi-step decode chunks run, cut at a missed step, and declined
-    (`_chunk_steps`)."""
+    path's); multi-step decode chunks run, cut at a later step that missed, rerun as one step
+    (the first missed), and declined (`_chunk_steps`)."""
     return {"fused": self.fuse_experts, "calls": self.expert_calls,
             "micro_batches": self.expert_members, "splits": self.expert_splits,
             "mean_members_per_call": (self.expert_members / self.expert_calls
@@ -611,7 +612,7 @@ class DisaggregatedExecutor:
             "retry_misses": self.retry_misses,
             "reads_before_tokens": self.reads_before_tokens,
             "chunk_runs": self.chunk_runs, "chunk_cuts": self.chunk_cuts,
-            "chunk_declined": self.chunk_declined}
+            "chunk_reruns": self.chunk_reruns, "chunk_declined": self.chunk_declined}
 
   # --- host helpers: device scalars, counted transfers and reads ---------------------------
 
@@ -870,7 +871,8 @@ class DisaggregatedExecutor:
       tokens, marks = self._run_chunk(mbs, chunk, track)
       kept = self._account_chunk(mbs, chunk)
       if kept < chunk:  # a step missed: it and the later ones are discarded
-        self.chunk_cuts += 1
+        self.chunk_cuts += kept > 0
+        self.chunk_reruns += kept == 0
         self._discard(marks[kept])
         tokens = [np.where(np.arange(t.shape[1]) < kept, t, NO_TOKEN) for t in tokens]
       if not kept:  # its first step missed: the iteration runs one step instead
