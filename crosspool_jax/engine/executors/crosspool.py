@@ -664,8 +664,9 @@ class DisaggregatedExecutor:
         for spread in (False, True):
           self._run_micro_batches(self._prepare([(model, empty, bucket, 0)], spread=spread),
                                   track=False, sync=False)
-        if self.decode_steps > 1:
-          self._run_chunk(self._prepare([(model, empty, bucket, 0)]), 1, track=False)
+        if self.decode_steps > 1:  # a multi-step micro-batch of no sequence
+          decode = ModelBatch(model_id, [], [], decode_steps=[])
+          self._run_chunk(self._prepare([(model, decode, bucket, 0)]), 1, track=False)
         self._warm.add((model_id, bucket))
         if log:
           log(f"compiled {model_id} tokens={bucket}")
@@ -834,14 +835,15 @@ class DisaggregatedExecutor:
     it runs in the sync mode: a read of each layer's routing before its expert call, loading
     what it chose. Every rerun is exact: the same KV slots rewritten, the same sampling keys.
 
-    An iteration of multi-step batches only (`ModelBatch.decode_steps`, pages reserved for
-    them) whose micro-batches' pages are all on their home KV devices runs as a chunk of
-    decode steps (`_run_chunk`: no read between them, the experts predicted once before it),
-    its routing recorded per step. The steps before the first that missed are exact and kept
-    (`_account_chunk`); that step and the later ones are discarded (their KV slots are
-    rewritten when their tokens are fed again). If the first step missed, the iteration runs
-    one step as above. Each request keeps its reserved pages. A multi-step batch's tokens are
-    [B, decode_steps] (`NO_TOKEN` past each request's last), else [B].
+    An iteration with multi-step batches (`ModelBatch.decode_steps`, pages reserved for them)
+    whose micro-batches' pages are all on their home KV devices runs as a chunk of decode
+    steps (`_run_chunk`: no read between them, the experts predicted once before it; the
+    iteration's other batches run its first step only, as the colocated executor runs them
+    beside its decode loops), its routing recorded per step. The steps before the first that
+    missed are exact and kept (`_account_chunk`); that step and the later ones are discarded
+    (their KV slots are rewritten when their tokens are fed again). If the first step missed,
+    the iteration runs one step as above. Each request keeps its reserved pages. A multi-step
+    batch's tokens are [B, decode_steps] (`NO_TOKEN` past each request's last), else [B].
     """
     start, self._read_s = time.perf_counter(), 0.0
     phased = ping_pong(batches, self.micro_batches, self.micro_batch_min_tokens)
@@ -874,7 +876,8 @@ class DisaggregatedExecutor:
         self.chunk_cuts += kept > 0
         self.chunk_reruns += kept == 0
         self._discard(marks[kept])
-        tokens = [np.where(np.arange(t.shape[1]) < kept, t, NO_TOKEN) for t in tokens]
+        tokens = [t if t.ndim == 1 else np.where(np.arange(t.shape[1]) < kept, t, NO_TOKEN)
+                  for t in tokens]
       if not kept:  # its first step missed: the iteration runs one step instead
         mbs = prepare()
         self._make_resident(mbs)
@@ -921,14 +924,15 @@ class DisaggregatedExecutor:
     return out
 
   def _chunk_steps(self, batches: list[ModelBatch], mbs: list[_MicroBatch]) -> int:
-    """Decode steps to run as one chunk: the most any request may generate, if every batch
-    is multi-step and every micro-batch's pages are on its home KV device (`_advance` makes
-    KV slots from the home page table only), unless the last step run alone missed (its
+    """Decode steps to run as one chunk: the most any request may generate, if a batch is
+    multi-step and every multi-step micro-batch's pages are on its home KV device (`_advance`
+    makes KV slots from the home page table only), unless the last step run alone missed (its
     prediction is failing: a chunk would likely be cut at its first step); else 0 (counted in
     `chunk_declined` when only the pages or that miss prevent it)."""
-    if self.decode_steps == 1 or any(b.decode_steps is None for b in batches):
+    if self.decode_steps == 1 or all(b.decode_steps is None for b in batches):
       return 0
-    if self._chunk_backoff or any(len(mb.paged) > 1 for mb in mbs):
+    if self._chunk_backoff or any(len(mb.paged) > 1 for mb in mbs
+                                  if mb.batch.decode_steps is not None):
       self.chunk_declined += 1
       return 0
     return max(k for b in batches for k in b.decode_steps)
@@ -1080,31 +1084,39 @@ class DisaggregatedExecutor:
 
   def _run_chunk(self, mbs: list[_MicroBatch], steps: int, track: bool
                  ) -> tuple[list[np.ndarray], list[int]]:
-    """Enqueues `steps` decode steps of every micro-batch with no device read between them:
-    after each step's sampling, `_advance` records the tokens and makes the next step's
-    inputs on the home device, and each weights device keeps the step's routing marks
-    (`used_NRE[step]`). Then ONE read of every micro-batch's tokens [B, decode_steps].
-    Returns them and the timeline's event count at each step's start.
+    """Enqueues `steps` decode steps of the multi-step micro-batches with no device read
+    between them (the others, a prefill chunk say, run the first step only): after each
+    step's sampling, `_advance` records their tokens and makes the next step's inputs on the
+    home device, and each weights device keeps the step's routing marks (`used_NRE[step]`).
+    Then ONE read of every micro-batch's tokens: [B, decode_steps] of a multi-step one, [B]
+    of the others (their first step's). Returns them and the timeline's event count at each
+    step's start.
     """
     self._start_run()
     for t in self._tables.values():
       if t.rows:
         t.used_NRE = _chunk_used(t.tables_RE, num_steps=self.decode_steps)
         self._dispatched()
-    state, marks = {}, []
+    state, marks, first = {}, [], {}  # first: a one-step micro-batch's tokens
     for mb in mbs:
-      with blame([mb.model.model_id]):
-        state[mb.index] = _chunk_start(mb.limits["steps_S"], num_steps=self.decode_steps)
-        self._dispatched()
+      if mb.batch.decode_steps is not None:
+        with blame([mb.model.model_id]):
+          state[mb.index] = _chunk_start(mb.limits["steps_S"], num_steps=self.decode_steps)
+          self._dispatched()
+    live = list(mbs)
     for step in range(steps):
       marks.append(len(self.timeline.events))
-      sampled = self._enqueue_step(mbs, track, sync=False)
+      sampled = self._enqueue_step(live, track, sync=False)
       for d, t in self._tables.items():
         if t.rows:
           t.used_NRE, t.used_RE = _keep_step(t.used_NRE, t.used_RE,
                                              self._scalar(self.wpool.devices[d], step))
           self._dispatched()
-      for i, (mb, tokens_S) in enumerate(zip(mbs, sampled, strict=True)):
+      stepping = []
+      for mb, tokens_S in zip(live, sampled, strict=True):
+        if mb.index not in state:
+          first[mb.index] = tokens_S
+          continue
         with blame([mb.model.model_id]):
           alive_S, count_S, out_SN = state[mb.index]
           fed, next_pos, alive_S, count_S, out_SN, x_TD, valid_T = _advance(
@@ -1113,10 +1125,12 @@ class DisaggregatedExecutor:
               page_tokens=self.kv_pool.page_tokens(mb.model.model_id))
           self._dispatched()
         state[mb.index] = alive_S, count_S, out_SN
-        mbs[i] = dataclasses.replace(mb, paged={mb.home: fed}, next_pos=next_pos,
-                                     valid_T=valid_T, x_TD=x_TD, valid_on={})
+        stepping.append(dataclasses.replace(mb, paged={mb.home: fed}, next_pos=next_pos,
+                                            valid_T=valid_T, x_TD=x_TD, valid_on={}))
+      live = stepping
     self._tokens_read = True
-    tokens = self._read([state[mb.index][2] for mb in mbs])
+    tokens = self._read([state[mb.index][2] if mb.index in state else first[mb.index]
+                         for mb in mbs])
     return [t[:len(mb.batch.requests)] for t, mb in zip(tokens, mbs, strict=True)], marks
 
   def _enqueue_step(self, mbs: list[_MicroBatch], track: bool, sync: bool) -> list[jax.Array]:
