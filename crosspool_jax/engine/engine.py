@@ -85,8 +85,9 @@ class EngineConfig:
     decode_steps_per_dispatch: a decode-only model batch runs up to this many decode steps in
       one dispatch (KV pages reserved for them first, never by preemption): static/shared in
       one on-device loop, crosspool* as a chunk of steps enqueued with no read between them
-      when every batch of the iteration is decode-only and its pages are on its home device;
-      its tokens all get the dispatch's end as their time, so TBT within a dispatch reads 0.
+      when its pages are on its home KV device (the iteration's other batches run the first
+      step beside it); its tokens all get the dispatch's end as their time, so TBT within a
+      dispatch reads 0.
       1 = one step per dispatch.
   """
 

@@ -176,3 +176,9 @@ def test_bad_input_names_the_argument():
     Simulation(overlap, _fleet("crosspool"), device="h100_sxm")
   with pytest.raises(ValueError, match="cannot go back"):
     SimClock().advance(-1.0)
+
+
+def test_crosspool_multistep_decode_is_refused_by_name():
+  config = dataclasses.replace(CONFIGS["crosspool"], decode_steps_per_dispatch=4)
+  with pytest.raises(ValueError, match="decode_steps_per_dispatch=4: the simulator models"):
+    Simulation(config, _fleet("crosspool"), device="h200")

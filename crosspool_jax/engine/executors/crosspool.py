@@ -935,7 +935,7 @@ class DisaggregatedExecutor:
                                   if mb.batch.decode_steps is not None):
       self.chunk_declined += 1
       return 0
-    return max(k for b in batches for k in b.decode_steps)
+    return max(k for b in batches for k in b.decode_steps or ())
 
   def _prepare(self, specs: list[tuple[LoadedModel, ModelBatch, int, int]], *,
                 spread: bool = False) -> list[_MicroBatch]:
