@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -90,9 +91,14 @@ class HostCounters:
   arrays it put explicitly, from the host or between devices (the tests run steps under JAX's
   transfer guard, so no implicit transfer hides beside them); `blocking_reads`, arrays read
   back that the host waited on (the sampled tokens included); `host_s`, wall time inside
-  `run_many` minus the time blocked in those reads; `tokens`, tokens the steps generated;
-  `steps`, model-loop iterations (a `run_many` call, or the most decode steps one of its
-  multi-step dispatches ran).
+  `run_many` (`hosting`) minus the time blocked in those reads (`blocked`); `host_cpu_s`, the
+  same span's CPU time of the thread that ran it (`time.thread_time`): the host's own work,
+  programs that XLA:CPU runs inline in the calling thread included (those its cost analysis
+  puts under ~1000 flops), time the thread waited for a core excluded (on a CPU machine the
+  devices' programs run on the same cores, so `host_s` also counts their compute whenever
+  the host thread is descheduled for it); `tokens`, tokens the steps generated; `steps`,
+  model-loop iterations (a `run_many` call, or the most decode steps one of its multi-step
+  dispatches ran).
   """
 
   steps: int = 0
@@ -100,7 +106,26 @@ class HostCounters:
   transfers: int = 0
   blocking_reads: int = 0
   host_s: float = 0.0
+  host_cpu_s: float = 0.0
   tokens: int = 0
+  _blocked: list = dataclasses.field(default_factory=lambda: [0.0, 0.0], repr=False)
+
+  @contextlib.contextmanager
+  def hosting(self):
+    """Counts the block (a `run_many`) as host time, less what `blocked` spans in it waited."""
+    self._blocked[:] = [0.0, 0.0]
+    wall, cpu = time.perf_counter(), time.thread_time()
+    yield
+    self.host_s += time.perf_counter() - wall - self._blocked[0]
+    self.host_cpu_s += time.thread_time() - cpu - self._blocked[1]
+
+  @contextlib.contextmanager
+  def blocked(self):
+    """A blocking device read inside `hosting`: not host time."""
+    wall, cpu = time.perf_counter(), time.thread_time()
+    yield
+    self._blocked[0] += time.perf_counter() - wall
+    self._blocked[1] += time.thread_time() - cpu
 
   def summary(self) -> dict:
     """Per-step means and host microseconds per generated token."""
@@ -109,6 +134,8 @@ class HostCounters:
             "transfers_per_step": self.transfers / per,
             "blocking_reads_per_step": self.blocking_reads / per,
             "host_us_per_token": 1e6 * self.host_s / self.tokens if self.tokens else 0.0,
+            "host_cpu_us_per_token": (1e6 * self.host_cpu_s / self.tokens if self.tokens
+                                      else 0.0),
             "dispatches_per_token": self.dispatches / max(1, self.tokens),
             "blocking_reads_per_token": self.blocking_reads / max(1, self.tokens),
             "tokens": self.tokens}

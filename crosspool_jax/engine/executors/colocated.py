@@ -139,7 +139,6 @@ class ColocatedExecutor:
     self._executables: dict[tuple[str, int | str], jax.stages.Compiled] = {}
     self._layouts: dict[tuple[str, int | str], PackedLayout] = {}
     self.counters = HostCounters()
-    self._read_s = 0.0  # of the step being run: time blocked reading tokens
     if timeline_every < 0:
       raise ValueError(f"timeline_every must be >= 0, got {timeline_every}")
     self.timeline = Timeline(timeline_every > 0, watchers=0)  # stamped here: no threads
@@ -263,16 +262,15 @@ class ColocatedExecutor:
         model.params, self.buffers[model.group], packed_N)
     self.counters.dispatches += 1
     self.counters.blocking_reads += 1
-    read = time.perf_counter()
-    if index is not None:  # a recorded step: the program's end is when its tokens are ready
-      jax.block_until_ready(tokens)
-      self.timeline.record(start=issued, end=time.perf_counter(), step=self.steps,
-                           micro_batch=index, model=batch.model_id, layer=-1,
-                           kind="model_step" if batch.decode_steps is None else "decode_loop",
-                           device=str(self._devices[model.group]))
-    tokens = jax.device_get(tokens)[:len(batch.requests)]
-    self._read_s += time.perf_counter() - read
-    return tokens
+    with self.counters.blocked():
+      if index is not None:  # a recorded step: the program's end is when its tokens are ready
+        jax.block_until_ready(tokens)
+        self.timeline.record(start=issued, end=time.perf_counter(), step=self.steps,
+                             micro_batch=index, model=batch.model_id, layer=-1,
+                             kind="model_step" if batch.decode_steps is None else "decode_loop",
+                             device=str(self._devices[model.group]))
+      tokens = jax.device_get(tokens)
+    return tokens[:len(batch.requests)]
 
   def run_many(self, batches: list[ModelBatch]) -> list[np.ndarray]:
     """`run` of each batch in turn (one model step after the other).
@@ -283,7 +281,10 @@ class ColocatedExecutor:
     Raises:
       StepError: naming the model whose batch raised (the batches before it have run).
     """
-    start, self._read_s = time.perf_counter(), 0.0
+    with self.counters.hosting():
+      return self._run_iteration(batches)
+
+  def _run_iteration(self, batches: list[ModelBatch]) -> list[np.ndarray]:
     out, steps, tokens = [], 1, 0
     track = self.timeline.enabled and self.steps % self.timeline_every == 0
     for i, b in enumerate(batches):
@@ -298,7 +299,6 @@ class ColocatedExecutor:
     self.steps += 1
     self.counters.steps += steps
     self.counters.tokens += tokens
-    self.counters.host_s += time.perf_counter() - start - self._read_s
     return out
 
 

@@ -586,7 +586,6 @@ class DisaggregatedExecutor:
     self._scalars: dict[tuple[int, int], jax.Array] = {}
     self._layouts: dict[tuple[str, int], PackedLayout] = {}  # (model, bucket): packed inputs
     self._last_chosen: dict[tuple[str, int], np.ndarray] = {}  # experts of the last step
-    self._read_s = 0.0  # time blocked in device reads in the step being run
     self._tokens_read = False  # whether the step being run has read its tokens yet
     self.reads_before_tokens = 0  # blocking reads a step made before its tokens (sync path)
     self._warming = False  # compile_all / add_model running empty micro-batches
@@ -630,10 +629,9 @@ class DisaggregatedExecutor:
     return self.transfers.put(tree, device)
 
   def _read(self, arrays: list) -> list:
-    """One blocking device-to-host read of `arrays` (counted and timed)."""
-    start = time.perf_counter()
-    out = self.transfers.read(arrays)
-    self._read_s += time.perf_counter() - start
+    """One blocking device-to-host read of `arrays` (counted; not host time)."""
+    with self.counters.blocked():
+      out = self.transfers.read(arrays)
     self.counters.blocking_reads += len(arrays)
     if not self._tokens_read:
       self.reads_before_tokens += len(arrays)
@@ -845,7 +843,10 @@ class DisaggregatedExecutor:
     the iteration runs one step as above. Each request keeps its reserved pages. A multi-step
     batch's tokens are [B, decode_steps] (`NO_TOKEN` past each request's last), else [B].
     """
-    start, self._read_s = time.perf_counter(), 0.0
+    with self.counters.hosting():
+      return self._run_iteration(batches)
+
+  def _run_iteration(self, batches: list[ModelBatch]) -> list[np.ndarray]:
     phased = ping_pong(batches, self.micro_batches, self.micro_batch_min_tokens)
     parts = [part for _, _, part in phased]
     owner = [i for _, i, _ in phased]
@@ -920,7 +921,6 @@ class DisaggregatedExecutor:
     self.counters.tokens += sum(
         int((t != NO_TOKEN).sum()) if b.decode_steps is not None else b.num_sampled
         for b, t in zip(batches, out, strict=True))
-    self.counters.host_s += time.perf_counter() - start - self._read_s
     return out
 
   def _chunk_steps(self, batches: list[ModelBatch], mbs: list[_MicroBatch]) -> int:
