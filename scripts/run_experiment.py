@@ -127,7 +127,7 @@ def main(argv: Sequence[str]) -> None:
            f"{', '.join(run_names(config))}"
            + (f" x {config.sweep.field} in {tuple(config.sweep.points)}" if config.sweep.field
               else ""))
-  start = time.perf_counter()
+  start, load_start = time.perf_counter(), os.getloadavg()
   outputs: dict = {}
   command = shlex.join(["python", *sys.argv])
   if simulated:
@@ -143,6 +143,8 @@ def main(argv: Sequence[str]) -> None:
     device = jax.devices()[0]
     results["device"] = {"platform": device.platform, "device_kind": device.device_kind,
                          "count": len(jax.devices())}
+    # the machine's 1/5/15-minute load averages: how busy it was besides the run
+    results["wall_clock"]["load_average"] = {"start": load_start, "end": os.getloadavg()}
   if processes is not None:
     results["processes"] = processes.results()
     processes.finish()
