@@ -13,8 +13,8 @@ Each config (configs/experiments/*.py) has a small `cpu` variant and, where it m
                 output digest) and `wall_clock` (TTFT/TBT/E2E percentiles and samples,
                 throughput, goodput against config.slo, start-up, the median recorded
                 step's pipeline); the traces' statistics, whether all policies produced the
-                same tokens, the full config, the seed, the command, the git revision and
-                the device;
+                same tokens, the full config, the seed, the command, the git revision,
+                the device and the machine's load average at the start and the end;
   *.png         latency CDFs, KV memory over time, per-model arrivals, pipeline.png (one
                 step per device of a crosspool and a colocated run), and the sweep's;
   outputs.json  every request's output tokens per run ("<run>@<sweep point>");
