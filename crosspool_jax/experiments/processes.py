@@ -26,7 +26,7 @@ from crosspool_jax.distributed.serving import (
 )
 from crosspool_jax.distributed.transfer import Transport, make_transport
 from crosspool_jax.engine.policies import get_policy
-from crosspool_jax.experiments.runner import measured_run
+from crosspool_jax.experiments.runner import measured_run, run_names
 from crosspool_jax.experiments.serving import check_replicated
 
 TRANSPORT = "pull"  # the one chosen by measurement (WORKSPACE.md, "Multi-process")
@@ -35,10 +35,11 @@ STATS = ("sent", "received", "sent_bytes", "received_bytes")
 
 def served_runs(config) -> tuple[list[str], dict[str, str]]:
   """The runs of `config.policies` a multi-process run serves (the crosspool family, whose
-  routed experts live in a weights pool), and {each other run: why it is not served}."""
+  routed experts live in a weights pool), and {each other run: why it is not served}; in the
+  order they are reported (`runner.run_names`)."""
   served, not_served = [], {}
-  for name, overrides in config.policies.items():
-    policy = overrides.get("kv_policy", config.engine.kv_policy)
+  for name in run_names(config):
+    policy = config.policies[name].get("kv_policy", config.engine.kv_policy)
     if get_policy(policy).pools_experts:
       served.append(name)
     else:
