@@ -100,7 +100,6 @@ def main(argv: Sequence[str]) -> None:
   start_script(argv)
   config = FLAGS.config
   simulated = config.mode == "sim"
-  across = launched()  # a process of a multi-process run (scripts/launch_local.py)
   if simulated:
     if FLAGS.profile_dir:
       raise ValueError("--profile_dir: a simulated run (--config.mode=sim) runs no program")
@@ -108,7 +107,7 @@ def main(argv: Sequence[str]) -> None:
   else:
     check_experiment(config)  # a bad config fails before anything is compiled
   processes = None
-  if across:
+  if launched():  # a process of a multi-process run (scripts/launch_local.py)
     check_processes(config)
     if FLAGS.profile_dir:
       raise ValueError("--profile_dir: not across processes (each would trace its own part)")
