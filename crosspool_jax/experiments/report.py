@@ -10,6 +10,7 @@ fleet (`refused`) is a row of its own.
 
 from __future__ import annotations
 
+import re
 import textwrap
 
 from crosspool_jax.engine.policies import get_policy
@@ -821,8 +822,7 @@ def replace_sections(text: str, sections: list[str], notes: dict[str, str], *,
   every other section byte for byte as it was. The header's paragraph of update notes (lines
   `Section "TITLE" ...`, after the paragraph that says how the file was generated) gets
   `notes` ({title: line}), each in place of the line of the same title."""
-  starts = [i for i in range(len(text)) if text.startswith("## ", i)
-            and (i == 0 or text[i - 1] == "\n")]
+  starts = [m.start() for m in re.finditer(r"^## ", text, flags=re.MULTILINE)]
   header = text[:starts[0]] if starts else text
   parts = [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
   for section in sections:

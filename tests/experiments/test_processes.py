@@ -11,12 +11,11 @@ import pytest
 
 from crosspool_jax.distributed import runtime
 from crosspool_jax.experiments.processes import Processes, check_processes, served_runs
-from tests.conftest import ROOT
-from tests.experiments.test_run_experiment import demo_config
+from tests.conftest import ROOT, get_config
 
 
 def _config(arg="smoke_2proc", **fields):
-  c = demo_config(arg)
+  c = get_config(arg, ("experiments", "demo.py"))
   c.update(fields)
   return c
 
