@@ -25,7 +25,7 @@ from crosspool_jax.distributed.serving import (
     engine_devices,
 )
 from crosspool_jax.distributed.transfer import Transport, make_transport
-from crosspool_jax.engine.policies import get_policy
+from crosspool_jax.engine.policies import POLICIES, get_policy
 from crosspool_jax.experiments.runner import measured_run, run_names
 from crosspool_jax.experiments.serving import check_replicated
 
@@ -59,9 +59,9 @@ def check_processes(config) -> None:
   check_replicated(config)
   served, not_served = served_runs(config)
   if not served:
+    pooled = [n for n, policy in POLICIES.items() if policy.pools_experts]
     raise ValueError(f"config.policies has no crosspool-family run ({', '.join(not_served)}): "
-                     "a multi-process run serves only those (kv_policy crosspool or "
-                     "crosspool_partitioned)")
+                     f"a multi-process run serves only those (kv_policy {' or '.join(pooled)})")
   try:
     groups = runtime.DeviceGroups.parse(config.processes.kv, config.processes.weights)
   except ValueError as e:
@@ -71,7 +71,7 @@ def check_processes(config) -> None:
     if run.get("kv_planner", config.budget.kv_planner):
       raise ValueError(f"config.policies.{name}: kv_planner splits the devices itself; across "
                        "processes the devices are config.processes' groups (set "
-                       "--config.budget.kv_planner=False)")
+                       "config.budget.kv_planner and the run's kv_planner to False)")
     for field, group, what in (("devices", groups.kv, "kv"),
                                ("weight_devices", groups.weights, "weights")):
       devices = run.get(field, config.engine[field])
