@@ -3,18 +3,22 @@ crosspool run on 1 KV + 1 weights device (configs/experiments/demo.py:smoke_2pro
 tokens and counts of the same config in one process, the KV pool in process 0 and the weights
 pool in process 1; process 0 alone writes the results, with the processes, the device groups
 and every process's transfers; `make_benchmarks.py --update` puts the two side by side in a
-copy of BENCHMARKS.md, every other section unchanged. Each launch is bounded by the launcher's
-timeouts and the subprocess timeout."""
+copy of BENCHMARKS.md, every other section unchanged. The weights process killed while serving
+fails the experiment (PeerLostError) without a hang or results. Each launch is bounded by the
+launcher's timeouts and the subprocess timeout."""
 
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from jax._src.lib import _jax
 
+from crosspool_jax.distributed import runtime
 from tests.conftest import ROOT
 
 pytestmark = [
@@ -87,3 +91,48 @@ def test_the_experiment_across_two_processes_serves_the_tokens_of_one(tmp_path):
   assert first.count('Section "demo across 2 processes (cpu)" replaced in place by') == 1
   _script("make_benchmarks.py", *args)
   assert md.read_text() == first
+
+
+def _pid_of(process_id, coordinator):
+  """The pid of the run's process `process_id` (the run named by its coordinator address)."""
+  want = {f"{runtime.ENV_PROCESS_ID}={process_id}".encode(),
+          f"{runtime.ENV_COORDINATOR}={coordinator}".encode()}
+  for entry in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{entry}/environ", "rb") as f:
+        if want <= set(f.read().split(b"\0")):
+          return int(entry)
+    except (OSError, ValueError):
+      continue
+  return None
+
+
+def test_a_killed_weights_process_fails_the_experiment_without_hanging(tmp_path):
+  port = runtime.free_port()
+  workdir = tmp_path / "killed"
+  longer = ("--config.workload.num_requests=24 --config.workload.output_len.low=20 "
+            "--config.workload.output_len.high=30 --config.progress_interval_s=0.5")
+  launcher = subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "scripts", "launch_local.py"), "--num_processes=2",
+       f"--port={port}", "--heartbeat_timeout_s=10", "--shutdown_timeout_s=5",
+       "--transfer_timeout_s=20", "--timeout_s=240", "--grace_s=60",
+       f"--target={os.path.join(ROOT, 'scripts', 'run_experiment.py')}",
+       f"--target_args={CONFIG} {longer} --workdir={workdir}"],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+      env={**os.environ, "PYTHONPATH": ROOT})
+  lines = []
+  for line in launcher.stdout:  # until process 1 reports serving progress
+    lines.append(line)
+    if line.startswith("[p1] [") and "steps" in line:
+      break
+  pid = _pid_of(1, f"127.0.0.1:{port}")
+  assert pid is not None, "".join(lines[-20:])
+  os.kill(pid, signal.SIGKILL)
+  killed = time.monotonic()
+  out, err = launcher.communicate(timeout=120)
+  assert time.monotonic() - killed < 60
+  assert launcher.returncode == 1
+  assert "launch_local.py: error: process 1 was killed by SIGKILL" in err
+  out = "".join(lines) + out
+  assert "PeerLostError: a transfer between processes failed" in out, out[-3000:]
+  assert not (workdir / "results.json").exists()  # no results of a run that failed
