@@ -13,8 +13,8 @@ Each config (configs/experiments/*.py) has a small `cpu` variant and, where it m
                 output digest) and `wall_clock` (TTFT/TBT/E2E percentiles and samples,
                 throughput, goodput against config.slo, start-up, the median recorded
                 step's pipeline); the traces' statistics, whether all policies produced the
-                same tokens, the full config, the seed, the command, the git revision and
-                the device;
+                same tokens, the full config, the seed, the command, the git revision,
+                the device and the machine's load average at the start and the end;
   *.png         latency CDFs, KV memory over time, per-model arrivals, pipeline.png (one
                 step per device of a crosspool and a colocated run), and the sweep's;
   outputs.json  every request's output tokens per run ("<run>@<sweep point>");
@@ -28,6 +28,24 @@ times under `simulated` instead of `wall_clock`, and every table and plot says "
 commit; make_benchmarks.py reads it). `--profile_dir=DIR` also writes a jax.profiler trace of
 `--profile_steps` steps (after warm-up) of each run into DIR/<run> (TensorBoard, Perfetto).
 `python scripts/make_benchmarks.py` turns results files into BENCHMARKS.md.
+
+Across processes: started by scripts/launch_local.py, every process runs the experiment alike
+with the crosspool runs' KV devices and weights devices in different processes
+(`config.processes.kv` / `.weights`, process:local_index; by default KV 0:0, weights 1:0):
+
+  python scripts/launch_local.py --num_processes=2 --target=scripts/run_experiment.py \
+      --target_args="--config=configs/experiments/demo.py:cpu_2proc \
+      --workdir=workdir/demo_cpu_2proc"
+
+Only the crosspool-family runs are served there (the others are named in the output and in
+results.json's `processes.not_served`); arrivals must not follow the wall clock
+(`--config.arrival_mode=logical` or `all_at_once`), config.max_wall_s is not applied (the
+launcher's --timeout_s bounds the run), the launcher's --local_cpu_devices replaces
+config.num_cpu_devices, and --profile_dir is refused. Process 0 alone writes the workdir;
+results.json gains `processes` (count, transport, device groups, runs not served) and each
+run's `counts.cross_process` (every process's transfers at start-up and while serving, arrays
+and bytes per step). A process that dies makes the others fail (PeerLostError) and the
+launcher exit non-zero. `--config=...demo.py:cpu_2proc` alone is the same run in one process.
 """
 
 from __future__ import annotations
@@ -45,7 +63,9 @@ from absl import flags
 from ml_collections import config_flags
 
 from crosspool_jax.cli import progress, run_script, start_script
+from crosspool_jax.distributed.runtime import launched
 from crosspool_jax.experiments.plots import write_plots
+from crosspool_jax.experiments.processes import Processes, check_processes
 from crosspool_jax.experiments.report import comparison_table
 from crosspool_jax.experiments.runner import (
   check_experiment,
@@ -86,18 +106,27 @@ def main(argv: Sequence[str]) -> None:
     check_experiment(sim_config(config))  # a bad config fails before anything runs
   else:
     check_experiment(config)  # a bad config fails before anything is compiled
-  if config.num_cpu_devices and not simulated:  # CPU devices only; before any JAX computation
+  processes = None
+  if launched():  # a process of a multi-process run (scripts/launch_local.py)
+    check_processes(config)
+    if FLAGS.profile_dir:
+      raise ValueError("--profile_dir: not across processes (each would trace its own part)")
+    processes = Processes.join()  # before any JAX computation
+    config = processes.prepare(config, progress)
+  elif config.num_cpu_devices and not simulated:  # CPU only; before any JAX computation
     jax.config.update("jax_num_cpu_devices", config.num_cpu_devices)
+  writes = processes is None or processes.writes
   workdir = FLAGS.workdir or os.path.join(
       _ROOT, "workdir", f"{config.name}_{config.variant}" + ("_sim" if simulated else ""))
-  os.makedirs(workdir, exist_ok=True)
+  if writes:
+    os.makedirs(workdir, exist_ok=True)
   where = (f"simulated {config.sim.device} devices" if simulated else
            f"{len(jax.devices())} {jax.devices()[0].platform} device(s)")
   progress(f"experiment {config.name} ({config.variant}) on {where}: runs "
            f"{', '.join(run_names(config))}"
            + (f" x {config.sweep.field} in {tuple(config.sweep.points)}" if config.sweep.field
               else ""))
-  start = time.perf_counter()
+  start, load_start = time.perf_counter(), os.getloadavg()
   outputs: dict = {}
   command = shlex.join(["python", *sys.argv])
   if simulated:
@@ -108,10 +137,19 @@ def main(argv: Sequence[str]) -> None:
       def profile(run: str) -> Profile:
         return Profile(os.path.join(FLAGS.profile_dir, run), steps=FLAGS.profile_steps)
     results = run_experiment(config, log=progress, command=command, outputs=outputs,
-                             trace_dir=workdir, profile=profile)
+                             trace_dir=workdir if writes else None, profile=profile,
+                             serve_run=None if processes is None else processes.serve_run)
     device = jax.devices()[0]
     results["device"] = {"platform": device.platform, "device_kind": device.device_kind,
                          "count": len(jax.devices())}
+    # the machine's 1/5/15-minute load averages: how busy it was besides the run
+    results["wall_clock"]["load_average"] = {"start": load_start, "end": os.getloadavg()}
+  if processes is not None:
+    results["processes"] = processes.results()
+    processes.finish()
+    if not writes:
+      print(f"process {processes.process}: served; process 0 writes {workdir}")
+      return
   results |= {
       "git_revision": git_revision(),
       "git_dirty": git_dirty(),
@@ -130,6 +168,11 @@ def main(argv: Sequence[str]) -> None:
   plots = write_plots(results, workdir)
   print(f"\n{config.name} ({config.variant}): {results['description']}")
   print(comparison_table(results))
+  if processes is not None:
+    print(f"Across {processes.process_config.num_processes} processes (KV devices "
+          f"{', '.join(processes.devices['kv'])}, weights devices "
+          f"{', '.join(processes.devices['weights'])}); not served there: "
+          + ("; ".join(f"{n} ({why})" for n, why in processes.not_served.items()) or "none"))
   print(f"wrote {workdir}/results.json and {len(plots)} plots in "
         f"{time.perf_counter() - start:.0f}s")
   if FLAGS.profile_dir:

@@ -12,18 +12,32 @@ weights pool on 2-3 (about 5/6 of them fit: LRU swaps the rest). Zipf-skewed pop
 Gamma arrivals (CV 2), the two coldest models bursting together, and a long-context tail of
 prompts that only a pooled KV cache can hold. Arrivals follow a logical clock (a schedule
 independent of the machine's speed), so everything but the wall-clock fields repeats exactly.
+
+The `2proc` variants (`cpu_2proc`, `smoke_2proc`) serve only the crosspool run, on one KV
+device and one weights device of 5 MiB each (the bytes of the 4-device run's crosspool), so
+the same config runs in one process (2 CPU devices) and across two (one each; KV pool in
+process 0, weights pool in process 1), the process boundary the only difference:
+
+  python scripts/run_experiment.py --config=configs/experiments/demo.py:cpu_2proc \
+      --workdir=workdir/demo_cpu_1proc
+  python scripts/launch_local.py --num_processes=2 --target=scripts/run_experiment.py \
+      --target_args="--config=configs/experiments/demo.py:cpu_2proc \
+      --workdir=workdir/demo_cpu_2proc"
 """
 
 from __future__ import annotations
+
+import ml_collections
 
 from crosspool_jax.experiments import config_lib as cl
 
 
 def get_config(arg: str | None = None):
-  """The demo; arg "smoke" is a seconds-long version (two models, eight requests) for tests."""
+  """The demo; arg "smoke" is a seconds-long version (two models, eight requests) for tests;
+  "cpu_2proc" and "smoke_2proc" their crosspool runs on 1 KV + 1 weights device."""
   c = cl.experiment_base("demo", arg, "static vs shared vs crosspool, 4 tiny MoE models on 4 "
                       "CPU devices, bursty Zipf traffic with a long-context tail",
-                      variants=("cpu", "smoke"))
+                      variants=("cpu", "smoke", "cpu_2proc", "smoke_2proc"))
   cl.cpu_setup(c)  # 2.5 MiB per device
   c.workload = cl.workload_block(
       popularity="mixtral_0,qwen2_moe_1,olmoe_2,qwen3_moe_3", num_requests=60,
@@ -33,7 +47,7 @@ def get_config(arg: str | None = None):
                              tail_high=1800),
       output_len=cl.length_dist("uniform", low=8, high=24))
   cl.loop_fields(c, arrival_mode="logical", logical_step_s=0.05)
-  if c.variant == "smoke":
+  if c.variant.startswith("smoke"):
     c.fleet = cl.cpu_fleet(2, max_context=1024)
     c.engine.token_buckets, c.engine.token_budget = (32,), 32
     c.workload.popularity = "mixtral_0,qwen2_moe_1"
@@ -41,4 +55,11 @@ def get_config(arg: str | None = None):
     c.workload.prompt_len.tail_fraction, c.workload.prompt_len.tail_low = 0.25, 300
     c.workload.prompt_len.tail_high = 900
     c.workload.output_len.low, c.workload.output_len.high = 2, 6
+  if c.variant.endswith("_2proc"):
+    c.description = ("the demo's crosspool run on 1 KV + 1 weights CPU device, in one process "
+                     "or across two")
+    c.num_cpu_devices = 2
+    c.budget.device_bytes *= 2  # the 4-device run's crosspool bytes on 2 devices
+    c.policies = ml_collections.ConfigDict(dict(
+        crosspool=dict(kv_policy="crosspool", devices=(0,), weight_devices=(1,))))
   return c

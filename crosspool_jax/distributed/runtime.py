@@ -163,6 +163,24 @@ def barrier(name: str, timeout_s: int) -> None:
   coordination_client().wait_at_barrier(f"crosspool/{name}", timeout_s * 1000)
 
 
+def gather(name: str, value: str, timeout_s: int) -> list[str] | None:
+  """Every process's `value` (each `name` once per run), through the coordination service's
+  key-value store: process 0 gets them in process order, waiting at most `timeout_s` seconds
+  for each; the others publish theirs and get None."""
+  client = coordination_client()
+  client.key_value_set(f"crosspool/gather/{name}/{jax.process_index()}", value)
+  if jax.process_index():
+    return None
+  return [client.blocking_key_value_get(f"crosspool/gather/{name}/{p}", timeout_s * 1000)
+          for p in range(jax.process_count())]
+
+
+def launched(environ: Mapping[str, str] | None = None) -> bool:
+  """Whether this process was started as a process of a multi-process run (a launcher set its
+  `ENV_PROCESS_ID`; `ProcessConfig.from_environ` reads the rest)."""
+  return ENV_PROCESS_ID in (os.environ if environ is None else environ)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
   """A TCP port free on `host` now."""
   with socket.socket() as s:

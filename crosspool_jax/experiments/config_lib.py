@@ -215,6 +215,10 @@ def experiment_base(name: str, arg: str | None, description: str, *,
                                             reserve_fraction=0.0, kv_planner=False))
   c.sweep = ml_collections.ConfigDict(dict(field="", points=()))
   c.slo = ml_collections.ConfigDict(dict(ttft_s=1.0, tbt_s=0.2))
+  # Across processes (scripts/run_experiment.py started by scripts/launch_local.py): the
+  # crosspool runs' KV and weights devices, named process:local_index (comma-separated); the
+  # other runs are not served there (experiments/processes.py).
+  c.processes = ml_collections.ConfigDict(dict(kv="0:0", weights="1:0"))
   return c
 
 

@@ -10,6 +10,7 @@ fleet (`refused`) is a row of its own.
 
 from __future__ import annotations
 
+import re
 import textwrap
 
 from crosspool_jax.engine.policies import get_policy
@@ -706,3 +707,146 @@ def policy_section(bench: dict, *, source: str) -> str:
       + "; ".join(policy_gap_sentences(random)) + ".",
       "",
   ])
+
+
+def processes_title(results: list[dict]) -> str:
+  """"demo across 2 processes (cpu)": the experiment, the most processes of `results`, the
+  platform."""
+  count = max(r.get("processes", {}).get("count", 1) for r in results)
+  return (f"{results[0]['experiment']} across {count} processes "
+          f"({results[0].get('device', {}).get('platform', '?')})")
+
+
+def _per_step(x: float) -> str:
+  return f"{x:,.1f}"
+
+
+def processes_section(files: list[tuple[dict, str]]) -> str:
+  """A BENCHMARKS.md section of one experiment config run in one process and across several
+  (`scripts/run_experiment.py` under `scripts/launch_local.py`): (results, source) pairs, the
+  one-process results (no `processes` block) first. Per run, its latencies, throughput, host
+  counters and transfers between processes per served step, and whether its tokens and counts
+  are those of the one-process run. ValueError for files of different configs or seeds, or
+  without exactly one one-process file."""
+  results = [r for r, _ in files]
+  single = [r for r in results if "processes" not in r]
+  if len(single) != 1 or "processes" in results[0]:
+    raise ValueError("give the one-process results file first, then the multi-process ones "
+                     f"(got {len(single)} one-process file(s))")
+  for r in results[1:]:
+    for key in ("experiment", "variant", "seed"):
+      if r[key] != results[0][key]:
+        raise ValueError(f"the results differ in {key}: {results[0][key]!r} and {r[key]!r}")
+  base = {run["name"]: run for run in results[0]["runs"] if "counts" in run}
+  cols = ["processes", *COLUMNS[:7], "steps", "dispatches/step", "host µs/token",
+          "arrays/step between processes", "KB/step between processes", "outputs"]
+  lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+  agree = []
+  for r in results:
+    count = r.get("processes", {}).get("count", 1)
+    for run in r["runs"]:
+      if "counts" not in run:
+        continue
+      c, host = run["counts"], run["wall_clock"].get("host", {})
+      cross = c.get("cross_process")
+      ref = base.get(run["name"])
+      if count == 1:
+        same = "(the reference)"
+      elif ref is None:
+        same = "no one-process run"
+      else:
+        same = ("identical" if c["outputs_sha256"] == ref["counts"]["outputs_sha256"]
+                else "DIFFERENT")
+        differ = sorted(k for k in ref["counts"] if k != "cross_process"
+                        and ref["counts"][k] != c.get(k))
+        agree.append(f"`{run['name']}` across {count} processes: output tokens {same}; counts "
+                     + ("identical (steps, preemptions, KV pages per step, expert hits, loads "
+                        "and calls, compile counts)" if not differ
+                        else f"DIFFERENT in {', '.join(differ)}") + ".")
+      row = latency_row(run)
+      lines.append("| " + " | ".join([
+          str(count), *(row[k] for k in COLUMNS[:7]), str(c["steps"]),
+          _per_step(host["dispatches_per_step"]) if host else "-",
+          f"{host['host_us_per_token']:,.0f}" if host else "-",
+          _per_step(cross["arrays_per_step"]) if cross else "-",
+          _per_step(cross["bytes_per_step"] / 1e3) if cross else "-", same]) + " |")
+  out = [f"## {processes_title(results)}", "", results[0]["description"] + ".", ""]
+  for (r, source) in files:
+    dev, p = r.get("device", {}), r.get("processes")
+    load = r.get("wall_clock", {}).get("load_average")
+    where = ("1 process" if p is None else
+             f"{p['count']} processes, KV devices {', '.join(p['devices']['kv'])} "
+             f"({p['groups']['kv']}), weights devices {', '.join(p['devices']['weights'])} "
+             f"({p['groups']['weights']}), {p['transport']} transport")
+    out += [f"Command ({where}): `{r['command']}`  ",
+            f"Source: `{source}`, git {r.get('git_revision', '?')[:12]}"
+            + (" (uncommitted changes)" if r.get("git_dirty") else "")
+            + f", {dev.get('count', '?')} x {dev.get('device_kind', '?')}, seed {r['seed']}, "
+            f"arrivals: {r['config']['arrival_mode']}, {r.get('created', '')}"
+            + ("" if load is None else f", load average {load['start'][0]:.1f} at the start, "
+               f"{load['end'][0]:.1f} at the end") + ".", ""]
+  out += [*lines, ""]
+  out += ["Arrays and KB between processes: what every process sent to another while serving "
+          "(each array is received once), per served step; host counters of process 0; "
+          "latencies are process 0's wall clock.", ""]
+  for r in results[1:]:
+    for name, why in r["processes"]["not_served"].items():
+      out.append(f"`{name}` not served across processes: {why}.")
+  out += [*agree, ""]
+  for r in results[1:]:
+    for run in r["runs"]:
+      cross = run.get("counts", {}).get("cross_process")
+      if cross:
+        steps = max(1, run["counts"]["steps"])
+        out.append(f"`{run['name']}` across {r['processes']['count']} processes, per served "
+                   "step: " + "; ".join(
+                       f"process {i} sent {p['serving']['sent'] / steps:,.1f} arrays "
+                       f"({p['serving']['sent_bytes'] / steps / 1e3:,.1f} KB) and received "
+                       f"{p['serving']['received'] / steps:,.1f} "
+                       f"({p['serving']['received_bytes'] / steps / 1e3:,.1f} KB)"
+                       for i, p in enumerate(cross["per_process"]))
+                   + f"; at start-up (compiling: warm-up steps) process 0 sent "
+                   f"{cross['per_process'][0]['start_up']['sent']} arrays.")
+  return "\n".join([*out, ""])
+
+
+def section_title(section: str) -> str:
+  """The title of a BENCHMARKS.md section (its "## " heading)."""
+  return section.split("\n", 1)[0].removeprefix("## ")
+
+
+def replace_sections(text: str, sections: list[str], notes: dict[str, str], *,
+                     before: str) -> str:
+  """`text` (a BENCHMARKS.md) with each of `sections` in place of the section of the same
+  title, or, if it has none, inserted before the section titled `before` (or at the end);
+  every other section byte for byte as it was. The header's paragraph of update notes (lines
+  `Section "TITLE" ...`, after the paragraph that says how the file was generated) gets
+  `notes` ({title: line}), each in place of the line of the same title."""
+  starts = [m.start() for m in re.finditer(r"^## ", text, flags=re.MULTILINE)]
+  header = text[:starts[0]] if starts else text
+  parts = [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
+  for section in sections:
+    body = section if section.endswith("\n") else section + "\n"
+    titles = [section_title(p) for p in parts]
+    title = section_title(section)
+    if title in titles:
+      i = titles.index(title)
+      parts[i] = body + ("\n" if i + 1 < len(parts) else "")
+    elif before in titles:
+      parts.insert(titles.index(before), body + "\n")
+    else:
+      if parts and not parts[-1].endswith("\n\n"):
+        parts[-1] += "\n" if parts[-1].endswith("\n") else "\n\n"
+      parts.append(body)
+  paragraphs = header.split("\n\n")
+  old = next((i for i, p in enumerate(paragraphs)
+              if p and all(line.startswith('Section "') for line in p.split("\n"))), None)
+  kept = [] if old is None else paragraphs[old].split("\n")
+  kept = [line for line in kept if not any(line.startswith(f'Section "{t}" ') for t in notes)]
+  updates = "\n".join([*kept, *notes.values()])
+  if old is None:
+    generated = next((i for i, p in enumerate(paragraphs) if p.startswith("Generated by")), 0)
+    paragraphs.insert(generated + 1, updates)
+  else:
+    paragraphs[old] = updates
+  return "\n\n".join(paragraphs) + "".join(parts)

@@ -357,17 +357,27 @@ def pipeline_step(events: list[dict]) -> dict | None:
 
 
 def measured_run(c, records, *, run_id: str, log: Callable[[str], None],
-                 profile: Callable[[str], Profile] | None = None) -> tuple[dict, dict]:
+                 profile: Callable[[str], Profile] | None = None, backend=None,
+                 replicated: bool = False,
+                 started: Callable[[], None] | None = None) -> tuple[dict, dict]:
   """Serves one run on this machine's devices (mode "run").
+
+  Args:
+    backend: the engine's `Backend` (None: this process's devices).
+    replicated: every process of a multi-process run serves it alike (`serving.serve`).
+    started: called once the engine has started, before the first request.
 
   Returns:
     (its `counts` and `wall_clock` blocks, request id -> output tokens of its finished
     requests).
   """
   start = time.perf_counter()
-  engine, cfgs = build_engine(c, log=log)
+  engine, cfgs = build_engine(c, log=log, backend=backend)
   startup_s = time.perf_counter() - start
-  serve_m = serve(engine, cfgs, c, records, profile=None if profile is None else profile(run_id))
+  if started is not None:
+    started()
+  serve_m = serve(engine, cfgs, c, records, profile=None if profile is None else profile(run_id),
+                  replicated=replicated)
   serve_m["startup_s"] = startup_s
   metrics = engine.metrics()  # waits for the timeline's stamps (pipeline overlap)
   summary = summarize_run(metrics, serve_m, c.slo)

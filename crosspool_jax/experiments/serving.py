@@ -93,17 +93,18 @@ def load_fleet_model(entry):
   return cfg, init_params(cfg, seed=entry.seed, dtype=dtype)
 
 
-def build_engine(config, log=_err):
+def build_engine(config, log=_err, backend=None):
   """Registers the config's fleet in an Engine and starts it.
 
   Args:
     config: the serving config (`fleet`, `engine` blocks).
     log: where engine start-up messages go.
+    backend: the engine's `Backend` (None: this process's devices).
 
   Returns:
     (engine, {model_id: ModelConfig}).
   """
-  engine = Engine(engine_config(config.engine), log=log)
+  engine = Engine(engine_config(config.engine), log=log, backend=backend)
   cfgs = {}
   for model_id, m in config.fleet.items():
     if m.get("reference"):
@@ -219,6 +220,16 @@ def check_config(config) -> None:
                        f"checkpoint or reference), got {m.family!r}")
 
 
+def check_replicated(config) -> None:
+  """Rejects a loop whose schedule follows the wall clock, for a loop every process of a
+  multi-process run runs alike (their schedules would differ, and so would their replicated
+  host state): ValueError naming the field."""
+  if config.arrival_mode == "trace":
+    raise ValueError("config.arrival_mode='trace' submits requests by the wall clock, which "
+                     "differs between the processes of a multi-process run (their replicated "
+                     "schedulers would diverge): use 'logical' or 'all_at_once'")
+
+
 def never_fits(engine, record, cfg, max_context: int) -> str | None:
   """Why the record's full context can never be held by its model's KV pool, or None (also
   for a context beyond the model's `max_context`: the engine says so itself)."""
@@ -301,7 +312,8 @@ def describe_profile(summary: dict) -> str:
           f"Perfetto: plugins/profile/*/perfetto_trace.json.gz)")
 
 
-def serve(engine, cfgs, config, records, *, profile: Profile | None = None) -> dict:
+def serve(engine, cfgs, config, records, *, profile: Profile | None = None,
+          replicated: bool = False) -> dict:
   """Submits the records on their schedule and steps the engine until all are done.
 
   Args:
@@ -310,12 +322,17 @@ def serve(engine, cfgs, config, records, *, profile: Profile | None = None) -> d
     config: the serving config (sampling, arrival_mode, replay_speed, max_wall_s, ...).
     records: the trace, sorted by arrival_s.
     profile: if given, a jax.profiler trace of some of the steps (`Profile`).
+    replicated: every process of a multi-process run runs this loop alike, so nothing may
+      follow the wall clock: arrival_mode "trace" is refused and config.max_wall_s is not
+      applied (the launcher's --timeout_s bounds the run).
 
   Returns:
     The "serve" section of metrics.json: request ids, rejections, outputs, submit lag, times
     (and `profile`: where the trace was written and how many steps it holds).
   """
   check_config(config)
+  if replicated:
+    check_replicated(config)
   s = config.sampling
   ids = [f"r{i:05d}" for i in range(len(records))]
   rejected: dict[str, dict] = {}
@@ -387,7 +404,7 @@ def serve(engine, cfgs, config, records, *, profile: Profile | None = None) -> d
           time.sleep(min(max(wait, 0.0), config.progress_interval_s))
       else:
         break
-      if time.perf_counter() - t0 > config.max_wall_s:
+      if not replicated and time.perf_counter() - t0 > config.max_wall_s:
         for rid in submitted:
           if engine.status(rid) not in (Status.FINISHED, Status.CANCELLED):
             engine.cancel(rid)
