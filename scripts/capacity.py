@@ -60,6 +60,7 @@ from crosspool_jax.capacity import (
   ORGANISATIONS,
   REFERENCE_HF_CONFIGS,
   format_table,
+  format_totals,
   measure_capacity,
   reference_config,
 )
@@ -90,6 +91,11 @@ def define_flags() -> None:
                     "pages, expert slots filling every weights device.")
   flags.DEFINE_float("reserve_fraction", 0.0, "Per-device fraction kept for "
                      "activations/workspace (all organisations).")
+  flags.DEFINE_multi_integer("tensor_parallel", [1], "Colocated policies: every model sharded "
+                             "over this many devices, ceil(K / t) KV heads per rank; repeat "
+                             "the flag for a sweep (one table each, then the totals; --out "
+                             "a list of the results).",
+                             lower_bound=1)
   flags.DEFINE_list("organisations", list(ORGANISATIONS), "Which to measure.")
   flags.DEFINE_string("out", None, "JSON output path (directories are created).")
 
@@ -121,21 +127,28 @@ def build_fleet() -> dict[str, ModelConfig]:
 def main(argv: Sequence[str]) -> None:
   del argv
   fleet = build_fleet()
-  result = measure_capacity(
-      fleet, num_devices=FLAGS.num_devices, device_bytes=int(FLAGS.device_gib * (1 << 30)),
-      page_bytes=int(FLAGS.page_kib * 1024), dtype=FLAGS.dtype, max_batch=FLAGS.max_batch,
-      crosspool_weight_devices=FLAGS.weight_devices, kv_planner=FLAGS.kv_planner,
-      reserve_fraction=FLAGS.reserve_fraction,
-      organisations=FLAGS.organisations)
-  result["header"] = {
+  header = {
       "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
       "git_revision": git_revision(), "git_dirty": git_dirty(),
       "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])}
-  print(format_table(result))
+  results = []
+  for t in FLAGS.tensor_parallel:
+    result = measure_capacity(
+        fleet, num_devices=FLAGS.num_devices, device_bytes=int(FLAGS.device_gib * (1 << 30)),
+        page_bytes=int(FLAGS.page_kib * 1024), dtype=FLAGS.dtype, max_batch=FLAGS.max_batch,
+        crosspool_weight_devices=FLAGS.weight_devices, kv_planner=FLAGS.kv_planner,
+        reserve_fraction=FLAGS.reserve_fraction, tensor_parallel=t,
+        organisations=FLAGS.organisations)
+    results.append(result | {"header": header})
+    if len(FLAGS.tensor_parallel) > 1:
+      print(f"tensor_parallel={t}")
+    print(format_table(result))
+  if len(results) > 1:
+    print(format_totals(results))
   if FLAGS.out:
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     with open(FLAGS.out, "w") as f:
-      json.dump(result, f, indent=1)
+      json.dump(results[0] if len(results) == 1 else results, f, indent=1)
     print(f"wrote {FLAGS.out}")
 
 
