@@ -178,6 +178,10 @@ def test_tensor_parallel_degree_refused_by_name():
     measure_capacity([tiny_config("qwen3_moe", num_heads=6, num_kv_heads=2)], num_devices=6,
                      device_bytes=10 * W_TOTAL, page_bytes=PAGE, dtype="float32",
                      max_batch=1, tensor_parallel=3)
+  small = _run(2, num_devices=2, device_bytes=W_TOTAL // 4, tensor_parallel=2,
+               organisations=("shared",))["organisations"]["shared"]["not_fit"]
+  assert small["m0-mixtral"].endswith("(tensor_parallel=2: a device here is a group of 2, each "
+                                       "holding 1/2 of the weights)")
   with pytest.raises(ValueError, match="tensor_parallel must be >= 1"):
     _run(1, num_devices=1, device_bytes=10 * W_TOTAL, tensor_parallel=0)
 

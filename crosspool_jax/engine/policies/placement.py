@@ -144,7 +144,8 @@ def place(weights: Mapping[str, int], *, num_devices: int, device_bytes: int, pa
     return Placement({m: g * t for m, g in groups.device.items()},
                      {m: n * t for m, n in groups.tp.items()},
                      [r for r in groups.resident for _ in range(t)],
-                     {m: f"{why} (a {t}-th of its weights, tensor_parallel={t})"
+                     {m: f"{why} (tensor_parallel={t}: a device here is a group of {t}, "
+                         f"each holding 1/{t} of the weights)"
                       for m, why in groups.not_fit.items()})
   room = usable_bytes(device_bytes, reserve_fraction) - 2 * page_bytes
   need: dict[str, int] = {}
