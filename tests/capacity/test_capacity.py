@@ -9,7 +9,7 @@ import math
 
 import pytest
 
-from crosspool_jax.capacity import format_table, measure_capacity, reference_config
+from crosspool_jax.capacity import format_table, format_totals, measure_capacity, reference_config
 from crosspool_jax.engine.policies.sizes import kv_bytes_per_token, param_bytes, param_counts
 from crosspool_jax.models.config import MODEL_FAMILIES, tiny_config
 
@@ -234,3 +234,9 @@ def test_format_table():
   table = format_table(res)
   assert "crosspool" in table and "m1-mixtral" in table and "NO" not in table
   assert "does not fit" in format_table(_run(1, num_devices=2, device_bytes=100_000))
+  sweep = [_run(2, num_devices=2, device_bytes=W_TOTAL + 101 * PAGE, tensor_parallel=t,
+                organisations=("shared",)) for t in (1, 2)]
+  rows = [line.split() for line in format_totals(sweep).splitlines()[2:]]
+  assert rows == [[str(t), "shared", "0.0", str(r["organisations"]["shared"]["fleet_fill_tokens"]),
+                   str(r["organisations"]["shared"]["models"]["m0-mixtral"]["longest_context_raw"])]
+                  for t, r in zip((1, 2), sweep, strict=True)]
