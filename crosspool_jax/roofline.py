@@ -9,14 +9,22 @@ gets the peaks it has now.
 Counts of a decode-style run of one model (`generation_costs`), from its config only:
   FLOPs: 2 per multiply-add of the weight matrices a token goes through (attention
     projections, router, its top_k experts, shared expert or dense MLP; the LM head once per
-    sequence and step, since only the last token's logits are needed), plus 4 * N * H per key
-    a token attends to per layer (QK^T and PV).
+    sequence and step, since only the last token's logits are needed), plus, per key a token
+    attends to per layer, 4 * N * H (QK^T and PV) or, with latent attention,
+    2 * N * (2 * kv_lora_rank + qk_rope) (`attention_flops_per_key`).
   bytes: every weight matrix read once per step, routed experts only if touched: the expected
     number of distinct experts of a layer under uniform routing, E * (1 - (1 - top_k / E)^T)
     for T tokens (the routing of a real checkpoint is what the model makes of its input, not
-    known from the config); embedding rows of the step's tokens; the K/V of every key seen,
-    read once per sequence and layer, and the new tokens' K/V written. Norm weights, biases and
-    activations are left out (a few rows next to the matrices).
+    known from the config); embedding rows of the step's tokens; the K/V of every key seen
+    (or its latent row), read once per sequence and layer, and the new tokens' written. Norm
+    weights, biases and activations are left out (a few rows next to the matrices).
+
+Latent attention (the DeepSeek families) is counted in the absorbed form, the one the engine
+runs on its pages for every token (`stages.attention_inputs(absorbed=True)`): the projections
+of `config.attention_matrices` once per token (q_nope into the latent space through W_UK, the
+latent output out through W_UV), a score over each key's whole row (kv_lora_rank + qk_rope)
+and a value of its latent part (kv_lora_rank) per head, and the row (`kv_stores` 1, one KV
+head of `head_dim` = the row) read per key.
 """
 
 from __future__ import annotations
@@ -30,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from crosspool_jax.models.config import ModelConfig
+from crosspool_jax.models.config import ModelConfig, attention_matrices
 
 GIB = 2 ** 30
 
@@ -261,14 +269,23 @@ def device_peaks(device_kind: str, backend: str, *, peak_tflops: float | None = 
 
 def _layer_matrices(cfg: ModelConfig, layer: int) -> tuple[int, int]:
   """(weights every token of the layer uses, weights of one routed expert) of a layer."""
-  D, N, K, H = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  shared = 2 * D * N * H + 2 * D * K * H
+  D = cfg.d_model
+  shared = attention_matrices(cfg)
   if not cfg.moe_layers[layer]:
     return shared + 3 * D * cfg.d_ff_dense, 0
   shared += D * cfg.num_experts
   if cfg.d_ff_shared:
-    shared += 3 * D * cfg.d_ff_shared + D
+    shared += 3 * D * cfg.d_ff_shared + (D if cfg.shared_gate else 0)
   return shared, 3 * D * cfg.d_ff_expert
+
+
+def attention_flops_per_key(cfg: ModelConfig) -> int:
+  """FLOPs of one token attending to one key in one layer: QK^T and PV over N heads of H,
+  4 N H; latent attention's absorbed form, a score over the row (kv_lora_rank + qk_rope) and
+  a value of kv_lora_rank per head, 2 N (2 kv_lora_rank + qk_rope)."""
+  if cfg.mla:
+    return 2 * cfg.num_heads * (2 * cfg.kv_lora_rank + cfg.qk_rope_head_dim)
+  return 4 * cfg.num_heads * cfg.head_dim
 
 
 def expected_experts_touched(num_experts: int, top_k: int, tokens: int) -> float:
@@ -309,10 +326,10 @@ def attention_side_cost(cfg: ModelConfig, layer: int, shape: BatchShape, *, weig
                         kv_bytes: int) -> Cost:
   """A layer's work besides its routed experts: the matrices every token goes through
   (attention projections; router and shared expert, or the dense MLP), attention over the
-  keys seen, every key's K/V read and the new tokens' written."""
+  keys seen, every key's K/V (or latent row) read and the new tokens' written."""
   shared, _ = _layer_matrices(cfg, layer)
-  flops = 2.0 * shape.tokens * shared + 4.0 * cfg.num_heads * cfg.head_dim * shape.keys_seen
-  kv = 2 * cfg.num_kv_heads * cfg.head_dim * (shape.context + shape.tokens)
+  flops = 2.0 * shape.tokens * shared + attention_flops_per_key(cfg) * shape.keys_seen
+  kv = cfg.kv_stores * cfg.num_kv_heads * cfg.head_dim * (shape.context + shape.tokens)
   return Cost(flops, shared * weight_bytes + kv * kv_bytes)
 
 

@@ -18,6 +18,12 @@ Writes JSON (with the git revision) to --out and prints a table.
   # 8 Mixtral-8x7B-shaped models on the same budget (static/shared fit only 4 of them):
   python scripts/capacity.py --reference=mixtral-8x7b --copies=8 --num_devices=8 \
       --device_gib=80 --page_kib=256 --dtype=bfloat16 --max_batch=16
+  # 8 DeepSeek-V2-Lite-shaped models (288 KiB pages: 256 latent rows of 576 bf16), every
+  # colocated model tensor parallel over t = 1, 2, 4, 8 devices (then Qwen3-30B-A3B, 4 KV heads):
+  python scripts/capacity.py --reference=deepseek-v2-lite --copies=8 --num_devices=8 \
+      --device_gib=80 --page_kib=288 --dtype=bfloat16 --max_batch=16 --tensor_parallel=1 \
+      --tensor_parallel=2 --tensor_parallel=4 --tensor_parallel=8 \
+      --organisations=static,shared,crosspool
   # tiny configs scaled up, or HF config.json files:
   python scripts/capacity.py --families=mixtral,qwen3_moe --scale=8 --copies=2 \
       --num_devices=4 --device_gib=0.05
@@ -44,6 +50,31 @@ pool is smaller than shared's, though one request can use all of it: 1995424 tok
 (0.01 GiB left; 43% of the experts resident, the rest swapped in) and 7 KV devices, 6 of which
 strand 3.5 GiB next to one model's weights; its pool holds 20% more than shared's. The
 8192-token max_position caps every longest context.)
+
+The tensor-parallel sweep's totals (closed forms agree with every probe), DeepSeek-V2-Lite,
+then the same command with --reference=qwen3-30b-a3b (`longest (raw)`: one request of one
+model, no context cap):
+
+   t org                     KV GiB  fleet fill longest (raw)    fleet fill longest (raw)
+   1 static                   406.0    13991936       1751552       2009088        252576
+   1 shared                   406.0    14012416       1751552       2016768        252576
+   1 crosspool                375.6    12964864      12964864       1493856       1496736
+   2 static                   406.0     6979584        875776       1990656        252576
+   2 shared                   406.0     7006208       1751552       2009856        505152
+   4 static                   406.0     3473408        437760       1990656        252288
+   4 shared                   406.0     3503104       1751552       1996032       1010304
+   8 static                   406.0     1736704        218880        958464        126144
+   8 shared                   406.0     1751552       1751552        998016       1010304
+   (crosspool: the same at every t; Qwen3's KV GiB 185.0 colocated, 137.0 crosspool)
+
+A rank caches ceil(K / t) KV heads of every token (`placement.heads_per_rank`): V2-Lite's
+latent row is one "head", so every rank of a group holds the whole row and the fleet's KV
+tokens fall as 1 / t (14.0 M, 7.0 M, 3.5 M, 1.75 M under shared), while one request's longest
+context stays one device's; Qwen3-30B-A3B's 4 KV heads divide among up to 4 ranks (the
+fleet's tokens hold, one request reaches t devices' worth) and are replicated at t = 8 (half
+the tokens). CrossPool's KV pool splits a sequence by pages over its 5 KV devices, not by
+heads: 12.96 M V2-Lite tokens at every t, one request may take all of them; at t = 1 shared
+holds 8% more (CrossPool's 3 weights devices strand 7.8 GiB each).
 """
 
 from __future__ import annotations
@@ -60,6 +91,7 @@ from crosspool_jax.capacity import (
   ORGANISATIONS,
   REFERENCE_HF_CONFIGS,
   format_table,
+  format_totals,
   measure_capacity,
   reference_config,
 )
@@ -90,6 +122,11 @@ def define_flags() -> None:
                     "pages, expert slots filling every weights device.")
   flags.DEFINE_float("reserve_fraction", 0.0, "Per-device fraction kept for "
                      "activations/workspace (all organisations).")
+  flags.DEFINE_multi_integer("tensor_parallel", [1], "Colocated policies: every model sharded "
+                             "over this many devices, ceil(K / t) KV heads per rank; repeat "
+                             "the flag for a sweep (one table each, then the totals; --out "
+                             "a list of the results).",
+                             lower_bound=1)
   flags.DEFINE_list("organisations", list(ORGANISATIONS), "Which to measure.")
   flags.DEFINE_string("out", None, "JSON output path (directories are created).")
 
@@ -121,21 +158,28 @@ def build_fleet() -> dict[str, ModelConfig]:
 def main(argv: Sequence[str]) -> None:
   del argv
   fleet = build_fleet()
-  result = measure_capacity(
-      fleet, num_devices=FLAGS.num_devices, device_bytes=int(FLAGS.device_gib * (1 << 30)),
-      page_bytes=int(FLAGS.page_kib * 1024), dtype=FLAGS.dtype, max_batch=FLAGS.max_batch,
-      crosspool_weight_devices=FLAGS.weight_devices, kv_planner=FLAGS.kv_planner,
-      reserve_fraction=FLAGS.reserve_fraction,
-      organisations=FLAGS.organisations)
-  result["header"] = {
+  header = {
       "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
       "git_revision": git_revision(), "git_dirty": git_dirty(),
       "command": " ".join([os.path.basename(sys.argv[0]), *sys.argv[1:]])}
-  print(format_table(result))
+  results = []
+  for t in FLAGS.tensor_parallel:
+    result = measure_capacity(
+        fleet, num_devices=FLAGS.num_devices, device_bytes=int(FLAGS.device_gib * (1 << 30)),
+        page_bytes=int(FLAGS.page_kib * 1024), dtype=FLAGS.dtype, max_batch=FLAGS.max_batch,
+        crosspool_weight_devices=FLAGS.weight_devices, kv_planner=FLAGS.kv_planner,
+        reserve_fraction=FLAGS.reserve_fraction, tensor_parallel=t,
+        organisations=FLAGS.organisations)
+    results.append(result | {"header": header})
+    if len(FLAGS.tensor_parallel) > 1:
+      print(f"tensor_parallel={t}")
+    print(format_table(result))
+  if len(results) > 1:
+    print(format_totals(results))
   if FLAGS.out:
     os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
     with open(FLAGS.out, "w") as f:
-      json.dump(result, f, indent=1)
+      json.dump(results[0] if len(results) == 1 else results, f, indent=1)
     print(f"wrote {FLAGS.out}")
 
 

@@ -13,6 +13,8 @@ rejections, mean modelled step) and writes JSON to --out.
       --num_devices=8 --weight_devices=3 --out=workdir/sim/qwen_x8_h100.json
   # the same on H200, Zipf routing over the experts:
   python scripts/simulate.py --device=h200 --routing=zipf --routing_exponent=1.0
+  # 8 DeepSeek-V2-Lite (latent rows: 144 KiB pages hold 128 rows of 576 bf16), 100 requests:
+  python scripts/simulate.py --reference=deepseek-v2-lite --page_kib=144 --num_requests=100
 """
 
 from __future__ import annotations

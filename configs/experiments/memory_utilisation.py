@@ -5,7 +5,8 @@ r"""Memory utilisation under cold load: many models, little traffic each.
       --config.fleet.m0.checkpoint=DIR0 ... --config.fleet.m7.checkpoint=DIR7
 
 The paper's first claim: cold models rarely peak together, so a pooled KV cache is used far
-better than per-model reservations. Eight models on four devices (cpu) share a steep Zipf
+better than per-model reservations. Eight models on four devices (cpu: tiny models of the four
+GQA families and a tiny DeepSeek-V2, whose latent rows share the pages) share a steep Zipf
 popularity (exponent 1.2): most of them are idle most of the time. Read the KV columns: pool
 size in pages, peak and mean use, and the rejections each organisation needs.
 """
@@ -18,8 +19,10 @@ from crosspool_jax.experiments import config_lib as cl
 def get_config(arg: str | None = None):
   c = cl.experiment_base("memory_utilisation", arg, "KV memory use of 8 cold models under "
                       "steep Zipf popularity, static vs shared vs crosspool")
-  # 5 MiB per device: two models' weights per device under static and shared.
-  cl.cpu_setup(c, models=8, max_context=1024, device_bytes=5 * 2**20, token_buckets=(64,))
+  # 5 MiB per device: two models' weights per device under static and shared. The fleet cycles
+  # through the four GQA families and DeepSeek-V2 (latent rows in the same pages).
+  cl.cpu_setup(c, models=8, max_context=1024, device_bytes=5 * 2**20, token_buckets=(64,),
+               families=(*cl.CPU_FAMILIES, "deepseek_v2"))
   c.workload = cl.workload_block(
       popularity=",".join(c.fleet.keys()), num_requests=80, total_rate=8.0, cv=2.0,
       zipf_exponent=1.2, random_bursts=2, burst_group_size=3, burst_duration_s=1.0,

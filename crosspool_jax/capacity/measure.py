@@ -7,7 +7,9 @@ them (`probes`): the longest context of one request, the KV tokens one model alo
 the fleet's fill with every model active. The policy's closed form (`capacity`) is reported
 next to each probe, and so are the bytes each device strands (the plan's accounting). Analysis
 only: a colocated model whose weights need several devices is split over them (tensor
-parallel, ceil(K / tp) KV heads per rank); a weights-pool policy gets W devices (given; else,
+parallel, ceil(K / tp) KV heads per rank: `placement.heads_per_rank` has the closed form), and
+`tensor_parallel` shards every colocated model over that many devices at least (the weights-pool
+policies' KV is not sharded by heads); a weights-pool policy gets W devices (given; else,
 with `kv_planner`, the KV planner's split (`engine/policies/planner.py`); else the smallest
 whose plan serves every model with every expert resident, else a share proportional to expert
 bytes), the other D - W hold KV. A model that does not fit is reported under `not_fit` with
@@ -48,12 +50,13 @@ class _Settings:
   dtype: str
   reserve_fraction: float
   kv_planner: bool
+  tensor_parallel: int
 
   def budget(self, weight_devices: int) -> Budget:
     return Budget(device_bytes=self.device_bytes, page_elems=self.page_elems,
                   kv_dtype=self.dtype, kv_devices=self.num_devices - weight_devices,
                   weight_devices=weight_devices, reserve_fraction=self.reserve_fraction,
-                  kv_planner=self.kv_planner)
+                  kv_planner=self.kv_planner, tensor_parallel=self.tensor_parallel)
 
 
 def _weight_devices(policy: MemoryPolicy, fleet: Mapping[str, FleetModel], s: _Settings,
@@ -196,7 +199,7 @@ def _measure(policy: MemoryPolicy, fleet: Mapping[str, FleetModel], s: _Settings
            "closed_form": closed[m]}
     rec["closed_form_agrees"] = all(rec[k] == v for k, v in closed[m].items())
     out["models"][m] = rec
-  return out | {"kv_pages": total, "kv_bytes": total * s.page_bytes,
+  return out | {"kv_pages": total, "kv_bytes": a["kv_bytes"],
                 "fleet_fill_tokens": sum(out["fleet_fill"].values())}
 
 
@@ -204,6 +207,7 @@ def measure_capacity(fleet: Sequence[ModelConfig] | Mapping[str, ModelConfig], *
                      num_devices: int, device_bytes: int, page_bytes: int, dtype: str,
                      max_batch: int, crosspool_weight_devices: int | None = None,
                      kv_planner: bool = False, reserve_fraction: float = 0.0,
+                     tensor_parallel: int = 1,
                      organisations: Sequence[str] = ORGANISATIONS) -> dict[str, Any]:
   """KV capacity of `fleet` under each memory policy, probed on the real host pools.
 
@@ -217,10 +221,14 @@ def measure_capacity(fleet: Sequence[ModelConfig] | Mapping[str, ModelConfig], *
     kv_planner: the weights-pool policies' KV planner chooses W and fills every weights device
       with expert slots (`Budget.kv_planner`).
     reserve_fraction: fraction of each device kept for activations / workspace.
+    tensor_parallel: the colocated policies' degree t (`Budget.tensor_parallel`): every model
+      sharded over t devices, ceil(K / t) KV heads per rank.
     organisations: which policies (names of `engine.policies.POLICIES`) to measure.
 
   Returns:
-    {"settings", "models": per model bytes, "organisations": {name: {"kv_pages", "kv_bytes",
+    {"settings", "models": per model bytes, "organisations": {name: {"kv_pages" (the pools'
+    usable pages; under tensor parallelism one page stands for one on each rank), "kv_bytes"
+    (every KV buffer's usable pages, each rank's counted),
     "models": {id: {"longest_context" (probed, capped), "longest_context_cap",
     "longest_context_raw" (one request, no context cap), "kv_tokens_reachable" (probed: only
     this model active), "kv_tokens_equiv" (all the organisation's KV pages in this model's
@@ -233,7 +241,7 @@ def measure_capacity(fleet: Sequence[ModelConfig] | Mapping[str, ModelConfig], *
   Raises:
     ValueError: settings that no policy could use (sizes <= 0, a page that is not a whole
       number of elements, an unknown organisation, a W outside [1, D-1], a W given with
-      kv_planner).
+      kv_planner, a tensor_parallel degree that does not divide D or shard a model's heads).
   """
   if isinstance(fleet, Mapping):
     cfgs = dict(fleet)
@@ -252,7 +260,7 @@ def measure_capacity(fleet: Sequence[ModelConfig] | Mapping[str, ModelConfig], *
   if page_bytes % size:
     raise ValueError(f"page_bytes {page_bytes} is not a multiple of the {dtype} itemsize {size}")
   s = _Settings(num_devices, device_bytes, page_bytes // size, page_bytes, dtype,
-                reserve_fraction, kv_planner)
+                reserve_fraction, kv_planner, tensor_parallel)
   models = {m: FleetModel(c, dtype, max_batch, c.max_context) for m, c in cfgs.items()}
   return {
       "settings": {"num_devices": num_devices, "device_bytes": device_bytes,
@@ -260,7 +268,7 @@ def measure_capacity(fleet: Sequence[ModelConfig] | Mapping[str, ModelConfig], *
                    "page_elems": s.page_elems, "dtype": dtype, "max_batch": max_batch,
                    "reserve_fraction": reserve_fraction,
                    "crosspool_weight_devices": crosspool_weight_devices,
-                   "kv_planner": kv_planner},
+                   "kv_planner": kv_planner, "tensor_parallel": tensor_parallel},
       "models": {m: {"config": dataclasses.asdict(c) | {"moe_layers": sum(c.moe_layers)},
                      "param_bytes": param_bytes(c, dtype),
                      "kv_bytes_per_token": kv_bytes_per_token(c, dtype)}
@@ -299,4 +307,21 @@ def format_table(result: Mapping[str, Any]) -> str:
       extra.append(f"experts resident {wp.get('resident_fraction', 0):.3f} ({wp['rule']}), "
                    f"{wp['free_bytes_per_device'] / gib:.1f} GiB free per weights device")
     lines.append(f"{org:<{width}}    " + "; ".join(extra))
+  return "\n".join(lines)
+
+
+def format_totals(results: Sequence[Mapping[str, Any]]) -> str:
+  """One row per (result, organisation) of several `measure_capacity` results (a sweep of
+  `tensor_parallel`): the fleet's KV tokens with every model active, and the longest context
+  one request of its first served model reaches (no context cap)."""
+  gib = 1 << 30
+  head = (f"{'t':>2} {'org':<21} {'KV GiB':>8} {'fleet fill':>11} {'longest (raw)':>13}")
+  lines = [head, "-" * len(head)]
+  for result in results:
+    t = result["settings"]["tensor_parallel"]
+    for org, res in result["organisations"].items():
+      first = next(iter(res["models"].values()), None)
+      longest = first["longest_context_raw"] if first else 0
+      lines.append(f"{t:>2} {org:<21} {res['kv_bytes'] / gib:>8.1f} "
+                   f"{res['fleet_fill_tokens']:>11} {longest:>13}")
   return "\n".join(lines)

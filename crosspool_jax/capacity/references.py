@@ -2,10 +2,9 @@
 
 Only the values a `ModelConfig` needs, copied from each model's published config.json; the
 capacity analysis counts bytes from them and the simulator costs steps from them
-(`fleet.<id>.reference` in an experiment config). DeepSeek-V2-Lite is not here yet: the pools
-and policies hold its latent rows (one row of kv_lora_rank + qk_rope_head_dim per token and
-layer), but the roofline's step costs, which the simulator reads, count GQA projections and
-K/V reads only.
+(`fleet.<id>.reference` in an experiment config). DeepSeek-V2-Lite caches one latent row of
+kv_lora_rank + qk_rope_head_dim per token and layer (the pools, the policies and the roofline
+count that row, and its attention in the absorbed form).
 """
 
 from __future__ import annotations
@@ -40,6 +39,18 @@ REFERENCE_HF_CONFIGS: dict[str, dict[str, Any]] = {
         num_experts_per_tok=8, max_position_embeddings=4096, norm_topk_prob=False,
         clip_qkv=None, rope_theta=10000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
         attention_bias=False, eos_token_id=50279, pad_token_id=1),
+    "deepseek-v2-lite": dict(
+        model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
+        moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16,
+        num_key_value_heads=16, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
+        first_k_dense_replace=1, moe_layer_freq=1, kv_lora_rank=512, q_lora_rank=None,
+        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, topk_method="greedy",
+        n_group=1, topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0,
+        scoring_func="softmax", max_position_embeddings=163840, rope_theta=10000,
+        rms_norm_eps=1e-6, tie_word_embeddings=False,
+        rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
+                      "beta_fast": 32, "beta_slow": 1, "mscale": 0.707,
+                      "mscale_all_dim": 0.707}),
 }
 
 

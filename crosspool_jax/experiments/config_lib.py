@@ -11,6 +11,7 @@ import dataclasses
 import ml_collections
 from ml_collections import config_dict
 
+from crosspool_jax.models.config import LATENT_FAMILIES
 from crosspool_jax.workloads import LengthDist
 
 
@@ -147,15 +148,21 @@ def loop_fields(c, *, arrival_mode: str = "trace", logical_step_s: float = 0.02,
 MOE_HEAVY = dict(num_experts=16, d_ff_expert=64, max_position=4096)
 
 CPU_FAMILIES = ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe")
+# A tiny DeepSeek-V2's latent row of 56 + 8 elements: 8 tokens a page of 512 elements, as the
+# K and V of 2 heads of 16 (tiny mixtral's), so it shares the CPU fleets' pages.
+TINY_LATENT_ROW = dict(kv_lora_rank=56, head_dim=56 + 8)
 
 
-def cpu_fleet(n: int, *, max_batch: int = 4, max_context: int = 2048):
-  """n seeded MoE-heavy tiny models cycling through the four families, ids `<family>_<i>`."""
+def cpu_fleet(n: int, *, max_batch: int = 4, max_context: int = 2048,
+              families: tuple[str, ...] = CPU_FAMILIES):
+  """n seeded MoE-heavy tiny models cycling through `families`, ids `<family>_<i>` (a latent
+  family with `TINY_LATENT_ROW`)."""
   fleet = ml_collections.ConfigDict()
   for i in range(n):
-    family = CPU_FAMILIES[i % len(CPU_FAMILIES)]
+    family = families[i % len(families)]
+    overrides = MOE_HEAVY | (TINY_LATENT_ROW if family in LATENT_FAMILIES else {})
     fleet[f"{family}_{i}"] = fleet_entry(family, i, max_batch=max_batch,
-                                         max_context=max_context, overrides=MOE_HEAVY)
+                                         max_context=max_context, overrides=overrides)
   return fleet
 
 
@@ -223,9 +230,10 @@ def experiment_base(name: str, arg: str | None, description: str, *,
 
 
 def cpu_setup(c, *, models: int = 4, max_context: int = 2048, device_bytes: int = 5 * 2**19,
-              token_budget: int = 64, token_buckets=(16, 64)) -> None:
+              token_budget: int = 64, token_buckets=(16, 64),
+              families: tuple[str, ...] = CPU_FAMILIES) -> None:
   """The CPU variant's fleet, engine, budget (per device) and the three policies, set on `c`."""
-  c.fleet = cpu_fleet(models, max_context=max_context)
+  c.fleet = cpu_fleet(models, max_context=max_context, families=families)
   # On CPU nothing overlaps (JAX runs each small program inline): a decode batch of a few
   # tokens cut into micro-batches only doubles its programs and transfers.
   c.engine = engine_block(token_budget=token_budget, token_buckets=tuple(token_buckets),

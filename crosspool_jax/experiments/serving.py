@@ -23,7 +23,7 @@ from crosspool_jax.capacity.references import REFERENCE_HF_CONFIGS, reference_co
 from crosspool_jax.engine import Engine, EngineConfig, Status
 from crosspool_jax.engine.metrics import percentiles
 from crosspool_jax.models.checkpoint import load_checkpoint, read_model_config
-from crosspool_jax.models.config import FAMILIES, tiny_config
+from crosspool_jax.models.config import MODEL_FAMILIES, tiny_config
 from crosspool_jax.models.model import init_params
 from crosspool_jax.models.sampling import SamplingParams
 from crosspool_jax.workloads import (
@@ -215,9 +215,9 @@ def check_config(config) -> None:
     if reference and reference not in REFERENCE_HF_CONFIGS:
       raise ValueError(f"config.fleet.{model_id}.reference must be one of "
                        f"{sorted(REFERENCE_HF_CONFIGS)}, got {reference!r}")
-    if not m.checkpoint and not reference and m.family not in FAMILIES:
-      raise ValueError(f"config.fleet.{model_id}.family must be one of {FAMILIES} (or set its "
-                       f"checkpoint or reference), got {m.family!r}")
+    if not m.checkpoint and not reference and m.family not in MODEL_FAMILIES:
+      raise ValueError(f"config.fleet.{model_id}.family must be one of {MODEL_FAMILIES} (or set "
+                       f"its checkpoint or reference), got {m.family!r}")
 
 
 def check_replicated(config) -> None:

@@ -236,6 +236,20 @@ class ModelConfig:
     return cls(**d)
 
 
+def attention_matrices(cfg: ModelConfig) -> int:
+  """Weights of one layer's attention projections (no norms, no biases): q, k, v and o; or
+  latent attention's query (one projection, or q LoRA's down and up), the latent row's
+  projection (kv_lora_rank + qk_rope_head_dim), the up-projection to each head's non-rotary
+  key and value (kv_lora_rank x N x (qk_nope + v_head_dim): W_UK and W_UV) and o."""
+  d, n = cfg.d_model, cfg.num_heads
+  if not cfg.mla:
+    return 2 * d * n * cfg.head_dim + 2 * d * cfg.num_kv_heads * cfg.head_dim
+  q = (d * n * cfg.qk_head_dim if cfg.q_lora_rank is None
+       else cfg.q_lora_rank * (d + n * cfg.qk_head_dim))
+  return (q + d * cfg.head_dim + cfg.kv_lora_rank * n * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+          + n * cfg.v_head_dim * d)
+
+
 def _rope_theta(hf: dict[str, Any], default: float) -> float:
   """RoPE base from either the transformers-5 `rope_parameters` or the older top-level keys."""
   params = hf.get("rope_parameters") or hf.get("rope_scaling")

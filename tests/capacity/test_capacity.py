@@ -9,14 +9,14 @@ import math
 
 import pytest
 
-from crosspool_jax.capacity import format_table, measure_capacity, reference_config
+from crosspool_jax.capacity import format_table, format_totals, measure_capacity, reference_config
 from crosspool_jax.engine.policies.sizes import kv_bytes_per_token, param_bytes, param_counts
-from crosspool_jax.models.config import MODEL_FAMILIES, from_hf_config, tiny_config
-from tests.models.test_deepseek import DEEPSEEK_V2_LITE
+from crosspool_jax.models.config import MODEL_FAMILIES, tiny_config
 
 MIX = tiny_config("mixtral")
 W_TOTAL, W_NON_EXPERT, EXPERT = 759040, 365824, 24576
 PAGE = 512
+LITE = reference_config("deepseek-v2-lite")
 
 
 def _run(n_models, *, num_devices, device_bytes, max_batch=2, **kw):
@@ -44,7 +44,7 @@ def test_param_bytes_of_public_configs():
   assert round(param_counts(reference_config("mixtral-8x7b"))["total"] / 1e9, 1) == 46.7
   assert round(param_counts(reference_config("qwen1.5-moe-a2.7b"))["total"] / 1e9, 1) == 14.3
   # the model card: 15.7B parameters
-  assert round(param_counts(from_hf_config(DEEPSEEK_V2_LITE))["total"] / 1e9, 1) == 15.7
+  assert round(param_counts(LITE)["total"] / 1e9, 1) == 15.7
   b = param_bytes(MIX, "float32")
   assert (b["total"], b["non_expert"], b["routed_experts"]) == (W_TOTAL, W_NON_EXPERT, 16 * EXPERT)
 
@@ -54,12 +54,12 @@ def test_kv_bytes_per_token_by_hand():
   assert kv_bytes_per_token(MIX, "float32") == 2 * 2 * 2 * 16 * 4
   # DeepSeek-V2-Lite caches one latent row per token and layer: kv_lora_rank 512 + the rotary
   # key 64, over 27 layers, bf16
-  assert kv_bytes_per_token(from_hf_config(DEEPSEEK_V2_LITE), "bfloat16") == 27 * (512 + 64) * 2
+  assert kv_bytes_per_token(LITE, "bfloat16") == 27 * (512 + 64) * 2
 
 
 def test_deepseek_v2_lite_kv_capacity_by_hand():
   # One latent row per token and layer: (512 + 64) x 2 B = 1,152 B, 31,104 B over 27 layers.
-  cfg = from_hf_config(DEEPSEEK_V2_LITE)
+  cfg = LITE
   row_bytes = (512 + 64) * 2
   assert kv_bytes_per_token(cfg, "bfloat16") == 27 * row_bytes == 31104
   # A page of 16 rows (18,432 B; its 16 heads' expanded keys of 192 and values of 128 would take
@@ -135,6 +135,57 @@ def test_context_cap_and_tensor_parallel_kv_replication():
   assert (rec["longest_context"], rec["longest_context_raw"]) == (64, 100)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v2"])
+def test_tensor_parallel_degree_by_hand(family):
+  """4 models on 4 devices, each device a model's weights and 101 pages (100 usable), 2
+  layers. Tiny mixtral, 2 KV heads of 16: a 512 B page holds 2 tokens a layer on one device,
+  4 on a rank of t = 2 or 4 (1 head per rank: at t = 4 each head is on 2 ranks). Tiny
+  DeepSeek-V2, one latent row of 32 + 8: a 640 B page holds 4 rows on every rank, whatever t.
+  A group of t devices holds 100 / 2 x (its page's tokens) tokens; D / t groups."""
+  cfg = tiny_config(family)
+  page = {"mixtral": 512, "deepseek_v2": 640}[family]
+  weights = param_bytes(cfg, "float32")["total"]
+  assert weights % 4 == 0  # a t-th of the weights on each rank, exactly
+  tokens_per_page = {"mixtral": {1: 2, 2: 4, 4: 4}, "deepseek_v2": {1: 4, 2: 4, 4: 4}}[family]
+  crosspool = set()
+  for t in (1, 2, 4):
+    res = measure_capacity([cfg] * 4, num_devices=4, device_bytes=weights + 101 * page,
+                           page_bytes=page, dtype="float32", max_batch=2, tensor_parallel=t,
+                           organisations=("shared", "crosspool"))
+    _all_agree(res)
+    shared = res["organisations"]["shared"]
+    group_tokens = 100 // 2 * tokens_per_page[t]
+    assert [p["devices"] for p in shared["placement"]] == [
+        list(range(g, g + t)) for g in range(0, 4, t)]
+    for rec in shared["models"].values():
+      assert (rec["tp"], rec["page_tokens"]) == (t, tokens_per_page[t])
+      assert rec["longest_context_raw"] == rec["kv_tokens_reachable"] == group_tokens
+    assert shared["fleet_fill_tokens"] == 4 // t * group_tokens
+    assert shared["kv_bytes"] == 4 * 100 * page  # every rank's buffer, at every t
+    crosspool.add(res["organisations"]["crosspool"]["fleet_fill_tokens"])
+  # GQA: K = 2 heads keep the fleet's tokens up to t = 2, half at t = 4 (min(1, K / t)); the
+  # latent row: 1 / t. CrossPool's KV pool is not sharded by heads: the same at every t.
+  assert len(crosspool) == 1
+
+
+def test_tensor_parallel_degree_refused_by_name():
+  with pytest.raises(ValueError, match="tensor_parallel=2 does not divide the 3 devices"):
+    _run(3, num_devices=3, device_bytes=10 * W_TOTAL, tensor_parallel=2)
+  with pytest.raises(ValueError, match="tensor_parallel=8 cannot shard a mixtral model of 4 "
+                                       "query heads and 2 KV heads"):
+    _run(8, num_devices=8, device_bytes=10 * W_TOTAL, tensor_parallel=8)
+  with pytest.raises(ValueError, match="tensor_parallel=3 cannot shard a qwen3_moe model"):
+    measure_capacity([tiny_config("qwen3_moe", num_heads=6, num_kv_heads=2)], num_devices=6,
+                     device_bytes=10 * W_TOTAL, page_bytes=PAGE, dtype="float32",
+                     max_batch=1, tensor_parallel=3)
+  small = _run(2, num_devices=2, device_bytes=W_TOTAL // 4, tensor_parallel=2,
+               organisations=("shared",))["organisations"]["shared"]["not_fit"]
+  assert small["m0-mixtral"].endswith("(tensor_parallel=2: a device here is a group of 2, each "
+                                       "holding 1/2 of the weights)")
+  with pytest.raises(ValueError, match="tensor_parallel must be >= 1"):
+    _run(1, num_devices=1, device_bytes=10 * W_TOTAL, tensor_parallel=0)
+
+
 def test_crosspool_partial_residency_is_measured():
   # W=1 of 2 devices holding 29 expert slots of the 32: 29 pinned, 3 left to swap.
   res = _run(2, num_devices=2, device_bytes=2 * W_NON_EXPERT + 3 * PAGE,
@@ -183,3 +234,9 @@ def test_format_table():
   table = format_table(res)
   assert "crosspool" in table and "m1-mixtral" in table and "NO" not in table
   assert "does not fit" in format_table(_run(1, num_devices=2, device_bytes=100_000))
+  sweep = [_run(2, num_devices=2, device_bytes=W_TOTAL + 101 * PAGE, tensor_parallel=t,
+                organisations=("shared",)) for t in (1, 2)]
+  rows = [line.split() for line in format_totals(sweep).splitlines()[2:]]
+  assert rows == [[str(t), "shared", "0.0", str(r["organisations"]["shared"]["fleet_fill_tokens"]),
+                   str(r["organisations"]["shared"]["models"]["m0-mixtral"]["longest_context_raw"])]
+                  for t, r in zip((1, 2), sweep, strict=True)]

@@ -71,3 +71,21 @@ def test_crosspool_spreads_a_latent_sequence_over_two_kv_devices_and_preempts():
             if e["kind"] == "merge_router" and e["model"] == "deepseek_v2"}
   assert merges == {str(eng.executor.kv_devices[1])}  # partials merged at home
   assert pool.used_pages == 0
+
+
+def test_crosspool_partitioned_gives_the_latent_model_slots_of_its_own():
+  # One weights device, 8 slots per model: DeepSeek's one MoE layer of 8 experts stays
+  # resident, Mixtral's 2 x 8 swap; no expert call serves both models.
+  eng = _crosspool(pages=24, models=NAMES, registry=FLEET, kv_policy="crosspool_partitioned",
+                   weight_devices=(2,), expert_slots_per_device=8, token_buckets=(48,))
+  pool = eng.weights_pool.pool
+  assert sorted(c.shape.owner for c in pool.classes) == sorted(NAMES)
+  work = _workload(8, seed=3, families=NAMES, max_prompt=20)
+  out, _ = _run(eng, work)
+  assert out == _references(work, models=FLEET)
+  assert pool.stats.evictions > 0
+  calls = [e for e in eng.executor.timeline.events if e["kind"] == "experts"]
+  assert calls and all(len(set(e["models"])) == 1 for e in calls)
+  assert {m for e in calls for m in e["models"]} == set(NAMES)
+  pool.check_invariants()
+  assert eng.pools[0].used_pages == 0

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from crosspool_jax.capacity.references import REFERENCE_HF_CONFIGS
 from crosspool_jax.models import layers
 from crosspool_jax.models.config import (
     LATENT_FAMILIES,
@@ -116,17 +117,7 @@ def test_training_forward_equals_reference_forward(family):
 
 
 # DeepSeek-V2-Lite's public config.json (the fields a ModelConfig reads).
-DEEPSEEK_V2_LITE = dict(
-    model_type="deepseek_v2", vocab_size=102400, hidden_size=2048, intermediate_size=10944,
-    moe_intermediate_size=1408, num_hidden_layers=27, num_attention_heads=16,
-    num_key_value_heads=16, n_routed_experts=64, n_shared_experts=2, num_experts_per_tok=6,
-    first_k_dense_replace=1, moe_layer_freq=1, kv_lora_rank=512, q_lora_rank=None,
-    qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, topk_method="greedy", n_group=1,
-    topk_group=1, norm_topk_prob=False, routed_scaling_factor=1.0, scoring_func="softmax",
-    max_position_embeddings=163840, rope_theta=10000, rms_norm_eps=1e-6,
-    tie_word_embeddings=False,
-    rope_scaling={"type": "yarn", "factor": 40, "original_max_position_embeddings": 4096,
-                  "beta_fast": 32, "beta_slow": 1, "mscale": 0.707, "mscale_all_dim": 0.707})
+DEEPSEEK_V2_LITE = REFERENCE_HF_CONFIGS["deepseek-v2-lite"]
 
 
 def test_yarn_of_deepseek_v2_lite_by_hand():

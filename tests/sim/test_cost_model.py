@@ -65,6 +65,23 @@ def test_one_layer_stages_by_hand():
       1e-5 + 2 * touched * expert * 2 / 1e9)
 
 
+def test_latent_attention_stage_by_hand():
+  # tiny DeepSeek-V2, 1 MoE layer: D=64, N=4 heads, q LoRA 48, query/key heads of 16 + 8 (no
+  # rope, rope), values of 12, a latent row of A=32 + R=8, router 64x8, 2 ungated shared
+  # experts of 32 (one of 64)
+  cfg = tiny_config("deepseek_v2", num_layers=1)
+  q = 64 * 48 + 48 * 4 * (16 + 8)  # q LoRA down and up
+  kv_a = 64 * (32 + 8)  # the latent row and the rope key
+  kv_b = 32 * 4 * (16 + 12)  # W_UK and W_UV
+  o = 4 * 12 * 64
+  weights = q + kv_a + kv_b + o + 64 * 8 + 3 * 64 * 64
+  # absorbed: per head and key a score over the whole row (40) and a value of its latent (32)
+  flops = 2 * 5 * weights + 2 * 4 * (40 + 32) * 20
+  row = (32 + 8) * (14 + 5) * 2  # one row (bf16) per key read and per new token written
+  assert CostModel(TOY).attention_side_s(cfg, 0, _batch()) == pytest.approx(
+      max(flops / 1e12, (weights * 2 + row) / 1e9))
+
+
 def test_efficiency_scales_only_its_stage():
   cfg, batch = _toy(), _batch()
   full, half = CostModel(TOY), CostModel(TOY, efficiency=Efficiency(experts=0.5))

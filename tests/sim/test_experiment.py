@@ -101,7 +101,7 @@ def test_a_reference_fleet_serves_only_in_simulation():
     build_engine(c, log=lambda msg: None)
   config.mode = "sim"
   check_experiment(sim_config(config))  # the same config simulates
-  config.fleet.mixtral_0.reference = "deepseek-v2-lite"
+  config.fleet.mixtral_0.reference = "deepseek-v9"
   with pytest.raises(ValueError, match=r"config.fleet.mixtral_0.reference must be one of"):
     check_experiment(sim_config(config))
 

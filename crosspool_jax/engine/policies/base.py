@@ -54,6 +54,10 @@ class Budget:
     kv_planner: weights-pool policies choose the split of the kv_devices + weight_devices
       devices themselves (`planner.best_split`: the most KV pages, expert slots filling every
       weights device) instead of taking it as given; colocated policies ignore it.
+    tensor_parallel: colocated policies shard every model over this many devices at least
+      (`placement.place`; the engine serves 1 only, `Plan.check_servable`), each rank caching
+      ceil(K / t) of its KV heads (`placement.heads_per_rank`); weights-pool policies ignore
+      it: their KV pool splits a sequence by pages over KV devices of its own, not by heads.
   """
 
   device_bytes: int
@@ -64,11 +68,14 @@ class Budget:
   reserve_fraction: float = 0.0
   weights_device_bytes: int | None = None
   kv_planner: bool = False
+  tensor_parallel: int = 1
 
   def __post_init__(self):
     if self.device_bytes <= 0 or self.page_elems <= 0:
       raise ValueError(f"budget: device_bytes and page_elems must be > 0, got "
                        f"{self.device_bytes}, {self.page_elems}")
+    if self.tensor_parallel < 1:
+      raise ValueError(f"budget: tensor_parallel must be >= 1, got {self.tensor_parallel}")
     if self.kv_devices < 1:
       raise ValueError(f"budget: at least one KV device is needed, got {self.kv_devices}")
 

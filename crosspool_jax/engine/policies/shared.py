@@ -40,7 +40,8 @@ class SharedPolicy(MemoryPolicy):
                     {m: param_bytes(f.cfg, f.dtype)["total"] for m, f in fleet.items()},
                     num_devices=budget.kv_devices, device_bytes=budget.device_bytes,
                     page_elems=budget.page_elems, page_bytes=budget.page_bytes,
-                    reserve_fraction=budget.reserve_fraction, split=True)
+                    reserve_fraction=budget.reserve_fraction, split=True,
+                    tensor_parallel=budget.tensor_parallel)
     not_fit = dict(kv.not_fit)
     max_context, accounting = self._contexts(fleet, kv, not_fit)
     return Plan(self.name, dict(kv.placement.device), dict(kv.placement.tp),

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from crosspool_jax.models.config import ModelConfig
+from crosspool_jax.models.config import ModelConfig, attention_matrices
 
 
 def dtype_itemsize(dtype: str) -> int:
@@ -34,10 +34,9 @@ def param_counts(cfg: ModelConfig) -> dict[str, int]:
      "non_expert": all but the routed experts, "total"}.
   """
   d, n, k, h = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-  if cfg.mla:
-    attn = _latent_attention_count(cfg) + 2 * d
-  else:
-    attn = 2 * d * n * h + 2 * d * k * h + 2 * d
+  attn = attention_matrices(cfg) + 2 * d
+  if cfg.mla:  # the latent row's norm and q LoRA's
+    attn += cfg.kv_lora_rank + (cfg.q_lora_rank or 0)
   if cfg.qkv_bias:
     attn += n * h + 2 * k * h
   if cfg.qk_norm == "per_head":
@@ -64,16 +63,6 @@ def param_bytes(cfg: ModelConfig, dtype: str) -> dict[str, int]:
   """`param_counts` in bytes of `dtype`."""
   size = dtype_itemsize(dtype)
   return {key: v * size for key, v in param_counts(cfg).items()}
-
-
-def _latent_attention_count(cfg: ModelConfig) -> int:
-  """Latent attention's params of one layer: the query (plain, or q LoRA with its norm), the
-  latent row's projection and norm, the up-projection to keys and values, the output."""
-  d, n, a = cfg.d_model, cfg.num_heads, cfg.kv_lora_rank
-  q = (d * n * cfg.qk_head_dim if cfg.q_lora_rank is None
-       else cfg.q_lora_rank * (d + 1 + n * cfg.qk_head_dim))
-  return (q + d * cfg.head_dim + a + a * n * (cfg.qk_nope_head_dim + cfg.v_head_dim)
-          + n * cfg.v_head_dim * d)
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype: str) -> int:
