@@ -721,6 +721,12 @@ def _per_step(x: float) -> str:
   return f"{x:,.1f}"
 
 
+def _host_us(host: dict) -> str:
+  """Host µs per generated token, wall (and the host thread's CPU, in results that have it)."""
+  cpu = host.get("host_cpu_us_per_token")
+  return f"{host['host_us_per_token']:,.0f}" + ("" if cpu is None else f" ({cpu:,.0f})")
+
+
 def processes_section(files: list[tuple[dict, str]]) -> str:
   """A BENCHMARKS.md section of one experiment config run in one process and across several
   (`scripts/run_experiment.py` under `scripts/launch_local.py`): (results, source) pairs, the
@@ -738,7 +744,7 @@ def processes_section(files: list[tuple[dict, str]]) -> str:
       if r[key] != results[0][key]:
         raise ValueError(f"the results differ in {key}: {results[0][key]!r} and {r[key]!r}")
   base = {run["name"]: run for run in results[0]["runs"] if "counts" in run}
-  cols = ["processes", *COLUMNS[:7], "steps", "dispatches/step", "host µs/token",
+  cols = ["processes", *COLUMNS[:7], "steps", "dispatches/step", "host µs/token (CPU)",
           "arrays/step between processes", "KB/step between processes", "outputs"]
   lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
   agree = []
@@ -767,7 +773,7 @@ def processes_section(files: list[tuple[dict, str]]) -> str:
       lines.append("| " + " | ".join([
           str(count), *(row[k] for k in COLUMNS[:7]), str(c["steps"]),
           _per_step(host["dispatches_per_step"]) if host else "-",
-          f"{host['host_us_per_token']:,.0f}" if host else "-",
+          _host_us(host) if host else "-",
           _per_step(cross["arrays_per_step"]) if cross else "-",
           _per_step(cross["bytes_per_step"] / 1e3) if cross else "-", same]) + " |")
   out = [f"## {processes_title(results)}", "", results[0]["description"] + ".", ""]
