@@ -244,9 +244,10 @@ def _why_slower(results: dict) -> str:
   return ("The known cause on this machine: a crosspool step runs several programs per layer "
           "and micro-batch (the attention side at home, the expert call on a weights device, "
           "the transfers between them) where a colocated step is one executable per model"
-          + cost + "; JAX runs each small program inline on "
-          + (f"{cpus} CPU cores that also emulate" if cpus else "a CPU that also emulates")
-          + f" the {devices} devices, so nothing overlaps. The paper's latency advantage comes "
+          + cost + "; the host thread and the programs of the " + f"{devices} devices share "
+          + (f"{cpus} CPU cores" if cpus else "the CPU's cores")
+          + " (XLA:CPU runs a program of under ~1,000 flops inline in the host thread), so "
+          "nothing overlaps. The paper's latency advantage comes "
           "from KV locality and pipelining on real accelerators, and from holding bursts "
           "without preemption (configs/experiments/paper_tbt.py).")
 
