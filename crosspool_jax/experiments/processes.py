@@ -48,11 +48,11 @@ def served_runs(config) -> tuple[list[str], dict[str, str]]:
   return served, not_served
 
 
-def check_processes(config) -> None:
+def check_processes(config) -> tuple[list[str], dict[str, str], runtime.DeviceGroups]:
   """Rejects an experiment config that cannot run across processes (ValueError naming the
   field): a simulated one, arrivals that follow the wall clock, no crosspool-family run, a
   KV planner that splits the devices itself, or a crosspool run whose device counts differ
-  from `config.processes`' groups."""
+  from `config.processes`' groups. Returns what it checked: `served_runs` and the groups."""
   if config.get("mode", "run") != "run":
     raise ValueError(f"config.mode={config.mode!r}: only measured runs (mode 'run') run across "
                      "processes")
@@ -79,6 +79,7 @@ def check_processes(config) -> None:
         raise ValueError(f"config.policies.{name}.{field} has {len(devices)} device(s), "
                          f"config.processes.{what}={config.processes[what]!r} names "
                          f"{len(group)}: the run's devices are that group's across processes")
+  return served, not_served, groups
 
 
 class Processes:
@@ -111,9 +112,7 @@ class Processes:
     """The experiment this run serves: `config` (checked, `check_processes`) with its runs
     that cannot run across processes removed (each logged and kept in `not_served`) and each
     served run's devices those of `config.processes`' groups."""
-    check_processes(config)
-    served, self.not_served = served_runs(config)
-    groups = runtime.DeviceGroups.parse(config.processes.kv, config.processes.weights)
+    served, self.not_served, groups = check_processes(config)
     indices = engine_devices(groups)
     kv, weights = groups.resolve()
     self.groups = {"kv": config.processes.kv, "weights": config.processes.weights}
