@@ -23,7 +23,7 @@ from jax.sharding import SingleDeviceSharding
 from crosspool_jax.distributed.runtime import DeviceGroups
 from crosspool_jax.distributed.transfer import Transport
 from crosspool_jax.engine.backend import DeviceBackend
-from crosspool_jax.engine.executors.api import PeerLostError
+from crosspool_jax.engine.executors.api import PeerLostError, flatten_puts, put_local
 
 
 def _device(x: jax.Array) -> jax.Device:
@@ -42,7 +42,7 @@ class CrossProcessTransfers:
 
   `put` of arrays between two processes' devices is, per device pair, one
   `transport.move_all` in both (the source sends, the destination receives; any other
-  process, and the source, make placeholders); a put within one process is `jax.device_put`
+  process, and the source, make placeholders); a put within one process is `put_local`
   there and a placeholder elsewhere; host data is put by `jax.device_put` everywhere (a
   placeholder where the device is another process's). `read` gives every process the values:
   the owner of each array sends it to every other process's first device. A failed move, or
@@ -92,19 +92,14 @@ class CrossProcessTransfers:
           out[i] = y
 
   def put(self, tree, device):
-    if isinstance(device, (list, tuple)):
-      trees, dsts = list(tree), list(device)
-    else:
-      trees, dsts = [tree], [device]
-    flat = [jax.tree.flatten(t) for t in trees]
-    leaves = [(x, dst) for (xs, _), dst in zip(flat, dsts, strict=True) for x in xs]
+    leaves, rebuild = flatten_puts(tree, device)
     out: list = [None] * len(leaves)
-    local: dict[jax.Device, list[int]] = {}  # leaves one `jax.device_put` puts, per device
+    local: list[int] = []  # leaves `put_local` puts: host data, or within this process
     moves: dict[tuple, list] = {}
     for i, (x, dst) in enumerate(leaves):
       src = _device(x) if isinstance(x, jax.Array) else None
       if src is None or src.process_index == dst.process_index == self.process:
-        local.setdefault(dst, []).append(i)  # host data, or within this process
+        local.append(i)
       elif (src.process_index == dst.process_index
             or self.process not in (src.process_index, dst.process_index)):
         out[i] = _placeholder(x.shape, x.dtype, dst)  # other processes' business
@@ -113,12 +108,9 @@ class CrossProcessTransfers:
         if self.process == src.process_index:
           out[i] = _placeholder(x.shape, x.dtype, dst)
     self._exchange(moves, out)
-    for dst, idx in local.items():
-      for i, y in zip(idx, jax.device_put([leaves[i][0] for i in idx], dst), strict=True):
-        out[i] = y
-    it = iter(out)
-    trees = [jax.tree.unflatten(treedef, [next(it) for _ in xs]) for xs, treedef in flat]
-    return trees if isinstance(device, (list, tuple)) else trees[0]
+    for i, y in zip(local, put_local([leaves[i] for i in local]), strict=True):
+      out[i] = y
+    return rebuild(out)
 
   def read(self, arrays: list) -> list:
     received: list = list(arrays)
