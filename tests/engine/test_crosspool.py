@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from crosspool_jax.engine import Engine, EngineConfig
-from crosspool_jax.engine.executors.api import HostCounters
+from crosspool_jax.engine.executors.api import HostCounters, LocalTransfers
 from crosspool_jax.engine.executors.crosspool import ping_pong, split_micro_batches
 from crosspool_jax.engine.scheduler import ModelBatch
 from crosspool_jax.models.sampling import SamplingParams
@@ -67,6 +67,19 @@ def test_greedy_equals_reference_with_preemption_and_swapping(crosspool):
   assert calls["reads_before_tokens"] > 0
 
 
+class _RecordingTransfers(LocalTransfers):
+  """The executor's puts within this process, recorded: (leaves, destination device)."""
+
+  def __init__(self):
+    self.puts = []
+
+  def put(self, tree, device):
+    devices = device if isinstance(device, (list, tuple)) else [device]
+    trees = tree if isinstance(device, (list, tuple)) else [tree]
+    self.puts += [(jax.tree.leaves(t), d) for t, d in zip(trees, devices, strict=True)]
+    return super().put(tree, device)
+
+
 def test_resident_experts_step_with_no_read_before_the_tokens():
   # pin_all: every expert resident, so no step may read the device before its sampled tokens,
   # and no call may transfer anything implicitly (the guard raises on any implicit transfer).
@@ -74,10 +87,18 @@ def test_resident_experts_step_with_no_read_before_the_tokens():
   work = _workload(8, seed=3)
   rids = [eng.submit(model_id=m, prompt_ids=p, max_new_tokens=n) for m, p, n in work]
   before = eng.metrics()
+  eng.executor.transfers = recording = _RecordingTransfers()
   with jax.transfer_guard("disallow"):
     out = eng.generate_all()
   after = eng.metrics()
   assert [out[r] for r in rids] == _references(work)
+  # What the weights devices get from other devices: ONE uint8 array (its expert message) per
+  # micro-batch a MoE layer's expert calls served, nothing else (host data: scalars kept).
+  to_weights = [x for leaves, dst in recording.puts for x in leaves
+                if dst in eng.executor.wpool.devices and isinstance(x, jax.Array)]
+  served = after["expert_calls"]["micro_batches"] - before["expert_calls"]["micro_batches"]
+  assert served > 0 and len(to_weights) == served
+  assert all(x.dtype == np.uint8 and x.ndim == 2 for x in to_weights)
   assert after["backend_compiles_since_start"] == before["backend_compiles_since_start"]
   calls, host = after["expert_calls"], after["host"]
   assert calls["miss_steps"] == 0 and calls["reads_before_tokens"] == 0

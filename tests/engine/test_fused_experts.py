@@ -1,13 +1,13 @@
 """Fused expert calls of the CrossPool executor, piece by piece (the engine tests run them end
-to end in test_crosspool.py): members packed into one call through slot ids and the identity
-slot table give each member's own call's result; residency of a fused group (`can_hold`,
-`access(protect=...)`, `access_many`)."""
+to end in test_crosspool.py): a member's expert message carries its arrays bit for bit; members
+packed into one call through slot ids and the identity slot table give each member's own
+call's result; residency of a fused group (`can_hold`, `access(protect=...)`, `access_many`)."""
 
 import jax
 import numpy as np
 import pytest
 
-from crosspool_jax.engine.executors.crosspool import _stage, _unstage
+from crosspool_jax.engine.executors.crosspool import ExpertMessage, _stage, _unstage
 from crosspool_jax.models.config import tiny_config
 from crosspool_jax.models.model import init_params
 from crosspool_jax.models.stages import routed_experts
@@ -32,6 +32,24 @@ def _member(rng, t, valid, e, k, table):
   return h, ids, w, v, np.asarray(table, np.int32)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_expert_message_round_trip_is_bit_exact(dtype):
+  rng = np.random.default_rng(1)
+  h, ids, w, v, _ = _member(rng, 5, 3, 8, 3, range(8))  # padding rows: id 99, NaN weights
+  h = jax.numpy.asarray(h).astype(dtype)
+  message = ExpertMessage(D, 3, dtype)
+  msg = jax.jit(message.pack)(h, ids, w, v)
+  assert msg.dtype == np.uint8
+  assert msg.shape == (5, D * np.dtype(h.dtype).itemsize + 2 * 4 * 3 + 1) == (5, message.row_bytes)
+  got = jax.jit(message.unpack)(msg)
+  for g, want in zip(got, (h, ids, w, v), strict=True):
+    assert g.dtype == np.asarray(want).dtype and g.shape == np.shape(want)
+    np.testing.assert_array_equal(np.asarray(g).view(np.uint8), np.asarray(want).view(np.uint8))
+  np.testing.assert_array_equal(message.host_ids(np.asarray(msg)), ids)
+  with pytest.raises(ValueError, match="expert message"):
+    message.pack(h, ids[:, :2], w[:, :2], v)
+
+
 @pytest.mark.parametrize("impl", ["reference", "interpret"])
 def test_fused_call_equals_each_members_own_call(impl):
   rng = np.random.default_rng(0)
@@ -47,16 +65,19 @@ def test_fused_call_equals_each_members_own_call(impl):
   offsets = [0, 4]
   tables = np.zeros((2, 4), np.int32)  # one slot-table row per member's layer
   used = np.zeros((2, 4), bool)
+  messages = [ExpertMessage(D, m[1].shape[1], "float32") for m in members]
+  msgs = [message.pack(*m[:4]) for message, m in zip(messages, members, strict=True)]
   for row, (m, off) in enumerate(zip(members, offsets, strict=True)):
     tables[row, :m[4].size] = m[4]
-    *fused, used = _stage(*fused, used, *m[:4], tables, np.int32(row), np.int32(off))
+    *fused, used = _stage(*fused, used, msgs[row], tables, np.int32(row), np.int32(off),
+                          message=messages[row])
   assert int(np.asarray(fused[3]).sum()) == 7  # 4 + 3 valid rows packed, the rest padding
   for row, (_, ids, _, v, _) in enumerate(members):  # the experts its valid tokens chose
     assert set(np.flatnonzero(np.asarray(used)[row])) == set(ids[v].ravel())
   y_fused = routed_experts(*fused, np.arange(S, dtype=np.int32), *buffers, impl=impl)
-  for m, off in zip(members, offsets, strict=True):
+  for m, msg, message, off in zip(members, msgs, messages, offsets, strict=True):
     h, ids, w, v, table = m
-    got = np.asarray(_unstage(y_fused, v, np.int32(off)))
+    got = np.asarray(_unstage(y_fused, msg, np.int32(off), message=message))
     want = np.asarray(routed_experts(h, ids, w, v, table, *buffers, impl=impl))
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)

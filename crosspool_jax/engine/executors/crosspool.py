@@ -178,9 +178,89 @@ class Timeline:
             "overlap_s": overlapped, "transfers_concurrent_with_compute": concurrent}
 
 
-@functools.partial(jax.jit, donate_argnames=("used_RE",))
-def _stage(x_UD, slots_UK, weights_UK, valid_U, used_RE, h_TD, ids_TK, weights_TK, valid_T,
-           tables_RE, row, offset):
+@dataclasses.dataclass(frozen=True)
+class ExpertMessage:
+  """What a weights device gets of a micro-batch's MoE layer: ONE uint8 array `msg_TO` [T,
+  row_bytes] (one transfer where there were four) holding, per token, the bytes of its FFN
+  input h_TD (`dtype`), its router's ids_TK (int32) and weights_TK (float32), and its valid
+  flag, side by side. Bit-exact both ways (NaN weights of padding rows included). Hashable: a
+  static jit argument, one per (d_model, top_k, dtype)."""
+
+  d_model: int
+  top_k: int
+  dtype: str
+
+  @property
+  def _widths(self) -> tuple[int, int, int, int]:
+    return self.d_model * jnp.dtype(self.dtype).itemsize, 4 * self.top_k, 4 * self.top_k, 1
+
+  @property
+  def row_bytes(self) -> int:
+    return sum(self._widths)
+
+  def pack(self, h_TD, ids_TK, weights_TK, valid_T) -> jax.Array:
+    """The message (traced); ValueError if the arrays are not this layout's."""
+    t = h_TD.shape[0]
+    want = ((t, self.d_model), self.dtype), ((t, self.top_k), "int32")
+    got = (h_TD.shape, h_TD.dtype.name), (ids_TK.shape, ids_TK.dtype.name)
+    if got != want or weights_TK.shape != ids_TK.shape or valid_T.shape != (t,):
+      raise ValueError(f"expert message {self}: got h {got[0]}, ids {got[1]}, weights "
+                       f"{weights_TK.shape}, valid {valid_T.shape}")
+    parts = [jax.lax.bitcast_convert_type(a, jnp.uint8).reshape(t, -1) for a in
+             (h_TD, ids_TK, weights_TK.astype(jnp.float32))]
+    return jnp.concatenate([*parts, valid_T.astype(jnp.uint8)[:, None]], axis=1)
+
+  def unpack(self, msg_TO) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """(h_TD, ids_TK, weights_TK, valid_T) of a message (traced)."""
+    t, out, start = msg_TO.shape[0], [], 0
+    for width, (dtype, n) in zip(self._widths[:3], ((self.dtype, self.d_model),
+                                                    ("int32", self.top_k),
+                                                    ("float32", self.top_k)), strict=True):
+      size = jnp.dtype(dtype).itemsize
+      part = msg_TO[:, start:start + width].reshape(t, n, size)
+      out.append(jax.lax.bitcast_convert_type(part if size > 1 else part[..., 0], dtype))
+      start += width
+    return (*out, msg_TO[:, start] != 0)
+
+  def host_ids(self, msg_TO: np.ndarray) -> np.ndarray:
+    """The router's ids_TK of a message read to the host (the sync path's routing)."""
+    start = self._widths[0]
+    return np.ascontiguousarray(msg_TO[:, start:start + self._widths[1]]).view(np.int32)
+
+
+def expert_message(cfg, params) -> ExpertMessage:
+  """The layout of a model's expert messages (its activations have its embedding's dtype)."""
+  return ExpertMessage(cfg.d_model, cfg.top_k, params["embed_VD"].dtype.name)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "moe", "impl", "message"),
+                   donate_argnames=("pool_PE",))
+def _attention_side(p, x_TD, pool_PE, batch: PagedBatch, layer, pending=None, *, cfg, moe: bool,
+                    impl, message: ExpertMessage):
+  """`stages.attention_side`, a MoE layer's outputs (x_TD, h_TD, its `message`): one program."""
+  result, pool_PE = stages.attention_side(p, x_TD, pool_PE, batch, layer, pending, cfg=cfg,
+                                          moe=moe, impl=impl)
+  if moe:
+    x_TD, h_TD, ids_TK, weights_TK = result
+    result = x_TD, h_TD, message.pack(h_TD, ids_TK, weights_TK, batch.positions_T >= 0)
+  return result, pool_PE
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "moe", "absorbed", "message"))
+def _post_attention(p, x_TD, outs_MTNH, lses_MTN, valid_T, *, cfg, moe: bool, absorbed: bool,
+                    message: ExpertMessage):
+  """`stages.post_attention`, a MoE layer's outputs (x_TD, h_TD, its `message`)."""
+  result = stages.post_attention(p, x_TD, outs_MTNH, lses_MTN, cfg=cfg, moe=moe,
+                                 absorbed=absorbed)
+  if moe:
+    x_TD, h_TD, ids_TK, weights_TK = result
+    result = x_TD, h_TD, message.pack(h_TD, ids_TK, weights_TK, valid_T)
+  return result
+
+
+@functools.partial(jax.jit, donate_argnames=("used_RE",), static_argnames=("message",))
+def _stage(x_UD, slots_UK, weights_UK, valid_U, used_RE, msg_TO, tables_RE, row, offset, *,
+           message: ExpertMessage):
   """Packs one member micro-batch into a fused expert call's inputs (returns them updated).
 
   Its valid tokens go to rows offset, offset + 1, ... of the fused bucket (U rows), its expert
@@ -192,10 +272,11 @@ def _stage(x_UD, slots_UK, weights_UK, valid_U, used_RE, h_TD, ids_TK, weights_T
   Args:
     x_UD, slots_UK, weights_UK (f32), valid_U: the fused inputs so far.
     used_RE: bool [rows, E'] experts chosen this step per slot-table row (donated).
-    h_TD, ids_TK, weights_TK, valid_T: the member's (on the weights device).
+    msg_TO: the member's `message` (h_TD, ids_TK, weights_TK, valid_T) on the weights device.
     tables_RE: int32 [rows, E'] slot tables of the layers homed on this device.
     row, offset: int32 scalars: the member layer's row, the fused row of its first valid token.
   """
+  h_TD, ids_TK, weights_TK, valid_T = message.unpack(msg_TO)
   U, K_f = slots_UK.shape
   K = ids_TK.shape[1]
   rank_T = jnp.cumsum(valid_T.astype(jnp.int32)) - 1
@@ -219,13 +300,14 @@ def _mark_used(used_RE, row, ids_TK, valid_T):
   return used_RE.at[row, chosen_TK].set(True, mode="drop")
 
 
-@functools.partial(jax.jit, donate_argnames=("used_RE",), static_argnames=("impl",))
-def _expert_call(used_RE, h_TD, ids_TK, weights_TK, valid_T, tables_RE, row, identity_S,
-                 w_gate_SDF, w_up_SDF, w_down_SFD, *, impl):
-  """An expert call of ONE member micro-batch in one program, no fused bucket: the same
-  arithmetic per token as `_stage`, the call and `_unstage` (input in the class dtype, expert
-  ids made slot ids through `tables_RE[row]`, the identity slot table, f32 weights, padding
-  rows zero), and the chosen experts marked in `used_RE[row]` (donated)."""
+@functools.partial(jax.jit, donate_argnames=("used_RE",), static_argnames=("impl", "message"))
+def _expert_call(used_RE, msg_TO, tables_RE, row, identity_S, w_gate_SDF, w_up_SDF, w_down_SFD,
+                 *, impl, message: ExpertMessage):
+  """An expert call of ONE member micro-batch (its `message`) in one program, no fused bucket:
+  the same arithmetic per token as `_stage`, the call and `_unstage` (input in the class dtype,
+  expert ids made slot ids through `tables_RE[row]`, the identity slot table, f32 weights,
+  padding rows zero), and the chosen experts marked in `used_RE[row]` (donated)."""
+  h_TD, ids_TK, weights_TK, valid_T = message.unpack(msg_TO)
   y_TD = stages.routed_experts(h_TD.astype(w_gate_SDF.dtype),
                                jnp.take(tables_RE[row], ids_TK, mode="clip"),
                                weights_TK.astype(jnp.float32), valid_T, identity_S,
@@ -234,9 +316,11 @@ def _expert_call(used_RE, h_TD, ids_TK, weights_TK, valid_T, tables_RE, row, ide
           _mark_used(used_RE, row, ids_TK, valid_T))
 
 
-@jax.jit
-def _unstage(y_UD, valid_T, offset):
-  """A member's expert output [T, D] cut from the fused one (padding rows zero, as unfused)."""
+@functools.partial(jax.jit, static_argnames=("message",))
+def _unstage(y_UD, msg_TO, offset, *, message: ExpertMessage):
+  """A member's expert output [T, D] cut from the fused one (padding rows zero, as unfused);
+  its valid tokens from its `message`."""
+  valid_T = message.unpack(msg_TO)[3]
   rows_T = jnp.where(valid_T, offset + jnp.cumsum(valid_T.astype(jnp.int32)) - 1, 0)
   return jnp.where(valid_T[:, None], y_UD[rows_T], jnp.zeros((), y_UD.dtype))
 
@@ -469,14 +553,17 @@ class _MicroBatch:
   valid_host: np.ndarray  # bool [T], the same on the host
   x_TD: jax.Array
   limits: dict  # on the home KV device: `decode_limits` when packed (decode_steps > 1)
-  valid_on: dict = dataclasses.field(default_factory=dict)  # weights device -> valid_T there
-  moe: tuple | None = None  # (x_TD after attention, h_TD, ids_TK, weights_TK) between stages
+  moe: tuple | None = None  # (x_TD after attention, h_TD, its `ExpertMessage`) between stages
   pending: tuple | None = None  # (p_ffn, h_TD, y_TD) of a MoE layer awaiting its combine
 
   @property
   def home(self) -> int:
     """Index of the model's home KV device."""
     return self.model.group
+
+  @functools.cached_property
+  def message(self) -> ExpertMessage:
+    return expert_message(self.model.cfg, self.model.params)
 
   @property
   def num_tokens(self) -> int:
@@ -577,7 +664,8 @@ class DisaggregatedExecutor:
     self._chunk_backoff = False  # the last step run alone missed: no chunk until one hits
     self._tally = [0, 0, 0]  # calls, members, splits of the run in progress
     self._warm: set[tuple[str, int]] = set()
-    # (class, weights device, tables shape, fused bucket | (tokens, top_k) of a one-member call)
+    # (class, weights device, tables shape, fused bucket | (tokens, ExpertMessage) of a
+    # one-member call)
     self._warm_fused: set[tuple] = set()
     self._fused_zeros: dict[tuple[int, int, int], tuple] = {}
     self._identity: dict[tuple[int, int], jax.Array] = {}
@@ -594,7 +682,7 @@ class DisaggregatedExecutor:
   @property
   def compile_count(self) -> int:
     """Warmed (model, token bucket) pairs plus warmed expert-call shapes: fused (class,
-    device, bucket) and one-member (class, device, tokens, top_k)."""
+    device, bucket) and one-member (class, device, tokens, message layout)."""
     return len(self._warm) + len(self._warm_fused)
 
   def expert_call_stats(self) -> dict:
@@ -786,36 +874,36 @@ class DisaggregatedExecutor:
     pool = self.wpool.pool
     members: dict[tuple[int, int], set] = {}
     for m, model in self._moe_models().items():
+      message = expert_message(model.cfg, model.params)
       for layer, moe in enumerate(model.cfg.moe_layers):
         if moe:
           key = (pool.model_class(m), pool.home_device(m, layer))
-          members.setdefault(key, set()).update(
-              (t, model.cfg.top_k) for t in self.token_buckets)
-    for (c, d), shapes in sorted(members.items()):
+          members.setdefault(key, set()).update((t, message) for t in self.token_buckets)
+    for (c, d), shapes in sorted(members.items(), key=lambda x: x[0]):
       dev, tables = self.wpool.devices[d], self._tables[d]
       key = (c, d, tables.host_RE.shape)
-      d_model, dtype = pool.classes[c].shape.d_model, jnp.dtype(pool.classes[c].shape.dtype)
       zero = self._scalar(dev, 0)
-      padding = {(t, k): self._put((np.zeros((t, d_model), dtype), np.zeros((t, k), np.int32),
-                                    np.zeros((t, k), np.float32), np.zeros(t, bool)), dev)
-                 for t, k in sorted(shapes)}
-      for (t, k), member in padding.items():  # one-member calls (`_expert_call`)
-        if (*key, (t, k)) in self._warm_fused:
+      shapes = sorted(shapes, key=lambda s: (s[0], dataclasses.astuple(s[1])))
+      padding = dict(zip(shapes, self._put([np.zeros((t, message.row_bytes), np.uint8)
+                                            for t, message in shapes], [dev] * len(shapes)),
+                         strict=True))
+      for (t, message), msg in padding.items():  # one-member calls (`_expert_call`)
+        if (*key, (t, message)) in self._warm_fused:
           continue
-        y, tables.used_RE = _expert_call(tables.used_RE, *member, tables.tables_RE, zero,
+        y, tables.used_RE = _expert_call(tables.used_RE, msg, tables.tables_RE, zero,
                                          self._identity[c, d], *self.wpool.buffers(c, d),
-                                         impl=self.moe_impl)
+                                         impl=self.moe_impl, message=message)
         jax.block_until_ready(y)
-        self._warm_fused.add((*key, (t, k)))
+        self._warm_fused.add((*key, (t, message)))
       for fused in self.fused_token_buckets:
         if (*key, fused) in self._warm_fused:
           continue
-        for h, ids, w, valid in padding.values():
-          *staged, tables.used_RE = _stage(*self._fused_zeros[c, d, fused], tables.used_RE, h,
-                                           ids, w, valid, tables.tables_RE, zero, zero)
+        for (_, message), msg in padding.items():
+          *staged, tables.used_RE = _stage(*self._fused_zeros[c, d, fused], tables.used_RE, msg,
+                                           tables.tables_RE, zero, zero, message=message)
           y = stages.routed_experts(*staged, self._identity[c, d], *self.wpool.buffers(c, d),
                                     impl=self.moe_impl)
-          jax.block_until_ready(_unstage(y, valid, zero))
+          jax.block_until_ready(_unstage(y, msg, zero, message=message))
         self._warm_fused.add((*key, fused))
         if log:
           log(f"compiled expert calls class={c} device={d} tokens={fused}")
@@ -1126,7 +1214,7 @@ class DisaggregatedExecutor:
           self._dispatched()
         state[mb.index] = alive_S, count_S, out_SN
         stepping.append(dataclasses.replace(mb, paged={mb.home: fed}, next_pos=next_pos,
-                                            valid_T=valid_T, x_TD=x_TD, valid_on={}))
+                                            valid_T=valid_T, x_TD=x_TD))
       live = stepping
     self._tokens_read = True
     tokens = self._read([state[mb.index][2] if mb.index in state else first[mb.index]
@@ -1187,9 +1275,9 @@ class DisaggregatedExecutor:
     moe = cfg.moe_layers[layer]
     home = self.kv_devices[mb.home]
     if len(mb.paged) == 1:
-      result, self.kv_buffers[mb.home] = stages.attention_side(
+      result, self.kv_buffers[mb.home] = _attention_side(
           p, mb.x_TD, self.kv_buffers[mb.home], mb.paged[mb.home], self._scalar(home, layer),
-          mb.pending, cfg=cfg, moe=moe, impl=self.attn_impl)
+          mb.pending, cfg=cfg, moe=moe, impl=self.attn_impl, message=mb.message)
       mb.pending = None
       self._dispatched()
       self._track(track, result, mb, layer, "attention_side", home)
@@ -1211,7 +1299,8 @@ class DisaggregatedExecutor:
           o, lse = self._put((o, lse), home)
         outs.append(o)
         lses.append(lse)
-      result = stages.post_attention(p, mb.x_TD, outs, lses, cfg=cfg, moe=moe, absorbed=cfg.mla)
+      result = _post_attention(p, mb.x_TD, outs, lses, mb.valid_T, cfg=cfg, moe=moe,
+                               absorbed=cfg.mla, message=mb.message)
       self._dispatched()
       self._track(track, result, mb, layer, "merge_router", home)
     if moe:
@@ -1235,19 +1324,16 @@ class DisaggregatedExecutor:
     """The expert FFNs of one (class, weights device) group of a layer's micro-batches."""
     wdev = self.wpool.devices[d]
     # The transfers need no routing decision: issued first, in one call for the group.
-    sent = self._put([(*mb.moe[1:], *(() if d in mb.valid_on else (mb.valid_T,)))
-                      for mb in members], wdev)  # valid_T: once per step and device
+    sent = self._put([mb.moe[2] for mb in members], wdev)
     moved = {}
-    for mb, arrays in zip(members, sent, strict=True):
-      if len(arrays) == 4:
-        mb.valid_on[d] = arrays[3]
-      moved[mb.index] = (*arrays[:3], mb.valid_on[d])
-      self._track(track, moved[mb.index], mb, layer, "transfer_to_weights", wdev)
+    for mb, msg_TO in zip(members, sent, strict=True):
+      moved[mb.index] = msg_TO
+      self._track(track, msg_TO, mb, layer, "transfer_to_weights", wdev)
     chosen = None
     if sync:
-      ids = self._read([moved[mb.index][1] for mb in members])
-      chosen = {mb.index: np.unique(i[mb.valid_host]) for mb, i in
-                zip(members, ids, strict=True)}
+      msgs = self._read([moved[mb.index] for mb in members])
+      chosen = {mb.index: np.unique(mb.message.host_ids(m)[mb.valid_host]) for mb, m in
+                zip(members, msgs, strict=True)}
       for mb in members:  # the union over the step's micro-batches, as `_account` reads it
         key = mb.model.model_id, layer
         self._sync_chosen[key] = np.union1d(self._sync_chosen.get(key, chosen[mb.index]),
@@ -1284,32 +1370,32 @@ class DisaggregatedExecutor:
     staged, offsets, offset = self._fused_zeros[c, d, fused], [], 0
     for mb in call:
       row = self._scalar(wdev, tables.rows[mb.model.model_id, layer])
-      *staged, tables.used_RE = _stage(*staged, tables.used_RE, *moved[mb.index],
-                                       tables.tables_RE, row, self._scalar(wdev, offset))
+      *staged, tables.used_RE = _stage(*staged, tables.used_RE, moved[mb.index],
+                                       tables.tables_RE, row, self._scalar(wdev, offset),
+                                       message=mb.message)
       offsets.append(offset)
       offset += mb.num_tokens
     y_UD = stages.routed_experts(*staged, self._identity[c, d], *self.wpool.buffers(c, d),
                                  impl=self.moe_impl)
     self._dispatched(len(call) + 1)
     self._track(track, y_UD, call, layer, "experts", wdev)
-    ys = [_unstage(y_UD, moved[mb.index][3], self._scalar(wdev, offset))
+    ys = [_unstage(y_UD, moved[mb.index], self._scalar(wdev, offset), message=mb.message)
           for mb, offset in zip(call, offsets, strict=True)]
     self._dispatched(len(call))
     self._send_back(call, ys, layer, track)
 
-  def _call_one(self, mb: _MicroBatch, moved, layer: int, c: int, d: int,
+  def _call_one(self, mb: _MicroBatch, msg_TO, layer: int, c: int, d: int,
                 track: bool) -> None:
     """An expert call of one member: one program (`_expert_call`), no staging."""
     wdev, tables = self.wpool.devices[d], self._tables[d]
-    h_TD, ids_TK = moved[0], moved[1]
-    key = (c, d, tables.host_RE.shape, tuple(ids_TK.shape))
+    key = (c, d, tables.host_RE.shape, (msg_TO.shape[0], mb.message))
     if not self._warming and key not in self._warm_fused:
       raise RuntimeError(f"expert call (class {c}, device {d}, one member of "
-                         f"{h_TD.shape[0]} tokens) was not compiled at start-up")
+                         f"{msg_TO.shape[0]} tokens) was not compiled at start-up")
     y_TD, tables.used_RE = _expert_call(
-        tables.used_RE, *moved, tables.tables_RE,
+        tables.used_RE, msg_TO, tables.tables_RE,
         self._scalar(wdev, tables.rows[mb.model.model_id, layer]), self._identity[c, d],
-        *self.wpool.buffers(c, d), impl=self.moe_impl)
+        *self.wpool.buffers(c, d), impl=self.moe_impl, message=mb.message)
     self._dispatched()
     self._track(track, y_TD, mb, layer, "experts", wdev)
     self._send_back([mb], [y_TD], layer, track)
@@ -1320,7 +1406,7 @@ class DisaggregatedExecutor:
     ys = self._put(ys, [self.kv_devices[mb.home] for mb in call])
     for mb, y_TD in zip(call, ys, strict=True):
       self._track(track, y_TD, mb, layer, "transfer_back", self.kv_devices[mb.home])
-      x_TD, h_TD, _, _ = mb.moe
+      x_TD, h_TD, _ = mb.moe
       mb.x_TD, mb.pending, mb.moe = x_TD, (mb.model.params["layers"][layer]["ffn"], h_TD,
                                            y_TD), None
     self._tally[0] += 1
