@@ -64,16 +64,16 @@ def test_fused_call_equals_each_members_own_call(impl):
            np.zeros((16, 2), np.float32), np.zeros(16, bool))
   offsets = [0, 4]
   tables = np.zeros((2, 4), np.int32)  # one slot-table row per member's layer
-  used = np.zeros((2, 4), bool)
+  used = np.zeros((1, 2, 4), bool)  # [steps of the run, rows, experts]
   messages = [ExpertMessage(D, m[1].shape[1], "float32") for m in members]
   msgs = [message.pack(*m[:4]) for message, m in zip(messages, members, strict=True)]
   for row, (m, off) in enumerate(zip(members, offsets, strict=True)):
     tables[row, :m[4].size] = m[4]
     *fused, used = _stage(*fused, used, msgs[row], tables, np.int32(row), np.int32(off),
-                          message=messages[row])
+                          np.int32(0), message=messages[row])
   assert int(np.asarray(fused[3]).sum()) == 7  # 4 + 3 valid rows packed, the rest padding
   for row, (_, ids, _, v, _) in enumerate(members):  # the experts its valid tokens chose
-    assert set(np.flatnonzero(np.asarray(used)[row])) == set(ids[v].ravel())
+    assert set(np.flatnonzero(np.asarray(used)[0, row])) == set(ids[v].ravel())
   y_fused = routed_experts(*fused, np.arange(S, dtype=np.int32), *buffers, impl=impl)
   for m, msg, message, off in zip(members, msgs, messages, offsets, strict=True):
     h, ids, w, v, table = m

@@ -258,23 +258,25 @@ def _post_attention(p, x_TD, outs_MTNH, lses_MTN, valid_T, *, cfg, moe: bool, ab
   return result
 
 
-@functools.partial(jax.jit, donate_argnames=("used_RE",), static_argnames=("message",))
-def _stage(x_UD, slots_UK, weights_UK, valid_U, used_RE, msg_TO, tables_RE, row, offset, *,
-           message: ExpertMessage):
+@functools.partial(jax.jit, donate_argnames=("used_NRE",), static_argnames=("message",))
+def _stage(x_UD, slots_UK, weights_UK, valid_U, used_NRE, msg_TO, tables_RE, row, offset, step,
+           *, message: ExpertMessage):
   """Packs one member micro-batch into a fused expert call's inputs (returns them updated).
 
   Its valid tokens go to rows offset, offset + 1, ... of the fused bucket (U rows), its expert
   ids become slot ids of the class buffer through its layer's slot table `tables_RE[row]` (so
   the fused call uses the identity slot table), a top_k smaller than the fused K_f is padded
   with weight-0 repeats of the first choice (a resident slot: exact no-op), and the experts its
-  valid tokens chose are marked in `used_RE[row]` (read by the host after the step).
+  valid tokens chose are marked in `used_NRE[step, row]` (read by the host after the run).
 
   Args:
     x_UD, slots_UK, weights_UK (f32), valid_U: the fused inputs so far.
-    used_RE: bool [rows, E'] experts chosen this step per slot-table row (donated).
+    used_NRE: bool [steps, rows, E'] experts chosen per step of the run and slot-table row
+      (donated).
     msg_TO: the member's `message` (h_TD, ids_TK, weights_TK, valid_T) on the weights device.
     tables_RE: int32 [rows, E'] slot tables of the layers homed on this device.
-    row, offset: int32 scalars: the member layer's row, the fused row of its first valid token.
+    row, offset, step: int32 scalars: the member layer's row, the fused row of its first valid
+      token, the run's step (0 but in a multi-step chunk).
   """
   h_TD, ids_TK, weights_TK, valid_T = message.unpack(msg_TO)
   U, K_f = slots_UK.shape
@@ -291,29 +293,29 @@ def _stage(x_UD, slots_UK, weights_UK, valid_U, used_RE, msg_TO, tables_RE, row,
           slots_UK.at[rows_T].set(slots_TK, **drop),
           weights_UK.at[rows_T].set(weights_TK, **drop),
           valid_U.at[rows_T].set(valid_T, **drop),
-          _mark_used(used_RE, row, ids_TK, valid_T))
+          _mark_used(used_NRE, step, row, ids_TK, valid_T))
 
 
-def _mark_used(used_RE, row, ids_TK, valid_T):
-  """`used_RE[row]` with the experts the valid tokens chose set (padding rows: dropped)."""
-  chosen_TK = jnp.where(valid_T[:, None], ids_TK, used_RE.shape[1])
-  return used_RE.at[row, chosen_TK].set(True, mode="drop")
+def _mark_used(used_NRE, step, row, ids_TK, valid_T):
+  """`used_NRE[step, row]` with the experts the valid tokens chose set (padding: dropped)."""
+  chosen_TK = jnp.where(valid_T[:, None], ids_TK, used_NRE.shape[2])
+  return used_NRE.at[step, row, chosen_TK].set(True, mode="drop")
 
 
-@functools.partial(jax.jit, donate_argnames=("used_RE",), static_argnames=("impl", "message"))
-def _expert_call(used_RE, msg_TO, tables_RE, row, identity_S, w_gate_SDF, w_up_SDF, w_down_SFD,
-                 *, impl, message: ExpertMessage):
+@functools.partial(jax.jit, donate_argnames=("used_NRE",), static_argnames=("impl", "message"))
+def _expert_call(used_NRE, msg_TO, tables_RE, row, step, identity_S, w_gate_SDF, w_up_SDF,
+                 w_down_SFD, *, impl, message: ExpertMessage):
   """An expert call of ONE member micro-batch (its `message`) in one program, no fused bucket:
   the same arithmetic per token as `_stage`, the call and `_unstage` (input in the class dtype,
   expert ids made slot ids through `tables_RE[row]`, the identity slot table, f32 weights,
-  padding rows zero), and the chosen experts marked in `used_RE[row]` (donated)."""
+  padding rows zero), and the chosen experts marked in `used_NRE[step, row]` (donated)."""
   h_TD, ids_TK, weights_TK, valid_T = message.unpack(msg_TO)
   y_TD = stages.routed_experts(h_TD.astype(w_gate_SDF.dtype),
                                jnp.take(tables_RE[row], ids_TK, mode="clip"),
                                weights_TK.astype(jnp.float32), valid_T, identity_S,
                                w_gate_SDF, w_up_SDF, w_down_SFD, impl=impl)
   return (jnp.where(valid_T[:, None], y_TD, jnp.zeros((), y_TD.dtype)),
-          _mark_used(used_RE, row, ids_TK, valid_T))
+          _mark_used(used_NRE, step, row, ids_TK, valid_T))
 
 
 @functools.partial(jax.jit, static_argnames=("message",))
@@ -331,27 +333,15 @@ def _write_rows(tables_RE, rows_N, values_NE):
   return tables_RE.at[rows_N].set(values_NE, mode="drop")
 
 
-@jax.jit
-def _none_used(tables_RE):
-  """A step's fresh `used_RE`: no expert chosen yet. Computed from the tables: a jit output
-  that depends on no input is uncommitted, on the default device (a later call recompiles)."""
-  return tables_RE != tables_RE
-
-
 _LIMITS = ("steps_S", "stop_ids_S4")  # `decode_limits`, packed when decode_steps > 1
 
 
 @functools.partial(jax.jit, static_argnames=("num_steps",))
-def _chunk_used(tables_RE, *, num_steps: int):
-  """A chunk's fresh `used_NRE` [num_steps, rows, E']: no expert chosen in any step (from the
-  tables, so it is committed to their device; see `_none_used`)."""
+def _none_used(tables_RE, *, num_steps: int):
+  """A run's fresh `used_NRE` [num_steps, rows, E']: no expert chosen in any step. Computed
+  from the tables: a jit output that depends on no input is uncommitted, on the default
+  device (a later call would recompile)."""
   return jnp.broadcast_to(tables_RE != tables_RE, (num_steps, *tables_RE.shape))
-
-
-@functools.partial(jax.jit, donate_argnames=("used_NRE", "used_RE"))
-def _keep_step(used_NRE, used_RE, step):
-  """A chunk step's routing marks kept in `used_NRE[step]`; the next step's fresh `used_RE`."""
-  return used_NRE.at[step].set(used_RE), used_RE & False
 
 
 @functools.partial(jax.jit, static_argnames=("layout",))
@@ -576,10 +566,9 @@ class _Tables:
 
   rows: dict  # (model_id, layer) -> row
   tables_RE: jax.Array  # int32 [rows, E'] slot of each expert (fillers where not resident)
-  used_RE: jax.Array  # bool, experts chosen in the step being run
+  used_NRE: jax.Array  # bool, experts chosen in each step of the run (one but in a chunk)
   host_RE: np.ndarray  # the tables as last written
   resident_RE: np.ndarray  # bool: which of them were resident then
-  used_NRE: jax.Array | None = None  # bool, per step of the chunk being run: its used_RE
 
 
 class DisaggregatedExecutor:
@@ -783,7 +772,7 @@ class DisaggregatedExecutor:
     lost weights-pool buffers and slot tables; returns [the KV pool] if KV pages were lost
     (its requests must be recomputed), else []."""
     self.wpool.restore_lost_buffers()
-    if any(t.tables_RE.is_deleted() or t.used_RE.is_deleted() for t in self._tables.values()):
+    if any(t.tables_RE.is_deleted() or t.used_NRE.is_deleted() for t in self._tables.values()):
       self._tables.clear()
       self._layout_tables()
     lost = []
@@ -835,7 +824,8 @@ class DisaggregatedExecutor:
         continue
       host = np.zeros(shape, np.int32)
       tables = self._put(host, dev)
-      self._tables[d] = _Tables(rows[d], tables, _none_used(tables), host,
+      self._tables[d] = _Tables(rows[d], tables,
+                                _none_used(tables, num_steps=self.decode_steps), host,
                                 np.zeros(shape, bool))
       for n in {_pow2(k) for k in range(1, shape[0] + 1)}:  # warm every row-count bucket
         pad = self._put((np.full(n, shape[0], np.int32), np.zeros((n, shape[1]), np.int32)),
@@ -890,17 +880,18 @@ class DisaggregatedExecutor:
       for (t, message), msg in padding.items():  # one-member calls (`_expert_call`)
         if (*key, (t, message)) in self._warm_fused:
           continue
-        y, tables.used_RE = _expert_call(tables.used_RE, msg, tables.tables_RE, zero,
-                                         self._identity[c, d], *self.wpool.buffers(c, d),
-                                         impl=self.moe_impl, message=message)
+        y, tables.used_NRE = _expert_call(tables.used_NRE, msg, tables.tables_RE, zero, zero,
+                                          self._identity[c, d], *self.wpool.buffers(c, d),
+                                          impl=self.moe_impl, message=message)
         jax.block_until_ready(y)
         self._warm_fused.add((*key, (t, message)))
       for fused in self.fused_token_buckets:
         if (*key, fused) in self._warm_fused:
           continue
         for (_, message), msg in padding.items():
-          *staged, tables.used_RE = _stage(*self._fused_zeros[c, d, fused], tables.used_RE, msg,
-                                           tables.tables_RE, zero, zero, message=message)
+          *staged, tables.used_NRE = _stage(*self._fused_zeros[c, d, fused], tables.used_NRE,
+                                            msg, tables.tables_RE, zero, zero, zero,
+                                            message=message)
           y = stages.routed_experts(*staged, self._identity[c, d], *self.wpool.buffers(c, d),
                                     impl=self.moe_impl)
           jax.block_until_ready(_unstage(y, msg, zero, message=message))
@@ -1101,7 +1092,7 @@ class DisaggregatedExecutor:
     """After a speculative run (tokens read): reads which experts each layer chose. A miss
     (one was not resident: rerun): returns them. Else None, the accesses counted (all hits)
     unless `count` is False (a retry: `_load_chosen` counted the step's)."""
-    chosen, miss = self._chosen(mbs, self._read_used("used_RE"))
+    chosen, miss = self._chosen(mbs, {d: u[0] for d, u in self._read_used().items()})
     if miss:
       return chosen
     if count:
@@ -1115,7 +1106,7 @@ class DisaggregatedExecutor:
     returns how many steps came before the first that missed (all `steps` if none did). Those
     steps' accesses are counted (all hits) as one step's each; the choices of the last step
     read (the missed one if they fit their partitions together) are the next prediction."""
-    used = self._read_used("used_NRE")
+    used = self._read_used()
     pool = self.wpool.pool
     for step in range(steps):
       chosen, miss = self._chosen(mbs, {d: u[step] for d, u in used.items()})
@@ -1129,11 +1120,11 @@ class DisaggregatedExecutor:
       self._last_chosen.update(chosen)
     return steps
 
-  def _read_used(self, name: str) -> dict[int, np.ndarray]:
-    """One blocking read of each weights device's routing marks (`used_RE`, or a chunk's
-    `used_NRE`), by device."""
+  def _read_used(self) -> dict[int, np.ndarray]:
+    """One blocking read of each weights device's routing marks (`used_NRE`: per step of the
+    run, layer row and expert), by device."""
     devices = sorted({d for d, t in self._tables.items() if t.rows})
-    return dict(zip(devices, self._read([getattr(self._tables[d], name) for d in devices]),
+    return dict(zip(devices, self._read([self._tables[d].used_NRE for d in devices]),
                     strict=True))
 
   def _chosen(self, mbs: list[_MicroBatch], used: dict[int, np.ndarray]
@@ -1167,7 +1158,7 @@ class DisaggregatedExecutor:
     self._sync_chosen: dict[tuple[str, int], np.ndarray] = {}  # what a sync run's layers chose
     for t in self._tables.values():
       if t.rows:
-        t.used_RE = _none_used(t.tables_RE)
+        t.used_NRE = _none_used(t.tables_RE, num_steps=self.decode_steps)
         self._dispatched()
 
   def _run_chunk(self, mbs: list[_MicroBatch], steps: int, track: bool
@@ -1181,10 +1172,6 @@ class DisaggregatedExecutor:
     step's start.
     """
     self._start_run()
-    for t in self._tables.values():
-      if t.rows:
-        t.used_NRE = _chunk_used(t.tables_RE, num_steps=self.decode_steps)
-        self._dispatched()
     state, marks, first = {}, [], {}  # first: a one-step micro-batch's tokens
     for mb in mbs:
       if mb.batch.decode_steps is not None:
@@ -1194,12 +1181,7 @@ class DisaggregatedExecutor:
     live = list(mbs)
     for step in range(steps):
       marks.append(len(self.timeline.events))
-      sampled = self._enqueue_step(live, track, sync=False)
-      for d, t in self._tables.items():
-        if t.rows:
-          t.used_NRE, t.used_RE = _keep_step(t.used_NRE, t.used_RE,
-                                             self._scalar(self.wpool.devices[d], step))
-          self._dispatched()
+      sampled = self._enqueue_step(live, track, sync=False, step=step)
       stepping = []
       for mb, tokens_S in zip(live, sampled, strict=True):
         if mb.index not in state:
@@ -1221,9 +1203,11 @@ class DisaggregatedExecutor:
                          for mb in mbs])
     return [t[:len(mb.batch.requests)] for t, mb in zip(tokens, mbs, strict=True)], marks
 
-  def _enqueue_step(self, mbs: list[_MicroBatch], track: bool, sync: bool) -> list[jax.Array]:
+  def _enqueue_step(self, mbs: list[_MicroBatch], track: bool, sync: bool, step: int = 0
+                    ) -> list[jax.Array]:
     """Enqueues every layer of every micro-batch and its sampling; the tokens [S] on each
-    micro-batch's home device (not read)."""
+    micro-batch's home device (not read). `step`: the run's step (of a chunk), where the
+    expert calls mark their routing."""
     depth = max(mb.model.cfg.num_layers for mb in mbs)
     for layer in range(depth):
       live = [mb for mb in mbs if layer < mb.model.cfg.num_layers]
@@ -1231,7 +1215,7 @@ class DisaggregatedExecutor:
         with blame([mb.model.model_id]):
           self._attention(mb, layer, track)
       moe = [mb for mb in live if mb.model.cfg.moe_layers[layer]]
-      self._experts(moe, layer, track, sync)  # ... then their experts (ping-pong)
+      self._experts(moe, layer, track, sync, step)  # ... then their experts (ping-pong)
     out = []
     for mb in mbs:
       with blame([mb.model.model_id]):
@@ -1308,7 +1292,8 @@ class DisaggregatedExecutor:
     else:
       (mb.x_TD,) = result
 
-  def _experts(self, mbs: list[_MicroBatch], layer: int, track: bool, sync: bool) -> None:
+  def _experts(self, mbs: list[_MicroBatch], layer: int, track: bool, sync: bool,
+               step: int) -> None:
     """The expert FFNs of a layer's micro-batches: per (phase, class, weights device) group
     (`expert_group`), calls of several members (`fuse_experts`) or one each."""
     groups: dict[tuple[int, int, int], list[_MicroBatch]] = {}
@@ -1317,10 +1302,10 @@ class DisaggregatedExecutor:
       groups.setdefault(key, []).append(mb)
     for (_, c, d), members in groups.items():
       with blame([mb.model.model_id for mb in members]):
-        self._group(members, layer, c, d, track, sync)
+        self._group(members, layer, c, d, track, sync, step)
 
   def _group(self, members: list[_MicroBatch], layer: int, c: int, d: int, track: bool,
-             sync: bool) -> None:
+             sync: bool, step: int) -> None:
     """The expert FFNs of one (class, weights device) group of a layer's micro-batches."""
     wdev = self.wpool.devices[d]
     # The transfers need no routing decision: issued first, in one call for the group.
@@ -1346,7 +1331,7 @@ class DisaggregatedExecutor:
         self.wpool.access_many([(mb.model.model_id, layer, chosen[mb.index].tolist())
                                 for mb in call])
         self._refresh_tables()
-      self._call(call, moved, layer, c, d, track)
+      self._call(call, moved, layer, c, d, track, step)
 
   def _plan_calls(self, members, chosen, layer) -> list[list[_MicroBatch]]:
     """`plan_expert_calls` of a group; the members' experts are known only when `chosen` is."""
@@ -1357,10 +1342,10 @@ class DisaggregatedExecutor:
                              can_hold=self.wpool.pool.can_hold)
 
   def _call(self, call: list[_MicroBatch], moved, layer: int, c: int, d: int,
-            track: bool) -> None:
+            track: bool, step: int) -> None:
     wdev, tables = self.wpool.devices[d], self._tables[d]
     if len(call) == 1:
-      self._call_one(call[0], moved[call[0].index], layer, c, d, track)
+      self._call_one(call[0], moved[call[0].index], layer, c, d, track, step)
       return
     total = sum(mb.num_tokens for mb in call)
     fused = self.fused_token_buckets[bisect.bisect_left(self.fused_token_buckets, total)]
@@ -1370,9 +1355,9 @@ class DisaggregatedExecutor:
     staged, offsets, offset = self._fused_zeros[c, d, fused], [], 0
     for mb in call:
       row = self._scalar(wdev, tables.rows[mb.model.model_id, layer])
-      *staged, tables.used_RE = _stage(*staged, tables.used_RE, moved[mb.index],
-                                       tables.tables_RE, row, self._scalar(wdev, offset),
-                                       message=mb.message)
+      *staged, tables.used_NRE = _stage(*staged, tables.used_NRE, moved[mb.index],
+                                        tables.tables_RE, row, self._scalar(wdev, offset),
+                                        self._scalar(wdev, step), message=mb.message)
       offsets.append(offset)
       offset += mb.num_tokens
     y_UD = stages.routed_experts(*staged, self._identity[c, d], *self.wpool.buffers(c, d),
@@ -1385,17 +1370,18 @@ class DisaggregatedExecutor:
     self._send_back(call, ys, layer, track)
 
   def _call_one(self, mb: _MicroBatch, msg_TO, layer: int, c: int, d: int,
-                track: bool) -> None:
+                track: bool, step: int) -> None:
     """An expert call of one member: one program (`_expert_call`), no staging."""
     wdev, tables = self.wpool.devices[d], self._tables[d]
     key = (c, d, tables.host_RE.shape, (msg_TO.shape[0], mb.message))
     if not self._warming and key not in self._warm_fused:
       raise RuntimeError(f"expert call (class {c}, device {d}, one member of "
                          f"{msg_TO.shape[0]} tokens) was not compiled at start-up")
-    y_TD, tables.used_RE = _expert_call(
-        tables.used_RE, msg_TO, tables.tables_RE,
-        self._scalar(wdev, tables.rows[mb.model.model_id, layer]), self._identity[c, d],
-        *self.wpool.buffers(c, d), impl=self.moe_impl, message=mb.message)
+    y_TD, tables.used_NRE = _expert_call(
+        tables.used_NRE, msg_TO, tables.tables_RE,
+        self._scalar(wdev, tables.rows[mb.model.model_id, layer]), self._scalar(wdev, step),
+        self._identity[c, d], *self.wpool.buffers(c, d), impl=self.moe_impl,
+        message=mb.message)
     self._dispatched()
     self._track(track, y_TD, mb, layer, "experts", wdev)
     self._send_back([mb], [y_TD], layer, track)
