@@ -8,8 +8,9 @@ from H (`attend_pages` over latent pages). Query head n reads kv head n // G.
 Vectorised over work items (`work_items`: up to q_block consecutive query tokens of one
 sequence; a decode token is an item of its own): each item gathers the pages of its own
 sequence with index arrays (`pages[page_table[seq]]`), never a dynamic slice of the pool, and
-attends causally, a chunk of pages at a time with an online softmax, for as many chunks as the
-batch's longest sequence. The Pallas kernels walk the same work items.
+attends causally, a chunk of pages at a time with an online softmax, over the chunks between
+the first and the last page any prefix needs (the batch's longest sequence, on the pages the
+table holds). The Pallas kernels walk the same work items.
 
 NaN safety, both ways: a position a token does not see (another sequence's page, a skipped page,
 a slot past its position) never reaches a result, whatever it holds (its score is selected to
@@ -179,6 +180,31 @@ def ragged_paged_attention_reference(q_TNH: jax.Array, pages_P2TKH: jax.Array,
       value_dim=H, sm_scale=sm_scale, chunk_pages=chunk_pages, q_block=q_block)
 
 
+def prefix_chunk_range(table_WP: jax.Array, prefix_W: jax.Array, *, page_tokens: int,
+                       chunk_pages: int) -> tuple[jax.Array, jax.Array]:
+  """The chunks of `chunk_pages` pages the prefix loop must visit: [first, stop), int32.
+
+  A page is needed if some item's prefix reaches it (its first position is before the item's
+  first token) and its table entry is not 0. Chunks before the first needed page and after
+  the last hold only keys no token sees, and an online-softmax step over keys all unseen
+  changes nothing (bit for bit), so they are skipped: a device holding the tail of a long
+  sequence (the head's entries 0 there) starts where its pages start, the device holding the
+  head stops where they end, and the cost of a spread sequence is split, not repeated. (0, 0)
+  if no page is needed.
+
+  Args:
+    table_WP: int32 [W, P'] each item's page table, P' a multiple of chunk_pages.
+    prefix_W: int32 [W] keys before each item's first token (0 for padding items).
+  """
+  page_P = jnp.arange(table_WP.shape[1], dtype=jnp.int32)
+  needed_P = jnp.any((table_WP != 0) & (page_P * page_tokens < prefix_W[:, None]), axis=0)
+  first_page = jnp.argmax(needed_P).astype(jnp.int32)
+  last_page = (table_WP.shape[1] - 1 - jnp.argmax(needed_P[::-1])).astype(jnp.int32)
+  first = first_page // chunk_pages
+  stop = jnp.where(needed_P.any(), last_page // chunk_pages + 1, first)
+  return first, stop
+
+
 def attend_pages(q_TNH: jax.Array, page_kv, slot_kv, page_table_SP: jax.Array,
                  cu_q_lens_S1: jax.Array, kv_lens_S: jax.Array, num_seqs: jax.Array, *,
                  page_tokens: int, kv_heads: int, value_dim: int, sm_scale: float,
@@ -190,9 +216,10 @@ def attend_pages(q_TNH: jax.Array, page_kv, slot_kv, page_table_SP: jax.Array,
   per token). An item's keys fall in two sets: the *prefix*, positions before its first token,
   which every token of the item sees, and the *diagonal*, its own tokens' positions, each seen
   by the tokens at or after it. The prefix runs an online softmax over chunks of
-  `chunk_pages` pages, for as many chunks as the longest prefix needs (a `fori_loop` with a
-  traced trip count: the cost follows the batch's longest context, not the page table's width,
-  max_context; a table of one chunk needs no loop); the diagonal (at most q_block keys) is one
+  `chunk_pages` pages, from the first chunk holding a page some prefix needs to the last one
+  (`prefix_chunk_range`; a `fori_loop` with traced bounds: the cost follows the batch's
+  longest context on this device's pages, not the page table's width, max_context; a table of
+  one chunk needs no loop); the diagonal (at most q_block keys) is one
   last update with a per-token mask, so a token never multiplies a value it does not see, even
   by a zero weight. An item of one token (q_block 1, decode) has its own position in the
   prefix and no diagonal step.
@@ -281,8 +308,9 @@ def attend_pages(q_TNH: jax.Array, page_kv, slot_kv, page_table_SP: jax.Array,
   if chunks == 1:  # the whole table in one chunk: no loop (a chunk seeing nothing is a no-op)
     m_WKGB, l_WKGB, acc_WKGBV = prefix_chunk(0, init)
   else:
-    trips = jnp.minimum(-(-jnp.max(prefix_W) // CL), chunks)
-    m_WKGB, l_WKGB, acc_WKGBV = jax.lax.fori_loop(0, trips, prefix_chunk, init)
+    first, stop = prefix_chunk_range(table_WP, prefix_W, page_tokens=page_tokens,
+                                     chunk_pages=C)
+    m_WKGB, l_WKGB, acc_WKGBV = jax.lax.fori_loop(first, stop, prefix_chunk, init)
   if B > 1:
     m_WKGB, l_WKGB, acc_WKGBV = diagonal(m_WKGB, l_WKGB, acc_WKGBV)
   out_WKGBV, lse_WKGB1 = finalize(m_WKGB[..., None], l_WKGB[..., None], acc_WKGBV)

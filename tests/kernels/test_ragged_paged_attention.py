@@ -255,6 +255,52 @@ def test_reference_chunks_over_a_wide_table_match_the_float64_oracle(chunk_pages
   assert_attention_close(got, expected, jnp.float32, info["num_live_tokens"])
 
 
+@pytest.mark.parametrize("chunk_pages", [1, 3])
+def test_reference_over_a_spread_sequence_matches_the_float64_oracle(chunk_pages):
+  """A sequence spread over two devices: each device's table holds one contiguous run of its
+  pages (the other's entries 0, the head's on one, the tail's on the other), so the prefix
+  loop starts and stops inside the table; each partial equals the oracle over its pages, and
+  the two merge into the full attention."""
+  args, info = make_batch(6, [6, 1, 2], [45, 30, 2], kv_heads=2, group=2, head_dim=64,
+                          page_tokens=4, pages_per_seq=16)
+  table = np.asarray(args[2])
+  head, tail = table.copy(), table.copy()
+  head[0, 5:], head[1, 4:] = 0, 0
+  tail[0, :5], tail[1, :4], tail[2] = 0, 0, 0
+  q, pool, *rest = args
+  pages = pool.reshape(pool.shape[0], 2, 4, 2, 64)
+  parts = []
+  for part in (head, tail):
+    part_args = (q, pool, jnp.asarray(part), *rest[1:])
+    got = ragged_paged_attention_reference(q, pages, jnp.asarray(part), *rest[1:],
+                                           sm_scale=0.125, chunk_pages=chunk_pages)
+    assert_attention_close(got, dense_oracle(part_args, 2, 0.125), jnp.float32,
+                           info["num_live_tokens"])
+    parts.append(got)
+  merged = merge_attention([p[0] for p in parts], [p[1] for p in parts])
+  assert_attention_close(merged, dense_oracle(args, 2, 0.125), jnp.float32,
+                         info["num_live_tokens"])
+
+
+def test_prefix_chunk_range_spans_the_needed_pages_only():
+  """Hand-computed: pages of 4 tokens, chunks of 2 pages. Item 0's prefix (10 keys) reaches
+  pages 0-2, of which its table holds page 2 (its page 5 lies past the prefix); item 1's (30
+  keys) reaches pages 0-7, its table holds 4-6. Needed: pages 2 and 4-6, so chunks 1-3. A
+  padding item's entries (prefix 0) never count."""
+  table = np.zeros((3, 10), np.int32)
+  table[0, 2] = 7
+  table[0, 5] = 8  # past item 0's prefix (10 keys: pages 0-2)
+  table[1, 4:7] = [3, 9, 5]
+  table[2, 0] = 4  # a padding item's garbage
+  prefix = np.array([10, 30, 0], np.int32)
+  first, stop = reference_lib.prefix_chunk_range(jnp.asarray(table), jnp.asarray(prefix),
+                                                 page_tokens=4, chunk_pages=2)
+  assert (int(first), int(stop)) == (1, 4)  # pages 2..6: chunks 1, 2, 3
+  first, stop = reference_lib.prefix_chunk_range(jnp.asarray(table), jnp.asarray([0, 0, 0]),
+                                                 page_tokens=4, chunk_pages=2)
+  assert int(first) == int(stop)  # no prefix: no chunk
+
+
 def test_default_q_block():
   assert reference_lib.default_q_block(32, 32) == 1  # decode: an item per token
   assert reference_lib.default_q_block(63, 32) == 2
