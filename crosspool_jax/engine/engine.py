@@ -21,7 +21,7 @@ from crosspool_jax.engine.backend import Backend, DeviceBackend
 from crosspool_jax.engine.executors.api import LoadedModel, PeerLostError, StepError
 from crosspool_jax.engine.executors.colocated import ColocatedExecutor
 from crosspool_jax.engine.executors.crosspool import DisaggregatedExecutor
-from crosspool_jax.engine.metrics import request_metrics, summarize
+from crosspool_jax.engine.metrics import request_metrics, step_kind, steps_by_kind, summarize
 from crosspool_jax.engine.policies import Runtime, get_policy
 from crosspool_jax.engine.request import Request, Status
 from crosspool_jax.engine.scheduler import Scheduler
@@ -166,6 +166,7 @@ class Engine:
     self.scheduler: Scheduler | None = None
     self.pool_samples: list[dict] = []
     self.steps = 0
+    self.step_log: list[tuple[str, float, int]] = []  # (step_kind, seconds, tokens) per step
     self.compile_count_at_start = 0
     self.compiles_registering = 0  # XLA compilations of models registered after start()
     self._compiles_at_start = 0
@@ -413,6 +414,7 @@ class Engine:
       for r in batch.requests:
         if r.admitted_s is None:
           r.admitted_s = now
+    started = now
     try:
       results = self.executor.run_many(batches) if batches else []
     except StepError as e:
@@ -428,6 +430,9 @@ class Engine:
       commit = self.scheduler.commit if batch.decode_steps is None else self.scheduler.commit_many
       for r, tok, reason in commit(batch, tokens, now):
         events.append(TokenEvent(r.request_id, r.model_id, tok, reason is not None, reason))
+    if batches:
+      self.step_log.append((step_kind(batches), now - started,
+                            sum(e.token is not None for e in events)))
     self.steps += 1
     self._sample_pools()
     return events
@@ -524,6 +529,8 @@ class Engine:
         "pools": pools,
         "pool_timeline": self.pool_samples,
         "steps": self.steps,
+        # steps that fed a prompt chunk and decode-only steps: their times and tokens
+        "steps_by_kind": steps_by_kind(self.step_log),
         "compile_count": self.executor.compile_count if self.executor else 0,
         # the host's control cost: dispatches, transfers, blocking reads per step, µs per token
         "host": self.executor.counters.summary() if self.executor else {},

@@ -24,6 +24,31 @@ def percentiles(values: Sequence[float]) -> dict[str, float | None]:
           | {"mean": float(arr.mean()), "count": int(arr.size)})
 
 
+STEP_KINDS = ("decode", "prefill")
+
+
+def step_kind(batches: Iterable) -> str:
+  """"prefill" if the step feeds some request more than one token (a prompt chunk, or the
+  whole prompt), else "decode" (every request feeds its one pending token; a one-token prompt
+  counts here too)."""
+  return "prefill" if any(n > 1 for b in batches for n in b.num_new) else "decode"
+
+
+def steps_by_kind(steps: Sequence[tuple[str, float, int]]) -> dict:
+  """Per step kind (`step_kind`), from (kind, step seconds, tokens generated) per step: the
+  steps, their seconds' percentiles, the tokens generated and their share of all generated
+  tokens (each token's inter-token gap is its step's time, so this says which steps a TBT
+  percentile falls in)."""
+  total = sum(n for _, _, n in steps)
+  out = {}
+  for kind in STEP_KINDS:
+    mine = [(s, n) for k, s, n in steps if k == kind]
+    tokens = sum(n for _, n in mine)
+    out[kind] = {"steps": len(mine), "step_s": percentiles([s for s, _ in mine]),
+                 "tokens": tokens, "token_share": tokens / total if total else 0.0}
+  return out
+
+
 def request_metrics(r: Request) -> dict:
   """TTFT, every inter-token gap (TBT), end-to-end latency, queueing time, preemptions."""
   return {

@@ -226,6 +226,26 @@ def _latency_sentence(ours: dict, others: list[dict], clock: str) -> tuple[str, 
   return " ".join(sentences), bool(parts["lost"])
 
 
+def _steps_sentence(ours: dict, others: list[dict]) -> str:
+  """Which steps the runs' tokens came from: steps that fed a prompt chunk against decode-only
+  steps, their counts, token shares and median times (a TBT percentile is a step time of the
+  kind most tokens came from). Empty where a run lacks `wall_clock.steps_by_kind`."""
+  runs = [ours, *others]
+  kinds = [r.get("wall_clock", {}).get("steps_by_kind") for r in runs]
+  if not all(kinds):
+    return ""
+
+  def ms(k: dict) -> str:
+    p50 = k["step_s"]["p50"]
+    return "-" if p50 is None else f"{1000 * p50:,.1f} ms"
+
+  parts = [f"{r['name']} {k['prefill']['steps']} of "
+           f"{k['prefill']['steps'] + k['decode']['steps']} steps with a prompt chunk "
+           f"({100 * k['prefill']['token_share']:.0f}% of its tokens, p50 {ms(k['prefill'])}), "
+           f"decode-only steps p50 {ms(k['decode'])}" for r, k in zip(runs, kinds, strict=True)]
+  return "Where the tokens came from: " + "; ".join(parts) + "."
+
+
 def _why_slower(results: dict) -> str:
   """The known cause of a crosspool latency loss on a CPU host (the devices it emulates), with
   the step's control cost from the results where they hold it."""
@@ -286,7 +306,7 @@ def summary_sentences(results: dict) -> list[str]:
     if ours is None or not others:
       continue
     latency, lost = _latency_sentence(ours, others, clock)
-    out += [at + _memory_sentence(ours, others), latency]
+    out += [at + _memory_sentence(ours, others), latency, _steps_sentence(ours, others)]
     slower |= lost
   if slower and results.get("device", {}).get("platform") == "cpu":
     out.append(_why_slower(results))

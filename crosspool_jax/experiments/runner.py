@@ -303,6 +303,8 @@ def summarize_run(metrics: dict, serve_m: dict, slo) -> dict:
       "slo_attainment": len(good) / max(1, len(done)),
       "startup_s": serve_m["startup_s"],
       "serve_wall_s": wall,
+      # steps with a prompt chunk and decode-only steps: their times and tokens generated
+      "steps_by_kind": metrics["steps_by_kind"],
       "kv_pool_timeline_t_s": [s["t"] - metrics["pool_timeline"][0]["t"]
                                for s in metrics["pool_timeline"][::max(1, len(metrics["pools"]))]]
                               if metrics["pool_timeline"] else [],

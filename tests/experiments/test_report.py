@@ -71,6 +71,29 @@ def test_summary_states_what_crosspool_won_with_ratios_from_the_results():
   assert "the host thread and the programs of the 4 devices share 2 CPU cores" in why
 
 
+def _kinds(prefill_steps, prefill_ms, share, decode_steps, decode_ms):
+  def kind(steps, ms, tokens_share):
+    return {"steps": steps, "step_s": _p(ms / 1000), "tokens": 0, "token_share": tokens_share}
+  return {"prefill": kind(prefill_steps, prefill_ms, share),
+          "decode": kind(decode_steps, decode_ms, 1 - share)}
+
+
+def test_where_the_tokens_came_from_is_stated_per_run_when_recorded():
+  r = demo_results()
+  assert "Where the tokens came from" not in " ".join(report.summary_sentences(r))
+  for run, kinds in zip(r["runs"], (_kinds(60, 9.0, 0.3, 100, 6.0), _kinds(61, 9.5, 0.38, 101,
+                                    5.4), _kinds(168, 15.0, 0.81, 55, 4.3)), strict=True):
+    run["wall_clock"]["steps_by_kind"] = kinds
+  sentences = report.summary_sentences(r)
+  assert len(sentences) == 4 and sentences[3].startswith("The known cause")  # after latency
+  assert sentences[2] == (
+      "Where the tokens came from: crosspool 168 of 223 steps with a prompt chunk (81% of its "
+      "tokens, p50 15.0 ms), decode-only steps p50 4.3 ms; static 60 of 160 steps with a "
+      "prompt chunk (30% of its tokens, p50 9.0 ms), decode-only steps p50 6.0 ms; shared 61 "
+      "of 162 steps with a prompt chunk (38% of its tokens, p50 9.5 ms), decode-only steps "
+      "p50 5.4 ms.")
+
+
 def test_no_latency_loss_claimed_when_there_is_none():
   r = demo_results()
   r["runs"][2]["wall_clock"] |= {"tbt_s": _p(0.005), "ttft_s": _p(0.040)}

@@ -123,6 +123,26 @@ def test_every_engine_time_is_simulated():
   assert sim.clock() == pytest.approx(7.0 + sum(steps[3:]))
 
 
+def test_steps_by_kind_are_the_engines_steps_with_their_times():
+  """Two requests alone in turn: each a prefill step (its 8-token prompt in one chunk, its
+  first token) and two decode steps; the engine's `steps_by_kind` holds those counts, the
+  modelled step times as their seconds, and the tokens per kind."""
+  fleet = {"a": SimModel(tiny_config("mixtral"), max_batch=2, max_context=256)}
+  records = [TraceRecord(arrival_s=5.0, model_id="a", prompt_len=8, max_new_tokens=3, seed=0),
+             TraceRecord(arrival_s=7.0, model_id="a", prompt_len=8, max_new_tokens=3, seed=1)]
+  sim = Simulation(CONFIGS["shared"], fleet, device="h100_sxm")
+  sim.run(records)
+  steps = sim.executor.step_s
+  kinds = sim.engine.metrics()["steps_by_kind"]
+  prefill, decode = [steps[0], steps[3]], [steps[1], steps[2], steps[4], steps[5]]
+  assert kinds["prefill"]["steps"] == 2 and kinds["decode"]["steps"] == 4
+  assert kinds["prefill"]["step_s"]["p50"] == pytest.approx(np.median(prefill))
+  assert kinds["decode"]["step_s"]["p50"] == pytest.approx(np.median(decode))
+  assert kinds["decode"]["step_s"]["p99"] == pytest.approx(np.percentile(decode, 99))
+  assert (kinds["prefill"]["tokens"], kinds["decode"]["tokens"]) == (2, 4)
+  assert kinds["prefill"]["token_share"] == pytest.approx(1 / 3)
+
+
 def _swap_run(expert_policy, slots):
   # unfused: the same expert calls either way (fusion would depend on what the slots hold)
   config = dataclasses.replace(CONFIGS["crosspool"], expert_policy=expert_policy,
