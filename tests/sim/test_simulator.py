@@ -103,13 +103,20 @@ def test_the_schedule_is_the_real_engines(policy):
              for r in mine)
 
 
-def test_every_engine_time_is_simulated():
-  """Arrivals are the trace's times; a request's tokens come at the ends of modelled steps."""
+def _two_requests_alone() -> Simulation:
+  """A simulation run of two 8-token prompts of 3 new tokens each, at 5 s and 7 s: each alone
+  (its prefill in one chunk, then two decodes)."""
   fleet = {"a": SimModel(tiny_config("mixtral"), max_batch=2, max_context=256)}
   records = [TraceRecord(arrival_s=5.0, model_id="a", prompt_len=8, max_new_tokens=3, seed=0),
              TraceRecord(arrival_s=7.0, model_id="a", prompt_len=8, max_new_tokens=3, seed=1)]
   sim = Simulation(CONFIGS["shared"], fleet, device="h100_sxm")
   sim.run(records)
+  return sim
+
+
+def test_every_engine_time_is_simulated():
+  """Arrivals are the trace's times; a request's tokens come at the ends of modelled steps."""
+  sim = _two_requests_alone()
   steps = sim.executor.step_s
   assert len(steps) == 6  # each request alone: its prefill (one chunk), then two decodes
   reqs = sim.engine.metrics()["requests"]
@@ -127,11 +134,7 @@ def test_steps_by_kind_are_the_engines_steps_with_their_times():
   """Two requests alone in turn: each a prefill step (its 8-token prompt in one chunk, its
   first token) and two decode steps; the engine's `steps_by_kind` holds those counts, the
   modelled step times as their seconds, and the tokens per kind."""
-  fleet = {"a": SimModel(tiny_config("mixtral"), max_batch=2, max_context=256)}
-  records = [TraceRecord(arrival_s=5.0, model_id="a", prompt_len=8, max_new_tokens=3, seed=0),
-             TraceRecord(arrival_s=7.0, model_id="a", prompt_len=8, max_new_tokens=3, seed=1)]
-  sim = Simulation(CONFIGS["shared"], fleet, device="h100_sxm")
-  sim.run(records)
+  sim = _two_requests_alone()
   steps = sim.executor.step_s
   kinds = sim.engine.metrics()["steps_by_kind"]
   prefill, decode = [steps[0], steps[3]], [steps[1], steps[2], steps[4], steps[5]]
