@@ -211,6 +211,10 @@ def test_packed_buffer_round_trips():
     np.testing.assert_array_equal(np.asarray(back[k]), v)
   with pytest.raises(ValueError, match="tokens_T"):
     pack(arrays | {"tokens_T": arrays["tokens_T"][:5]}, layout)
+  with pytest.raises(ValueError, match=r"seed_B: got int32\[3\], the layout has uint32\[3\]"):
+    pack(arrays | {"seed_B": arrays["seed_B"].astype(np.int32)}, layout)
+  with pytest.raises(ValueError, match="temperature_B: got float64"):
+    pack(arrays | {"temperature_B": arrays["temperature_B"].astype(np.float64)}, layout)
 
 
 def test_decode_steps_per_dispatch_is_validated():
