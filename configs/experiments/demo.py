@@ -13,6 +13,14 @@ Gamma arrivals (CV 2), the two coldest models bursting together, and a long-cont
 prompts that only a pooled KV cache can hold. Arrivals follow a logical clock (a schedule
 independent of the machine's speed), so everything but the wall-clock fields repeats exactly.
 
+The `cpu_equal` variant is the same trace without its long-context tail (every prompt from
+the body of the length distribution), so every policy serves every request: the latencies
+compare the same work, where in `cpu` crosspool also prefills the long prompts that static and
+shared reject (most of its tokens then come from steps carrying their prompt chunks: the
+summary's "Where the tokens came from"):
+
+  python scripts/run_experiment.py --config=configs/experiments/demo.py:cpu_equal
+
 The `2proc` variants (`cpu_2proc`, `smoke_2proc`) serve only the crosspool run, on one KV
 device and one weights device of 5 MiB each (the bytes of the 4-device run's crosspool), so
 the same config runs in one process (2 CPU devices) and across two (one each; KV pool in
@@ -34,10 +42,12 @@ from crosspool_jax.experiments import config_lib as cl
 
 def get_config(arg: str | None = None):
   """The demo; arg "smoke" is a seconds-long version (two models, eight requests) for tests;
-  "cpu_2proc" and "smoke_2proc" their crosspool runs on 1 KV + 1 weights device."""
+  "cpu_equal" its trace without the long-context tail; "cpu_2proc" and "smoke_2proc" their
+  crosspool runs on 1 KV + 1 weights device."""
   c = cl.experiment_base("demo", arg, "static vs shared vs crosspool, 4 tiny MoE models on 4 "
                       "CPU devices, bursty Zipf traffic with a long-context tail",
-                      variants=("cpu", "smoke", "cpu_2proc", "smoke_2proc"))
+                      variants=("cpu", "smoke", "cpu_equal", "cpu_2proc",
+                                "smoke_2proc"))
   cl.cpu_setup(c)  # 2.5 MiB per device
   c.workload = cl.workload_block(
       popularity="mixtral_0,qwen2_moe_1,olmoe_2,qwen3_moe_3", num_requests=60,
@@ -47,6 +57,10 @@ def get_config(arg: str | None = None):
                              tail_high=1800),
       output_len=cl.length_dist("uniform", low=8, high=24))
   cl.loop_fields(c, arrival_mode="logical", logical_step_s=0.05)
+  if c.variant == "cpu_equal":
+    c.description = ("the demo's trace without its long-context tail: every policy serves "
+                     "every request")
+    c.workload.prompt_len.tail_fraction = 0.0
   if c.variant.startswith("smoke"):
     c.fleet = cl.cpu_fleet(2, max_context=1024)
     c.engine.token_buckets, c.engine.token_budget = (32,), 32
