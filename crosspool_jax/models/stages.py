@@ -340,16 +340,21 @@ def head(params: layers.Params, x_TD: jax.Array, rows_S: jax.Array | None, *,
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def head_and_sample(params: layers.Params, x_TD: jax.Array, cu_q_lens_S1: jax.Array,
-                    sampling: dict, next_positions_S: jax.Array, *, cfg: ModelConfig):
+                    sampling: dict, next_positions_S: jax.Array, pending=None, *,
+                    cfg: ModelConfig):
   """`head` of each packed sequence's last token, then the token sampled there [S] int32.
 
   Args:
     params: the model's params (embedding / LM head, final norm).
-    x_TD: residual stream after the last layer.
+    x_TD: residual stream after the last layer (before its `combine` if `pending`).
     cu_q_lens_S1: int32 [S + 1] start of each sequence's tokens in T.
     sampling: stacked sampling arrays [S] (`sampling.stack_params`).
     next_positions_S: int32 position of each sampled token (its random key).
+    pending: the last MoE layer's (p_ffn, h_TD, y_TD), combined first in this program (as
+      `attention_side` combines the previous layer's), or None.
     cfg: model config.
   """
+  if pending is not None:
+    x_TD = combine(pending[0], x_TD, pending[1], pending[2], cfg=cfg)
   logits_SV = head(params, x_TD, last_token_rows(cu_q_lens_S1), cfg=cfg)
   return sample(logits_SV, next_positions_S, **sampling)
