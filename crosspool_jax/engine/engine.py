@@ -62,6 +62,10 @@ class EngineConfig:
     pages_per_device: pages of each KV group's buffer, the null page included.
     kv_dtype: dtype of the KV pages.
     token_budget: tokens fed per iteration over all models (chunked prefill splits prompts).
+    max_prefill_chunk: prompt tokens one request feeds per iteration at most (0: as many as
+      the budget allows). A long prompt then prefills over more steps, and each step carrying
+      one of its chunks stays short for the decodes batched beside it: their time between
+      tokens falls, its time to first token rises (vLLM's `long_prefill_token_threshold`).
     token_buckets: padded token counts per model step, compiled at start-up.
     max_batch: sequences per model step.
     attn_impl, moe_impl: kernel implementations (None: Pallas on GPU/TPU, jnp on CPU).
@@ -96,6 +100,7 @@ class EngineConfig:
   pages_per_device: int = 512
   kv_dtype: str = "float32"
   token_budget: int = 256
+  max_prefill_chunk: int = 0
   token_buckets: tuple[int, ...] = (16, 64, 256)
   max_batch: int = 8
   attn_impl: str | None = None
@@ -119,6 +124,9 @@ class EngineConfig:
                        f"{self.max_batch}")
     if not self.devices:
       raise ValueError("devices must name at least one KV group device")
+    if not isinstance(self.max_prefill_chunk, int) or self.max_prefill_chunk < 0:
+      raise ValueError(f"max_prefill_chunk must be an integer >= 0 (0: no limit), got "
+                       f"{self.max_prefill_chunk!r}")
     if self.micro_batch_min_tokens < 0:
       raise ValueError(f"micro_batch_min_tokens must be >= 0, got {self.micro_batch_min_tokens}")
     if self.timeline_every < 0:
@@ -318,7 +326,8 @@ class Engine:
     self._runtime = self.backend.start(self.policy, c, self._models, self._specs)
     self.scheduler = Scheduler(self._runtime.model_pools, token_budget=c.token_budget,
                                max_batch=c.max_batch, max_tokens=c.token_buckets[-1],
-                               decode_steps=c.decode_steps_per_dispatch)
+                               decode_steps=c.decode_steps_per_dispatch,
+                               max_prefill_chunk=c.max_prefill_chunk)
     start = time.perf_counter()
     self.compile_count_at_start = self.executor.compile_all(log=self.log)
     self.log(f"compiled {self.compile_count_at_start} executables in "

@@ -52,17 +52,22 @@ class Scheduler:
     max_tokens: tokens per model per iteration (the executor's largest token bucket).
     decode_steps: decode steps a decode-only batch may run in one dispatch (1 = every
       iteration is one step); see `reserve_decode_steps`.
+    max_prefill_chunk: prompt tokens (or tokens recomputed after a preemption) one request
+      feeds per iteration at most; 0 = as many as the budget allows.
   """
 
   def __init__(self, pools: dict[str, KVPool], *, token_budget: int, max_batch: int,
-               max_tokens: int, decode_steps: int = 1):
+               max_tokens: int, decode_steps: int = 1, max_prefill_chunk: int = 0):
     if token_budget < 1 or max_batch < 1 or max_tokens < 1 or decode_steps < 1:
       raise ValueError("token_budget, max_batch, max_tokens and decode_steps must be >= 1")
+    if max_prefill_chunk < 0:
+      raise ValueError(f"max_prefill_chunk must be >= 0 (0: no limit), got {max_prefill_chunk}")
     self.pools = dict(pools)
     self.token_budget = token_budget
     self.max_batch = max_batch
     self.max_tokens = max_tokens
     self.decode_steps = decode_steps
+    self.max_prefill_chunk = max_prefill_chunk or token_budget
     self.queues: dict[str, list[Request]] = {m: [] for m in pools}
     self._rotation = 0
 
@@ -217,7 +222,7 @@ class Scheduler:
     for req in list(queue):
       if budget <= 0 or len(batch.requests) == self.max_batch:
         break
-      n = min(req.num_pending, budget)
+      n = min(req.num_pending, budget, self.max_prefill_chunk)
       if req.status == Status.WAITING:
         if not self._admit(pool, req, n):
           break  # arrival order: no later request jumps a blocked one

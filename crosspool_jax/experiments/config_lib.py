@@ -85,6 +85,7 @@ def engine_block(**kw):
       pages_per_device=129,
       kv_dtype="float32",
       token_budget=64,
+      max_prefill_chunk=0,        # prompt tokens a request feeds per step at most (0: budget)
       token_buckets=(16, 64),
       max_batch=4,
       attn_impl=config_dict.placeholder(str),  # None: Pallas on GPU/TPU, jnp on CPU

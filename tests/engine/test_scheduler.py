@@ -4,6 +4,7 @@ and recomputed request must still produce exactly the hand-computed output."""
 
 import pytest
 
+from crosspool_jax.engine.engine import EngineConfig
 from crosspool_jax.engine.executors.api import FakeExecutor
 from crosspool_jax.engine.request import Request, Status
 from crosspool_jax.engine.scheduler import Scheduler
@@ -15,13 +16,14 @@ PAGE_ELEMS = 64
 
 
 def _setup(models=("a", "b", "c"), pages=200, token_budget=12, max_batch=4, max_tokens=64,
-           decode_steps=1):
+           decode_steps=1, max_prefill_chunk=0):
   pool = KVPool(page_elems=PAGE_ELEMS, pages_per_device=pages, policy="shared")
   for m in models:
     pool.register_model(KVModelSpec(m, num_layers=1, kv_heads=2, head_dim=16, max_context=64,
                                     max_batch=max_batch))
   sched = Scheduler({m: pool for m in models}, token_budget=token_budget, max_batch=max_batch,
-                    max_tokens=max_tokens, decode_steps=decode_steps)
+                    max_tokens=max_tokens, decode_steps=decode_steps,
+                    max_prefill_chunk=max_prefill_chunk)
   return sched, pool, FakeExecutor()
 
 
@@ -77,6 +79,29 @@ def test_chunked_prefill_then_decode_gives_the_hand_computed_tokens():
   assert req.output_ids == [ex.fake_token(p) for p in (10, 11, 12)]
   assert req.status == Status.FINISHED and req.finish_reason == "length"
   assert pool.used_pages == 0
+
+
+def test_a_prefill_chunk_limit_spreads_long_prompts_and_keeps_the_tokens():
+  sched, pool, ex = _setup(models=("a",), token_budget=12, max_prefill_chunk=3)
+  long, short = (_request("long", "a", prompt_len=10, max_new=2, arrival=0),
+                 _request("short", "a", prompt_len=4, max_new=2, arrival=1))
+  sched.add(long)
+  sched.add(short)
+  fed = []
+  while sched.has_work():
+    fed.append([(r.request_id, n) for b in _step(sched, ex) for r, n in zip(b.requests,
+                                                                               b.num_new)])
+  # by hand: no request feeds more than 3 tokens a step though the budget has room; a
+  # decode (1 pending token) goes before the prompt chunks
+  assert fed == [[("long", 3), ("short", 3)], [("short", 1), ("long", 3)],
+                 [("short", 1), ("long", 3)], [("long", 1)], [("long", 1)]]
+  assert long.output_ids == [ex.fake_token(p) for p in (10, 11)]
+  assert short.output_ids == [ex.fake_token(p) for p in (4, 5)]
+  assert pool.used_pages == 0
+  with pytest.raises(ValueError, match="max_prefill_chunk must be >= 0"):
+    _setup(max_prefill_chunk=-1)
+  with pytest.raises(ValueError, match="max_prefill_chunk must be an integer >= 0"):
+    EngineConfig(max_prefill_chunk=-1)
 
 
 def test_preempted_requests_are_recomputed_exactly():
