@@ -89,8 +89,8 @@ def test_a_prefill_chunk_limit_spreads_long_prompts_and_keeps_the_tokens():
   sched.add(short)
   fed = []
   while sched.has_work():
-    fed.append([(r.request_id, n) for b in _step(sched, ex) for r, n in zip(b.requests,
-                                                                               b.num_new)])
+    fed.append([(r.request_id, n) for b in _step(sched, ex)
+                for r, n in zip(b.requests, b.num_new, strict=True)])
   # by hand: no request feeds more than 3 tokens a step though the budget has room; a
   # decode (1 pending token) goes before the prompt chunks
   assert fed == [[("long", 3), ("short", 3)], [("short", 1), ("long", 3)],
