@@ -355,20 +355,6 @@ def _unpack_and_embed(packed_N, embed_VD, *, layout: PackedLayout):
           {k: arrays[k] for k in _LIMITS if k in arrays})
 
 
-@functools.partial(jax.jit, static_argnames=("layout", "cfg", "moe", "impl", "message"),
-                   donate_argnames=("pool_PE",))
-def _unpack_and_attend(packed_N, embed_VD, p, pool_PE, layer, *, layout: PackedLayout, cfg,
-                       moe: bool, impl, message: ExpertMessage):
-  """`_unpack_and_embed` and the first layer's `_attention_side` in ONE program, where the
-  home KV device holds every page of the micro-batch: (`_unpack_and_embed`'s outputs, the
-  attention side's result, the updated pool)."""
-  inputs = _unpack_and_embed(packed_N, embed_VD, layout=layout)
-  batch, x_TD = inputs[0], inputs[3]
-  result, pool_PE = _attention_side(p, x_TD, pool_PE, batch, layer, cfg=cfg, moe=moe,
-                                    impl=impl, message=message)
-  return inputs, result, pool_PE
-
-
 @functools.partial(jax.jit, static_argnames=("num_steps",))
 def _chunk_start(steps_S, *, num_steps: int):
   """A multi-step decode's state on a micro-batch's home device: (live sequences: those that
@@ -550,17 +536,13 @@ class _MicroBatch:
   phase: int  # of the ping-pong (`ping_pong`)
   model: LoadedModel
   batch: ModelBatch
-  # KV device -> its PagedBatch, on it: the home device and those holding pages. Where the
-  # home device holds every page, its PagedBatch and the four fields after it are None until
-  # the first layer's attention side unpacks `packed` (`_unpack_and_attend`).
-  paged: dict
-  sampling: dict | None  # on the home KV device
-  next_pos: jax.Array | None  # on the home KV device
-  valid_T: jax.Array | None  # on the home KV device
+  paged: dict  # KV device -> its PagedBatch, on it: the home device and those holding pages
+  sampling: dict  # on the home KV device
+  next_pos: jax.Array  # on the home KV device
+  valid_T: jax.Array  # on the home KV device
   valid_host: np.ndarray  # bool [T], the same on the host
-  x_TD: jax.Array | None
-  limits: dict | None  # on the home KV device: `decode_limits` when packed (decode_steps > 1)
-  packed: tuple | None = None  # (packed inputs on the home device, their PackedLayout)
+  x_TD: jax.Array
+  limits: dict  # on the home KV device: `decode_limits` when packed (decode_steps > 1)
   moe: tuple | None = None  # (x_TD after attention, h_TD, its `ExpertMessage`) between stages
   pending: tuple | None = None  # (p_ffn, h_TD, y_TD) of a MoE layer awaiting its combine
 
@@ -757,10 +739,9 @@ class DisaggregatedExecutor:
         for spread in (False, True):
           self._run_micro_batches(self._prepare([(model, empty, bucket, 0)], spread=spread),
                                   track=False, sync=False)
-        if self.decode_steps > 1:  # a multi-step micro-batch of no sequence, two steps: the
-          # first layer's inputs are unpacked in its program, then made by `_advance`
+        if self.decode_steps > 1:  # a multi-step micro-batch of no sequence
           decode = ModelBatch(model_id, [], [], decode_steps=[])
-          self._run_chunk(self._prepare([(model, decode, bucket, 0)]), 2, track=False)
+          self._run_chunk(self._prepare([(model, decode, bucket, 0)]), 1, track=False)
         self._warm.add((model_id, bucket))
         if log:
           log(f"compiled {model_id} tokens={bucket}")
@@ -1039,9 +1020,7 @@ class DisaggregatedExecutor:
                 spread: bool = False) -> list[_MicroBatch]:
     """Micro-batches from (model, batch, token bucket, phase): each one's inputs packed in one
     buffer per device it needs (its home KV device, the KV devices holding its pages: every KV
-    device with `spread`), all put in one call, unpacked there; its tokens embedded. Where the
-    home device holds every page, the unpacking and embedding wait for the first layer's
-    attention side, in its program (`_unpack_and_attend`)."""
+    device with `spread`), all put in one call, unpacked there; its tokens embedded."""
     host, devices, packed = [], [], []
     for model, batch, bucket, _ in specs:
       with blame([model.model_id]):
@@ -1064,10 +1043,6 @@ class DisaggregatedExecutor:
     for index, ((model, batch, bucket, phase), (mine, valid_host)) in enumerate(
         zip(specs, packed, strict=True)):
       layout = self._layouts[model.model_id, bucket]
-      if mine == [model.group]:
-        mbs.append(_MicroBatch(index, phase, model, batch, {model.group: None}, None, None,
-                               None, valid_host, None, None, packed=(next(bufs), layout)))
-        continue
       on = {}
       with blame([model.model_id]):
         for d in mine:
@@ -1198,15 +1173,15 @@ class DisaggregatedExecutor:
     """
     self._start_run()
     state, marks, first = {}, [], {}  # first: a one-step micro-batch's tokens
+    for mb in mbs:
+      if mb.batch.decode_steps is not None:
+        with blame([mb.model.model_id]):
+          state[mb.index] = _chunk_start(mb.limits["steps_S"], num_steps=self.decode_steps)
+          self._dispatched()
     live = list(mbs)
     for step in range(steps):
       marks.append(len(self.timeline.events))
       sampled = self._enqueue_step(live, track, sync=False, step=step)
-      for mb in mbs if step == 0 else ():  # their limits are unpacked by now
-        if mb.batch.decode_steps is not None:
-          with blame([mb.model.model_id]):
-            state[mb.index] = _chunk_start(mb.limits["steps_S"], num_steps=self.decode_steps)
-            self._dispatched()
       stepping = []
       for mb, tokens_S in zip(live, sampled, strict=True):
         if mb.index not in state:
@@ -1278,22 +1253,12 @@ class DisaggregatedExecutor:
 
   def _attention(self, mb: _MicroBatch, layer: int, track: bool) -> None:
     """A layer's attention side: one program (`attention_side`, with the previous layer's
-    combine; the first layer's with the micro-batch's inputs unpacked, `_unpack_and_attend`)
-    when only the home KV device holds the micro-batch's pages, else the attention of
+    combine) when only the home KV device holds the micro-batch's pages, else the attention of
     each KV device holding some on its pages and an LSE merge at home."""
     cfg, p = mb.model.cfg, mb.model.params["layers"][layer]
     moe = cfg.moe_layers[layer]
     home = self.kv_devices[mb.home]
-    if mb.packed is not None:  # the first layer: the inputs unpacked in its program
-      (mb.paged[mb.home], mb.sampling, mb.next_pos, mb.x_TD, mb.valid_T, mb.limits), result, \
-          self.kv_buffers[mb.home] = _unpack_and_attend(
-              mb.packed[0], mb.model.params["embed_VD"], p, self.kv_buffers[mb.home],
-              self._scalar(home, layer), layout=mb.packed[1], cfg=cfg, moe=moe,
-              impl=self.attn_impl, message=mb.message)
-      mb.packed = None
-      self._dispatched()
-      self._track(track, result, mb, layer, "attention_side", home)
-    elif len(mb.paged) == 1:
+    if len(mb.paged) == 1:
       result, self.kv_buffers[mb.home] = _attention_side(
           p, mb.x_TD, self.kv_buffers[mb.home], mb.paged[mb.home], self._scalar(home, layer),
           mb.pending, cfg=cfg, moe=moe, impl=self.attn_impl, message=mb.message)
