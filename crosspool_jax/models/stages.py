@@ -243,6 +243,12 @@ def combine(p_ffn: layers.Params, x_TD: jax.Array, h_TD: jax.Array, y_TD: jax.Ar
   return x_TD + layers.add_shared_expert(p_ffn, h_TD, y_TD, cfg)
 
 
+def combine_pending(x_TD: jax.Array, pending, *, cfg: ModelConfig) -> jax.Array:
+  """`combine` of a MoE layer whose experts ran elsewhere, `pending` = (p_ffn, h_TD, y_TD),
+  inside the program that takes the layer's output next; `x_TD` as it is if None."""
+  return x_TD if pending is None else combine(pending[0], x_TD, pending[1], pending[2], cfg=cfg)
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "moe", "impl"),
                    donate_argnames=("pool_PE",))
 def attention_side(p: layers.Params, x_TD: jax.Array, pool_PE: jax.Array, batch: PagedBatch,
@@ -255,8 +261,7 @@ def attention_side(p: layers.Params, x_TD: jax.Array, pool_PE: jax.Array, batch:
   Returns:
     (post_attention's outputs, updated pool).
   """
-  if pending is not None:
-    x_TD = combine(pending[0], x_TD, pending[1], pending[2], cfg=cfg)
+  x_TD = combine_pending(x_TD, pending, cfg=cfg)
   q_TNH, k_TKH, v_TKH = attention_inputs(p, x_TD, batch.positions_T, cfg=cfg, absorbed=cfg.mla)
   o_TNH, lse_TN, pool_PE = write_and_attend_paged(pool_PE, q_TNH, k_TKH, v_TKH, batch, layer,
                                                   cfg=cfg, impl=impl)
@@ -354,7 +359,6 @@ def head_and_sample(params: layers.Params, x_TD: jax.Array, cu_q_lens_S1: jax.Ar
       `attention_side` combines the previous layer's), or None.
     cfg: model config.
   """
-  if pending is not None:
-    x_TD = combine(pending[0], x_TD, pending[1], pending[2], cfg=cfg)
+  x_TD = combine_pending(x_TD, pending, cfg=cfg)
   logits_SV = head(params, x_TD, last_token_rows(cu_q_lens_S1), cfg=cfg)
   return sample(logits_SV, next_positions_S, **sampling)

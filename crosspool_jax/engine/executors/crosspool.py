@@ -1247,7 +1247,7 @@ class DisaggregatedExecutor:
 
   def _combine_pending(self, mb: _MicroBatch) -> None:
     if mb.pending is not None:
-      mb.x_TD = stages.combine(mb.pending[0], mb.x_TD, *mb.pending[1:], cfg=mb.model.cfg)
+      mb.x_TD = stages.combine_pending(mb.x_TD, mb.pending, cfg=mb.model.cfg)
       mb.pending = None
       self._dispatched()
 
