@@ -66,6 +66,13 @@ class EngineConfig:
       the budget allows). A long prompt then prefills over more steps, and each step carrying
       one of its chunks stays short for the decodes batched beside it: their time between
       tokens falls, its time to first token rises (vLLM's `long_prefill_token_threshold`).
+    short_prefills_first: within a model, requests whose pending tokens fit one chunk
+      (`max_prefill_chunk`, or the budget when it is 0) are fed before those whose do not,
+      whether running or waiting: a short prompt arriving behind a long one gets its first
+      token without waiting for the whole long prompt, and the long prompt feeds what the
+      short ones leave of the model's share (so under sustained short traffic it waits:
+      shortest-first's trade). False: first come, first served (running requests, then
+      waiting ones, in arrival order).
     token_buckets: padded token counts per model step, compiled at start-up.
     max_batch: sequences per model step.
     attn_impl, moe_impl: kernel implementations (None: Pallas on GPU/TPU, jnp on CPU).
@@ -101,6 +108,7 @@ class EngineConfig:
   kv_dtype: str = "float32"
   token_budget: int = 256
   max_prefill_chunk: int = 0
+  short_prefills_first: bool = False
   token_buckets: tuple[int, ...] = (16, 64, 256)
   max_batch: int = 8
   attn_impl: str | None = None
@@ -127,6 +135,8 @@ class EngineConfig:
     if not isinstance(self.max_prefill_chunk, int) or self.max_prefill_chunk < 0:
       raise ValueError(f"max_prefill_chunk must be an integer >= 0 (0: no limit), got "
                        f"{self.max_prefill_chunk!r}")
+    if not isinstance(self.short_prefills_first, bool):
+      raise ValueError(f"short_prefills_first must be a bool, got {self.short_prefills_first!r}")
     if self.micro_batch_min_tokens < 0:
       raise ValueError(f"micro_batch_min_tokens must be >= 0, got {self.micro_batch_min_tokens}")
     if self.timeline_every < 0:
@@ -327,7 +337,8 @@ class Engine:
     self.scheduler = Scheduler(self._runtime.model_pools, token_budget=c.token_budget,
                                max_batch=c.max_batch, max_tokens=c.token_buckets[-1],
                                decode_steps=c.decode_steps_per_dispatch,
-                               max_prefill_chunk=c.max_prefill_chunk)
+                               max_prefill_chunk=c.max_prefill_chunk,
+                               short_prefills_first=c.short_prefills_first)
     start = time.perf_counter()
     self.compile_count_at_start = self.executor.compile_all(log=self.log)
     self.log(f"compiled {self.compile_count_at_start} executables in "

@@ -54,10 +54,16 @@ class Scheduler:
       iteration is one step); see `reserve_decode_steps`.
     max_prefill_chunk: prompt tokens (or tokens recomputed after a preemption) one request
       feeds per iteration at most; 0 = as many as the budget allows.
+    short_prefills_first: within a model, a request whose pending tokens fit one chunk
+      (`max_prefill_chunk`, or the budget) is fed before one whose do not, running or not: a
+      short prompt arriving behind a long one gets its first token without waiting for the
+      whole long prompt. False: running requests first, then waiting ones, each in arrival
+      order (first come, first served).
   """
 
   def __init__(self, pools: dict[str, KVPool], *, token_budget: int, max_batch: int,
-               max_tokens: int, decode_steps: int = 1, max_prefill_chunk: int = 0):
+               max_tokens: int, decode_steps: int = 1, max_prefill_chunk: int = 0,
+               short_prefills_first: bool = False):
     if token_budget < 1 or max_batch < 1 or max_tokens < 1 or decode_steps < 1:
       raise ValueError("token_budget, max_batch, max_tokens and decode_steps must be >= 1")
     if max_prefill_chunk < 0:
@@ -68,6 +74,7 @@ class Scheduler:
     self.max_tokens = max_tokens
     self.decode_steps = decode_steps
     self.max_prefill_chunk = max_prefill_chunk or token_budget
+    self.short_prefills_first = short_prefills_first
     self.queues: dict[str, list[Request]] = {m: [] for m in pools}
     self._rotation = 0
 
@@ -218,19 +225,32 @@ class Scheduler:
   def _schedule_model(self, batch: ModelBatch, budget: int, batches: list[ModelBatch]) -> None:
     pool = self.pools[batch.model_id]
     queue = self.queues[batch.model_id]
-    queue.sort(key=lambda r: (r.status != Status.RUNNING, r.num_pending > 1, r.arrival_s))
+    queue.sort(key=self._order)
+    admitting = True
     for req in list(queue):
       if budget <= 0 or len(batch.requests) == self.max_batch:
         break
       n = min(req.num_pending, budget, self.max_prefill_chunk)
       if req.status == Status.WAITING:
-        if not self._admit(pool, req, n):
-          break  # arrival order: no later request jumps a blocked one
+        # in arrival order (among short or long prompts): no later waiting request jumps a
+        # blocked one, but the running requests after it are still fed
+        admitting = admitting and self._admit(pool, req, n)
+        if not admitting:
+          continue
       elif not self._grow(pool, req, n, batches):
         continue
       batch.requests.append(req)
       batch.num_new.append(n)
       budget -= n
+
+  def _order(self, req: Request) -> tuple:
+    """Sort key of a model's queue: decodes (one token pending) and running prefills before
+    waiting requests, each in arrival order; with `short_prefills_first`, prompts that do not
+    fit one chunk after all the others."""
+    key = (req.status != Status.RUNNING, req.num_pending > 1, req.arrival_s)
+    if self.short_prefills_first:
+      return (req.num_pending > self.max_prefill_chunk,) + key
+    return key
 
   def _admit(self, pool: KVPool, req: Request, n: int) -> bool:
     pool.add_request(req.model_id, req.request_id)

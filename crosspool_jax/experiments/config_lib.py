@@ -86,6 +86,7 @@ def engine_block(**kw):
       kv_dtype="float32",
       token_budget=64,
       max_prefill_chunk=0,        # prompt tokens a request feeds per step at most (0: budget)
+      short_prefills_first=False,  # a model's prompts that fit one chunk before longer ones
       token_buckets=(16, 64),
       max_batch=4,
       attn_impl=config_dict.placeholder(str),  # None: Pallas on GPU/TPU, jnp on CPU

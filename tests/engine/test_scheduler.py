@@ -16,14 +16,15 @@ PAGE_ELEMS = 64
 
 
 def _setup(models=("a", "b", "c"), pages=200, token_budget=12, max_batch=4, max_tokens=64,
-           decode_steps=1, max_prefill_chunk=0):
+           decode_steps=1, max_prefill_chunk=0, short_prefills_first=False):
   pool = KVPool(page_elems=PAGE_ELEMS, pages_per_device=pages, policy="shared")
   for m in models:
     pool.register_model(KVModelSpec(m, num_layers=1, kv_heads=2, head_dim=16, max_context=64,
                                     max_batch=max_batch))
   sched = Scheduler({m: pool for m in models}, token_budget=token_budget, max_batch=max_batch,
                     max_tokens=max_tokens, decode_steps=decode_steps,
-                    max_prefill_chunk=max_prefill_chunk)
+                    max_prefill_chunk=max_prefill_chunk,
+                    short_prefills_first=short_prefills_first)
   return sched, pool, FakeExecutor()
 
 
@@ -102,6 +103,33 @@ def test_a_prefill_chunk_limit_spreads_long_prompts_and_keeps_the_tokens():
     _setup(max_prefill_chunk=-1)
   with pytest.raises(ValueError, match="max_prefill_chunk must be an integer >= 0"):
     EngineConfig(max_prefill_chunk=-1)
+
+
+@pytest.mark.parametrize("short_first", [False, True])
+def test_short_prefills_first_lets_a_short_prompt_pass_a_long_one(short_first):
+  # budget 4 (so one chunk is 4 tokens): a 10-token prompt, then a 3-token one behind it
+  sched, pool, ex = _setup(models=("a",), token_budget=4, short_prefills_first=short_first)
+  long, short = (_request("long", "a", prompt_len=10, max_new=2, arrival=0),
+                 _request("short", "a", prompt_len=3, max_new=2, arrival=1))
+  sched.add(long)
+  sched.add(short)
+  fed = []
+  while sched.has_work():
+    fed.append([(r.request_id, n) for b in _step(sched, ex)
+                for r, n in zip(b.requests, b.num_new, strict=True)])
+  if short_first:
+    # by hand: the short prompt fits a chunk, the long one (10 > 4 pending) feeds what it
+    # leaves; once the long one's pending tokens fit a chunk (2), it is short too
+    assert fed == [[("short", 3), ("long", 1)], [("short", 1), ("long", 3)], [("long", 4)],
+                   [("long", 2)], [("long", 1)]]
+  else:  # first come, first served: the short prompt waits until the long one's last chunk
+    assert fed == [[("long", 4)], [("long", 4)], [("long", 2), ("short", 2)],
+                   [("long", 1), ("short", 1)], [("short", 1)]]
+  assert long.output_ids == [ex.fake_token(p) for p in (10, 11)]
+  assert short.output_ids == [ex.fake_token(p) for p in (3, 4)]
+  assert pool.used_pages == 0
+  with pytest.raises(ValueError, match="short_prefills_first must be a bool"):
+    EngineConfig(short_prefills_first=1)
 
 
 def test_preempted_requests_are_recomputed_exactly():
