@@ -186,6 +186,10 @@ class KVPool:
     self._requests[request_id] = _Request(request_id, model_id, row, self._admissions)
     return row
 
+  def has_free_row(self, model_id: str) -> bool:
+    """Whether the model can take another request (it holds fewer than max_batch)."""
+    return bool(self._model(model_id).free_rows)
+
   def has_request(self, request_id: str) -> bool:
     """Whether the request holds a row (and its pages) here."""
     return request_id in self._requests

@@ -132,6 +132,28 @@ def test_short_prefills_first_lets_a_short_prompt_pass_a_long_one(short_first):
     EngineConfig(short_prefills_first=1)
 
 
+def test_short_prefills_first_waits_for_a_free_row_and_feeds_the_running():
+  # max_batch 2: two long prompts (8 > 3 pending) hold both rows when a short one arrives;
+  # it sorts first but cannot be admitted, and the running ones are still fed
+  sched, pool, ex = _setup(models=("a",), token_budget=8, max_batch=2, max_prefill_chunk=3,
+                           short_prefills_first=True)
+  l1, l2, short = (_request("l1", "a", prompt_len=8, max_new=1, arrival=0),
+                   _request("l2", "a", prompt_len=8, max_new=1, arrival=1),
+                   _request("short", "a", prompt_len=2, max_new=1, arrival=2))
+  sched.add(l1)
+  sched.add(l2)
+  fed = [_step(sched, ex)]
+  sched.add(short)
+  while sched.has_work():
+    fed.append(_step(sched, ex))
+  assert [[(r.request_id, n) for b in step for r, n in zip(b.requests, b.num_new, strict=True)]
+          for step in fed] == [[("l1", 3), ("l2", 3)], [("l1", 3), ("l2", 3)],
+                               [("l1", 2), ("l2", 2)], [("short", 2)]]
+  assert (l1.output_ids, l2.output_ids, short.output_ids) == (
+      [ex.fake_token(8)], [ex.fake_token(8)], [ex.fake_token(2)])
+  assert pool.used_pages == 0
+
+
 def test_preempted_requests_are_recomputed_exactly():
   # 8 usable pages, 1 token per page: two requests of 3 + 4 tokens cannot both finish.
   sched, pool, ex = _setup(models=("a", "b"), pages=9, token_budget=16)
