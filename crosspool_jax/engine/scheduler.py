@@ -249,7 +249,7 @@ class Scheduler:
     fit one chunk after all the others."""
     key = (req.status != Status.RUNNING, req.num_pending > 1, req.arrival_s)
     if self.short_prefills_first:
-      return (req.num_pending > self.max_prefill_chunk,) + key
+      return (req.num_pending > self.max_prefill_chunk, *key)
     return key
 
   def _admit(self, pool: KVPool, req: Request, n: int) -> bool:
