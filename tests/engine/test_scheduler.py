@@ -41,6 +41,21 @@ def _step(sched, executor):
   return batches
 
 
+def _fed(batches):
+  """(request id, tokens fed) of each request of a step's batches."""
+  return [(r.request_id, n) for b in batches for r, n in zip(b.requests, b.num_new, strict=True)]
+
+
+def _serve(sched, executor, *requests):
+  """Adds the requests and steps until nothing is left; returns what each step fed."""
+  for r in requests:
+    sched.add(r)
+  fed = []
+  while sched.has_work():
+    fed.append(_fed(_step(sched, executor)))
+  return fed
+
+
 def _drain(sched, executor, limit=200):
   for _ in range(limit):
     if not sched.has_work():
@@ -86,12 +101,7 @@ def test_a_prefill_chunk_limit_spreads_long_prompts_and_keeps_the_tokens():
   sched, pool, ex = _setup(models=("a",), token_budget=12, max_prefill_chunk=3)
   long, short = (_request("long", "a", prompt_len=10, max_new=2, arrival=0),
                  _request("short", "a", prompt_len=4, max_new=2, arrival=1))
-  sched.add(long)
-  sched.add(short)
-  fed = []
-  while sched.has_work():
-    fed.append([(r.request_id, n) for b in _step(sched, ex)
-                for r, n in zip(b.requests, b.num_new, strict=True)])
+  fed = _serve(sched, ex, long, short)
   # by hand: no request feeds more than 3 tokens a step though the budget has room; a
   # decode (1 pending token) goes before the prompt chunks
   assert fed == [[("long", 3), ("short", 3)], [("short", 1), ("long", 3)],
@@ -111,12 +121,7 @@ def test_short_prefills_first_lets_a_short_prompt_pass_a_long_one(short_first):
   sched, pool, ex = _setup(models=("a",), token_budget=4, short_prefills_first=short_first)
   long, short = (_request("long", "a", prompt_len=10, max_new=2, arrival=0),
                  _request("short", "a", prompt_len=3, max_new=2, arrival=1))
-  sched.add(long)
-  sched.add(short)
-  fed = []
-  while sched.has_work():
-    fed.append([(r.request_id, n) for b in _step(sched, ex)
-                for r, n in zip(b.requests, b.num_new, strict=True)])
+  fed = _serve(sched, ex, long, short)
   if short_first:
     # by hand: the short prompt fits a chunk, the long one (10 > 4 pending) feeds what it
     # leaves; once the long one's pending tokens fit a chunk (2), it is short too
@@ -142,13 +147,9 @@ def test_short_prefills_first_waits_for_a_free_row_and_feeds_the_running():
                    _request("short", "a", prompt_len=2, max_new=1, arrival=2))
   sched.add(l1)
   sched.add(l2)
-  fed = [_step(sched, ex)]
-  sched.add(short)
-  while sched.has_work():
-    fed.append(_step(sched, ex))
-  assert [[(r.request_id, n) for b in step for r, n in zip(b.requests, b.num_new, strict=True)]
-          for step in fed] == [[("l1", 3), ("l2", 3)], [("l1", 3), ("l2", 3)],
-                               [("l1", 2), ("l2", 2)], [("short", 2)]]
+  fed = [_fed(_step(sched, ex)), *_serve(sched, ex, short)]
+  assert fed == [[("l1", 3), ("l2", 3)], [("l1", 3), ("l2", 3)], [("l1", 2), ("l2", 2)],
+                 [("short", 2)]]
   assert (l1.output_ids, l2.output_ids, short.output_ids) == (
       [ex.fake_token(8)], [ex.fake_token(8)], [ex.fake_token(2)])
   assert pool.used_pages == 0
