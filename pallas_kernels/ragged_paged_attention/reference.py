@@ -105,14 +105,10 @@ def num_work_items(num_tokens: int, max_seqs: int, q_block: int) -> int:
 
 
 def work_items(cu_q_lens_S1, kv_lens_S, num_seqs, *, num_tokens: int, q_block: int,
-               page_tokens: int, pages_per_seq: int, max_items: int | None = None) -> WorkItems:
-  """Cuts each sequence's query tokens into items of q_block tokens (vectorised jnp).
-
-  max_items: W, if the caller knows a tighter bound than `num_work_items` (a batch of at most
-  one token per sequence has at most S items); items past it would be dropped.
-  """
+               page_tokens: int, pages_per_seq: int) -> WorkItems:
+  """Cuts each sequence's query tokens into items of q_block tokens (vectorised jnp)."""
   S = kv_lens_S.shape[0]
-  W = num_work_items(num_tokens, S, q_block) if max_items is None else max_items
+  W = num_work_items(num_tokens, S, q_block)
   n = jnp.clip(num_seqs.reshape(()).astype(jnp.int32), 0, S)
   cu_S1 = cu_q_lens_S1.astype(jnp.int32)
   live_S = jnp.arange(S) < n
@@ -215,13 +211,6 @@ def attend_pages(q_TNH: jax.Array, page_kv, slot_kv, page_table_SP: jax.Array,
                  chunk_pages: int = 8, q_block: int | None = None):
   """Ragged paged attention over any page layout, given how to read a page's keys and values.
 
-  With q_block None the work items are chosen per batch, on the device: a batch whose
-  sequences feed at most one token each (decode) runs as S items of one token (`lax.cond`),
-  any other as items of `default_q_block(T, S)` tokens. A decode batch padded to a token
-  bucket larger than S would otherwise walk its context in up to ceil(T / q_block) + S items
-  of q_block rows for its S tokens (measured on CPU at T=16, S=4: 8 items of 4 rows, each
-  walking the longest sequence's pages).
-
   Work items of `q_block` consecutive query tokens of one sequence (`work_items`) gather their
   sequence's pages once for all their tokens (a prefill chunk does not gather its context once
   per token). An item's keys fall in two sets: the *prefix*, positions before its first token,
@@ -249,36 +238,16 @@ def attend_pages(q_TNH: jax.Array, page_kv, slot_kv, page_table_SP: jax.Array,
     (out_TNV [T, N, value_dim] in q's dtype, lse_TN float32); padding tokens and tokens that
     see no key give out 0 and lse -inf.
   """
-  T = q_TNH.shape[0]
-  S = page_table_SP.shape[0]
-  common = dict(page_tokens=page_tokens, kv_heads=kv_heads, value_dim=value_dim,
-                sm_scale=sm_scale, chunk_pages=chunk_pages)
-  args = (q_TNH, page_kv, slot_kv, page_table_SP, cu_q_lens_S1, kv_lens_S, num_seqs)
-  B = q_block or default_q_block(T, S)
-  if q_block is not None or B == 1:  # explicit, or T <= S: no tighter bound for decode
-    return _attend_items(*args, q_block=B, max_items=None, **common)
-  n = jnp.clip(num_seqs.reshape(()).astype(jnp.int32), 0, S)
-  cu_S1 = cu_q_lens_S1.astype(jnp.int32)
-  decode = jnp.all(jnp.where(jnp.arange(S) < n, cu_S1[1:] - cu_S1[:-1], 0) <= 1)
-  return jax.lax.cond(
-      decode, lambda: _attend_items(*args, q_block=1, max_items=min(S, T), **common),
-      lambda: _attend_items(*args, q_block=B, max_items=None, **common))
-
-
-def _attend_items(q_TNH, page_kv, slot_kv, page_table_SP, cu_q_lens_S1, kv_lens_S, num_seqs, *,
-                  page_tokens: int, kv_heads: int, value_dim: int, sm_scale: float,
-                  chunk_pages: int, q_block: int, max_items: int | None):
-  """`attend_pages` with its work items fixed: q_block tokens each, at most max_items."""
   T, N, H = q_TNH.shape
   K, Hv = kv_heads, value_dim
   G = N // K
-  P = page_table_SP.shape[1]
-  B = q_block
+  S, P = page_table_SP.shape
+  B = q_block or default_q_block(T, S)
   C = max(1, min(chunk_pages, P))
   chunks = -(-P // C)
   CL = C * page_tokens
   items = work_items(cu_q_lens_S1, kv_lens_S, num_seqs, num_tokens=T, q_block=B,
-                     page_tokens=page_tokens, pages_per_seq=P, max_items=max_items)
+                     page_tokens=page_tokens, pages_per_seq=P)
   W = items.seq_W.shape[0]
   table_SP = jnp.pad(page_table_SP.astype(jnp.int32), ((0, 0), (0, chunks * C - P)))
   table_WP = table_SP[items.seq_W]

@@ -324,32 +324,6 @@ def test_reference_work_items_match_the_float64_oracle(q_block):
     assert_attention_close(got, expected, jnp.float32, info["num_live_tokens"])
 
 
-@pytest.mark.parametrize("chunk_pages", [1, 8])
-def test_reference_decode_batch_in_a_larger_bucket_matches_the_float64_oracle(chunk_pages):
-  """A decode batch (one token per sequence) padded to 16 tokens over 4 sequences: the default
-  items would be 4 tokens each, so the reference takes its decode branch (one item of one
-  token per sequence). Exact against the oracle, a skipped page and NaN garbage included; a
-  corrupt K in sequence 0's context poisons its token only, the others bit-equal."""
-  args, info = make_batch(17, [1, 1, 1], [40, 9, 17], kv_heads=2, group=2, head_dim=64,
-                          page_tokens=8, pages_per_seq=6, num_tokens=16, max_seqs=4)
-  assert reference_lib.default_q_block(16, 4) == 4
-  args = _skip_page(args, 0, 2)
-
-  def run(batch):
-    q, pool, *rest = batch
-    return ragged_paged_attention_reference(q, view_pages(pool, kv_heads=2, head_dim=64), *rest,
-                                            sm_scale=0.125, chunk_pages=chunk_pages)
-
-  clean = run(args)
-  assert_attention_close(clean, dense_oracle(args, 2, 0.125), jnp.float32,
-                         info["num_live_tokens"])
-  got = run(_corrupt(args, 2, 0, 30, "K", np.nan, kv_head=1, dim=5))
-  bad_lse = np.zeros(got[1].shape, bool)
-  bad_lse[0, 2:4] = True  # sequence 0's token, kv head 1 = query heads 2, 3
-  _assert_only_poisoned(got, clean, np.repeat(bad_lse[..., None], 64, axis=-1), bad_lse,
-                        np.nan)
-
-
 def test_split_and_merge_equals_full():
   """Partials over two disjoint page sets (the other set zeroed) merge into the full result."""
   args, info = make_batch(3, [6, 1, 12], [30, 17, 12], kv_heads=2, group=4, head_dim=64,
