@@ -15,7 +15,7 @@ independent of the machine's speed), so everything but the wall-clock fields rep
 Every policy schedules short prompts first (`engine.short_prefills_first`): a short request
 arriving behind one of the tail's long prompts of its model does not wait for that prompt's last
 chunk (under first come, first served, crosspool's TTFT p90 was ~1.5 s on this trace and 0.7 of its
-requests met the SLO; with it 0.7-0.9 s and 0.9-0.95, measured in WORKSPACE.md).
+requests met the SLO; with it 0.7-1.0 s and 0.88-0.95, measured in WORKSPACE.md).
 
 The `cpu_equal` variant is the same trace without its long-context tail (every prompt from
 the body of the length distribution), so every policy serves every request: the latencies
