@@ -253,7 +253,7 @@ class Scheduler:
     return key
 
   def _admit(self, pool: KVPool, req: Request, n: int) -> bool:
-    if not pool.has_free_row(req.model_id):  # max_batch requests hold pages already
+    if not pool.has_free_row(req.model_id):  # max_batch requests hold its rows already
       return False
     pool.add_request(req.model_id, req.request_id)
     if pool.can_grow(req.request_id, req.num_cached + n):
