@@ -19,7 +19,9 @@ across processes, `scripts/run_experiment.py` under `scripts/launch_local.py`) g
 section "<experiment> across N processes (<platform>)". `--update` replaces in the existing
 --out only the sections built from the inputs given (or adds them before the simulated part),
 every other section byte for byte as it was, and notes in the header which command replaced
-which section (each section's own Command and Source lines name its inputs):
+which section (each section's own Command and Source lines name its inputs). The simulated
+part is one section: an `--update` of it must give every file of its subsections again
+(`check_simulated_update` refuses one that would drop any):
 
   python scripts/make_benchmarks.py --update \
       --multiprocess=workdir/demo_cpu_1proc/results.json \
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 import sys
 from collections.abc import Sequence
@@ -116,6 +119,28 @@ def simulated_part(paths: Sequence[str], validations: Sequence[str] = ()) -> str
   ])
 
 
+def check_simulated_update(text: str, part: str) -> None:
+  """Refuses an `--update` whose simulated part would drop subsections `text` has: the part is
+  one section, replaced whole, so each of its subsections' files must be given again.
+
+  Raises:
+    app.UsageError: naming the subsections that would be lost.
+  """
+  def titles(section: str) -> list[str]:
+    return re.findall(r"^### (.+)$", section, flags=re.MULTILINE)
+
+  start = text.find(f"\n{SIMULATED_HEADING}\n")
+  if start < 0:
+    return
+  end = text.find("\n## ", start + 1)
+  lost = [t for t in titles(text[start:end if end >= 0 else len(text)]) if t not in titles(part)]
+  if lost:
+    raise app.UsageError(
+        f"--update replaces the part {SIMULATED_HEADING[3:]!r} whole, and these of its "
+        f"subsections would be lost: {lost}; give their files too (--sim_results=..., "
+        "--validation=...: the command in the file's header names them)")
+
+
 def main(argv: Sequence[str]) -> None:
   start_script(argv)
   if not (FLAGS.results or FLAGS.vs_hf or FLAGS.pools or FLAGS.sim_results
@@ -154,6 +179,8 @@ def main(argv: Sequence[str]) -> None:
         text = f.read()
     except OSError as e:
       raise app.UsageError(f"--update: {e}") from e
+    if FLAGS.sim_results or FLAGS.validation:
+      check_simulated_update(text, sections[-1])
     notes = {section_title(s): f'Section "{section_title(s)}" replaced in place by `{command}`.'
              for s in sections}
     with open(FLAGS.out, "w") as f:
