@@ -47,6 +47,7 @@ from crosspool_jax.experiments.report import (
     processes_section,
     replace_sections,
     section_title,
+    split_sections,
     validation_section,
     vs_hf_section,
 )
@@ -129,11 +130,8 @@ def check_simulated_update(text: str, part: str) -> None:
   def titles(section: str) -> list[str]:
     return re.findall(r"^### (.+)$", section, flags=re.MULTILINE)
 
-  start = text.find(f"\n{SIMULATED_HEADING}\n")
-  if start < 0:
-    return
-  end = text.find("\n## ", start + 1)
-  lost = [t for t in titles(text[start:end if end >= 0 else len(text)]) if t not in titles(part)]
+  old = [p for p in split_sections(text)[1] if section_title(p) == section_title(part)]
+  lost = [t for p in old for t in titles(p) if t not in titles(part)]
   if lost:
     raise app.UsageError(
         f"--update replaces the part {SIMULATED_HEADING[3:]!r} whole, and these of its "

@@ -842,6 +842,14 @@ def section_title(section: str) -> str:
   return section.split("\n", 1)[0].removeprefix("## ")
 
 
+def split_sections(text: str) -> tuple[str, list[str]]:
+  """A BENCHMARKS.md as (the header before its first "## " heading, each section from its
+  heading to the next)."""
+  starts = [m.start() for m in re.finditer(r"^## ", text, flags=re.MULTILINE)]
+  header = text[:starts[0]] if starts else text
+  return header, [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
+
+
 def replace_sections(text: str, sections: list[str], notes: dict[str, str], *,
                      before: str) -> str:
   """`text` (a BENCHMARKS.md) with each of `sections` in place of the section of the same
@@ -849,9 +857,7 @@ def replace_sections(text: str, sections: list[str], notes: dict[str, str], *,
   every other section byte for byte as it was. The header's paragraph of update notes (lines
   `Section "TITLE" ...`, after the paragraph that says how the file was generated) gets
   `notes` ({title: line}), each in place of the line of the same title."""
-  starts = [m.start() for m in re.finditer(r"^## ", text, flags=re.MULTILINE)]
-  header = text[:starts[0]] if starts else text
-  parts = [text[a:b] for a, b in zip(starts, [*starts[1:], len(text)], strict=True)]
+  header, parts = split_sections(text)
   for section in sections:
     body = section if section.endswith("\n") else section + "\n"
     titles = [section_title(p) for p in parts]
